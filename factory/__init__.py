@@ -1,0 +1,31 @@
+"""prefab's machinery and its typed Python API.
+
+``import factory`` stays cheap: the API functions import their modules on first use, so
+the CLI and a CPU-only install never pay for torch or vllm they do not touch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> "module:attribute"
+_API: dict[str, str] = {
+    "Catalog": "factory.catalog:Catalog",
+    "ingest": "factory.ingest:ingest",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _API.get(name)
+    if target is None:
+        raise AttributeError(f"module 'factory' has no attribute {name!r}")
+    module_name, attribute = target.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_API))
+
+
+__all__ = list(_API)

@@ -1,0 +1,146 @@
+"""Row kinds other than pairs: agent trajectories, rubrics and judge verdicts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from schemas.pairs import MESSAGE_TYPE, PROVENANCE_TYPE, Provenance, _digest, prompt_id_of
+
+STEP_TYPE = pa.struct(
+    [("observation", pa.string()), ("action", pa.string()), ("thought", pa.string())]
+)
+
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        pa.field("trajectory_id", pa.string(), nullable=False),
+        pa.field("task_id", pa.string()),
+        pa.field("instruction", pa.string(), nullable=False),
+        pa.field("steps", pa.list_(STEP_TYPE), nullable=False),
+        pa.field("outcome", pa.string()),  # "success" | "failure" | free text
+        pa.field("provenance", PROVENANCE_TYPE),
+        pa.field("metadata", pa.string()),
+    ]
+)
+
+RUBRIC_ITEM_TYPE = pa.struct(
+    [("kind", pa.string()), ("text", pa.string()), ("weight", pa.float64())]
+)
+
+RUBRIC_SCHEMA = pa.schema(
+    [
+        pa.field("rubric_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.list_(MESSAGE_TYPE), nullable=False),
+        pa.field("items", pa.list_(RUBRIC_ITEM_TYPE), nullable=False),
+        pa.field("pair_id", pa.string()),  # the contrastive pair it was written from
+        pa.field("provenance", PROVENANCE_TYPE),
+    ]
+)
+
+JUDGMENT_SCHEMA = pa.schema(
+    [
+        pa.field("judgment_id", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("judge_model", pa.string(), nullable=False),
+        pa.field("verdict", pa.string()),  # "chosen" | "rejected" | "tie" | null when unparsed
+        pa.field("score_chosen", pa.float64()),
+        pa.field("score_rejected", pa.float64()),
+        pa.field("raw_output", pa.string()),
+        pa.field("parse_status", pa.string(), nullable=False),  # "ok" | "parse_error" | "error"
+        pa.field("provenance", PROVENANCE_TYPE),
+    ]
+)
+
+
+@dataclass
+class Step:
+    observation: str | None
+    action: str
+    thought: str | None = None
+
+
+@dataclass
+class Trajectory:
+    instruction: str
+    steps: list[Step]
+    outcome: str | None = None
+    task_id: str | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+    metadata: dict[str, Any] | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        steps = [
+            {"observation": s.observation, "action": s.action, "thought": s.thought}
+            for s in self.steps
+        ]
+        return {
+            "trajectory_id": _digest([self.instruction, steps]),
+            "task_id": self.task_id,
+            "instruction": self.instruction,
+            "steps": steps,
+            "outcome": self.outcome,
+            "provenance": self.provenance.as_dict(),
+            "metadata": json.dumps(self.metadata, sort_keys=True) if self.metadata else None,
+        }
+
+
+RubricKind = Literal["hard_rule", "principle"]
+
+
+@dataclass
+class RubricItem:
+    kind: RubricKind
+    text: str
+    weight: float = 1.0
+
+
+@dataclass
+class Rubric:
+    prompt: list[dict[str, str]]
+    items: list[RubricItem]
+    pair_id: str | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def to_row(self) -> dict[str, Any]:
+        items = [{"kind": i.kind, "text": i.text, "weight": i.weight} for i in self.items]
+        return {
+            "rubric_id": _digest([self.prompt, items]),
+            "prompt_id": prompt_id_of(self.prompt),
+            "prompt": self.prompt,
+            "items": items,
+            "pair_id": self.pair_id,
+            "provenance": self.provenance.as_dict(),
+        }
+
+
+@dataclass
+class Judgment:
+    pair_id: str
+    judge_model: str
+    verdict: Literal["chosen", "rejected", "tie"] | None
+    raw_output: str | None
+    parse_status: Literal["ok", "parse_error", "error"]
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "judgment_id": _digest([self.pair_id, self.judge_model, self.raw_output]),
+            "pair_id": self.pair_id,
+            "judge_model": self.judge_model,
+            "verdict": self.verdict,
+            "score_chosen": self.score_chosen,
+            "score_rejected": self.score_rejected,
+            "raw_output": self.raw_output,
+            "parse_status": self.parse_status,
+            "provenance": self.provenance.as_dict(),
+        }
+
+
+def rows_to_table(rows: list[Any], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in rows], schema=schema)
