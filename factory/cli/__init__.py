@@ -72,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prefab: interrupted; work committed so far is kept", file=sys.stderr)
         return 130
-    if args.json:
-        json.dump(result.payload, sys.stdout, indent=2, default=str, ensure_ascii=False)
-        sys.stdout.write("\n")
-    elif result.text:
-        print(result.text)
-    sys.stdout.flush()
+    try:
+        if args.json:
+            json.dump(result.payload, sys.stdout, indent=2, default=str, ensure_ascii=False)
+            sys.stdout.write("\n")
+        elif result.text:
+            print(result.text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `prefab ... | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,0 +1,135 @@
+"""The catalog database: its tables, and connections that wait (boundedly) for the lock.
+
+DuckDB lets one process hold a database file at a time, so every catalog operation opens a
+short-lived connection; another process waiting for it retries until ``lock_timeout`` and
+then fails with :class:`CatalogBusy`. The SQL stays portable (no extensions beyond core).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from schemas.errors import PrefabError
+
+SCHEMA_VERSION = "1"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS datasets (
+    name VARCHAR PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    message VARCHAR,
+    rows BIGINT NOT NULL,
+    lineage VARCHAR NOT NULL,
+    PRIMARY KEY (dataset, version)
+);
+CREATE TABLE IF NOT EXISTS version_parents (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    parent_dataset VARCHAR NOT NULL,
+    parent_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    sha256 VARCHAR PRIMARY KEY,
+    relpath VARCHAR NOT NULL,
+    bytes BIGINT NOT NULL,
+    rows BIGINT NOT NULL,
+    created_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS version_files (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    ordinal INTEGER NOT NULL,
+    sha256 VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tags (
+    dataset VARCHAR NOT NULL,
+    tag VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (dataset, tag)
+);
+CREATE TABLE IF NOT EXISTS tag_events (
+    dataset VARCHAR NOT NULL,
+    tag VARCHAR NOT NULL,
+    old_version INTEGER,
+    new_version INTEGER NOT NULL,
+    moved_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    file VARCHAR,
+    line BIGINT,
+    field VARCHAR,
+    reason VARCHAR NOT NULL,
+    raw VARCHAR
+);
+CREATE TABLE IF NOT EXISTS models (
+    name VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    relpath VARCHAR NOT NULL,
+    dataset VARCHAR,
+    dataset_version INTEGER,
+    metrics VARCHAR NOT NULL,
+    params VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+class CatalogBusy(PrefabError):
+    pass
+
+
+def lock_timeout_seconds() -> float:
+    return float(os.environ.get("PREFAB_LOCK_TIMEOUT", "60"))
+
+
+@contextmanager
+def connect(path: Path, *, read_only: bool = False, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the catalog database, retrying while another process holds it."""
+    timeout = lock_timeout_seconds() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    if read_only and not path.exists():
+        read_only = False  # the first reader creates the database
+    while True:
+        try:
+            connection = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise CatalogBusy(
+                    f"catalog busy: {path} is held by another prefab process for over "
+                    f"{timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
+                ) from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def initialise(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute(DDL)
+    connection.execute(
+        "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+        [SCHEMA_VERSION],
+    )

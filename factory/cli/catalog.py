@@ -1,0 +1,127 @@
+"""``prefab catalog ...``: list, inspect, tag, diff, export, verify and clean the catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from factory.cli import CommandResult, home_from
+
+
+def register(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("catalog", help="inspect and manage dataset versions")
+    commands = parser.add_subparsers(dest="catalog_command", metavar="SUBCOMMAND", required=True)
+
+    commands.add_parser("list", parents=parents, help="datasets with their latest version and tags") \
+        .set_defaults(handler=run_list)
+
+    log = commands.add_parser("log", parents=parents, help="every version of a dataset with its lineage")
+    log.add_argument("name")
+    log.set_defaults(handler=run_log)
+
+    show = commands.add_parser("show", parents=parents, help="one version: rows, lineage, sample")
+    show.add_argument("ref", help="NAME, NAME@N or NAME@TAG")
+    show.add_argument("--sample", type=int, default=3, help="rows to show (default 3)")
+    show.set_defaults(handler=run_show)
+
+    tag = commands.add_parser("tag", parents=parents, help="name a version (tags are immutable)")
+    tag.add_argument("ref")
+    tag.add_argument("tag")
+    tag.add_argument("--force", action="store_true", help="move an existing tag (logged)")
+    tag.set_defaults(handler=run_tag)
+
+    export = commands.add_parser("export", parents=parents, help="write a version to a file")
+    export.add_argument("ref")
+    export.add_argument("--format", required=True, choices=["parquet", "jsonl", "trl", "hf"])
+    export.add_argument("--out", required=True, help="output file (folder for hf)")
+    export.set_defaults(handler=run_export)
+
+    quarantine = commands.add_parser("quarantine", parents=parents,
+                                     help="rows an ingest quarantined, with file, line, field and reason")
+    quarantine.add_argument("ref")
+    quarantine.add_argument("--limit", type=int, default=20)
+    quarantine.set_defaults(handler=run_quarantine)
+
+
+def _catalog(args: argparse.Namespace):  # noqa: ANN202
+    from factory.catalog import Catalog
+
+    return Catalog(home_from(args))
+
+
+def run_list(args: argparse.Namespace) -> CommandResult:
+    datasets = _catalog(args).datasets()
+    if not datasets:
+        return CommandResult({"datasets": []}, f"no datasets in {home_from(args)}")
+    lines = [f"{'NAME':<28} {'LATEST':>6} {'ROWS':>10}  UPDATED               TAGS"]
+    for d in datasets:
+        lines.append(f"{d['name']:<28} {d['latest']:>6} {d['rows']:>10}  {d['updated_at']:<21} {' '.join(d['tags'])}")
+    return CommandResult({"datasets": datasets}, "\n".join(lines))
+
+
+def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
+    keys = ("command", "parents", "rows_in", "rows_out", "rows_filtered", "rows_quarantined",
+            "code_version", "wall_seconds")
+    lines = [f"    {k}: {lineage[k]}" for k in keys if k in lineage]
+    if lineage.get("params"):
+        lines.append(f"    params: {json.dumps(lineage['params'], default=str)}")
+    for key in ("models", "judges", "warnings", "coerced"):
+        if lineage.get(key):
+            lines.append(f"    {key}: {json.dumps(lineage[key], default=str)}")
+    return lines
+
+
+def run_log(args: argparse.Namespace) -> CommandResult:
+    versions = _catalog(args).log(args.name)
+    lines = []
+    for info in versions:
+        tags = f"  [{', '.join(info.tags)}]" if info.tags else ""
+        lines.append(f"{info.ref}  {info.created_at:%Y-%m-%d %H:%M:%S}  {info.rows} rows{tags}  {info.message}")
+        lines.extend(_lineage_lines(info.lineage))
+    return CommandResult({"name": args.name, "versions": [v.as_dict() for v in versions]}, "\n".join(lines))
+
+
+def run_show(args: argparse.Namespace) -> CommandResult:
+    catalog = _catalog(args)
+    info = catalog.resolve(args.ref)
+    sample = catalog.read_table(info).slice(0, max(args.sample, 0)).to_pylist()
+    payload = {**info.as_dict(), "sample": sample}
+    lines = [f"{info.ref}  {info.rows} rows  created {info.created_at:%Y-%m-%d %H:%M:%S}"
+             + (f"  tags: {', '.join(info.tags)}" if info.tags else ""),
+             f"  message: {info.message}", "  lineage:", *_lineage_lines(info.lineage)]
+    for row in sample:
+        prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
+        label = "tie" if row["tie"] else "chosen > rejected"
+        lines.append(f"  - {row['pair_id'][:12]} [{label}] {_clip(prompt)}")
+        lines.append(f"      chosen:   {_clip(row['chosen'])}")
+        lines.append(f"      rejected: {_clip(row['rejected'])}")
+    return CommandResult(payload, "\n".join(lines))
+
+
+def _clip(text: str, width: int = 90) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def run_tag(args: argparse.Namespace) -> CommandResult:
+    result = _catalog(args).tag(args.ref, args.tag, force=args.force)
+    moved = f" (moved from version {result['moved_from']})" if result["moved_from"] not in (None, result["version"]) else ""
+    return CommandResult(result, f"tagged {result['dataset']}@{result['version']} as {result['tag']}{moved}")
+
+
+def run_export(args: argparse.Namespace) -> CommandResult:
+    from factory.catalog import export
+
+    result = export(_catalog(args), args.ref, args.format, args.out)
+    return CommandResult(result, f"exported {result['ref']} ({result['rows']} rows) as {args.format} to {args.out}")
+
+
+def run_quarantine(args: argparse.Namespace) -> CommandResult:
+    table = _catalog(args).quarantined(args.ref)
+    rows = table.to_pylist()
+    lines = [f"{len(rows)} quarantined rows in {args.ref}"]
+    for row in rows[: args.limit]:
+        where = f"{row['file']}:{row['line']}" + (f" field {row['field']!r}" if row["field"] else "")
+        lines.append(f"  {where}: {row['reason']}")
+    return CommandResult({"ref": args.ref, "rows": rows}, "\n".join(lines))
