@@ -13,6 +13,10 @@ from typing import Any
 _API: dict[str, str] = {
     "Catalog": "factory.catalog:Catalog",
     "ingest": "factory.ingest:ingest",
+    "train": "factory.trainer:train",
+    "score": "factory.trainer:score",
+    "evaluate": "factory.trainer:evaluate",
+    "oof_scores": "factory.trainer:oof_scores",
 }
 
 

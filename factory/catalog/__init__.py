@@ -1,8 +1,10 @@
 """The dataset catalog: versions, lineage, tags, exports and registered reward models."""
 
 from factory.catalog.catalog import Catalog, VersionInfo, default_home, load
+from factory.catalog.compare import diff
 from factory.catalog.db import CatalogBusy
-from factory.catalog.export import EXPORT_FORMATS, export
+from factory.catalog.exporters import EXPORT_FORMATS, export
+from factory.catalog.integrity import gc, verify
 from factory.catalog.refs import Ref, RefError, parse_ref
 
 __all__ = [
@@ -13,7 +15,10 @@ __all__ = [
     "RefError",
     "VersionInfo",
     "default_home",
+    "diff",
     "export",
+    "gc",
     "load",
     "parse_ref",
+    "verify",
 ]

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from factory.catalog.db import connect, initialise
+from factory.catalog.index import build_index
 from factory.catalog.refs import Ref, RefError, check_name, check_tag, parse_ref
 from factory.catalog.store import ObjectStore
 from schemas.pairs import PAIR_SCHEMA, conform
@@ -66,6 +68,7 @@ class VersionInfo:
     lineage: dict[str, Any]
     files: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    index_files: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -116,7 +119,11 @@ class Catalog:
         table = conform(table)
         parent_infos = [self.resolve(parent) for parent in parents]
         _crash_point("before_files")
-        stored = self.store.write_table(table)
+        # The index hashes responses while the data file compresses them; both release the GIL.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            index_job = pool.submit(lambda: self.store.write_table(build_index(table)))
+            stored = self.store.write_table(table)
+            index = index_job.result()
         _crash_point("after_files")
         record = {
             "code_version": code_version(),
@@ -126,10 +133,11 @@ class Catalog:
         }
         record.setdefault("rows_quarantined", quarantine.num_rows if quarantine is not None else 0)
         now = _now()
-        relpath = str(stored.path.relative_to(self.home))
         with self._connect() as connection:
             if not stored.path.exists():  # a gc ran between our write and this lock
                 stored = self.store.write_table(table)
+            if not index.path.exists():
+                index = self.store.write_table(build_index(table))
             connection.execute("BEGIN TRANSACTION")
             try:
                 version = connection.execute(
@@ -139,13 +147,14 @@ class Catalog:
                 connection.execute(
                     "INSERT INTO datasets VALUES (?, ?) ON CONFLICT (name) DO NOTHING", [name, now]
                 )
-                connection.execute(
-                    "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                    [stored.sha256, relpath, stored.bytes, stored.rows, now],
-                )
-                connection.execute(
-                    "INSERT INTO version_files VALUES (?, ?, 0, ?)", [name, version, stored.sha256]
-                )
+                for role, obj in (("data", stored), ("index", index)):
+                    connection.execute(
+                        "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                        [obj.sha256, str(obj.path.relative_to(self.home)), obj.bytes, obj.rows, now],
+                    )
+                    connection.execute(
+                        "INSERT INTO version_files VALUES (?, ?, ?, 0, ?)", [name, version, role, obj.sha256]
+                    )
                 connection.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
                     [name, version, now, message, table.num_rows, json.dumps(record, default=str)],
@@ -166,7 +175,7 @@ class Catalog:
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
-        return VersionInfo(name, version, table.num_rows, now, message, record, [relpath])
+        return self.resolve(Ref(name, version=version))
 
     def tag(self, ref: str, tag: str, *, force: bool = False) -> dict[str, Any]:
         """Name a version. Tags are immutable; moving one needs ``force`` and is logged."""
@@ -231,14 +240,13 @@ class Catalog:
             if known is None:
                 raise RefError(f"no dataset named {ref.name!r} in the catalog")
             raise RefError(f"dataset {ref.name!r} has no version {version} (latest is {known})")
-        files = [
-            r[0]
-            for r in connection.execute(
-                "SELECT f.relpath FROM version_files v JOIN files f USING (sha256) "
-                "WHERE v.dataset = ? AND v.version = ? ORDER BY v.ordinal",
-                [ref.name, version],
-            ).fetchall()
-        ]
+        files: dict[str, list[str]] = {"data": [], "index": []}
+        for role, relpath in connection.execute(
+            "SELECT v.role, f.relpath FROM version_files v JOIN files f USING (sha256) "
+            "WHERE v.dataset = ? AND v.version = ? ORDER BY v.ordinal",
+            [ref.name, version],
+        ).fetchall():
+            files[role].append(relpath)
         tags = [
             r[0]
             for r in connection.execute(
@@ -246,11 +254,12 @@ class Catalog:
                 [ref.name, version],
             ).fetchall()
         ]
-        return VersionInfo(ref.name, version, row[0], row[1], row[2] or "", json.loads(row[3]), files, tags)
+        return VersionInfo(ref.name, version, row[0], row[1], row[2] or "", json.loads(row[3]),
+                           files["data"], tags, files["index"])
 
-    def paths(self, ref: str | VersionInfo) -> list[Path]:
+    def paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
-        return [self.home / relpath for relpath in info.files]
+        return [self.home / relpath for relpath in (info.files if role == "data" else info.index_files)]
 
     def scanner(self, ref: str | VersionInfo) -> pads.Dataset:
         """A lazy Arrow dataset over a version's files, for streaming and SQL."""
@@ -262,10 +271,10 @@ class Catalog:
     def quarantined(self, ref: str) -> pa.Table:
         info = self.resolve(ref)
         with self._connect(read_only=True) as connection:
-            return connection.execute(
+            return connection.sql(
                 "SELECT file, line, field, reason, raw FROM quarantine "
                 "WHERE dataset = ? AND version = ? ORDER BY file, line",
-                [info.name, info.version],
+                params=[info.name, info.version],
             ).to_arrow_table()
 
     def datasets(self) -> list[dict[str, Any]]:
@@ -328,6 +337,12 @@ class Catalog:
             connection.execute("COMMIT")
         return self.get_model(f"{name}@{version}")
 
+    def next_model_version(self, name: str) -> int:
+        with self._connect(read_only=True) as connection:
+            return connection.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM models WHERE name = ?", [name]
+            ).fetchone()[0]
+
     def get_model(self, ref: str) -> dict[str, Any]:
         parsed = parse_ref(ref)
         if parsed.tag is not None:
@@ -357,6 +372,6 @@ class Catalog:
 
 def load(ref: str, home: str | Path | None = None) -> Any:
     """A catalog version as a `datasets.Dataset` (memory-mapped, not copied into RAM)."""
-    from factory.catalog.export import to_hf_dataset
+    from factory.catalog.exporters import to_hf_dataset
 
     return to_hf_dataset(Catalog(home), ref)

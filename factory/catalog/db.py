@@ -8,14 +8,13 @@ then fails with :class:`CatalogBusy`. The SQL stays portable (no extensions beyo
 from __future__ import annotations
 
 import os
-import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 
+from factory.dbwait import connect_waiting
 from schemas.errors import PrefabError
 
 SCHEMA_VERSION = "1"
@@ -51,6 +50,7 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS version_files (
     dataset VARCHAR NOT NULL,
     version INTEGER NOT NULL,
+    role VARCHAR NOT NULL,  -- 'data' (the pairs) or 'index' (pair_id, prompt_id, verdict hash)
     ordinal INTEGER NOT NULL,
     sha256 VARCHAR NOT NULL
 );
@@ -101,26 +101,17 @@ def lock_timeout_seconds() -> float:
 
 @contextmanager
 def connect(path: Path, *, read_only: bool = False, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A connection to the catalog database, retrying while another process holds it."""
+    """A connection to the catalog database, waiting while another process holds it."""
     timeout = lock_timeout_seconds() if timeout is None else timeout
-    deadline = time.monotonic() + timeout
-    delay = 0.01
     if read_only and not path.exists():
         read_only = False  # the first reader creates the database
-    while True:
-        try:
-            connection = duckdb.connect(str(path), read_only=read_only)
-            break
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
-                raise
-            if time.monotonic() >= deadline:
-                raise CatalogBusy(
-                    f"catalog busy: {path} is held by another prefab process for over "
-                    f"{timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
-                ) from None
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
+    connection = connect_waiting(
+        path, timeout=timeout, read_only=read_only,
+        on_timeout=lambda: CatalogBusy(
+            f"catalog busy: {path} is held by another prefab process for over "
+            f"{timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
+        ),
+    )
     try:
         yield connection
     finally:

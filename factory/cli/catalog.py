@@ -37,6 +37,21 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     export.add_argument("--out", required=True, help="output file (folder for hf)")
     export.set_defaults(handler=run_export)
 
+    diff = commands.add_parser("diff", parents=parents, help="pairs added, removed and changed between versions")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--sample", type=int, default=5, help="pair ids to list per kind (default 5)")
+    diff.set_defaults(handler=run_diff)
+
+    commands.add_parser("verify", parents=parents, help="re-hash every data file; name broken versions") \
+        .set_defaults(handler=run_verify)
+
+    gc = commands.add_parser("gc", parents=parents, help="delete data files no version needs (dry run unless --yes)")
+    gc.add_argument("--yes", action="store_true", help="really delete (default: only print what would go)")
+    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="keep unreferenced files younger than this (protects in-flight commits; default 3600)")
+    gc.set_defaults(handler=run_gc)
+
     quarantine = commands.add_parser("quarantine", parents=parents,
                                      help="rows an ingest quarantined, with file, line, field and reason")
     quarantine.add_argument("ref")
@@ -125,3 +140,44 @@ def run_quarantine(args: argparse.Namespace) -> CommandResult:
         where = f"{row['file']}:{row['line']}" + (f" field {row['field']!r}" if row["field"] else "")
         lines.append(f"  {where}: {row['reason']}")
     return CommandResult({"ref": args.ref, "rows": rows}, "\n".join(lines))
+
+
+def run_diff(args: argparse.Namespace) -> CommandResult:
+    from factory.catalog import diff
+
+    result = diff(_catalog(args), args.a, args.b, sample=args.sample)
+    lines = [
+        f"{result['a']} ({result['rows_a']} rows) -> {result['b']} ({result['rows_b']} rows)",
+        f"  added {result['added']}, removed {result['removed']}, changed {result['changed']}"
+        f" ({result['relabelled']} relabelled, {result['responses_changed']} with new responses),"
+        f" unchanged {result['unchanged']}",
+    ]
+    for kind, ids in result["sample"].items():
+        if ids:
+            lines.append(f"  {kind}: {', '.join(ids)}")
+    return CommandResult(result, "\n".join(lines))
+
+
+def run_verify(args: argparse.Namespace) -> CommandResult:
+    from factory.catalog import verify
+    from schemas.errors import PrefabError
+
+    result = verify(_catalog(args))
+    if not result["ok"]:
+        details = "; ".join(f"{p['file']} {p['problem']} (breaks {', '.join(p['versions'])})" for p in result["problems"])
+        raise PrefabError(f"verify failed: {len(result['problems'])} bad file(s): {details}")
+    return CommandResult(result, f"ok: {result['files_checked']} files verified")
+
+
+def run_gc(args: argparse.Namespace) -> CommandResult:
+    from factory.catalog import gc
+
+    result = gc(_catalog(args), dry_run=not args.yes, grace_seconds=args.grace)
+    verb = "would delete" if result["dry_run"] else "deleted"
+    lines = [f"{verb} {len(result['files'])} files ({result['bytes']} bytes)"]
+    lines += [f"  {f}" for f in result["files"]]
+    if result["skipped_younger_than_grace"]:
+        lines.append(f"  kept {result['skipped_younger_than_grace']} unreferenced files younger than {args.grace:.0f} s")
+    if result["dry_run"] and result["files"]:
+        lines.append("  run again with --yes to delete them")
+    return CommandResult(result, "\n".join(lines))

@@ -7,10 +7,12 @@ version's size.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -34,8 +36,12 @@ def export(catalog: Catalog, ref: str, format: ExportFormat, out: str | Path) ->
     return {"ref": info.ref, "format": format, "out": str(out), "rows": info.rows, **extra}
 
 
-def _batches(catalog: Catalog, info: VersionInfo, columns: list[str] | None = None):  # noqa: ANN202
-    return catalog.scanner(info).to_batches(columns=columns, batch_size=BATCH_ROWS)
+def _batches(catalog: Catalog, info: VersionInfo, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """One batch at a time, file by file: no read-ahead, so memory stays at about a row group."""
+    for path in catalog.paths(info):
+        # pre_buffer would read whole row groups ahead (hundreds of MiB on big versions).
+        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
 def _parquet(catalog: Catalog, info: VersionInfo, out: Path) -> None:
@@ -77,9 +83,7 @@ def _trl(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
 def to_hf_dataset(catalog: Catalog, ref: str) -> Any:
     import datasets
 
-    info = catalog.resolve(ref)
-    features = datasets.Features.from_arrow_schema(catalog.scanner(info).schema)
-    return datasets.Dataset.from_parquet([str(p) for p in catalog.paths(info)], features=features)
+    return datasets.Dataset.from_parquet([str(p) for p in catalog.paths(ref)])
 
 
 def _hf(catalog: Catalog, info: VersionInfo, out: Path) -> None:

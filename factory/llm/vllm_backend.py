@@ -1,0 +1,160 @@
+"""In-process vLLM backend (GPU): ``vllm.LLM.chat`` with the model's chat template,
+per-request ``SamplingParams`` (n, temperature, top_p, max_tokens, seed, stop), structured
+outputs and tensor parallelism.
+
+vllm is imported lazily -- CPU installs never need it -- and a missing install says how to
+get it. Requests go to the engine in chunks of ``chunk_size`` so that results stream to
+the cache as each chunk finishes: a crash loses at most one chunk of work, while vLLM
+still sees batches big enough to keep the GPU busy.
+
+Structured outputs use ``StructuredOutputsParams(json=schema)`` (vLLM >= 0.11) and fall
+back to ``GuidedDecodingParams(json=schema)`` on older releases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .base import BaseBackend
+from .cache import RequestCache
+from .structured import parse_json_reply
+from .types import ERROR, OK, PARSE_ERROR, Choice, MissingDependencyError, Request, Response
+
+INSTALL_HINT = "the vllm backend needs vLLM and a GPU: pip install 'prefab[vllm]'"
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise MissingDependencyError(f"{INSTALL_HINT} ({e})") from e
+    return vllm
+
+
+def make_vllm_sampling_params(**kw: Any) -> Any:
+    """Turn backend-neutral sampling kwargs into a ``vllm.SamplingParams``."""
+    vllm = import_vllm()
+    structured = kw.pop("structured_outputs", None)
+    if structured is not None:
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(**structured)
+        except ImportError:  # vLLM < 0.11
+            from vllm.sampling_params import GuidedDecodingParams
+
+            kw["guided_decoding"] = GuidedDecodingParams(**structured)
+    return vllm.SamplingParams(**kw)
+
+
+class VLLMBackend(BaseBackend):
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        chunk_size: int = 512,
+        chat_template: str | None = None,
+        engine: Any = None,
+        sampling_factory: Callable[..., Any] | None = None,
+        cache: RequestCache | str | os.PathLike[str] | bool | None = True,
+        progress: bool | None = None,
+        **engine_kwargs: Any,
+    ):
+        """``engine`` injects a ready ``vllm.LLM`` (or a stand-in with the same ``chat``);
+        ``engine_kwargs`` go to ``vllm.LLM`` (max_model_len, gpu_memory_utilization, dtype...)."""
+        super().__init__(model, cache=cache, progress=progress)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.chunk_size = chunk_size
+        self.chat_template = chat_template
+        self.engine_kwargs = engine_kwargs
+        self._engine = engine
+        self._sampling_factory = sampling_factory
+        if engine is None:
+            import_vllm()  # fail at construction, before any work is planned around it
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            vllm = import_vllm()
+            self._engine = vllm.LLM(
+                model=self.model, tensor_parallel_size=self.tensor_parallel_size,
+                **self.engine_kwargs,
+            )
+        return self._engine
+
+    def sampling_kwargs(self, req: Request) -> dict[str, Any]:
+        p = req.params
+        kw: dict[str, Any] = {"n": req.n}
+        for name in ("temperature", "top_p", "max_tokens"):
+            value = getattr(p, name)
+            if value is not None:
+                kw[name] = value
+        if p.stop:
+            kw["stop"] = list(p.stop)
+        if req.effective_seed is not None:
+            kw["seed"] = req.effective_seed
+        kw.update(p.extra)
+        if req.json_schema is not None:
+            kw["structured_outputs"] = {"json": req.json_schema}
+        return kw
+
+    def sampling_params(self, req: Request) -> Any:
+        factory = self._sampling_factory or make_vllm_sampling_params
+        return factory(**self.sampling_kwargs(req))
+
+    def parse_output(self, req: Request, out: Any, latency_s: float = 0.0) -> Response:
+        """One ``RequestOutput`` -> Response (token counts from the engine's token ids)."""
+        choices = [
+            Choice(text=o.text, finish_reason=getattr(o, "finish_reason", None)) for o in out.outputs
+        ]
+        status, error = OK, None
+        if req.json_schema is not None:
+            for c in choices:
+                c.parsed, err = parse_json_reply(c.text, req.json_schema)
+                if err and error is None:
+                    # Guided decoding only fails to parse when cut by max_tokens.
+                    status, error = PARSE_ERROR, f"{err} (finish_reason={c.finish_reason})"
+        return Response(
+            status=status, choices=choices, error=error, model=self.model, attempts=1,
+            prompt_tokens=len(getattr(out, "prompt_token_ids", None) or []),
+            completion_tokens=sum(len(getattr(o, "token_ids", None) or []) for o in out.outputs),
+            latency_s=latency_s,
+        )
+
+    def _chat(self, reqs: list[Request], params: list[Any]) -> list[Any]:
+        kwargs: dict[str, Any] = {"use_tqdm": False}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return self.engine.chat([r.messages for r in reqs], sampling_params=params, **kwargs)
+
+    def _run_chunk(self, reqs: list[Request]) -> list[Response]:
+        # Built outside the try: a bad option or a missing vllm is a configuration error
+        # that must stop the run, not turn into per-request error rows.
+        params = [self.sampling_params(r) for r in reqs]
+        self.engine  # noqa: B018 -- load (or fail to load) the model outside the try as well
+        t0 = time.monotonic()
+        try:
+            outs = self._chat(reqs, params)
+            latency = (time.monotonic() - t0) / max(1, len(reqs))
+            return [self.parse_output(r, o, latency) for r, o in zip(reqs, outs, strict=True)]
+        except Exception as e:
+            if len(reqs) == 1:
+                return [Response(status=ERROR, model=self.model, attempts=1,
+                                 error=f"{type(e).__name__}: {e}")]
+        # One bad request (too long a prompt...) fails the whole call: isolate it.
+        return [self._run_chunk([r])[0] for r in reqs]
+
+    async def _agenerate(self, requests: list[Request]) -> AsyncIterator[tuple[int, Response]]:
+        for start in range(0, len(requests), self.chunk_size):
+            chunk = requests[start : start + self.chunk_size]
+            # The engine call blocks; it runs on this thread because vLLM expects to own it.
+            for j, resp in enumerate(self._run_chunk(chunk)):
+                yield start + j, resp
+            await asyncio.sleep(0)  # let Ctrl+C/cancellation land between chunks

@@ -1,0 +1,27 @@
+"""The bundled reward-model trainer: Bradley–Terry with ties, margins and weights.
+
+Two modes on any backbone: ``head`` (frozen encoder, embeddings cached under
+``home/embeddings``, a small MLP trained on top; seconds on CPU) and ``full`` (fine-tune
+the whole sequence-classification model; bf16 autocast and gradient checkpointing on CUDA).
+
+The public API re-exports :func:`train`, :func:`score`, :func:`evaluate` and
+:func:`oof_scores` as ``factory.train`` and so on.
+"""
+
+from __future__ import annotations
+
+from factory.trainer.api import TrainResult, evaluate, oof_scores, score, train
+from factory.trainer.loop import TrainConfig, TrainingInterrupted
+from factory.trainer.model import RewardModel, load_reward_model
+
+__all__ = [
+    "RewardModel",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingInterrupted",
+    "evaluate",
+    "load_reward_model",
+    "oof_scores",
+    "score",
+    "train",
+]

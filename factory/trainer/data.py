@@ -1,0 +1,156 @@
+"""Pair tables -> training arrays, prompt-grouped splits and length-bucketed batch orders."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.errors import PrefabError
+
+
+@dataclass
+class PairData:
+    """Column views of a pair table that the trainer needs, in row order."""
+
+    prompts: list[list[dict[str, str]]]
+    chosen: list[str]
+    rejected: list[str]
+    prompt_ids: list[str]
+    tie: np.ndarray  # bool
+    margin: np.ndarray  # float32, 0 where null
+    weight: np.ndarray  # float32, 1 where null
+    sources: list[str | None]
+    attributes: list[str | None]
+    tasks: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> PairData:
+        idx = list(np.asarray(idx, dtype=np.int64))
+        return PairData(
+            prompts=[self.prompts[i] for i in idx],
+            chosen=[self.chosen[i] for i in idx],
+            rejected=[self.rejected[i] for i in idx],
+            prompt_ids=[self.prompt_ids[i] for i in idx],
+            tie=self.tie[idx],
+            margin=self.margin[idx],
+            weight=self.weight[idx],
+            sources=[self.sources[i] for i in idx],
+            attributes=[self.attributes[i] for i in idx],
+            tasks=[self.tasks[i] for i in idx],
+        )
+
+
+def _float_column(table: pa.Table, name: str, default: float) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, default, dtype=np.float32)
+    col = table.column(name).cast(pa.float64()).fill_null(default)
+    return col.to_numpy().astype(np.float32)
+
+
+def _str_column(table: pa.Table, name: str) -> list[str | None]:
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    return table.column(name).to_pylist()
+
+
+def pair_data(table: pa.Table) -> PairData:
+    """Read the columns of a canonical pair table (missing optional columns take defaults)."""
+    for required in ("prompt", "chosen", "rejected"):
+        if required not in table.column_names:
+            raise PrefabError(f"pair table lacks column {required!r}")
+    prompts = table.column("prompt").to_pylist()
+    prompts = [[{"role": m["role"], "content": m["content"] or ""} for m in p or []] for p in prompts]
+    if "prompt_id" in table.column_names:
+        prompt_ids = table.column("prompt_id").to_pylist()
+    else:
+        prompt_ids = [_prompt_hash(p) for p in prompts]
+    if "tie" in table.column_names:
+        tie = np.asarray(table.column("tie").fill_null(False).to_pylist(), dtype=bool)
+    else:
+        tie = np.zeros(table.num_rows, dtype=bool)
+    weight = _float_column(table, "weight", 1.0)
+    if (weight < 0).any() or not np.isfinite(weight).all():
+        raise PrefabError("column 'weight' must hold finite values >= 0")
+    sources: list[str | None] = [None] * table.num_rows
+    if "provenance" in table.column_names:
+        sources = [(p or {}).get("source") for p in table.column("provenance").to_pylist()]
+    return PairData(
+        prompts=prompts,
+        chosen=[c or "" for c in table.column("chosen").to_pylist()],
+        rejected=[r or "" for r in table.column("rejected").to_pylist()],
+        prompt_ids=prompt_ids,
+        tie=tie,
+        margin=_float_column(table, "margin", 0.0),
+        weight=weight,
+        sources=sources,
+        attributes=_str_column(table, "attribute"),
+        tasks=_str_column(table, "task"),
+    )
+
+
+def _prompt_hash(prompt: list[dict[str, str]]) -> str:
+    text = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in prompt)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def split_by_prompt(
+    prompt_ids: Sequence[str], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of (train, validation), grouped so that no prompt is in both."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrefabError(f"val fraction must be in [0, 1), got {val_fraction}")
+    n = len(prompt_ids)
+    if val_fraction == 0.0 or n == 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    unique = sorted(set(prompt_ids))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    n_val = max(1, round(len(unique) * val_fraction)) if len(unique) > 1 else 0
+    val_prompts = {unique[i] for i in order[:n_val]}
+    is_val = np.fromiter((p in val_prompts for p in prompt_ids), dtype=bool, count=n)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def kfold_by_prompt(prompt_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Fold number of each row; every prompt's rows share one fold."""
+    if k < 2:
+        raise PrefabError(f"k-fold needs k >= 2, got {k}")
+    unique = sorted(set(prompt_ids))
+    rng = np.random.default_rng(seed)
+    fold_of = {p: int(i % k) for i, p in zip(rng.permutation(len(unique)), unique, strict=True)}
+    return np.asarray([fold_of[p] for p in prompt_ids], dtype=np.int64)
+
+
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    lengths: np.ndarray | None = None,
+    bucket_batches: int = 50,
+) -> list[np.ndarray]:
+    """The batch order of one epoch, a pure function of (seed, epoch) so resume can replay it.
+
+    With ``lengths``, rows are shuffled, then sorted by length inside windows of
+    ``bucket_batches`` batches, so each batch holds similar lengths (little padding) while
+    the batch order stays random.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    if lengths is not None and n > batch_size:
+        window = batch_size * bucket_batches
+        chunks = []
+        for start in range(0, n, window):
+            part = perm[start : start + window]
+            chunks.append(part[np.argsort(lengths[part], kind="stable")])
+        perm = np.concatenate(chunks)
+    batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

@@ -1,0 +1,397 @@
+"""The training loop shared by both modes: batches, checkpoints, resume, Ctrl+C, progress.
+
+A run is a pure function of (data, config): the split and every epoch's batch order come
+from the seed, so a resumed run replays exactly the batches an uninterrupted run would have
+seen after the checkpoint. Ctrl+C sets a flag; the loop finishes the current optimiser step,
+writes a checkpoint and raises :class:`TrainingInterrupted` (a second Ctrl+C stops at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from factory.trainer import backbones
+from factory.trainer.data import PairData, epoch_batches, split_by_prompt
+from factory.trainer.losses import preference_loss
+from factory.trainer.model import HeadFeaturizer, ModelSpec, RewardHead, RewardModel
+from schemas.errors import PrefabError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# Defaults differ by mode: a head on cached embeddings wants many cheap epochs at a high
+# rate; fine-tuning a transformer wants one or two epochs at a small one.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "head": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "checkpoint_steps": 0},
+    "full": {"epochs": 1, "lr": 2e-5, "batch_size": 16, "weight_decay": 0.0, "checkpoint_steps": 200},
+}
+# Fields that must match for --resume to continue a checkpoint.
+RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "max_length", "seed", "val_fraction",
+               "center_coef", "head_hidden", "max_pairs")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped early (Ctrl+C or a step limit); the checkpoint holds the last step."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        self.checkpoint = checkpoint
+        self.step = step
+        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint}")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "head"
+    base: str = backbones.MINILM
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    max_length: int = 256
+    seed: int = 0
+    val_fraction: float = 0.1
+    center_coef: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_steps: int | None = None  # 0: only at the end of each epoch
+    head_hidden: int = 256
+    max_pairs: int | None = None  # cap on training pairs (benchmarks, smoke runs)
+    device: str | None = None  # None: CUDA when present, else CPU
+    bf16: bool | None = None  # None: on CUDA with bf16 support
+    gradient_checkpointing: bool | None = None  # None: on CUDA
+    eval_batch_size: int = 64
+    progress: bool = True
+    stop_after_steps: int | None = None  # stop (as on Ctrl+C) after this many steps in total
+
+    def resolved(self) -> TrainConfig:
+        if self.mode not in MODE_DEFAULTS:
+            raise PrefabError(f"mode must be 'head' or 'full', got {self.mode!r}")
+        filled = {k: v for k, v in MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
+        cfg = replace(self, **filled)
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_length < 8:
+            raise PrefabError("epochs, batch size and lr must be positive; max length >= 8")
+        return cfg
+
+    def as_params(self) -> dict[str, Any]:
+        skip = {"progress", "stop_after_steps", "eval_batch_size"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class FitResult:
+    model: RewardModel
+    history: list[dict[str, Any]]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    train_seconds: float
+    pairs_per_second: float
+    steps: int
+    resumed_from_step: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class _Task(Protocol):
+    module: torch.nn.Module
+    lengths: np.ndarray | None
+
+    def rewards(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def eval_rewards(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def to_reward_model(self) -> RewardModel: ...
+
+
+class _HeadTask:
+    """Frozen encoder: embed every row once (cached on disk), then train a small MLP."""
+
+    def __init__(self, data: PairData, cfg: TrainConfig, device: torch.device, cache_root: Any,
+                 featurizer: HeadFeaturizer | None = None, rows: np.ndarray | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.featurizer = featurizer or HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device)
+        # Embed only the rows this run uses (train + validation); others stay zero.
+        rows = np.arange(len(data)) if rows is None else rows
+        part = data.subset(rows)
+        feats = self.featurizer.features(part.prompts + part.prompts, part.chosen + part.rejected)
+        x = np.zeros((2, len(data), feats.shape[1]), dtype=np.float32)
+        x[0, rows], x[1, rows] = feats[: len(rows)], feats[len(rows) :]
+        self.x_chosen = torch.from_numpy(x[0]).to(device)
+        self.x_rejected = torch.from_numpy(x[1]).to(device)
+        torch.manual_seed(cfg.seed)
+        self.module = RewardHead(self.featurizer.dim, cfg.head_hidden).to(device)
+        self.lengths = None
+
+    def rewards(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(idx).to(self.device)
+        both = self.module(torch.cat([self.x_chosen[t], self.x_rejected[t]]))
+        return both[: len(idx)], both[len(idx) :]
+
+    @torch.inference_mode()
+    def eval_rewards(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.module.eval()
+        r_c, r_r = self.rewards(idx)
+        self.module.train()
+        return r_c.double().cpu().numpy(), r_r.double().cpu().numpy()
+
+    def to_reward_model(self) -> RewardModel:
+        spec = ModelSpec("head", self.cfg.base, self.cfg.max_length, self.cfg.head_hidden,
+                         self.featurizer.dim)
+        return RewardModel(spec, head=self.module.eval(), featurizer=self.featurizer,
+                           device=self.device)
+
+
+class _FullTask:
+    """Fine-tune a sequence-classification backbone end to end."""
+
+    def __init__(self, data: PairData, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        path = backbones.resolve_base(cfg.base)
+        torch.manual_seed(cfg.seed)  # the new score head is random: seed it
+        self.tokenizer = backbones.load_tokenizer(path)
+        self.module = backbones.load_seqcls(path, device)
+        self.module.config.pad_token_id = self.tokenizer.pad_token_id
+        backbones.disable_dropout(self.module)
+        on_cuda = device.type == "cuda"
+        self.bf16 = backbones.bf16_ok(device) if cfg.bf16 is None else (cfg.bf16 and on_cuda)
+        grad_ckpt = on_cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+        if grad_ckpt and getattr(self.module, "supports_gradient_checkpointing", False):
+            backbones.enable_checkpointing(self.module)
+        tok = self.tokenizer
+        self.ids_chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length)
+        self.ids_rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length)
+        self.lengths = np.maximum(
+            np.fromiter((len(s) for s in self.ids_chosen), np.int64, len(data)),
+            np.fromiter((len(s) for s in self.ids_rejected), np.int64, len(data)),
+        )
+
+    def rewards(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # Chosen and rejected share one forward pass (one padded batch of 2B), as in TRL.
+        seqs = [self.ids_chosen[i] for i in idx] + [self.ids_rejected[i] for i in idx]
+        ids, mask = backbones.pad_batch(seqs, self.tokenizer.pad_token_id, self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.module(input_ids=ids, attention_mask=mask).logits
+        both = logits.squeeze(-1).float()
+        return both[: len(idx)], both[len(idx) :]
+
+    def eval_rewards(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from factory.trainer.model import full_rewards
+
+        seqs = [self.ids_chosen[i] for i in idx] + [self.ids_rejected[i] for i in idx]
+        out = full_rewards(self.module, self.tokenizer, seqs, self.device, self.cfg.eval_batch_size)
+        self.module.train()
+        return out[: len(idx)], out[len(idx) :]
+
+    def to_reward_model(self) -> RewardModel:
+        spec = ModelSpec("full", self.cfg.base, self.cfg.max_length)
+        return RewardModel(spec, hf_model=self.module.eval(), tokenizer=self.tokenizer,
+                           device=self.device)
+
+
+@contextmanager
+def _ctrl_c_flag() -> Iterator[dict[str, bool]]:
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt  # second Ctrl+C: do not wait for the step to finish
+        flag["stop"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """A tiny MLP step is microseconds of math: OpenMP hand-offs across threads (and a
+    busy neighbour on a shared core) cost more than they save, so head mode runs on one."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fingerprint(data: PairData, idx: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for i in idx:
+        h.update(data.prompt_ids[i].encode())
+        h.update(hashlib.sha1((data.chosen[i] + "\x00" + data.rejected[i]).encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+
+def pair_accuracy(r_c: np.ndarray, r_r: np.ndarray, tie: np.ndarray) -> float:
+    """Strict accuracy over preference pairs: equal rewards count as an error."""
+    pref = ~tie
+    return float((r_c[pref] > r_r[pref]).mean()) if pref.any() else float("nan")
+
+
+def fit(
+    data: PairData,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    cache_root: str | Path | None = None,
+    featurizer: HeadFeaturizer | None = None,
+    train_idx: np.ndarray | None = None,
+    val_idx: np.ndarray | None = None,
+) -> FitResult:
+    """Train a reward model on ``data``; see :class:`TrainConfig` for the knobs."""
+    cfg = cfg.resolved()
+    device = backbones.pick_device(cfg.device)
+    if train_idx is None:
+        train_idx, val_idx = split_by_prompt(data.prompt_ids, cfg.val_fraction, cfg.seed)
+    val_idx = np.zeros(0, dtype=np.int64) if val_idx is None else val_idx
+    # Zero-weight pairs cannot move the loss: skip their compute altogether.
+    train_idx = train_idx[data.weight[train_idx] > 0]
+    if cfg.max_pairs is not None and len(train_idx) > cfg.max_pairs:
+        keep = np.random.default_rng(cfg.seed).permutation(len(train_idx))[: cfg.max_pairs]
+        train_idx = np.sort(train_idx[keep])
+    if len(train_idx) == 0:
+        raise PrefabError("no training pairs with a positive weight")
+
+    task: _Task
+    if cfg.mode == "head":
+        rows = np.union1d(train_idx, val_idx)
+        task = _HeadTask(data, cfg, device, cache_root, featurizer, rows)
+    else:
+        task = _FullTask(data, cfg, device)
+    module = task.module
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    # Linear decay to zero, no warm-up: TRL's (transformers') default schedule.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / total_steps)
+    )
+    tie_t = torch.from_numpy(data.tie).to(device)
+    margin_t = torch.from_numpy(data.margin).to(device)
+    weight_t = torch.from_numpy(data.weight).to(device)
+    lengths = task.lengths[train_idx] if task.lengths is not None else None
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    params = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    fingerprint = _fingerprint(data, train_idx)
+    epoch, batch_in_epoch, step, history = 0, 0, 0, []
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["params"] != params or state["fingerprint"] != fingerprint:
+            raise PrefabError(
+                f"{ckpt_path}: checkpoint was made with other data or settings; "
+                "start a new model name or drop --resume"
+            )
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        history = state["history"]
+    resumed_from = step
+
+    def checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        _save_checkpoint(ckpt_path, {
+            "params": params, "fingerprint": fingerprint, "model": module.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "step": step, "history": history,
+        })
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not cfg.progress,
+               desc=f"train {cfg.mode}", dynamic_ncols=True)
+    pairs_seen, started = 0, time.perf_counter()
+    try:
+        with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):
+            while epoch < cfg.epochs:
+                batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch, lengths)
+                running = []
+                while batch_in_epoch < len(batches):
+                    idx = train_idx[batches[batch_in_epoch]]
+                    t = torch.from_numpy(idx).to(device)
+                    r_c, r_r = task.rewards(idx)
+                    parts = preference_loss(r_c, r_r, tie=tie_t[t], margin=margin_t[t],
+                                            weight=weight_t[t], center_coef=cfg.center_coef)
+                    parts.loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    batch_in_epoch += 1
+                    pairs_seen += len(idx)
+                    running.append(float(parts.loss.detach()))
+                    elapsed = time.perf_counter() - started
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running[-1]:.4f}", pairs_s=f"{pairs_seen / elapsed:.1f}", refresh=False)
+                    if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
+                        checkpoint()
+                    if ctrl_c["stop"] or (cfg.stop_after_steps and step >= cfg.stop_after_steps):
+                        checkpoint()
+                        raise TrainingInterrupted(ckpt_path, step)
+                record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                                          "train_loss": float(np.mean(running)) if running else None}
+                if len(val_idx):
+                    record.update(_validate(task, data, val_idx, tie_t, margin_t, weight_t, cfg))
+                history.append(record)
+                epoch, batch_in_epoch = epoch + 1, 0
+                checkpoint()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    module.eval()
+    return FitResult(
+        model=task.to_reward_model(),
+        history=history,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        train_seconds=seconds,
+        pairs_per_second=pairs_seen / seconds if seconds > 0 else float("nan"),
+        steps=step,
+        resumed_from_step=resumed_from,
+        stats={"device": str(device), "train_pairs": int(len(train_idx)),
+               "val_pairs": int(len(val_idx)), "pairs_seen": pairs_seen},
+    )
+
+
+@torch.no_grad()
+def _validate(task: _Task, data: PairData, val_idx: np.ndarray, tie_t: torch.Tensor,
+              margin_t: torch.Tensor, weight_t: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+    r_c, r_r = task.eval_rewards(val_idx)
+    t = torch.from_numpy(val_idx).to(tie_t.device)
+    parts = preference_loss(torch.from_numpy(r_c), torch.from_numpy(r_r), tie=tie_t[t].cpu(),
+                            margin=margin_t[t].cpu().double(), weight=weight_t[t].cpu().double(),
+                            center_coef=cfg.center_coef)
+    return {"val_loss": float(parts.loss), "val_accuracy": pair_accuracy(r_c, r_r, data.tie[val_idx])}

@@ -1,0 +1,73 @@
+"""Pairwise reward-model losses: Bradley–Terry with margins, a tie loss, per-pair weights.
+
+For a pair with rewards r_c, r_r and d = r_c − r_r:
+- preference pairs: −log σ(d − margin) (margin null -> 0; TRL's form);
+- tie pairs: BCE(σ(d), 0.5) = −½ log σ(d) − ½ log σ(−d), minimised at d = 0 (Crome);
+- optional centering: coef · ((r_c + r_r)²) per pair (TRL's ``center_rewards_coefficient``).
+
+The batch loss is the weighted mean Σ wᵢ ℓᵢ / Σ wᵢ. A weight of 0 adds nothing to either
+sum, so a zero-weight pair has exactly no influence on the loss or its gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar, what backward() sees
+    per_pair: torch.Tensor  # unweighted loss of each pair (for logging and low-loss selection)
+    bt: float  # weighted mean over preference pairs (nan if none)
+    tie: float  # weighted mean over tie pairs (nan if none)
+
+
+def pair_losses(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    tie: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Unweighted loss of each pair."""
+    diff = r_chosen - r_rejected
+    shifted = diff - margin.to(diff.dtype) if margin is not None else diff
+    bt = -F.logsigmoid(shifted)
+    if tie is not None:
+        tie_loss = -0.5 * (F.logsigmoid(diff) + F.logsigmoid(-diff))
+        per_pair = torch.where(tie.bool(), tie_loss, bt)
+    else:
+        per_pair = bt
+    if center_coef:
+        per_pair = per_pair + center_coef * (r_chosen + r_rejected) ** 2
+    return per_pair
+
+
+def preference_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    tie: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> LossParts:
+    per_pair = pair_losses(r_chosen, r_rejected, tie=tie, margin=margin, center_coef=center_coef)
+    w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair.dtype)
+    # clamp: an all-zero-weight batch contributes a zero loss (and zero gradients), not NaN
+    loss = (w * per_pair).sum() / w.sum().clamp(min=1e-12)
+    with torch.no_grad():
+        is_tie = tie.bool() if tie is not None else torch.zeros_like(per_pair, dtype=torch.bool)
+        bt = _masked_mean(per_pair, w, ~is_tie)
+        tie_mean = _masked_mean(per_pair, w, is_tie)
+    return LossParts(loss=loss, per_pair=per_pair.detach(), bt=bt, tie=tie_mean)
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> float:
+    w = weights * mask
+    total = w.sum()
+    return float((values * w).sum() / total) if total > 0 else float("nan")

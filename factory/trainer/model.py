@@ -1,0 +1,195 @@
+"""Reward models on disk and in memory: a frozen-encoder MLP head, or a fine-tuned backbone.
+
+A saved model is a folder with ``prefab_model.json`` (what it is and how to feed it) plus
+``head.pt`` (head mode: the MLP; the encoder is the base, referenced not copied) or
+``hf/`` (full mode: ``save_pretrained`` of the sequence-classification model and tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from factory.trainer import backbones
+from factory.trainer.embed_cache import EmbeddingCache, model_key
+from schemas.errors import PrefabError
+
+META_FILE = "prefab_model.json"
+FORMAT = "prefab-reward-model/1"
+
+
+@dataclass
+class ModelSpec:
+    mode: str  # "head" | "full"
+    base: str  # "minilm" or a model folder
+    max_length: int
+    head_hidden: int = 256
+    feature_dim: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+
+class RewardHead(nn.Module):
+    """MLP from [prompt+response] embedding features to a scalar reward."""
+
+    def __init__(self, in_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class HeadFeaturizer:
+    """Embeds (prompt, response) with the frozen encoder through the on-disk cache."""
+
+    def __init__(
+        self,
+        base: str,
+        max_length: int,
+        cache_root: str | Path | None,
+        device: torch.device | None = None,
+        batch_size: int = 64,
+    ):
+        self.encoder = backbones.MeanPoolEncoder(backbones.resolve_base(base), device, max_length)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache = (
+            EmbeddingCache(cache_root, model_key(self.encoder.path, f"meanpool-l2|{max_length}"))
+            if cache_root is not None
+            else None
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def features(
+        self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str]
+    ) -> np.ndarray:
+        ids = backbones.encode_pairs(self.encoder.tokenizer, prompts, responses, self.max_length)
+        return self.embed_ids(ids)
+
+    def embed_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
+        def compute(seqs: Sequence[np.ndarray]) -> np.ndarray:
+            return self.encoder.embed_ids(seqs, self.batch_size)
+
+        if self.cache is None:
+            return compute(ids)
+        return self.cache.get_or_compute(ids, compute)
+
+
+class RewardModel:
+    """A trained reward model that scores (prompt, response) pairs."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        head: RewardHead | None = None,
+        featurizer: HeadFeaturizer | None = None,
+        hf_model: Any = None,
+        tokenizer: Any = None,
+        device: torch.device | None = None,
+    ):
+        self.spec = spec
+        self.head = head
+        self.featurizer = featurizer
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.device = device or backbones.pick_device()
+
+    # ---- scoring
+    @torch.inference_mode()
+    def reward(
+        self,
+        prompts: Sequence[Sequence[dict[str, str]]],
+        responses: Sequence[str],
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        if len(responses) == 0:
+            return np.zeros(0, dtype=np.float64)
+        if self.spec.mode == "head":
+            assert self.head is not None and self.featurizer is not None
+            feats = self.featurizer.features(prompts, responses)
+            return self.reward_features(feats)
+        ids = backbones.encode_pairs(self.tokenizer, prompts, responses, self.spec.max_length)
+        return full_rewards(self.hf_model, self.tokenizer, ids, self.device, batch_size)
+
+    @torch.inference_mode()
+    def reward_features(self, feats: np.ndarray) -> np.ndarray:
+        assert self.head is not None
+        self.head.eval()
+        x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(self.device)
+        return self.head(x).double().cpu().numpy()
+
+    # ---- persistence
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.spec.mode == "head":
+            assert self.head is not None
+            torch.save(self.head.state_dict(), folder / "head.pt")
+        else:
+            with backbones.quiet_hf():
+                self.hf_model.save_pretrained(folder / "hf")
+            self.tokenizer.save_pretrained(folder / "hf")
+        (folder / META_FILE).write_text(json.dumps(self.spec.to_json(), indent=2))
+        return folder
+
+
+@torch.inference_mode()
+def full_rewards(
+    model: Any,
+    tokenizer: Any,
+    ids: Sequence[np.ndarray],
+    device: torch.device,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Rewards of tokenised sequences, batched by length so padding stays small."""
+    model.eval()
+    out = np.zeros(len(ids), dtype=np.float64)
+    order = np.argsort([len(s) for s in ids], kind="stable")
+    use_bf16 = backbones.bf16_ok(device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, mask = backbones.pad_batch([ids[i] for i in idx], tokenizer.pad_token_id, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        out[idx] = logits.squeeze(-1).float().cpu().numpy()
+    return out
+
+
+def load_reward_model(
+    folder: str | Path,
+    *,
+    cache_root: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> RewardModel:
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise PrefabError(f"{folder} is not a prefab reward model (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.pop("format", None) != FORMAT:
+        raise PrefabError(f"{meta_path}: unknown model format")
+    spec = ModelSpec(**meta)
+    dev = backbones.pick_device(str(device) if device is not None else None)
+    if spec.mode == "head":
+        featurizer = HeadFeaturizer(spec.base, spec.max_length, cache_root, dev)
+        head = RewardHead(spec.feature_dim, spec.head_hidden).to(dev)
+        head.load_state_dict(torch.load(folder / "head.pt", map_location=dev, weights_only=True))
+        return RewardModel(spec, head=head, featurizer=featurizer, device=dev)
+    hf_dir = str(folder / "hf")
+    model = backbones.load_seqcls(hf_dir, dev)
+    tokenizer = backbones.load_tokenizer(hf_dir)
+    return RewardModel(spec, hf_model=model, tokenizer=tokenizer, device=dev)

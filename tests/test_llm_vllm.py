@@ -1,0 +1,157 @@
+"""vLLM backend without vLLM: a fake engine at the ``LLM.chat`` boundary."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from factory.llm import (
+    ERROR,
+    OK,
+    PARSE_ERROR,
+    MissingDependencyError,
+    Request,
+    SamplingParams,
+    backend_from_spec,
+)
+from factory.llm.vllm_backend import VLLMBackend, make_vllm_sampling_params
+
+SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+
+
+class FakeLLM:
+    """Shaped like vllm.LLM.chat: returns RequestOutput-like objects in input order."""
+
+    def __init__(self, reply=None, fail_on=None):
+        self.calls = []
+        self.reply = reply or (lambda conv, i: f"answer {i} to {conv[-1]['content']}")
+        self.fail_on = fail_on
+
+    def chat(self, messages, sampling_params=None, use_tqdm=True, chat_template=None):
+        self.calls.append({"messages": messages, "sampling_params": sampling_params,
+                           "use_tqdm": use_tqdm, "chat_template": chat_template})
+        if self.fail_on and any(conv[-1]["content"] == self.fail_on for conv in messages):
+            raise ValueError("prompt too long")
+        outs = []
+        for conv, sp in zip(messages, sampling_params, strict=True):
+            completions = [
+                SimpleNamespace(index=i, text=self.reply(conv, i), token_ids=list(range(5 + i)),
+                                finish_reason="stop")
+                for i in range(sp["n"])
+            ]
+            outs.append(SimpleNamespace(prompt_token_ids=[1] * 7, outputs=completions))
+        return outs
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFAB_HOME", str(tmp_path))
+
+
+def make(engine, **kw) -> VLLMBackend:
+    return VLLMBackend("Qwen/Qwen2.5-0.5B-Instruct", engine=engine,
+                       sampling_factory=lambda **sp: sp, progress=False, **kw)
+
+
+def test_request_building_and_output_parsing():
+    eng = FakeLLM()
+    reqs = [
+        Request([{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"}],
+                SamplingParams(temperature=0.5, top_p=0.9, max_tokens=32, stop=("\n\n",),
+                               extra={"top_k": 20}),
+                n=2, seed=100, sample_index=1),
+        Request([{"role": "user", "content": "q2"}]),
+    ]
+    out = make(eng, chat_template="{{ messages }}").run_batch(reqs)
+    [call] = eng.calls
+    assert call["messages"] == [reqs[0].messages, reqs[1].messages]
+    assert call["use_tqdm"] is False and call["chat_template"] == "{{ messages }}"
+    assert call["sampling_params"][0] == {"n": 2, "temperature": 0.5, "top_p": 0.9,
+                                          "max_tokens": 32, "stop": ["\n\n"], "seed": 101,
+                                          "top_k": 20}
+    assert call["sampling_params"][1] == {"n": 1}
+    first = out[0]
+    assert first.status == OK and first.texts == ["answer 0 to q1", "answer 1 to q1"]
+    assert first.prompt_tokens == 7 and first.completion_tokens == 5 + 6
+    assert first.finish_reason == "stop" and first.cost == 0.0
+    assert out[1].text == "answer 0 to q2"
+
+
+def test_structured_outputs_request_and_parse():
+    replies = {"good": '{"score": 4}', "cut": '{"sco'}
+    eng = FakeLLM(reply=lambda conv, i: replies[conv[-1]["content"]])
+    reqs = [Request([{"role": "user", "content": k}], json_schema=SCHEMA) for k in replies]
+    good, cut = make(eng).run_batch(reqs)
+    assert eng.calls[0]["sampling_params"][0]["structured_outputs"] == {"json": SCHEMA}
+    assert good.status == OK and good.parsed == {"score": 4}
+    assert cut.status == PARSE_ERROR and cut.text == '{"sco' and cut.parsed is None
+
+
+def test_chunks_stream_and_cache(tmp_path):
+    eng = FakeLLM()
+    reqs = [Request([{"role": "user", "content": f"q{i}"}]) for i in range(5)]
+    b = make(eng, chunk_size=2)
+    assert [i for i, _ in b.stream(reqs)] == [0, 1, 2, 3, 4]
+    assert [len(c["messages"]) for c in eng.calls] == [2, 2, 1]
+    again = make(eng, chunk_size=2).run_batch(reqs)
+    assert all(r.cached for r in again) and len(eng.calls) == 3
+
+
+def test_a_failing_request_is_isolated_not_the_chunk():
+    eng = FakeLLM(fail_on="boom")
+    reqs = [Request([{"role": "user", "content": c}]) for c in ("a", "boom", "b")]
+    out = make(eng, cache=False).run_batch(reqs)
+    assert [r.status for r in out] == [OK, ERROR, OK]
+    assert "prompt too long" in out[1].error
+
+
+def test_missing_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'prefab\[vllm\]'"):
+        VLLMBackend("some/model")
+    with pytest.raises(MissingDependencyError, match="prefab"):
+        backend_from_spec("vllm:some/model?tp=2")
+    # an injected engine still needs vllm for SamplingParams unless a factory is given
+    b = VLLMBackend("m", engine=FakeLLM(), cache=False, progress=False)
+    with pytest.raises(MissingDependencyError):
+        b.run_batch([Request([{"role": "user", "content": "x"}])])
+
+
+def _fake_vllm(monkeypatch, *, new_api: bool):
+    class SamplingParams_:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class Structured:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = SamplingParams_
+    sp_mod = types.ModuleType("vllm.sampling_params")
+    if new_api:
+        sp_mod.StructuredOutputsParams = Structured
+    else:
+        sp_mod.GuidedDecodingParams = Structured
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_sampling_params_use_the_installed_structured_outputs_api(monkeypatch, new_api):
+    _fake_vllm(monkeypatch, new_api=new_api)
+    sp = make_vllm_sampling_params(n=1, max_tokens=8, structured_outputs={"json": SCHEMA})
+    field = "structured_outputs" if new_api else "guided_decoding"
+    assert set(sp.kw) == {"n", "max_tokens", field}
+    assert sp.kw[field].kw == {"json": SCHEMA}
+
+
+def test_spec_builds_vllm_backend_with_tensor_parallelism(monkeypatch):
+    _fake_vllm(monkeypatch, new_api=True)
+    b = backend_from_spec("vllm:meta-llama/Llama-3.1-8B-Instruct?tp=2&max_model_len=8192&enforce_eager=true&cache=0")
+    assert isinstance(b, VLLMBackend) and b.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert b.tensor_parallel_size == 2 and b.cache is None
+    assert b.engine_kwargs == {"max_model_len": 8192, "enforce_eager": True}

@@ -1,0 +1,127 @@
+"""Head mode on the embedded MiniLM: accuracy, ties, weights, embedding cache, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from factory.trainer.data import pair_data
+from factory.trainer.embed_cache import EmbeddingCache
+from factory.trainer.evaluate import pairwise_metrics, score_pairs
+from factory.trainer.loop import CHECKPOINT_FILE, TrainConfig, TrainingInterrupted, fit
+from factory.trainer.model import HeadFeaturizer
+from factory.trainer.toy import toy_pairs
+
+
+@pytest.fixture(scope="module")
+def featurizer(tmp_path_factory: pytest.TempPathFactory) -> HeadFeaturizer:
+    return HeadFeaturizer("minilm", 128, tmp_path_factory.mktemp("emb"))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"mode": "head", "epochs": 20, "batch_size": 16, "val_fraction": 0.0,
+            "max_length": 128, "progress": False, "seed": 0}
+    return TrainConfig(**{**base, **kw})
+
+
+def _head_params(result) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in result.model.head.parameters()])
+
+
+def test_separable_set_reaches_near_perfect_accuracy_on_unseen_prompts(featurizer):
+    table = toy_pairs(80, seed=0)
+    train, held_out = pair_data(table.slice(0, 40)), pair_data(table.slice(40, 40))
+    assert not set(train.prompt_ids) & set(held_out.prompt_ids)
+    result = fit(train, _cfg(), featurizer=featurizer)
+    assert result.history[-1]["train_loss"] < 0.35  # from ln 2 = 0.69
+    r_c, r_r = score_pairs(result.model, held_out)
+    assert pairwise_metrics(r_c, r_r, held_out)["accuracy"] >= 0.95
+
+
+def test_tie_pairs_end_closer_than_preference_pairs(featurizer):
+    data = pair_data(toy_pairs(30, seed=1, ties=12))
+    result = fit(data, _cfg(), featurizer=featurizer)
+    r_c, r_r = score_pairs(result.model, data)
+    gap = np.abs(r_c - r_r)
+    assert gap[data.tie].mean() < 0.25 * gap[~data.tie].mean()
+
+
+def test_zero_weight_pair_leaves_trained_parameters_identical(featurizer):
+    table = toy_pairs(24, seed=2)
+    # A flipped pair (insult chosen) that would pull hard the other way, at weight 0.
+    flipped = toy_pairs(30, seed=3).slice(27, 1).to_pylist()[0]
+    flipped["chosen"], flipped["rejected"] = flipped["rejected"], flipped["chosen"]
+    rows = table.to_pylist()
+    with_zero = pa.Table.from_pylist(rows[:10] + [{**flipped, "weight": 0.0}] + rows[10:],
+                                     schema=table.schema)
+    with_one = pa.Table.from_pylist(rows[:10] + [{**flipped, "weight": 1.0}] + rows[10:],
+                                    schema=table.schema)
+    cfg = _cfg(epochs=5)
+    base = _head_params(fit(pair_data(table), cfg, featurizer=featurizer))
+    zero = _head_params(fit(pair_data(with_zero), cfg, featurizer=featurizer))
+    one = _head_params(fit(pair_data(with_one), cfg, featurizer=featurizer))
+    assert torch.equal(base, zero)
+    assert not torch.allclose(base, one)
+
+
+def test_embedding_cache_hit_avoids_recomputation(featurizer, monkeypatch):
+    data = pair_data(toy_pairs(12, seed=5))
+    first = featurizer.features(data.prompts, data.chosen)
+    # A fresh cache object reads the shards from disk: nothing may reach the encoder.
+    featurizer.cache = EmbeddingCache(featurizer.cache.folder.parent, featurizer.cache.folder.name)
+    calls = []
+    real = featurizer.encoder.embed_ids
+    monkeypatch.setattr(featurizer.encoder, "embed_ids",
+                        lambda seqs, bs=64: calls.append(len(seqs)) or real(seqs, bs))
+    again = featurizer.features(data.prompts, data.chosen)
+    assert calls == [] and featurizer.cache.hits == len(data) and featurizer.cache.misses == 0
+    np.testing.assert_array_equal(first, again)
+    featurizer.features(data.prompts, [c + " (new)" for c in data.chosen])
+    assert calls == [len(data)]  # a changed text is a miss, computed once
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(featurizer, tmp_path):
+    data = pair_data(toy_pairs(40, seed=6))
+    cfg = _cfg(epochs=3)  # 3 steps per epoch, 9 in all
+    full = fit(data, cfg, featurizer=featurizer)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(data, _cfg(epochs=3, stop_after_steps=4), featurizer=featurizer, checkpoint_dir=tmp_path)
+    assert stop.value.step == 4 and (tmp_path / CHECKPOINT_FILE).is_file()
+    resumed = fit(data, cfg, featurizer=featurizer, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.resumed_from_step == 4 and resumed.steps == 9
+    assert torch.equal(_head_params(full), _head_params(resumed))
+
+
+def test_mean_pool_encoder_matches_sentence_transformers(featurizer):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(featurizer.encoder.path, device="cpu")
+    texts = ["A quick brown fox.", "Reward models score responses to prompts."]
+    ours = featurizer.encoder.embed_plain(texts)
+    np.testing.assert_allclose(ours, st.encode(texts), atol=1e-5)
+
+
+def test_ctrl_c_finishes_the_step_and_keeps_a_checkpoint(featurizer, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import factory.trainer.loop as loop
+
+    data = pair_data(toy_pairs(40, seed=7))
+    real_loss, calls = loop.preference_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl+C mid-step
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "preference_loss", loss_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(data, _cfg(epochs=3), featurizer=featurizer, checkpoint_dir=tmp_path)
+    assert stop.value.step == 2  # the interrupted step completed, then training stopped
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is before  # our handler is removed again
