@@ -24,6 +24,7 @@ def ingest(
     split: str | None = None,
     message: str = "",
     home: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Read ``path`` and commit its pairs as the next version of ``name``.
 
@@ -32,7 +33,8 @@ def ingest(
     """
     started = time.monotonic()
     catalog = Catalog(home)
-    result = read_path(path, format, on_error=on_error, strict=strict, column_map=column_map, split=split)
+    result = read_path(path, format, on_error=on_error, strict=strict, column_map=column_map, split=split,
+                       progress=progress)
     table = _with_source(result.table, name)
     params = {"path": str(path), "format": result.format, "on_error": on_error, "strict": strict,
               "column_map": column_map or {}, "split": split}

@@ -129,6 +129,8 @@ class Catalog:
             "code_version": code_version(),
             "parents": [p.ref for p in parent_infos],
             "rows_out": table.num_rows,
+            "models": [],
+            "judges": [],
             **(lineage or {}),
         }
         record.setdefault("rows_quarantined", quarantine.num_rows if quarantine is not None else 0)

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("--map", action="append", default=[], metavar="CANONICAL=SOURCE",
                         help="column mapping for column formats, e.g. --map prompt=question")
     parser.add_argument("--split", default=None, help="split of a saved DatasetDict")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run)
 
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     result = ingest(
         args.path, args.name, format=args.format, on_error=args.on_error, strict=args.strict,
         column_map=parse_column_map(args.map), split=args.split, message=args.message,
-        home=home_from(args),
+        home=home_from(args), progress=not args.no_progress,
     )
     lines = [
         f"read {args.path} as {result['format']} ({result['format_reason']})",

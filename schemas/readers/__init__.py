@@ -96,6 +96,7 @@ def read_path(
     strict: bool = False,
     column_map: dict[str, str] | None = None,
     split: str | None = None,
+    progress: bool = False,
 ) -> ReadResult:
     """Read a file or folder. With ``on_error="fail"`` the first bad row raises InputError."""
     path = Path(path)
@@ -116,7 +117,7 @@ def read_path(
         "hf": lambda p: iter_hf(p, split),
     }[container](path)
     return read_records(records, spec, file=str(path), on_error=on_error, strict=strict,
-                        column_map=column_map, format_reason=reason)
+                        column_map=column_map, format_reason=reason, progress=progress)
 
 
 def read_dataset(
@@ -143,13 +144,19 @@ def read_records(
     strict: bool = False,
     column_map: dict[str, str] | None = None,
     format_reason: str = "",
+    progress: bool = False,
 ) -> ReadResult:
+    from tqdm import tqdm
+
     ctx = RowContext(file=file, strict=strict)
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     rows_in = 0
+    bar = tqdm(desc=f"read {spec.name}", unit=" rows", disable=not progress, mininterval=0.5,
+               leave=False)
     for record in _renamed(records, column_map):
         rows_in += 1
+        bar.update()
         try:
             if isinstance(record.value, InputError):
                 raise record.value
@@ -163,6 +170,7 @@ def read_records(
             continue
         pair.provenance.step = f"read:{spec.name}"
         rows.append(pair.to_row())
+    bar.close()
     table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
     repeated = _count_repeated_pairs(table)
     if repeated:
