@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +99,7 @@ class Catalog:
         with self._connect() as connection:
             initialise(connection)
 
-    def _connect(self, read_only: bool = False):  # noqa: ANN202 - context manager
+    def _connect(self, read_only: bool = False) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         return connect(self.db_path, read_only=read_only)
 
     # ---- writing -------------------------------------------------------------------------

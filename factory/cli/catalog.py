@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from factory.catalog import Catalog
 from factory.cli import CommandResult, home_from
 
 
@@ -59,8 +60,7 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     quarantine.set_defaults(handler=run_quarantine)
 
 
-def _catalog(args: argparse.Namespace):  # noqa: ANN202
-    from factory.catalog import Catalog
+def _catalog(args: argparse.Namespace) -> Catalog:
 
     return Catalog(home_from(args))
 

@@ -152,25 +152,25 @@ def read_records(
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     rows_in = 0
-    bar = tqdm(desc=f"read {spec.name}", unit=" rows", disable=not progress, mininterval=0.5,
-               leave=False)
-    for record in _renamed(records, column_map):
-        rows_in += 1
-        bar.update()
-        try:
-            if isinstance(record.value, InputError):
-                raise record.value
-            pair = spec.parse(record, ctx)
-        except InputError as error:
-            if on_error == "fail":
-                raise
-            bad.append({"file": error.file or record.file, "line": error.line or record.line,
-                        "field": error.field, "reason": error.reason,
-                        "raw": record.raw if record.raw is not None else raw_text(record.value)})
-            continue
-        pair.provenance.step = f"read:{spec.name}"
-        rows.append(pair.to_row())
-    bar.close()
+    # disable=None: tqdm shows the bar only on a terminal, so logs and pipes stay clean.
+    with tqdm(desc=f"read {spec.name}", unit=" rows", disable=None if progress else True,
+              mininterval=0.5, leave=False) as bar:
+        for record in _renamed(records, column_map):
+            rows_in += 1
+            bar.update()
+            try:
+                if isinstance(record.value, InputError):
+                    raise record.value
+                pair = spec.parse(record, ctx)
+            except InputError as error:
+                if on_error == "fail":
+                    raise
+                bad.append({"file": error.file or record.file, "line": error.line or record.line,
+                            "field": error.field, "reason": error.reason,
+                            "raw": record.raw if record.raw is not None else raw_text(record.value)})
+                continue
+            pair.provenance.step = f"read:{spec.name}"
+            rows.append(pair.to_row())
     table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
     repeated = _count_repeated_pairs(table)
     if repeated:

@@ -135,7 +135,7 @@ def iter_hf(source: Any, split: str | None = None, label: str = "<datasets.Datas
         if split not in source:
             raise InputError(f"has no split {split!r} (splits: {sorted(source)})", file=label)
         source = source[split]
-    for number, row in enumerate(source.to_iterable_dataset() if hasattr(source, "to_iterable_dataset") else source, start=1):
+    for number, row in enumerate(source, start=1):
         yield Record(label, number, row)
 
 
