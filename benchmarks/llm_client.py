@@ -11,8 +11,10 @@ the client's event loop or GIL. Sections:
    the benchmark process's CPU time per request.
 2. faults: 10% 429 (retry-after), 5% 500, 2% malformed JSON on structured requests;
    every request must end with a result or an explicit error status, and counts must add up.
-3. kill and resume: a child process runs the batch, is SIGKILLed at 50%, and is run
-   again; the server counts requests it answered twice.
+3. stop and resume: a child process runs the batch, is stopped at 50% and is run again;
+   the server counts the request bodies it received twice. Two ways to stop it:
+   graceful (SIGINT, i.e. Ctrl+C: the requests in flight finish and are saved, nothing new
+   is sent) and hard (SIGKILL: the requests in flight are lost and sent again).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,53 +196,72 @@ def faults(server: ServerProcess, n: int) -> dict:
     }
 
 
-def kill_resume(server: ServerProcess, n: int, concurrency: int, latency: float) -> dict:
+def kill_resume(server: ServerProcess, n: int, concurrency: int, latency: float, how: str) -> dict:
+    """Stop a child run at 50% (``how`` = "sigint" or "sigkill"), rerun it, count duplicates."""
     from factory.llm import RequestCache
 
     server.configure(latency=latency, rate_429=0, rate_500=0, rate_malformed=0)
     server.reset()
-    tag = f"resume-{time.time_ns()}"
+    tag = f"resume-{how}-{time.time_ns()}"
     with tempfile.TemporaryDirectory() as home:
         cmd = [sys.executable, __file__, "--child", "--base-url", server.base_url, "--home", home,
                "--n", str(n), "--concurrency", str(concurrency), "--tag", tag]
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while server.stats()["completed"] < n // 2:
             if child.poll() is not None:
-                raise RuntimeError("child finished before it could be killed")
+                raise RuntimeError("child finished before it could be stopped")
             time.sleep(0.002)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        at_kill = server.stats()
+        t0 = time.perf_counter()
+        os.kill(child.pid, signal.SIGINT if how == "sigint" else signal.SIGKILL)
+        in_flight_at_signal = server.stats()["in_flight"]
+        _, err = child.communicate()
+        stop_wall = time.perf_counter() - t0
+        if how == "sigint" and child.returncode != 130:
+            sys.stderr.write(err)
+            raise RuntimeError(f"stopped child exited with {child.returncode}, expected 130")
+        at_stop = server.stats()
+        announced = re.search(r"prefab: stopping: waiting for (\d+) in-flight", err)
         journals = len(list(Path(home).glob("*.journal")))
-        # Opening the cache folds the dead process's journal: this is what the rerun will see.
+        # Opening the cache folds a dead process's journal: this is what the rerun will see.
         saved = RequestCache(Path(home) / "llm_cache.duckdb").stats().get("rows", 0)
         t0 = time.perf_counter()
         rerun = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         wall = time.perf_counter() - t0
         child_report = json.loads(rerun.stdout.strip().splitlines()[-1])
     st = server.stats()
-    rerun_sent = st["total"] - at_kill["total"]
+    rerun_sent = st["total"] - at_stop["total"]
     return {
         "requests": n,
-        "server: received before kill": at_kill["total"],
-        "server: answered before kill": at_kill["completed"],
-        "client: results saved by the killed run": saved,
-        "  (answered but still unread by the killed client)": at_kill["completed"] - saved,
-        "  (in flight, connection dropped at kill)": st["aborted"],
-        "journal files left by the killed run": journals,
+        "server: in flight at the signal (not yet answered)": in_flight_at_signal,
+        "client: in flight it waited for (sent, reply not yet read)": (
+            int(announced.group(1)) if announced else "-"),
+        "signal to exit, s": stop_wall,
+        "child exit code": child.returncode,
+        "server: received before the stop": at_stop["total"],
+        "server: answered before the stop": at_stop["completed"],
+        "client: results saved by the stopped run": saved,
+        "  answered but never read by the client": at_stop["completed"] - saved,
+        "  in flight, connection dropped": st["aborted"],
+        "journal files left behind": journals,
         "rerun: cache hits": child_report["cached"],
         "rerun: requests sent": rerun_sent,
         "rerun: sent == requests - saved": rerun_sent == n - saved,
         "rerun: wall s": wall,
         "server: distinct request bodies": st["distinct"],
-        "server: duplicate requests received (all were in flight at the kill)": st["duplicates"],
-        "DUPLICATES OF SAVED REQUESTS": st["duplicates"] - (at_kill["total"] - saved),
+        "DUPLICATE REQUESTS RECEIVED BY THE SERVER": st["duplicates"],
+        "  of which were in flight (unsaved) at the stop": at_stop["total"] - saved,
+        "DUPLICATES OF SAVED REQUESTS": st["duplicates"] - (at_stop["total"] - saved),
         "final ok": child_report["statuses"].get("ok", 0),
     }
 
 
 def child_main(args: argparse.Namespace) -> None:
-    out = run_prefab(args.base_url, prompts(args.tag, args.n), args.concurrency, args.home)
+    # A child of a backgrounded benchmark inherits SIGINT ignored; a user's shell would not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = run_prefab(args.base_url, prompts(args.tag, args.n), args.concurrency, args.home)
+    except KeyboardInterrupt:  # what the prefab CLI does
+        sys.exit(130)
     print(json.dumps({"statuses": dict(Counter(r.status for r in out)),
                       "cached": sum(r.cached for r in out)}), flush=True)
 
@@ -279,8 +301,8 @@ def main() -> None:
         rows = throughput(server, n64, n256, 0.5, with_distilabel)
         print("2. faults", flush=True)
         fault = faults(server, nfault)
-        print("3. kill at 50% and resume", flush=True)
-        resume = kill_resume(server, nkill, 64, 0.5)
+        print("3. stop at 50% and resume: graceful (SIGINT), then hard (SIGKILL)", flush=True)
+        resume = {how: kill_resume(server, nkill, 64, 0.5, how) for how in ("sigint", "sigkill")}
 
     print()
     print("| client | concurrency | requests | wall s | ideal s | efficiency | client CPU ms/req | server max in flight |")
@@ -299,11 +321,21 @@ def main() -> None:
           f"{fault['parse_error_kept_raw']}; attempts: {fault['attempts']}; "
           f"server saw {fault['server_requests']} requests: {fault['server_status_counts']}")
     print()
-    print("kill at 50% + resume:")
-    for k, v in resume.items():
-        print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
-    print("  A request in flight at SIGKILL has no saved result, so it is sent again; every")
-    print("  request whose result was saved is never sent again.")
+    print(f"stop at 50% + rerun ({nkill} requests, concurrency 64, 500 ms latency):")
+    print()
+    print("| | graceful stop: SIGINT (Ctrl+C) at 50% | hard kill: SIGKILL at 50% |")
+    print("|---|---:|---:|")
+    for k in resume["sigint"]:
+        cells = [resume[how][k] for how in ("sigint", "sigkill")]
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells]
+        label = f"- {k.strip()}" if k.startswith("  ") else k  # sub-row of the row above
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+    print()
+    print("Graceful stop: nothing new is dispatched; the requests in flight finish and are saved,")
+    print("so the rerun sends only requests the server never saw (target: 0 duplicates).")
+    print("Hard kill: a request in flight at SIGKILL has no saved result, so the rerun must send")
+    print("it again; those duplicates (= requests in flight at the kill) are unavoidable there.")
+    print("In both, a request whose result was saved is never sent again (target: 0).")
     if args.json:
         print(json.dumps({"throughput": rows, "faults": fault, "resume": resume}, indent=2))
 

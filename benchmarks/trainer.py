@@ -15,7 +15,6 @@ disabled (TRL's default), linear decay without warm-up.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +32,7 @@ from factory.trainer.data import PairData, pair_data, split_by_prompt  # noqa: E
 from factory.trainer.evaluate import evaluate_model  # noqa: E402
 from factory.trainer.loop import TrainConfig, fit  # noqa: E402
 from factory.trainer.model import ModelSpec, RewardModel  # noqa: E402
+from schemas.readers import read_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SETS = {
@@ -46,39 +45,10 @@ SETS = {
 # --------------------------------------------------------------------------- data
 
 
-def _minimal_read(path: Path) -> pa.Table:
-    """Fallback parser when schemas.readers is unavailable (HH-RLHF and LLMBar only)."""
-    from schemas.pairs import Message, Pair, pairs_to_table
-
-    pairs = []
-    if path.name.endswith(".jsonl.gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as lines:
-            rows = [json.loads(line) for line in lines]
-        for row in rows:
-            c, r = row["chosen"], row["rejected"]
-            cut = c.rfind("\n\nAssistant:")
-            prefix = c[:cut]
-            turns = [t for t in prefix.split("\n\n") if t]
-            msgs = [Message("user" if t.startswith("Human:") else "assistant",
-                            t.split(":", 1)[1].strip()) for t in turns]
-            pairs.append(Pair(msgs, c[cut + 12 :].strip(), r[r.rfind("\n\nAssistant:") + 12 :].strip()))
-    else:
-        for row in json.loads(path.read_text()):
-            a, b = row["output_1"], row["output_2"]
-            c, r = (a, b) if int(row["label"]) == 1 else (b, a)
-            pairs.append(Pair([Message("user", row["input"])], c, r))
-    return pairs_to_table(pairs)
-
-
 def read_set(key: str) -> PairData:
     name, source = SETS[key]
     path = DATA / name
-    try:
-        from schemas.readers import read_path
-
-        table = read_path(path, on_error="quarantine").table
-    except ImportError:
-        table = _minimal_read(path)
+    table = read_path(path, on_error="quarantine").table
     data = pair_data(table)
     data.sources = [s or source for s in data.sources]
     return data

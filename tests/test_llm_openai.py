@@ -262,18 +262,73 @@ def test_missing_key_for_openai_is_a_clear_error(monkeypatch):
     assert OpenAIBackend("gpt-4o-mini", api_key_env="MY_KEY").model == "gpt-4o-mini"
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_finished_work(server):
+def test_first_ctrl_c_drains_in_flight_requests_into_the_cache(server, capsys):
+    server.configure(latency=0.4)
+    arrived = []
+
+    def on_arrival(body, attempt):
+        arrived.append(last_user(body))
+        if len(arrived) == 4:  # all four workers have a request on the wire
+            os.kill(os.getpid(), signal.SIGINT)
+
+    server.handler = on_arrival
+    reqs = [user(f"d{i}") for i in range(12)]
+    t0 = time.monotonic()
+    stopped = "SIGINT: stopped once the in-flight requests had finished; 8 requests were left"
+    with pytest.raises(KeyboardInterrupt, match=stopped):
+        backend(server, concurrency=4).run_batch(reqs)
+    assert 0.35 < time.monotonic() - t0 < 2  # waited for the 0.4 s replies, sent nothing more
+    st = server.stats()
+    assert st["total"] == st["completed"] == 4 and st["aborted"] == 0
+    err = capsys.readouterr().err
+    assert "prefab: stopping: waiting for 4 in-flight requests (Ctrl+C again to abort)" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    server.handler = None
+    out = backend(server, concurrency=4).run_batch(reqs)
+    assert all(r.ok for r in out) and sum(r.cached for r in out) == 4
+    st = server.stats()
+    assert st["total"] == 12 and st["duplicates"] == 0
+
+
+def test_second_ctrl_c_aborts_without_waiting_for_in_flight_requests(server, capsys):
     server.handler = lambda body, attempt: {"delay": 0.0 if last_user(body).startswith("f") else 5}
     reqs = [user(f"f{i}") for i in range(6)] + [user(f"s{i}") for i in range(4)]
-    timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    timers = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGINT)) for t in (0.6, 0.8)]
+    for t in timers:
+        t.start()
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="aborted"):
         backend(server, concurrency=10).run_batch(reqs)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 2  # the 5 s requests were not awaited
+    assert "waiting for 4 in-flight requests" in capsys.readouterr().err
+    time.sleep(0.1)
+    assert server.stats()["aborted"] == 4  # their connections were dropped
     server.handler = None
     out = backend(server, concurrency=10).run_batch(reqs)
     assert sum(r.cached for r in out) == 6 and all(r.ok for r in out)
+
+
+def test_a_stop_cuts_retry_backoff_short_and_caches_nothing_unfinished(server):
+    # "flaky" gets a 429 with a 30 s retry-after: it sleeps in backoff when the stop
+    # comes, so it ends at once as cancelled (not cached); "fine" finishes and is cached.
+    def handler(body, attempt):
+        if last_user(body) == "flaky" and attempt == 1:
+            threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return {"status": 429, "retry_after": 30}
+        return {"delay": 0.3}
+
+    server.handler = handler
+    seen = {}
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        for i, r in backend(server, concurrency=2).stream([user("flaky"), user("fine")]):
+            seen[i] = r
+    assert time.monotonic() - t0 < 2
+    assert seen[0].status == "cancelled" and seen[0].attempts == 1 and "HTTP 429" in seen[0].error
+    assert seen[1].ok
+    server.handler = None
+    again = backend(server).run_batch([user("flaky"), user("fine")])
+    assert [r.cached for r in again] == [False, True]
 
 
 def test_sync_api_inside_a_running_loop_and_async_api(server):

@@ -155,3 +155,42 @@ def test_spec_builds_vllm_backend_with_tensor_parallelism(monkeypatch):
     assert isinstance(b, VLLMBackend) and b.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert b.tensor_parallel_size == 2 and b.cache is None
     assert b.engine_kwargs == {"max_model_len": 8192, "enforce_eager": True}
+
+
+class SignallingLLM(FakeLLM):
+    """Sends itself SIGINT during chosen engine calls, as a user pressing Ctrl+C would."""
+
+    def __init__(self, signals_per_call):
+        super().__init__()
+        self.signals_per_call = signals_per_call
+
+    def chat(self, messages, **kw):
+        import os
+        import signal
+
+        for _ in range(self.signals_per_call.get(len(self.calls), 0)):
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().chat(messages, **kw)
+
+
+def test_first_ctrl_c_stops_after_the_current_chunk_and_caches_it(capsys):
+    eng = SignallingLLM({0: 1})
+    reqs = [Request([{"role": "user", "content": f"q{i}"}]) for i in range(5)]
+    with pytest.raises(KeyboardInterrupt, match="3 requests were left without a final answer"):
+        make(eng, chunk_size=2).run_batch(reqs)
+    assert len(eng.calls) == 1  # the chunk in the engine finished; no other chunk started
+    err = capsys.readouterr().err
+    assert "prefab: stopping: waiting for the current chunk of 2 requests to finish" in err
+    eng2 = FakeLLM()
+    again = make(eng2, chunk_size=2).run_batch(reqs)
+    assert [r.cached for r in again] == [True, True, False, False, False]
+    assert [len(c["messages"]) for c in eng2.calls] == [2, 1]
+
+
+def test_second_ctrl_c_interrupts_the_engine_call():
+    eng = SignallingLLM({0: 2})
+    reqs = [Request([{"role": "user", "content": f"q{i}"}]) for i in range(4)]
+    with pytest.raises(KeyboardInterrupt, match="aborted"):
+        make(eng, chunk_size=2).run_batch(reqs)
+    assert eng.calls == []  # interrupted inside chat(), before it returned anything
+    assert not any(r.cached for r in make(FakeLLM()).run_batch(reqs))

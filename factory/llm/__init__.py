@@ -18,6 +18,7 @@ from .base import Backend, BaseBackend
 from .cache import RequestCache, default_cache_path, prefab_home
 from .pricing import DEFAULT_PRICES, Price, PriceTable
 from .spec import backend_from_spec, parse_spec
+from .stopping import StopRequest
 from .types import (
     BUDGET_EXCEEDED,
     CANCELLED,
@@ -55,6 +56,7 @@ __all__ = [
     "BUDGET_EXCEEDED", "CANCELLED", "DEFAULT_PRICES", "ERROR", "OK", "PARSE_ERROR", "STATUSES",
     "TIMEOUT", "Backend", "BaseBackend", "BudgetExceededError", "CacheLockedError", "Choice",
     "LLMError", "Message", "MissingDependencyError", "OpenAIBackend", "Price", "PriceTable",
-    "Request", "RequestCache", "Response", "SamplingParams", "VLLMBackend", "backend_from_spec",
+    "Request", "RequestCache", "Response", "SamplingParams", "StopRequest", "VLLMBackend",
+    "backend_from_spec",
     "default_cache_path", "parse_spec", "prefab_home",
 ]

@@ -1,8 +1,16 @@
 """The backend protocol and the machinery every backend shares: cache lookup, in-batch
 de-duplication, streaming in completion order, progress and the sync wrappers.
 
-A backend implements one coroutine generator, ``_agenerate(requests)``, that yields
-``(position, Response)`` as each uncached request finishes. Everything else lives here.
+A backend implements one coroutine generator, ``_agenerate(requests, stop, save)``, that
+yields ``(position, Response)`` as each uncached request finishes, and honours the
+:class:`~factory.llm.stopping.StopRequest` it is given: once ``stop.requested`` it
+dispatches nothing new, lets what is in flight finish, and returns. ``save(position,
+response)`` makes a result durable at once; a backend whose results can queue up before
+they are yielded (a worker pool) calls it before dispatching more work, so that a killed
+run has at most one unsaved answer per worker. Whatever was not saved is saved when it is
+yielded. Everything else lives here, including the signal handling of the sync wrappers
+(see :mod:`factory.llm.stopping`: the first Ctrl+C/SIGTERM drains the in-flight requests
+into the cache and then raises KeyboardInterrupt; a second one aborts at once).
 """
 
 from __future__ import annotations
@@ -12,13 +20,14 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .cache import RequestCache
 from .progress import BatchProgress
-from .types import Request, Response
+from .stopping import StopRequest, stop_on_signals
+from .types import CACHEABLE_STATUSES, Request, Response
 
 CACHE_FOLD_INTERVAL_S = 2.0
 
@@ -31,7 +40,8 @@ class Backend(Protocol):
     model: str
 
     def astream(
-        self, requests: Sequence[Request], *, progress: bool | None = None
+        self, requests: Sequence[Request], *, progress: bool | None = None,
+        stop: StopRequest | None = None,
     ) -> AsyncIterator[tuple[int, Response]]: ...
 
     def stream(
@@ -74,7 +84,9 @@ class BaseBackend:
         }
 
     # -- to implement -------------------------------------------------------------------
-    def _agenerate(self, requests: list[Request]) -> AsyncIterator[tuple[int, Response]]:
+    def _agenerate(
+        self, requests: list[Request], stop: StopRequest, save: Callable[[int, Response], None]
+    ) -> AsyncIterator[tuple[int, Response]]:
         raise NotImplementedError
 
     def _before_run(self, requests: list[Request]) -> None:
@@ -88,9 +100,16 @@ class BaseBackend:
                 await asyncio.to_thread(self.cache.flush)
 
     async def astream(
-        self, requests: Sequence[Request], *, progress: bool | None = None
+        self, requests: Sequence[Request], *, progress: bool | None = None,
+        stop: StopRequest | None = None,
     ) -> AsyncIterator[tuple[int, Response]]:
-        """Yield ``(index, Response)`` in completion order; cache hits come first."""
+        """Yield ``(index, Response)`` in completion order; cache hits come first.
+
+        ``stop``: once ``stop.request()`` is called, nothing new is dispatched, the requests
+        in flight finish (and are cached) and the stream ends early, without raising. The
+        sync wrappers wire it to SIGINT/SIGTERM.
+        """
+        stop = stop if stop is not None else StopRequest()
         requests = list(requests)
         keys = [r.key(self.model) for r in requests]
         hits = await asyncio.to_thread(self.cache.get_many, keys) if self.cache else {}
@@ -104,21 +123,32 @@ class BaseBackend:
 
         bar = BatchProgress(len(requests), desc=self.desc,
                             enabled=self.progress if progress is None else progress)
+        stop.progress_bar = bar.enabled
         folder = None
+        final = 0
         try:
             for i, k in enumerate(keys):
                 if k in hits:
+                    if stop.requested:
+                        return
                     self.usage["cache_hits"] += 1
                     bar.update(hits[k])
                     yield i, hits[k]
-            if not todo:
+            if not todo or stop.requested:
                 return
             if self.cache is not None:
                 folder = asyncio.create_task(self._fold_periodically())
-            async for j, resp in self._agenerate(todo):
+            saved: set[int] = set()
+
+            def save(j: int, resp: Response) -> None:
+                if self.cache is not None and j not in saved:
+                    self.cache.put(todo_keys[j], self.model, resp)
+                    saved.add(j)
+
+            async for j, resp in self._agenerate(todo, stop, save):
+                final += resp.status in CACHEABLE_STATUSES
                 k = todo_keys[j]
-                if self.cache is not None:
-                    self.cache.put(k, self.model, resp)
+                save(j, resp)  # a no-op when the backend saved it already
                 self.usage["requests"] += 1
                 self.usage["prompt_tokens"] += resp.prompt_tokens
                 self.usage["completion_tokens"] += resp.completion_tokens
@@ -127,6 +157,7 @@ class BaseBackend:
                     bar.update(resp)
                     yield i, resp
         finally:
+            stop.unfinished = len(todo) - final
             if folder is not None:
                 folder.cancel()
             if self.cache is not None:
@@ -139,8 +170,11 @@ class BaseBackend:
     def stream(
         self, requests: Sequence[Request], *, progress: bool | None = None
     ) -> Iterator[tuple[int, Response]]:
-        """Sync version of :meth:`astream`. Ctrl+C stops cleanly: finished work stays cached."""
-        return _iterate_sync(lambda: self.astream(requests, progress=progress))
+        """Sync version of :meth:`astream`. Ctrl+C or SIGTERM stops cleanly: nothing new is
+        sent, the requests in flight finish and are cached, then KeyboardInterrupt is raised
+        (a second signal aborts at once). See :mod:`factory.llm.stopping`."""
+        stop = StopRequest()
+        return _iterate_sync(lambda: self.astream(requests, progress=progress, stop=stop), stop)
 
     async def arun_batch(
         self, requests: Sequence[Request], *, progress: bool | None = None
@@ -153,7 +187,9 @@ class BaseBackend:
     def run_batch(
         self, requests: Sequence[Request], *, progress: bool | None = None
     ) -> list[Response]:
-        """All responses in input order (every request gets one, failures included)."""
+        """All responses in input order (every request gets one, failures included).
+
+        Ctrl+C/SIGTERM: see :meth:`stream` -- finished work is cached, KeyboardInterrupt."""
         out: list[Any] = [None] * len(requests)
         for i, r in self.stream(requests, progress=progress):
             out[i] = r
@@ -164,46 +200,70 @@ class BaseBackend:
             self.cache.close()
 
 
-def _iterate_sync(make_agen) -> Iterator[Any]:
+def _iterate_sync(make_agen, stop: StopRequest) -> Iterator[Any]:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        yield from _iterate_in_runner(make_agen)
+        yield from _iterate_in_runner(make_agen, stop)
     else:
         # Called from inside an event loop (e.g. a notebook): drive it on a private thread.
-        yield from _iterate_in_thread(make_agen)
+        yield from _iterate_in_thread(make_agen, stop)
 
 
-def _iterate_in_runner(make_agen) -> Iterator[Any]:
-    # asyncio.Runner turns SIGINT into cancellation of the running step, so the generator's
-    # cleanup (cancel workers, fold the cache) runs before KeyboardInterrupt surfaces.
-    with asyncio.Runner() as runner:
+def _iterate_in_runner(make_agen, stop: StopRequest) -> Iterator[Any]:
+    # Our handlers are installed before the Runner runs anything, so asyncio.Runner does not
+    # install its own (it cancels at the first SIGINT; we drain first, see stopping.py).
+    with stop_on_signals(stop), asyncio.Runner() as runner:
         agen = make_agen()
+
+        async def step() -> Any:
+            stop.attach(asyncio.current_task())
+            return await agen.__anext__()
+
         try:
-            while True:
+            while not stop.aborted:
+                stop.driving = True
                 try:
-                    item = runner.run(agen.__anext__())
+                    item = runner.run(step())
                 except StopAsyncIteration:
-                    return
+                    break
+                except asyncio.CancelledError:
+                    if stop.aborted:  # second signal: the step was cancelled, cleanup ran
+                        break
+                    raise
+                finally:
+                    stop.driving = False
                 yield item
         finally:
+            # Consumer gone, or aborted between two items: cancel workers, fold the cache.
             with contextlib.suppress(RuntimeError, StopAsyncIteration):
                 runner.run(agen.aclose())
+    if stop.requested:
+        raise stop.interrupt()
 
 
 _DONE = object()
 
 
-def _iterate_in_thread(make_agen) -> Iterator[Any]:
+def _iterate_in_thread(make_agen, stop: StopRequest) -> Iterator[Any]:
     q: queue.Queue = queue.Queue(maxsize=1024)
-    stop = threading.Event()
+    gone = threading.Event()
+
+    def put(item: Any) -> bool:
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if gone.is_set():
+                    return False
 
     async def pump() -> None:
+        stop.attach(asyncio.current_task())
         agen = make_agen()
         try:
             async for item in agen:
-                q.put(item)
-                if stop.is_set():
+                if not put(item) or gone.is_set():
                     break
         finally:
             await agen.aclose()
@@ -211,19 +271,28 @@ def _iterate_in_thread(make_agen) -> Iterator[Any]:
     def target() -> None:
         try:
             asyncio.run(pump())
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # surfaced in the consumer thread
-            q.put(e)
+            put(e)
 
-    t = threading.Thread(target=target, name="prefab-llm", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    # stop.driving stays False: the loop is on another thread, so a second signal raises
+    # KeyboardInterrupt in the waiting consumer at once (and cancels the pump).
+    with stop_on_signals(stop):
+        t = threading.Thread(target=target, name="prefab-llm", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    if stop.aborted and isinstance(item, asyncio.CancelledError):
+                        break
+                    raise item
+                yield item
+        finally:
+            gone.set()
+            if t.is_alive():
+                stop.cancel_soon()
+    if stop.requested:
+        raise stop.interrupt()

@@ -12,7 +12,14 @@ What it adds over calling the client in a loop:
   validate is retried up to ``parse_retries`` times, then kept raw as ``parse_error``;
 * token and cost accounting (:mod:`factory.llm.pricing`) and a budget: ``max_cost``
   refuses a run whose estimate exceeds it and stops a run that reaches it (remaining
-  requests end as ``budget_exceeded``; finished ones are cached).
+  requests end as ``budget_exceeded``; finished ones are cached);
+* a graceful stop (:mod:`factory.llm.stopping`): on the first Ctrl+C/SIGTERM no worker
+  takes another request and no new attempt starts, while the attempts already on the wire
+  finish (each bounded by ``timeout``) and are cached. A request whose retry was pending
+  (sleeping in backoff or waiting for a rate limiter) is not retried: it ends as
+  ``cancelled``, which is not cached, so the rerun retries it -- a backoff can last up to
+  ``backoff_max`` (or a server's ``retry-after``), too long to hold a stop for. Requests
+  never taken have no result and are not in the cache: a rerun sends exactly those.
 
 The API key is read from an environment variable only (``OPENAI_API_KEY`` unless
 ``api_key_env`` names another); it is never logged, never part of a cache key or cache
@@ -27,7 +34,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx2
@@ -37,9 +44,11 @@ from .base import BaseBackend
 from .cache import RequestCache
 from .pricing import Price, PriceTable, estimate_cost, estimate_tokens
 from .ratelimit import Budget, TokenBucket
+from .stopping import StopRequest
 from .structured import parse_json_reply
 from .types import (
     BUDGET_EXCEEDED,
+    CANCELLED,
     ERROR,
     OK,
     PARSE_ERROR,
@@ -203,7 +212,24 @@ class OpenAIBackend(BaseBackend):
         return None
 
     # -- one request, all its attempts ---------------------------------------------------
-    async def _run_one(self, client: openai.AsyncOpenAI, req: Request) -> Response:
+    async def _acquire_rate(self, tokens: int) -> None:
+        if self._rpm_bucket is not None:
+            await self._rpm_bucket.acquire(1)
+        if self._tpm_bucket is not None:
+            await self._tpm_bucket.acquire(tokens)
+
+    @staticmethod
+    def _stopped(last: Response | None, attempts: int) -> Response:
+        if attempts == 0 or last is None:
+            error = "the run was stopped before this request was sent"
+        else:
+            error = f"the run was stopped before retry {attempts}; last attempt: {last.error}"
+        return Response(status=CANCELLED, error=error)
+
+    async def _run_one(
+        self, client: openai.AsyncOpenAI, req: Request, stop: StopRequest | None = None
+    ) -> Response:
+        stop = stop if stop is not None else StopRequest()
         kw = self.build_kwargs(req)
         est_prompt, est_completion = estimate_tokens(req)
         est_cost = self._cost(est_prompt, est_completion)
@@ -213,6 +239,9 @@ class OpenAIBackend(BaseBackend):
         cost = 0.0
         last: Response | None = None
         while True:
+            if stop.requested:  # a stop starts no new attempt (first one or retry)
+                last = self._stopped(last, attempts)
+                break
             if not self.budget.try_reserve(est_cost):
                 return Response(
                     status=BUDGET_EXCEEDED, model=self.model, attempts=attempts,
@@ -221,10 +250,13 @@ class OpenAIBackend(BaseBackend):
                     error=f"budget reached: spent ${self.budget.spent:.4f} of max_cost "
                     f"${self.budget.max_cost:.4f}",
                 )
-            if self._rpm_bucket is not None:
-                await self._rpm_bucket.acquire(1)
-            if self._tpm_bucket is not None:
-                await self._tpm_bucket.acquire(est_prompt + est_completion)
+            if self._rpm_bucket is not None or self._tpm_bucket is not None:
+                # A limiter can hold a request for long: a stop must not wait for it.
+                ran = await stop.race(self._acquire_rate(est_prompt + est_completion))
+                if not ran or stop.requested:
+                    self.budget.settle(est_cost, 0.0)
+                    last = self._stopped(last, attempts)
+                    break
             attempts += 1
             retry_after = None
             actual = 0.0
@@ -232,7 +264,11 @@ class OpenAIBackend(BaseBackend):
                 # client.post is the client's documented way to send a raw body: same auth,
                 # timeouts and error types as chat.completions.create, without its per-call
                 # TypedDict transform and pydantic model (over half of the client's CPU cost).
-                raw = await client.post(CHAT_PATH, body=kw, cast_to=httpx2.Response)
+                stop.in_flight += 1
+                try:
+                    raw = await client.post(CHAT_PATH, body=kw, cast_to=httpx2.Response)
+                finally:
+                    stop.in_flight -= 1
                 completion = json.loads(raw.content)
                 if not isinstance(completion, dict):
                     raise ValueError(f"expected a JSON object, got {type(completion).__name__}")
@@ -275,12 +311,14 @@ class OpenAIBackend(BaseBackend):
                 if status == PARSE_ERROR and parse_failures < self.parse_retries:
                     parse_failures += 1
                     self.budget.settle(est_cost, actual)
-                    continue
+                    continue  # (a stop ends it as cancelled at the top: not cached, retried later)
             self.budget.settle(est_cost, actual)
             if last.status in (OK, PARSE_ERROR) or failures >= self.max_retries:
                 break
             failures += 1
-            await asyncio.sleep(self._backoff(failures - 1, retry_after))
+            if await stop.wait(self._backoff(failures - 1, retry_after)):
+                last = self._stopped(last, attempts)  # a stop cuts the backoff short
+                break
         last.model = self.model
         last.attempts = attempts
         last.prompt_tokens = paid_prompt
@@ -289,27 +327,56 @@ class OpenAIBackend(BaseBackend):
         last.latency_s = time.monotonic() - t0
         return last
 
-    async def _agenerate(self, requests: list[Request]) -> AsyncIterator[tuple[int, Response]]:
+    async def _agenerate(
+        self, requests: list[Request], stop: StopRequest,
+        save: Callable[[int, Response], None] | None = None,
+    ) -> AsyncIterator[tuple[int, Response]]:
         clients = self._make_clients()
-        results: asyncio.Queue[tuple[int, Response]] = asyncio.Queue()
+        # (position, Response) per finished request; None when a worker exits; an exception
+        # when saving a result failed (the consumer raises it).
+        results: asyncio.Queue[tuple[int, Response] | Exception | None] = asyncio.Queue()
         todo = iter(enumerate(requests))
 
         async def worker(client: openai.AsyncOpenAI) -> None:
-            for j, req in todo:  # shared iterator: each request is taken by exactly one worker
-                try:
-                    resp = await self._run_one(client, req)
-                except Exception as e:  # a bug must not hang the batch or drop the row
-                    resp = Response(status=ERROR, model=self.model,
-                                    error=self._redact(f"{type(e).__name__}: {e}"))
-                results.put_nowait((j, resp))
+            try:
+                # Shared iterator: each request is taken by exactly one worker. After a stop
+                # nothing more is taken; what was taken finishes (see the module docstring).
+                while not stop.requested:
+                    item = next(todo, None)
+                    if item is None:
+                        return
+                    j, req = item
+                    try:
+                        resp = await self._run_one(client, req, stop)
+                    except Exception as e:  # a bug must not hang the batch or drop the row
+                        resp = Response(status=ERROR, model=self.model,
+                                        error=self._redact(f"{type(e).__name__}: {e}"))
+                    if save is not None:
+                        # Durable before this worker sends anything else: results waiting in
+                        # the queue for the consumer are never lost to a kill.
+                        try:
+                            save(j, resp)
+                        except Exception as e:  # a cache that cannot write stops the run
+                            results.put_nowait(e)
+                            return
+                    results.put_nowait((j, resp))
+            finally:
+                results.put_nowait(None)
 
         workers = [
             asyncio.create_task(worker(clients[w % len(clients)]))
             for w in range(min(self.concurrency, len(requests)))
         ]
         try:
-            for _ in range(len(requests)):
-                yield await results.get()
+            running = len(workers)
+            while running:
+                got = await results.get()
+                if got is None:
+                    running -= 1
+                elif isinstance(got, Exception):
+                    raise got
+                else:
+                    yield got
         finally:
             for w in workers:
                 w.cancel()

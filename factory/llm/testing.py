@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .base import BaseBackend
+from .stopping import StopRequest
 from .structured import parse_json_reply
 from .types import OK, PARSE_ERROR, Choice, Request, Response
 
@@ -479,8 +480,14 @@ class ScriptedBackend(BaseBackend):
         super().__init__(model, **kw)
         self.fn = fn
 
-    async def _agenerate(self, requests: list[Request]) -> AsyncIterator[tuple[int, Response]]:
+    async def _agenerate(
+        self, requests: list[Request], stop: StopRequest, save: Callable[[int, Response], None]
+    ) -> AsyncIterator[tuple[int, Response]]:
+        # `save` is not needed: the next chunk/request starts only after the consumer has
+        # taken (and the base class saved) every result yielded before it.
         for j, req in enumerate(requests):
+            if stop.requested:
+                return
             out = self.fn(req)
             if isinstance(out, Response):
                 yield j, out

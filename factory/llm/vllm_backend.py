@@ -5,7 +5,9 @@ outputs and tensor parallelism.
 vllm is imported lazily -- CPU installs never need it -- and a missing install says how to
 get it. Requests go to the engine in chunks of ``chunk_size`` so that results stream to
 the cache as each chunk finishes: a crash loses at most one chunk of work, while vLLM
-still sees batches big enough to keep the GPU busy.
+still sees batches big enough to keep the GPU busy. The first Ctrl+C/SIGTERM stops after
+the current chunk (its results are cached; later chunks are not started); a second one
+interrupts the engine call at once (see :mod:`factory.llm.stopping`).
 
 Structured outputs use ``StructuredOutputsParams(json=schema)`` (vLLM >= 0.11) and fall
 back to ``GuidedDecodingParams(json=schema)`` on older releases.
@@ -21,6 +23,7 @@ from typing import Any
 
 from .base import BaseBackend
 from .cache import RequestCache
+from .stopping import StopRequest
 from .structured import parse_json_reply
 from .types import ERROR, OK, PARSE_ERROR, Choice, MissingDependencyError, Request, Response
 
@@ -151,10 +154,25 @@ class VLLMBackend(BaseBackend):
         # One bad request (too long a prompt...) fails the whole call: isolate it.
         return [self._run_chunk([r])[0] for r in reqs]
 
-    async def _agenerate(self, requests: list[Request]) -> AsyncIterator[tuple[int, Response]]:
+    async def _agenerate(
+        self, requests: list[Request], stop: StopRequest, save: Callable[[int, Response], None]
+    ) -> AsyncIterator[tuple[int, Response]]:
+        # `save` is not needed: the next chunk/request starts only after the consumer has
+        # taken (and the base class saved) every result yielded before it.
         for start in range(0, len(requests), self.chunk_size):
+            if stop.requested:  # graceful stop: the chunks not started stay unsent
+                return
             chunk = requests[start : start + self.chunk_size]
             # The engine call blocks; it runs on this thread because vLLM expects to own it.
-            for j, resp in enumerate(self._run_chunk(chunk)):
+            # `blocking` tells a second signal to interrupt it directly: a cancellation
+            # would only land once the chunk is done.
+            stop.waiting_for = f"the current chunk of {len(chunk)} requests"
+            stop.blocking = True
+            try:
+                responses = self._run_chunk(chunk)
+            finally:
+                stop.blocking = False
+                stop.waiting_for = None
+            for j, resp in enumerate(responses):
                 yield start + j, resp
             await asyncio.sleep(0)  # let Ctrl+C/cancellation land between chunks
