@@ -57,6 +57,12 @@ def test_exports_in_every_format_read_back(cli, tmp_path):
     assert datasets.load_from_disk(str(tmp_path / "d_hf")).num_rows == 320
     again = cli("ingest", tmp_path / "d.jsonl", "--name", "fromjsonl", "--json").json()
     assert again["committed"] == 320
+    from factory.catalog import Catalog
+
+    labels = ["pair_id", "prompt", "chosen", "rejected", "tie", "margin", "votes", "weight",
+              "attribute", "attribute_scores", "task", "metadata"]
+    catalog = Catalog()
+    assert catalog.read_table("fromjsonl").select(labels) == catalog.read_table("demo").select(labels)
 
 
 def test_load_returns_a_datasets_object(cli):

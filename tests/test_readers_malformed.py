@@ -209,3 +209,12 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_path(write_jsonl(tmp_path / "a.jsonl", [GOOD_TRL]), "csv")
     with pytest.raises(InputError, match="no such file"):
         read_path(tmp_path / "missing.jsonl")
+
+
+def test_attribute_scores_survive_and_are_validated(tmp_path):
+    scores = [{"attribute": "factuality", "chosen": 4, "rejected": 1.5}]
+    result = read_path(write_jsonl(tmp_path / "s.jsonl", [{**GOOD_TRL, "attribute_scores": scores}]), "trl")
+    assert result.table.column("attribute_scores").to_pylist() == [
+        [{"attribute": "factuality", "chosen": 4.0, "rejected": 1.5}]]
+    with pytest.raises(InputError, match="field 'attribute_scores\\[0\\]'"):
+        read_path(write_jsonl(tmp_path / "t.jsonl", [{**GOOD_TRL, "attribute_scores": [{"x": 1}]}]), "trl")

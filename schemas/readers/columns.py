@@ -47,6 +47,22 @@ def _single_reply(ctx: RowContext, record: Record, messages: list[Message], key:
     return messages[0].content
 
 
+def _attribute_scores(ctx: RowContext, record: Record, value: Any) -> list[dict[str, Any]] | None:
+    """Per-attribute ratings: a list of {attribute, chosen, rejected} (prefab's own export)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ctx.error(record, "attribute_scores", f"expected a list, got {json_type(value)}")
+    scores = []
+    for index, item in enumerate(value):
+        where = f"attribute_scores[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("attribute"), str):
+            raise ctx.error(record, where, "expected {attribute, chosen, rejected}")
+        scores.append({"attribute": item["attribute"], "chosen": ctx.number(record, item, "chosen"),
+                       "rejected": ctx.number(record, item, "rejected")})
+    return scores
+
+
 @register_reader("trl", containers=("jsonl", "json", "parquet", "hf"), sniff=looks_like_columns,
                  accepts_column_map=True,
                  description="TRL preference rows: prompt/chosen/rejected, string or conversational")
@@ -95,6 +111,7 @@ def parse_columns(record: Record, ctx: RowContext) -> Pair:
         rejected=rejected,
         tie=tie,
         margin=ctx.number(record, value, "margin"),
+        attribute_scores=_attribute_scores(ctx, record, value.get("attribute_scores")),
         votes=votes,
         weight=weight,
         attribute=ctx.text(record, value, "attribute", optional=True) or None,
