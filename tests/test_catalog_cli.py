@@ -35,3 +35,18 @@ def test_tag_diff_verify_gc(cli, tmp_path):
     broken = cli("catalog", "verify")
     assert broken.code == 1
     assert "breaks demo@1" in broken.stderr and broken.stderr.count("\n") == 1
+
+
+def test_gc_cli_dry_run_then_yes(cli):
+    from factory.catalog import Catalog
+    from tests.test_catalog import make_pairs
+
+    cli("ingest", DEMO_SEEDS, "--name", "demo")
+    orphan = Catalog().store.write_table(make_pairs(3))
+    kept = cli("catalog", "gc", "--json").json()
+    assert kept["files"] == [] and kept["skipped_younger_than_grace"] == 1
+    dry = cli("catalog", "gc", "--grace", "0")
+    assert "would delete 1 files" in dry.stdout and orphan.path.exists()
+    done = cli("catalog", "gc", "--grace", "0", "--yes", "--json").json()
+    assert not done["dry_run"] and len(done["files"]) == 1 and not orphan.path.exists()
+    assert cli("catalog", "verify").code == 0
