@@ -119,3 +119,16 @@ def test_console_script_broken_line_3(tmp_path):
     assert process.returncode == 1
     assert process.stderr.strip().endswith("broken.jsonl, line 3: invalid JSON (Expecting property name enclosed in double quotes at column 2)")
     assert process.stdout == ""
+
+
+def test_split_of_a_saved_datasetdict(cli, tmp_path):
+    import datasets
+
+    rows = [{"prompt": "q", "chosen": f"a{i}", "rejected": "b"} for i in range(5)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "dd"))
+    ambiguous = cli("ingest", tmp_path / "dd", "--name", "dd")
+    assert ambiguous.code == 1 and "choose one with --split" in ambiguous.stderr
+    assert cli("ingest", tmp_path / "dd", "--name", "dd", "--split", "test", "--json").json()["committed"] == 2
+    misplaced = cli("ingest", DEMO_SEEDS, "--name", "demo", "--split", "test")
+    assert misplaced.code == 1 and "--split applies to a saved DatasetDict" in misplaced.stderr

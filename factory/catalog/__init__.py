@@ -1,6 +1,6 @@
 """The dataset catalog: versions, lineage, tags, exports and registered reward models."""
 
-from factory.catalog.catalog import Catalog, VersionInfo, default_home, load
+from factory.catalog.catalog import Catalog, VersionInfo, load
 from factory.catalog.compare import diff
 from factory.catalog.db import CatalogBusy
 from factory.catalog.exporters import EXPORT_FORMATS, export
@@ -14,7 +14,6 @@ __all__ = [
     "Ref",
     "RefError",
     "VersionInfo",
-    "default_home",
     "diff",
     "export",
     "gc",

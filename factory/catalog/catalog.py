@@ -32,12 +32,9 @@ from factory.catalog.db import connect, initialise
 from factory.catalog.index import build_index
 from factory.catalog.refs import Ref, RefError, check_name, check_tag, parse_ref
 from factory.catalog.store import ObjectStore
+from factory.home import resolve_home
 from schemas.pairs import PAIR_SCHEMA, conform
 from schemas.readers.base import QUARANTINE_SCHEMA
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("PREFAB_HOME") or ".prefab")
 
 
 def code_version() -> str:
@@ -91,7 +88,7 @@ class VersionInfo:
 
 class Catalog:
     def __init__(self, home: str | Path | None = None) -> None:
-        self.home = Path(home) if home is not None else default_home()
+        self.home = resolve_home(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "catalog.duckdb"
         self.store = ObjectStore(self.home / "objects")

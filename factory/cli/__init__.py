@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from factory.home import resolve_home
 from schemas.errors import PrefabError
 
 # Order is the order of ``prefab --help``. A new command group is one module here.
@@ -86,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def home_from(args: argparse.Namespace) -> str:
-    return args.home or os.environ.get("PREFAB_HOME") or ".prefab"
+    return str(resolve_home(args.home))

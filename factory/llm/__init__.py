@@ -15,7 +15,7 @@ loopback server used by tests and benchmarks.
 """
 
 from .base import Backend, BaseBackend
-from .cache import RequestCache, default_cache_path, prefab_home
+from .cache import RequestCache, default_cache_path
 from .pricing import DEFAULT_PRICES, Price, PriceTable
 from .spec import backend_from_spec, parse_spec
 from .stopping import StopRequest
@@ -58,5 +58,5 @@ __all__ = [
     "LLMError", "Message", "MissingDependencyError", "OpenAIBackend", "Price", "PriceTable",
     "Request", "RequestCache", "Response", "SamplingParams", "StopRequest", "VLLMBackend",
     "backend_from_spec",
-    "default_cache_path", "parse_spec", "prefab_home",
+    "default_cache_path", "parse_spec",
 ]

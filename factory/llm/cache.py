@@ -38,6 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from factory.dbwait import connect_waiting
+from factory.home import resolve_home
 
 from .types import CACHEABLE_STATUSES, CacheLockedError, Response
 
@@ -70,12 +71,8 @@ CREATE TABLE IF NOT EXISTS llm_cache (
 _COLUMNS = ("key", "model", "status", "response", "prompt_tokens", "completion_tokens", "cost", "created_at")
 
 
-def prefab_home() -> Path:
-    return Path(os.environ.get("PREFAB_HOME") or ".prefab")
-
-
 def default_cache_path() -> Path:
-    return prefab_home() / CACHE_FILENAME
+    return resolve_home() / CACHE_FILENAME
 
 
 def _pid_alive(pid: int) -> bool:

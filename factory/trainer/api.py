@@ -7,7 +7,6 @@ a registered model name (``name`` or ``name@N``), a model folder, or a loaded
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from factory.home import resolve_home
 from factory.trainer.data import PairData, kfold_by_prompt, pair_data
 from factory.trainer.evaluate import evaluate_model, score_pairs
 from factory.trainer.loop import TrainConfig, fit
@@ -34,7 +34,7 @@ class TrainResult:
 
 
 def _home(home: str | Path | None) -> Path:
-    return Path(home) if home is not None else Path(os.environ.get("PREFAB_HOME") or ".prefab")
+    return resolve_home(home)
 
 
 def _catalog(home: str | Path | None) -> Any:

@@ -110,6 +110,8 @@ def read_path(
     container = container_of(path)
     if container not in spec.containers:
         raise InputError(f"format {format!r} cannot be read from a {container} container", file=str(path))
+    if split is not None and container != "hf":
+        raise InputError("--split applies to a saved DatasetDict folder only", file=str(path))
     records: Iterable[Record] = {
         "jsonl": iter_jsonl,
         "json": iter_json_array,

@@ -10,7 +10,7 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from schemas.errors import InputError
 from schemas.readers.base import Record
@@ -18,14 +18,17 @@ from schemas.readers.base import Record
 _decoder = json.JSONDecoder()
 
 
+def open_stream(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed on the fly for ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def open_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise InputError(f"not a readable gzip file ({exc})", file=str(path)) from None
-    return data
+    try:
+        with open_stream(path) as stream:
+            return stream.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"not a readable file ({exc})", file=str(path)) from None
 
 
 def container_of(path: Path) -> str:
@@ -35,13 +38,27 @@ def container_of(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".parquet"):
         return "parquet"
-    head = open_bytes(path)[:4096].lstrip()
+    try:
+        with open_stream(path) as stream:
+            head = stream.read(4096).lstrip()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"not a readable file ({exc})", file=str(path)) from None
     return "json" if head.startswith(b"[") else "jsonl"
 
 
 def iter_jsonl(path: Path) -> Iterator[Record]:
+    """One record per line, streamed: memory stays at one line whatever the file size."""
     file = str(path)
-    for number, line in enumerate(open_bytes(path).split(b"\n"), start=1):
+    with open_stream(path) as stream:
+        try:
+            yield from _jsonl_records(file, stream)
+        except (OSError, EOFError) as exc:
+            raise InputError(f"not a readable file ({exc})", file=file) from None
+
+
+def _jsonl_records(file: str, stream: BinaryIO) -> Iterator[Record]:
+    for number, raw_line in enumerate(stream, start=1):
+        line = raw_line.rstrip(b"\r\n")
         if not line.strip():
             continue
         try:
