@@ -39,6 +39,9 @@ from factory.llm import OpenAIBackend, Request, SamplingParams  # noqa: E402
 from factory.llm.testing import ServerProcess  # noqa: E402
 
 MODEL = "loopback-model"
+# The loopback server cuts replies at max_tokens (4 characters a token) like a real one; 64
+# leaves every echoed prompt whole, so the runs measure complete answers.
+MAX_TOKENS = 64
 SCHEMA = {
     "type": "object",
     "properties": {"verdict": {"type": "string", "enum": ["A", "B"]}, "reason": {"type": "string"}},
@@ -62,7 +65,8 @@ def run_bare(base_url: str, texts: list[str], concurrency: int) -> None:
         async def one(text: str) -> None:
             async with sem:
                 await client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16
+                    model=MODEL, messages=[{"role": "user", "content": text}],
+                    max_tokens=MAX_TOKENS,
                 )
 
         await asyncio.gather(*(one(t) for t in texts))
@@ -76,7 +80,8 @@ def run_prefab(base_url: str, texts: list[str], concurrency: int, home: str) -> 
         MODEL, base_url=base_url, concurrency=concurrency, cache=Path(home) / "llm_cache.duckdb",
         progress=False,
     )
-    reqs = [Request([{"role": "user", "content": t}], SamplingParams(max_tokens=16)) for t in texts]
+    reqs = [Request([{"role": "user", "content": t}], SamplingParams(max_tokens=MAX_TOKENS))
+            for t in texts]
     return backend.run_batch(reqs)
 
 
@@ -104,7 +109,7 @@ def run_distilabel(base_url: str, texts: list[str], batch_size: int) -> None:
     # What a distilabel Task does with input_batch_size=B: one generate() per batch of B rows.
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        llm.generate(inputs=[[{"role": "user", "content": t}] for t in chunk], max_new_tokens=16)
+        llm.generate(inputs=[[{"role": "user", "content": t}] for t in chunk], max_new_tokens=MAX_TOKENS)
 
 
 # -- sections ------------------------------------------------------------------------------

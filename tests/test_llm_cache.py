@@ -165,3 +165,51 @@ def test_resume_after_sigkill_sends_only_missing_requests(tmp_path, monkeypatch)
     assert st["distinct"] == n
     # only requests in flight at the kill (at most the 4 workers) were ever sent twice
     assert st["duplicates"] == at_kill["total"] - saved <= 4
+
+
+def test_key_holds_backend_kind_and_endpoint_and_is_stable(tmp_path, monkeypatch):
+    from factory.llm import OpenAIBackend
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    req = Request([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=5))
+
+    def key(**kw) -> str:
+        return OpenAIBackend("M", cache=False, **kw).request_key(req)
+
+    base = key(base_url="http://127.0.0.1:8000/v1")
+    # the same endpoint in another form, other speed settings, another object: same key
+    assert key(base_url="http://127.0.0.1:8000/v1/", concurrency=64, rpm=100, timeout=5) == base
+    assert key() == key(base_url="https://api.openai.com/v1")
+    assert len({base, key(), key(base_url="http://127.0.0.1:8001/v1")}) == 3
+    # one process computes what another will: the key is a pure function of the settings
+    code = ("import os; os.environ['OPENAI_API_KEY'] = 'x'; from factory.llm import OpenAIBackend, "
+            "Request, SamplingParams; print(OpenAIBackend('M', cache=False, base_url="
+            "'http://127.0.0.1:8000/v1').request_key(Request([{'role': 'user', 'content': 'hi'}], "
+            "SamplingParams(max_tokens=5))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == base
+
+
+def test_vllm_and_openai_never_share_entries(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from factory.llm import OpenAIBackend
+    from factory.llm.vllm_backend import VLLMBackend
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    cache = tmp_path / "c.duckdb"
+
+    class Engine:
+        def chat(self, messages, sampling_params, **kw):
+            return [SimpleNamespace(prompt_token_ids=[1], outputs=[SimpleNamespace(
+                text="from vllm", token_ids=[1, 2], finish_reason="stop")]) for _ in messages]
+
+    req = Request([{"role": "user", "content": "same"}], SamplingParams(max_tokens=5))
+    vllm = VLLMBackend("M", engine=Engine(), sampling_factory=dict, cache=cache, progress=False)
+    assert vllm.run_batch([req])[0].text == "from vllm"
+    with LoopbackServer() as srv:
+        [r] = OpenAIBackend("M", base_url=srv.base_url, cache=cache, progress=False).run_batch([req])
+        assert not r.cached and r.text == "echo[0]: same" and srv.stats()["total"] == 1
+    assert vllm.run_batch([req])[0].text == "from vllm"

@@ -16,6 +16,7 @@ from factory.llm import (
     OK,
     PARSE_ERROR,
     TIMEOUT,
+    TRUNCATED,
     BudgetExceededError,
     LLMError,
     OpenAIBackend,
@@ -168,6 +169,94 @@ def test_structured_request_body(server):
         2, 13, 0.7, 0.9, 20)
     assert body["stop"] == ["END"]
     assert len(r.choices) == 2 and all(c.parsed == {"answer": "q"} for c in r.choices)
+
+
+def test_reply_cut_at_max_tokens_is_truncated_not_ok(server, capsys):
+    # The server cuts at max_tokens (4 characters a token) with finish_reason "length".
+    long_q = "a rather long question " * 4
+    reqs = [Request([{"role": "user", "content": long_q}], SamplingParams(max_tokens=3)),
+            user("hi")]
+    b = backend(server, progress=True)
+    cut, whole = b.run_batch(reqs)
+    assert cut.status == TRUNCATED and not cut.ok and cut.finish_reason == "length"
+    assert cut.text == f"echo[0]: {long_q}"[:12] and "finish_reason=length" in cut.error
+    assert cut.attempts == 1 and whole.status == OK
+    assert b.usage["truncated"] == 1 and "truncated=1" in capsys.readouterr().err
+    # a real answer for max_tokens=3: cached, and still marked truncated when served again
+    again = backend(server).run_batch(reqs)
+    assert [r.status for r in again] == [TRUNCATED, OK] and all(r.cached for r in again)
+    assert server.stats()["total"] == 2
+
+
+def test_structured_reply_cut_at_max_tokens_is_truncated_and_not_retried(server):
+    server.handler = lambda body, attempt: {"content": '{"answer": "lo', "finish_reason": "length"}
+    [r] = backend(server, parse_retries=2).run_batch([user("q", json_schema=SCHEMA)])
+    assert r.status == TRUNCATED and r.parsed is None and "invalid JSON" in r.error
+    assert r.attempts == 1  # the same limit would cut it again: no parse retries spent
+
+
+OPTIONAL = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+            "required": ["a"], "additionalProperties": False}
+OPEN = {"type": "object", "properties": {"a": {"type": "string"}, "tags": {
+    "type": "array", "items": {"type": "object", "properties": {"t": {"type": "string"}},
+                               "required": ["t"]}}}, "required": ["a", "tags"]}
+CLOSED = {**OPEN, "additionalProperties": False, "properties": {**OPEN["properties"], "tags": {
+    "type": "array", "items": {**OPEN["properties"]["tags"]["items"],
+                               "additionalProperties": False}}}}
+MIN_LENGTH = {"type": "object", "properties": {"a": {"type": "string", "minLength": 3}},
+              "required": ["a"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("schema, strict, sent", [
+    (SCHEMA, True, SCHEMA),          # already strict-compatible
+    (OPEN, True, CLOSED),            # closing every object is lossless: made strict
+    (OPTIONAL, False, OPTIONAL),     # an optional field: strict would need it required
+    (MIN_LENGTH, False, MIN_LENGTH), # a keyword strict mode refuses
+])
+def test_strict_only_for_schemas_strict_mode_accepts(server, schema, strict, sent):
+    seen = []
+    server.handler = lambda body, attempt: seen.append(body["response_format"]["json_schema"])
+    [r] = backend(server, max_retries=0).run_batch([user("q", json_schema=schema)])
+    # the loopback server answers a strict schema outside strict mode with HTTP 400
+    assert r.status == OK, r.error
+    assert seen == [{"name": "response", "schema": sent, "strict": strict}]
+
+
+def test_loopback_refuses_what_openai_refuses(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="sk-x", max_retries=0)
+    msgs = [{"role": "user", "content": "q"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="test-model", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "r", "schema": OPTIONAL, "strict": True}})
+    err = e.value.body
+    assert err["type"] == "invalid_request_error" and err["param"] == "response_format"
+    assert "Invalid schema for response_format 'r'" in err["message"] and "'b'" in err["message"]
+    for model in ("o1", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini"):
+        with pytest.raises(openai.BadRequestError, match="Use 'max_completion_tokens' instead"):
+            client.chat.completions.create(model=model, messages=msgs, max_tokens=5)
+    ok = client.chat.completions.create(model="o3-mini", messages=msgs, max_completion_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+    assert server.stats()["status_counts"] == {"400": 6, "200": 1}
+    client.close()
+
+
+@pytest.mark.parametrize("model, param", [
+    ("o1", "max_completion_tokens"), ("o3-mini-2025-01-31", "max_completion_tokens"),
+    ("o4-mini", "max_completion_tokens"), ("gpt-5", "max_completion_tokens"),
+    ("gpt-5-nano", "max_completion_tokens"), ("gpt-5.1", "max_completion_tokens"),
+    ("gpt-4o-mini", "max_tokens"), ("gpt-4.1", "max_tokens"),
+    ("Qwen/Qwen2.5-7B-Instruct", "max_tokens"),
+])
+def test_token_limit_parameter_follows_the_model(server, model, param):
+    seen = []
+    server.handler = lambda body, attempt: seen.append(body)
+    b = OpenAIBackend(model, base_url=server.base_url, max_retries=0, progress=False)
+    [r] = b.run_batch([user("q")])
+    assert r.status == OK, r.error
+    other = ({"max_tokens", "max_completion_tokens"} - {param}).pop()
+    assert seen[0][param] == 8 and other not in seen[0]
 
 
 def test_cost_accounting_with_price_override(server):

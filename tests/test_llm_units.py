@@ -20,7 +20,7 @@ from factory.llm import (
 )
 from factory.llm.pricing import estimate_cost
 from factory.llm.ratelimit import Budget, TokenBucket
-from factory.llm.structured import parse_json_reply
+from factory.llm.structured import parse_json_reply, strict_json_schema, strict_schema_problem
 from factory.llm.testing import ScriptedBackend
 
 
@@ -108,3 +108,76 @@ def test_scripted_backend_for_generator_tests():
                        Request([{"role": "user", "content": "k"}], json_schema={"type": "array"})])
     assert [r.status for r in out] == [OK, OK, PARSE_ERROR]
     assert out[0].text == "HI" and out[1].parsed == {"a": 1}
+
+
+def _obj(props: dict, **kw) -> dict:
+    return {"type": "object", "properties": props, "required": list(props),
+            "additionalProperties": False, **kw}
+
+
+def _nested(levels: int) -> dict:
+    schema = _obj({"leaf": {"type": "string"}})
+    for _ in range(levels - 1):
+        schema = _obj({"child": schema})
+    return schema
+
+
+# Expectations written from OpenAI's "Supported schemas" rules for strict mode.
+@pytest.mark.parametrize("schema", [
+    _obj({"a": {"type": "string"}}),
+    _obj({"a": {"type": ["string", "null"]}, "b": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}),
+    _obj({"e": {"type": "string", "enum": ["A", "B"]}, "c": {"const": "x"},
+          "d": {"type": "string", "format": "date-time", "pattern": "^[0-9]+"},
+          "n": {"type": "number", "minimum": 0, "maximum": 1, "description": "a score"},
+          "l": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3}}),
+    _obj({"p": {"$ref": "#/$defs/P"}}, **{"$defs": {"P": _obj({"x": {"type": "integer"}})}}),
+    _obj({"kids": {"type": "array", "items": {"$ref": "#"}}}),  # recursion
+    _nested(10),
+])
+def test_strict_mode_accepts(schema):
+    assert strict_schema_problem(schema) is None
+    assert strict_json_schema(schema) == (schema, True)
+
+
+CLOSABLE = ("context=('properties', 'o'), 'additionalProperties'",
+            "context=('$defs', 'P'), 'additionalProperties'")
+
+
+@pytest.mark.parametrize("schema, problem", [
+    ({"type": "array", "items": {"type": "string"}}, "root schema must be of type 'object'"),
+    ({"type": "object", "anyOf": [_obj({"a": {"type": "string"}})]}, "must not use 'anyOf'"),
+    (_obj({"a": {"type": "string"}}, additionalProperties=True), "'additionalProperties' is required"),
+    ({**_obj({"a": {"type": "string"}, "b": {"type": "string"}}), "required": ["a"]}, "Missing 'b'"),
+    ({**_obj({"a": {"type": "string"}}), "required": ["a", "z"]}, "Extra required key 'z'"),
+    (_obj({"o": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}),
+     "context=('properties', 'o'), 'additionalProperties'"),
+    (_obj({"p": {"$ref": "#/$defs/P"}}, **{"$defs": {"P": {"type": "object", "properties": {}}}}),
+     "context=('$defs', 'P'), 'additionalProperties'"),
+    (_obj({"a": {"type": "string", "minLength": 1}}), "'minLength' is not permitted"),
+    (_obj({"a": {"type": "string", "default": "x"}}), "'default' is not permitted"),
+    (_obj({"a": {"oneOf": [{"type": "string"}]}}), "'oneOf' is not permitted"),
+    (_obj({"a": {"allOf": [{"type": "string"}]}}), "'allOf' is not permitted"),
+    (_obj({"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}),
+     "'uniqueItems' is not permitted"),
+    (_obj({"a": {"type": "string", "format": "uri"}}), "format 'uri' is not supported"),
+    (_obj({"a": {"type": "any"}}), "type 'any' is not supported"),
+    (_obj({"a": {"type": "object", "patternProperties": {}, "additionalProperties": False}}),
+     "'patternProperties' is not permitted"),
+    (_nested(11), "nested more than 10 levels"),
+])
+def test_strict_mode_refuses(schema, problem):
+    assert problem in strict_schema_problem(schema)
+    sent, strict = strict_json_schema(schema)
+    if problem in CLOSABLE:  # only additionalProperties was missing: closed, made strict
+        assert strict and strict_schema_problem(sent) is None
+    else:
+        assert (sent, strict) == (schema, False)  # sent unchanged, non-strict
+
+
+def test_strict_json_schema_closes_objects_without_touching_the_original():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}}},
+              "required": ["a"]}
+    sent, strict = strict_json_schema(schema)
+    assert strict and sent["additionalProperties"] is False
+    assert sent["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema and "additionalProperties" not in schema["properties"]["a"]

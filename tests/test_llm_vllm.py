@@ -12,18 +12,26 @@ from factory.llm import (
     ERROR,
     OK,
     PARSE_ERROR,
+    TRUNCATED,
     MissingDependencyError,
     Request,
     SamplingParams,
     backend_from_spec,
 )
-from factory.llm.vllm_backend import VLLMBackend, make_vllm_sampling_params
+from factory.llm.vllm_backend import DEFAULT_MAX_TOKENS, VLLMBackend, make_vllm_sampling_params
 
 SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
 
 
+# vllm.SamplingParams().max_tokens: what the engine applies when none is sent.
+VLLM_DEFAULT_MAX_TOKENS = 16
+
+
 class FakeLLM:
-    """Shaped like vllm.LLM.chat: returns RequestOutput-like objects in input order."""
+    """Shaped like vllm.LLM.chat: returns RequestOutput-like objects in input order.
+
+    One token per word; a reply longer than ``max_tokens`` (vLLM's default of 16 when
+    none is sent) is cut there with ``finish_reason="length"``, as the engine does."""
 
     def __init__(self, reply=None, fail_on=None):
         self.calls = []
@@ -37,11 +45,15 @@ class FakeLLM:
             raise ValueError("prompt too long")
         outs = []
         for conv, sp in zip(messages, sampling_params, strict=True):
-            completions = [
-                SimpleNamespace(index=i, text=self.reply(conv, i), token_ids=list(range(5 + i)),
-                                finish_reason="stop")
-                for i in range(sp["n"])
-            ]
+            limit = sp.get("max_tokens", VLLM_DEFAULT_MAX_TOKENS)
+            completions = []
+            for i in range(sp["n"]):
+                words = self.reply(conv, i).split(" ")
+                finish = "length" if len(words) > limit else "stop"
+                words = words[:limit]
+                completions.append(SimpleNamespace(index=i, text=" ".join(words),
+                                                   token_ids=list(range(len(words))),
+                                                   finish_reason=finish))
             outs.append(SimpleNamespace(prompt_token_ids=[1] * 7, outputs=completions))
         return outs
 
@@ -52,8 +64,9 @@ def _home(tmp_path, monkeypatch):
 
 
 def make(engine, **kw) -> VLLMBackend:
+    kw.setdefault("progress", False)
     return VLLMBackend("Qwen/Qwen2.5-0.5B-Instruct", engine=engine,
-                       sampling_factory=lambda **sp: sp, progress=False, **kw)
+                       sampling_factory=lambda **sp: sp, **kw)
 
 
 def test_request_building_and_output_parsing():
@@ -72,10 +85,10 @@ def test_request_building_and_output_parsing():
     assert call["sampling_params"][0] == {"n": 2, "temperature": 0.5, "top_p": 0.9,
                                           "max_tokens": 32, "stop": ["\n\n"], "seed": 101,
                                           "top_k": 20}
-    assert call["sampling_params"][1] == {"n": 1}
+    assert call["sampling_params"][1] == {"n": 1, "max_tokens": DEFAULT_MAX_TOKENS}
     first = out[0]
     assert first.status == OK and first.texts == ["answer 0 to q1", "answer 1 to q1"]
-    assert first.prompt_tokens == 7 and first.completion_tokens == 5 + 6
+    assert first.prompt_tokens == 7 and first.completion_tokens == 4 + 4
     assert first.finish_reason == "stop" and first.cost == 0.0
     assert out[1].text == "answer 0 to q2"
 
@@ -88,6 +101,76 @@ def test_structured_outputs_request_and_parse():
     assert eng.calls[0]["sampling_params"][0]["structured_outputs"] == {"json": SCHEMA}
     assert good.status == OK and good.parsed == {"score": 4}
     assert cut.status == PARSE_ERROR and cut.text == '{"sco' and cut.parsed is None
+
+
+LONG = " ".join(f"w{i}" for i in range(100))  # a 100-token reply
+
+
+def test_every_request_gets_an_explicit_token_limit():
+    # Without one, vLLM stops every reply at 16 tokens: a silently cut "ok" answer.
+    eng = FakeLLM(reply=lambda conv, i: LONG)
+    req = Request([{"role": "user", "content": "write at length"}])
+    [r] = make(eng, cache=False).run_batch([req])
+    assert eng.calls[0]["sampling_params"][0]["max_tokens"] == DEFAULT_MAX_TOKENS >= 1024
+    assert r.status == OK and r.text == LONG and r.completion_tokens == 100
+    # a backend-level default (spec key max_tokens) applies to requests that set none...
+    eng = FakeLLM(reply=lambda conv, i: LONG)
+    [r] = make(eng, cache=False, max_tokens=300).run_batch([req])
+    assert eng.calls[0]["sampling_params"][0]["max_tokens"] == 300 and r.status == OK
+    # ...and the request's own limit wins over it
+    eng = FakeLLM(reply=lambda conv, i: LONG)
+    make(eng, cache=False, max_tokens=300).run_batch(
+        [Request(req.messages, SamplingParams(max_tokens=120))])
+    assert eng.calls[0]["sampling_params"][0]["max_tokens"] == 120
+
+
+def test_reply_cut_at_the_limit_is_truncated_counted_and_cached(capsys):
+    eng = FakeLLM(reply=lambda conv, i: LONG if conv[-1]["content"] == "long" else "short one")
+    reqs = [Request([{"role": "user", "content": c}], SamplingParams(max_tokens=8))
+            for c in ("long", "short")]
+    b = make(eng, progress=True)
+    cut, whole = b.run_batch(reqs)
+    assert cut.status == TRUNCATED and not cut.ok and cut.finish_reason == "length"
+    assert cut.text == " ".join(LONG.split()[:8]) and "finish_reason=length" in cut.error
+    assert whole.status == OK
+    assert b.usage["truncated"] == 1 and "truncated=1" in capsys.readouterr().err
+    # cached as the answer for max_tokens=8, and it comes back still marked truncated
+    again = make(eng).run_batch(reqs)
+    assert len(eng.calls) == 1 and all(r.cached for r in again)
+    assert [r.status for r in again] == [TRUNCATED, OK]
+
+
+def test_structured_reply_cut_at_the_limit_is_truncated_not_parse_error():
+    eng = FakeLLM(reply=lambda conv, i: '{"score": ' + " ".join(["1"] * 50) + "}")
+    [r] = make(eng, cache=False).run_batch(
+        [Request([{"role": "user", "content": "rate"}], SamplingParams(max_tokens=4),
+                 json_schema=SCHEMA)])
+    assert r.status == TRUNCATED and r.parsed is None and "invalid JSON" in r.error
+
+
+def test_cache_key_holds_the_engine_settings_that_change_answers():
+    req = Request([{"role": "user", "content": "q"}])
+    base = make(FakeLLM(), dtype="bfloat16")
+    # same settings -> same key (another object, speed-only settings changed)
+    same = make(FakeLLM(), dtype="bfloat16", gpu_memory_utilization=0.5, enforce_eager=True,
+                chunk_size=7, tensor_parallel_size=2)
+    assert same.request_key(req) == base.request_key(req)
+    variants = [
+        make(FakeLLM(), dtype="float16"),
+        make(FakeLLM(), dtype="bfloat16", quantization="awq"),
+        make(FakeLLM(), dtype="bfloat16", revision="abc123"),
+        make(FakeLLM(), dtype="bfloat16", generation_config="vllm"),
+        make(FakeLLM(), dtype="bfloat16", chat_template="{{ messages }}"),
+        make(FakeLLM(), dtype="bfloat16", max_tokens=512),
+    ]
+    keys = {base.request_key(req)} | {v.request_key(req) for v in variants}
+    assert len(keys) == 1 + len(variants)
+    # end to end: a cached answer from a bfloat16 engine is not served to a float16 one
+    base.run_batch([req])
+    eng = FakeLLM()
+    [r] = make(eng, dtype="float16").run_batch([req])
+    assert not r.cached and len(eng.calls) == 1
+    assert make(FakeLLM(), dtype="bfloat16").run_batch([req])[0].cached
 
 
 def test_chunks_stream_and_cache(tmp_path):
@@ -155,6 +238,8 @@ def test_spec_builds_vllm_backend_with_tensor_parallelism(monkeypatch):
     assert isinstance(b, VLLMBackend) and b.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert b.tensor_parallel_size == 2 and b.cache is None
     assert b.engine_kwargs == {"max_model_len": 8192, "enforce_eager": True}
+    b = backend_from_spec("vllm:m?max_tokens=4096&cache=0")
+    assert b.max_tokens == 4096 and b.engine_kwargs == {}
 
 
 class SignallingLLM(FakeLLM):

@@ -27,6 +27,7 @@ from .types import (
     PARSE_ERROR,
     STATUSES,
     TIMEOUT,
+    TRUNCATED,
     BudgetExceededError,
     CacheLockedError,
     Choice,
@@ -54,7 +55,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUDGET_EXCEEDED", "CANCELLED", "DEFAULT_PRICES", "ERROR", "OK", "PARSE_ERROR", "STATUSES",
-    "TIMEOUT", "Backend", "BaseBackend", "BudgetExceededError", "CacheLockedError", "Choice",
+    "TIMEOUT", "TRUNCATED", "Backend", "BaseBackend", "BudgetExceededError", "CacheLockedError", "Choice",
     "LLMError", "Message", "MissingDependencyError", "OpenAIBackend", "Price", "PriceTable",
     "Request", "RequestCache", "Response", "SamplingParams", "StopRequest", "VLLMBackend",
     "backend_from_spec",

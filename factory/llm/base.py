@@ -27,7 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 from .cache import RequestCache
 from .progress import BatchProgress
 from .stopping import StopRequest, stop_on_signals
-from .types import CACHEABLE_STATUSES, Request, Response
+from .structured import parse_json_reply
+from .types import CACHEABLE_STATUSES, OK, PARSE_ERROR, TRUNCATED, Choice, Request, Response
 
 CACHE_FOLD_INTERVAL_S = 2.0
 
@@ -51,6 +52,27 @@ class Backend(Protocol):
     def run_batch(
         self, requests: Sequence[Request], *, progress: bool | None = None
     ) -> list[Response]: ...
+
+
+def classify_reply(choices: list[Choice], json_schema: dict[str, Any] | None) -> tuple[str, str | None]:
+    """Parse structured replies in place and return the ``(status, error)`` of a reply.
+
+    A choice cut at the token limit makes the reply TRUNCATED even when it parses: a
+    judgment or response that was cut off must never pass as a complete answer. It wins
+    over PARSE_ERROR because it is the cause, and re-asking with the same limit would only
+    cut it again (so the openai backend does not spend parse retries on it).
+    """
+    status, error = OK, None
+    if json_schema is not None:
+        for c in choices:
+            c.parsed, err = parse_json_reply(c.text, json_schema)
+            if err and error is None:
+                status, error = PARSE_ERROR, err
+    cut = sum(c.finish_reason == "length" for c in choices)
+    if cut:
+        note = f"{cut} of {len(choices)} choices stopped at the token limit (finish_reason=length)"
+        status, error = TRUNCATED, f"{note}; {error}" if error else note
+    return status, error
 
 
 def _resolve_cache(cache: RequestCache | str | os.PathLike[str] | bool | None) -> RequestCache | None:
@@ -79,9 +101,24 @@ class BaseBackend:
         self.progress = progress
         self.desc = desc or f"{self.kind}:{model}"
         # Cumulative usage of this backend object (not counting cache hits).
+        # ``truncated`` counts results (fresh or cached) cut at the token limit.
         self.usage: dict[str, float] = {
             "requests": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0,
+            "truncated": 0,
         }
+
+    # -- cache identity -------------------------------------------------------------------
+    def cache_settings(self) -> dict[str, Any]:
+        """Backend settings that change the answer to a request (besides the request
+        itself); overridden by backends. Settings that only change speed stay out, so
+        tuning them keeps the cache."""
+        return {}
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.cache_settings()}
+
+    def request_key(self, request: Request) -> str:
+        return request.key(self.model, self.cache_identity())
 
     # -- to implement -------------------------------------------------------------------
     def _agenerate(
@@ -111,7 +148,8 @@ class BaseBackend:
         """
         stop = stop if stop is not None else StopRequest()
         requests = list(requests)
-        keys = [r.key(self.model) for r in requests]
+        identity = self.cache_identity()
+        keys = [r.key(self.model, identity) for r in requests]
         hits = await asyncio.to_thread(self.cache.get_many, keys) if self.cache else {}
         positions: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
@@ -132,6 +170,7 @@ class BaseBackend:
                     if stop.requested:
                         return
                     self.usage["cache_hits"] += 1
+                    self.usage["truncated"] += hits[k].status == TRUNCATED
                     bar.update(hits[k])
                     yield i, hits[k]
             if not todo or stop.requested:
@@ -153,6 +192,7 @@ class BaseBackend:
                 self.usage["prompt_tokens"] += resp.prompt_tokens
                 self.usage["completion_tokens"] += resp.completion_tokens
                 self.usage["cost"] += resp.cost
+                self.usage["truncated"] += resp.status == TRUNCATED
                 for i in positions[k]:
                     bar.update(resp)
                     yield i, resp

@@ -18,8 +18,8 @@ The DuckDB file is opened only for the duration of a lookup or a fold, so severa
 processes can share one cache; a lock held by another process is retried with backoff up
 to ``lock_timeout`` seconds, then :class:`CacheLockedError` names the file and the fix.
 
-Only final answers are stored (status ``ok`` or ``parse_error``); transient errors are not,
-so a rerun retries them. No credentials are ever written: a response carries no request
+Only final answers are stored (status ``ok``, ``parse_error`` or ``truncated``, which
+come back with that status); transient errors are not, so a rerun retries them. No credentials are ever written: a response carries no request
 headers, and error strings are redacted by the backends before they reach a Response.
 """
 

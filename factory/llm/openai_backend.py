@@ -8,8 +8,14 @@ What it adds over calling the client in a loop:
 * its own retry loop (the client's is switched off) with exponential backoff and jitter,
   honouring ``retry-after``/``retry-after-ms`` on 429/503, retrying 408/409/5xx, timeouts
   and connection errors, and giving an explicit error status after ``max_retries``;
-* structured outputs: ``response_format`` json_schema; a reply that does not parse or
-  validate is retried up to ``parse_retries`` times, then kept raw as ``parse_error``;
+* structured outputs: ``response_format`` json_schema, ``strict`` only for schemas that
+  OpenAI's strict mode accepts (:func:`~factory.llm.structured.strict_json_schema`); a
+  reply that does not parse or validate is retried up to ``parse_retries`` times, then
+  kept raw as ``parse_error``;
+* a reply cut at the token limit (``finish_reason="length"``) ends as ``truncated``, not
+  ``ok``, and is not retried (the same limit would cut it again);
+* ``max_completion_tokens`` instead of ``max_tokens`` for the models that refuse the
+  latter (o-series reasoning models, gpt-5 family);
 * token and cost accounting (:mod:`factory.llm.pricing`) and a budget: ``max_cost``
   refuses a run whose estimate exceeds it and stops a run that reaches it (remaining
   requests end as ``budget_exceeded``; finished ones are cached);
@@ -40,17 +46,17 @@ from typing import Any
 import httpx2
 import openai
 
-from .base import BaseBackend
+from .base import BaseBackend, classify_reply
 from .cache import RequestCache
 from .pricing import Price, PriceTable, estimate_cost, estimate_tokens
 from .ratelimit import Budget, TokenBucket
 from .stopping import StopRequest
-from .structured import parse_json_reply
+from .structured import strict_json_schema
 from .types import (
     BUDGET_EXCEEDED,
+    CACHEABLE_STATUSES,
     CANCELLED,
     ERROR,
-    OK,
     PARSE_ERROR,
     TIMEOUT,
     BudgetExceededError,
@@ -65,6 +71,15 @@ CONNECTIONS_PER_CLIENT = 32
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 120.0
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|Bearer\s+\S+)")
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Reasoning models answer 400 "Unsupported parameter: 'max_tokens'": they take
+# max_completion_tokens (which also bounds the hidden reasoning tokens).
+_COMPLETION_TOKENS_MODELS = re.compile(r"^(?:openai/)?(?:o\d+|gpt-5)(?:[-.].*)?$")
+
+
+def uses_max_completion_tokens(model: str) -> bool:
+    """True for o1, o3-mini, o4-mini, gpt-5, gpt-5-mini, gpt-5.1... (dated snapshots too)."""
+    return _COMPLETION_TOKENS_MODELS.match(model) is not None
 
 
 class OpenAIBackend(BaseBackend):
@@ -114,6 +129,12 @@ class OpenAIBackend(BaseBackend):
         self.budget = Budget(max_cost)
         self._rpm_bucket = TokenBucket(rpm) if rpm else None
         self._tpm_bucket = TokenBucket(tpm) if tpm else None
+
+    def cache_settings(self) -> dict[str, Any]:
+        # Another endpoint may serve the same model name differently (a local `vllm serve`
+        # with another quantisation, another provider); concurrency, rate limits, retries and
+        # timeouts change nothing in an answer, so they stay out.
+        return {"base_url": (self.base_url or OPENAI_BASE_URL).rstrip("/")}
 
     def __repr__(self) -> str:
         return (
@@ -178,15 +199,17 @@ class OpenAIBackend(BaseBackend):
         if p.top_p is not None:
             kw["top_p"] = p.top_p
         if p.max_tokens is not None:
-            kw["max_tokens"] = p.max_tokens
+            limit = "max_completion_tokens" if uses_max_completion_tokens(self.model) else "max_tokens"
+            kw[limit] = p.max_tokens
         if p.stop:
             kw["stop"] = list(p.stop)
         if req.effective_seed is not None:
             kw["seed"] = req.effective_seed
         if req.json_schema is not None:
+            schema, strict = strict_json_schema(req.json_schema)
             kw["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": req.schema_name, "schema": req.json_schema, "strict": True},
+                "json_schema": {"name": req.schema_name, "schema": schema, "strict": strict},
             }
         if p.extra:
             kw.update(p.extra)
@@ -301,19 +324,14 @@ class OpenAIBackend(BaseBackend):
                            finish_reason=c.get("finish_reason"))
                     for c in completion.get("choices") or []
                 ]
-                status, error = OK, None
-                if req.json_schema is not None:
-                    for c in choices:
-                        c.parsed, err = parse_json_reply(c.text, req.json_schema)
-                        if err and error is None:
-                            status, error = PARSE_ERROR, err
+                status, error = classify_reply(choices, req.json_schema)
                 last = Response(status=status, choices=choices, error=error, http_status=200)
                 if status == PARSE_ERROR and parse_failures < self.parse_retries:
                     parse_failures += 1
                     self.budget.settle(est_cost, actual)
                     continue  # (a stop ends it as cancelled at the top: not cached, retried later)
             self.budget.settle(est_cost, actual)
-            if last.status in (OK, PARSE_ERROR) or failures >= self.max_retries:
+            if last.status in CACHEABLE_STATUSES or failures >= self.max_retries:
                 break
             failures += 1
             if await stop.wait(self._backoff(failures - 1, retry_after)):

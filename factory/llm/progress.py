@@ -1,4 +1,5 @@
-"""Progress bar for batch runs: done/total, rate, errors, cache hits and spend so far."""
+"""Progress bar for batch runs: done/total, rate, errors, truncated replies, cache hits and
+spend so far."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from .types import OK, Response
+from .types import OK, TRUNCATED, Response
 
 
 class BatchProgress:
@@ -18,6 +19,7 @@ class BatchProgress:
             enabled = sys.stderr.isatty()
         self.enabled = enabled
         self.errors = 0
+        self.truncated = 0  # a reply cut at max_tokens: an answer, but not a complete one
         self.cached = 0
         self.cost = 0.0
         self._last_postfix = 0.0
@@ -28,7 +30,9 @@ class BatchProgress:
         )
 
     def update(self, response: Response) -> None:
-        if response.status != OK:
+        if response.status == TRUNCATED:
+            self.truncated += 1
+        elif response.status != OK:
             self.errors += 1
         if response.cached:
             self.cached += 1
@@ -41,11 +45,13 @@ class BatchProgress:
         # set_postfix formats a string; do it at most a few times per second.
         if now - self._last_postfix > 0.25:
             self._last_postfix = now
-            self._bar.set_postfix(
-                err=self.errors, cached=self.cached, spent=f"${self.cost:.4f}", refresh=False
-            )
+            self._bar.set_postfix(**self._postfix(), refresh=False)
+
+    def _postfix(self) -> dict[str, object]:
+        return {"err": self.errors, "truncated": self.truncated, "cached": self.cached,
+                "spent": f"${self.cost:.4f}"}
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(err=self.errors, cached=self.cached, spent=f"${self.cost:.4f}")
+            self._bar.set_postfix(**self._postfix())
             self._bar.close()

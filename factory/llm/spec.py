@@ -17,8 +17,9 @@ OPENAI_API_KEY), concurrency, rpm, tpm, timeout (s), max_retries, parse_retries,
 max_cost (USD), price_in / price_out (USD per 1M tokens, override the price table),
 cache (``0`` to disable, or a path to a cache file).
 
-vllm keys: tp (tensor_parallel_size), chunk_size, cache, and any other key is passed to
-``vllm.LLM`` (numbers and true/false are converted).
+vllm keys: tp (tensor_parallel_size), chunk_size, max_tokens (the limit for requests that
+set none; default 2048), cache, and any other key is passed to ``vllm.LLM`` (numbers and
+true/false are converted).
 
 Keys themselves are never accepted in a spec (``api_key=`` is an error): specs are stored
 in lineage and shell history, keys belong in the environment.

@@ -7,6 +7,12 @@ malformed JSON content. Faults are chosen per distinct request body by a hash, a
 on that body's first ``times_*`` arrivals, so a run's outcome is deterministic and its
 counts can be checked. A ``handler(body, attempt)`` callback scripts anything else.
 
+Like the real API it cuts a reply at ``max_tokens``/``max_completion_tokens`` (at
+:data:`CHARS_PER_TOKEN` characters a token) with ``finish_reason: "length"``, and it refuses
+with HTTP 400 and an OpenAI-style error body what OpenAI refuses: a ``strict`` JSON schema
+outside strict mode's subset, and ``max_tokens`` sent to a model that takes only
+``max_completion_tokens`` (o-series, gpt-5). A refused request never reaches the handler.
+
 It counts requests: in total, per distinct body (duplicates), answered with 200 per body
 (a completed request sent twice shows up in ``completed_duplicates``), aborted by the
 client before the reply (killed or timed-out callers), and the peak number in flight.
@@ -34,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,12 +52,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .base import BaseBackend
+from .base import BaseBackend, classify_reply
 from .stopping import StopRequest
-from .structured import parse_json_reply
-from .types import OK, PARSE_ERROR, Choice, Request, Response
+from .structured import strict_schema_problem
+from .types import Choice, Request, Response
 
 Handler = Callable[[dict[str, Any], int], Any]
+CHARS_PER_TOKEN = 4  # the server's token count for usage and for the max_tokens cut
+# Models for which OpenAI refuses max_tokens. Written out here, not imported from the
+# backend, so that the server checks the backend's rule rather than repeating it.
+_NO_MAX_TOKENS = re.compile(r"^(o[1-9]|gpt-5)")
 
 
 @dataclass
@@ -166,8 +177,30 @@ def _http_response(status: int, payload: bytes, extra_headers: dict[str, str] | 
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
 
 
-def _error_body(message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "code": None}}).encode()
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    ).encode()
+
+
+def invalid_request(body: dict[str, Any]) -> bytes | None:
+    """The 400 error body OpenAI would answer ``body`` with, or None if it would accept it."""
+    if "max_tokens" in body and _NO_MAX_TOKENS.match(str(body.get("model", ""))):
+        return _error_body(
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "invalid_request_error", "max_tokens", "unsupported_parameter",
+        )
+    rf = body.get("response_format") or {}
+    spec = rf.get("json_schema") or {}
+    if rf.get("type") == "json_schema" and spec.get("strict") is True:
+        problem = strict_schema_problem(spec.get("schema"))
+        if problem:
+            return _error_body(
+                f"Invalid schema for response_format '{spec.get('name', '')}': {problem}",
+                "invalid_request_error", "response_format",
+            )
+    return None
 
 
 class _Protocol:
@@ -262,21 +295,24 @@ class _Protocol:
             st.in_flight += 1
             st.max_in_flight = max(st.max_in_flight, st.in_flight)
             st.arrivals.append(time.monotonic() - st.t0)
-        directive: Any = st.handler(body, attempt) if st.handler else None
-        if directive is None:
-            directive = st.fault_for(key, attempt)
+        rejected = invalid_request(body)
+        directive: Any = None
+        if rejected is None:
+            directive = st.handler(body, attempt) if st.handler else None
+            if directive is None:
+                directive = st.fault_for(key, attempt)
 
         # A directive is a fault name ("429", "500", "timeout", "malformed"), reply text, or a
-        # dict with any of: status, retry_after, message, delay, content.
+        # dict with any of: status, retry_after, message, delay, content, finish_reason.
         if isinstance(directive, str) and directive in ("429", "500"):
             directive = {"status": int(directive)}
         elif isinstance(directive, str) and directive not in ("timeout", "malformed"):
             directive = {"content": directive}
         spec = directive if isinstance(directive, dict) else {}
-        status = int(spec.get("status", 200))
+        status = 400 if rejected else int(spec.get("status", 200))
         extra: dict[str, str] = {}
         content = spec.get("content")
-        delay = float(spec.get("delay", cfg.latency))
+        delay = 0.0 if rejected else float(spec.get("delay", cfg.latency))
         if status == 429:
             extra = {"retry-after": f"{spec.get('retry_after', cfg.retry_after):g}"}
             delay = float(spec.get("delay", 0.0))  # rate limiters answer at once
@@ -293,11 +329,15 @@ class _Protocol:
                 st.status_counts["aborted"] += 1
             return False
 
-        if status != 200:
+        if rejected is not None:
+            payload = rejected
+        elif status != 200:
             kind = "server_error" if status >= 500 else "rate_limit" if status == 429 else "invalid_request"
             payload = _error_body(spec.get("message", f"injected {status}"), kind)
         else:
-            payload = json.dumps(self._completion(body, content)).encode()
+            payload = json.dumps(
+                self._completion(body, content, spec.get("finish_reason", "stop"))
+            ).encode()
         with st.lock:
             st.in_flight -= 1  # before the write: the client may send its next request at once
             st.status_counts["malformed" if directive == "malformed" else str(status)] += 1
@@ -307,7 +347,9 @@ class _Protocol:
         await writer.drain()
         return True
 
-    def _completion(self, body: dict[str, Any], content: str | None) -> dict[str, Any]:
+    def _completion(
+        self, body: dict[str, Any], content: str | None, finish_reason: str = "stop"
+    ) -> dict[str, Any]:
         cfg = self.state.config
         messages = body.get("messages", [])
         last_user = next(
@@ -315,6 +357,7 @@ class _Protocol:
         )
         last_user = last_user if isinstance(last_user, str) else json.dumps(last_user)
         n = int(body.get("n") or 1)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
         choices = []
         for i in range(n):
             text = content
@@ -325,11 +368,14 @@ class _Protocol:
                     text = json.dumps(example_for_schema(schema, last_user))
                 else:
                     text = f"echo[{i}]: {last_user}"[:2000]
+            finish = finish_reason
+            if limit and len(text) > int(limit) * CHARS_PER_TOKEN:
+                text, finish = text[: int(limit) * CHARS_PER_TOKEN], "length"
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop", "logprobs": None})
-        pt = sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages)
+                            "finish_reason": finish, "logprobs": None})
+        pt = sum(len(str(m.get("content", ""))) // CHARS_PER_TOKEN + 4 for m in messages)
         ct = cfg.completion_tokens if cfg.completion_tokens is not None else sum(
-            max(1, len(c["message"]["content"]) // 4) for c in choices
+            max(1, len(c["message"]["content"]) // CHARS_PER_TOKEN) for c in choices
         )
         return {
             "id": f"chatcmpl-{self.state.total}", "object": "chat.completion",
@@ -493,10 +539,7 @@ class ScriptedBackend(BaseBackend):
                 yield j, out
                 continue
             choice = Choice(text=out, finish_reason="stop")
-            status, error = OK, None
-            if req.json_schema is not None:
-                choice.parsed, error = parse_json_reply(out, req.json_schema)
-                status = PARSE_ERROR if error else OK
+            status, error = classify_reply([choice], req.json_schema)
             yield j, Response(status=status, choices=[choice] * req.n, error=error,
                               model=self.model, attempts=1)
 

@@ -17,17 +17,22 @@ from schemas.errors import PrefabError
 
 Message = dict[str, Any]
 
-# Statuses. Only OK and PARSE_ERROR are final answers from the model and may be cached.
+# Statuses. OK, PARSE_ERROR and TRUNCATED are final answers from the model and are cached.
+# TRUNCATED: a choice stopped at the token limit (finish_reason "length"). It is cached
+# because it *is* the answer for those parameters (max_tokens is part of the key, so a
+# larger limit is a new request); it is never OK, so callers and progress counts see it.
 OK = "ok"
 PARSE_ERROR = "parse_error"
+TRUNCATED = "truncated"
 ERROR = "error"
 TIMEOUT = "timeout"
 BUDGET_EXCEEDED = "budget_exceeded"
 CANCELLED = "cancelled"
-CACHEABLE_STATUSES = frozenset({OK, PARSE_ERROR})
-STATUSES = (OK, PARSE_ERROR, ERROR, TIMEOUT, BUDGET_EXCEEDED, CANCELLED)
+CACHEABLE_STATUSES = frozenset({OK, PARSE_ERROR, TRUNCATED})
+STATUSES = (OK, PARSE_ERROR, TRUNCATED, ERROR, TIMEOUT, BUDGET_EXCEEDED, CANCELLED)
 
-CACHE_KEY_VERSION = 1
+# 2: keys include the backend (kind and output-changing engine settings).
+CACHE_KEY_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,10 @@ class Request:
     def effective_seed(self) -> int | None:
         return None if self.seed is None else self.seed + self.sample_index
 
-    def key_payload(self, model: str) -> dict[str, Any]:
+    def key_payload(self, model: str, backend: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "v": CACHE_KEY_VERSION,
+            "backend": backend or {},
             "model": model,
             "messages": self.messages,
             "params": self.params.to_dict(),
@@ -83,10 +89,14 @@ class Request:
             "json_schema": self.json_schema,
         }
 
-    def key(self, model: str) -> str:
-        """Stable content hash: same model + same request -> same key, in any process."""
+    def key(self, model: str, backend: dict[str, Any] | None = None) -> str:
+        """Stable content hash: same backend settings + model + request -> same key, in any
+        process. ``backend`` is :meth:`BaseBackend.cache_identity` (kind and the engine
+        settings that change answers), so two backends never share entries they would
+        answer differently."""
         blob = json.dumps(
-            self.key_payload(model), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            self.key_payload(model, backend), sort_keys=True, separators=(",", ":"),
+            ensure_ascii=False, default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -11,6 +11,16 @@ interrupts the engine call at once (see :mod:`factory.llm.stopping`).
 
 Structured outputs use ``StructuredOutputsParams(json=schema)`` (vLLM >= 0.11) and fall
 back to ``GuidedDecodingParams(json=schema)`` on older releases.
+
+Every request carries an explicit ``max_tokens``: the request's own, else the backend's
+``max_tokens`` (default :data:`DEFAULT_MAX_TOKENS`). ``vllm.SamplingParams`` would
+otherwise stop every reply at 16 tokens. A reply that stops at the limit (or at the
+model's context length) has status ``truncated``, never ``ok``.
+
+The cache key holds the engine settings that change answers (chat template, default
+max_tokens and the ``vllm.LLM`` arguments such as revision, quantization, dtype,
+generation_config); those that only change speed or memory (:data:`SPEED_ONLY_ENGINE_ARGS`)
+stay out, so tuning them keeps the cache.
 """
 
 from __future__ import annotations
@@ -21,13 +31,26 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .base import BaseBackend
+from .base import BaseBackend, classify_reply
 from .cache import RequestCache
 from .stopping import StopRequest
-from .structured import parse_json_reply
-from .types import ERROR, OK, PARSE_ERROR, Choice, MissingDependencyError, Request, Response
+from .types import ERROR, Choice, MissingDependencyError, Request, Response
 
 INSTALL_HINT = "the vllm backend needs vLLM and a GPU: pip install 'prefab[vllm]'"
+# Long enough for a judgment with its reasoning or a chat response; a request that needs
+# more says so in its SamplingParams, and one that hits the limit is marked truncated.
+DEFAULT_MAX_TOKENS = 2048
+# vllm.LLM arguments that change speed, memory or placement but not the answers. Every
+# other argument is part of the cache key: an unknown one costs a cache miss at worst,
+# while leaving out one that matters (dtype, quantization, revision...) would serve
+# answers from another engine. hf_token is a credential, kept out of everything.
+SPEED_ONLY_ENGINE_ARGS = frozenset({
+    "gpu_memory_utilization", "swap_space", "cpu_offload_gb", "enforce_eager",
+    "max_num_seqs", "max_num_batched_tokens", "max_seq_len_to_capture", "block_size",
+    "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats",
+    "disable_custom_all_reduce", "distributed_executor_backend", "pipeline_parallel_size",
+    "download_dir", "hf_token", "served_model_name", "compilation_config",
+})
 
 
 def import_vllm() -> Any:
@@ -64,6 +87,7 @@ class VLLMBackend(BaseBackend):
         tensor_parallel_size: int = 1,
         chunk_size: int = 512,
         chat_template: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         engine: Any = None,
         sampling_factory: Callable[..., Any] | None = None,
         cache: RequestCache | str | os.PathLike[str] | bool | None = True,
@@ -71,11 +95,15 @@ class VLLMBackend(BaseBackend):
         **engine_kwargs: Any,
     ):
         """``engine`` injects a ready ``vllm.LLM`` (or a stand-in with the same ``chat``);
-        ``engine_kwargs`` go to ``vllm.LLM`` (max_model_len, gpu_memory_utilization, dtype...)."""
+        ``max_tokens`` is the limit for requests that set none; ``engine_kwargs`` go to
+        ``vllm.LLM`` (max_model_len, gpu_memory_utilization, dtype...)."""
         super().__init__(model, cache=cache, progress=progress)
         self.tensor_parallel_size = tensor_parallel_size
         self.chunk_size = chunk_size
         self.chat_template = chat_template
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self.max_tokens = max_tokens
         self.engine_kwargs = engine_kwargs
         self._engine = engine
         self._sampling_factory = sampling_factory
@@ -92,13 +120,19 @@ class VLLMBackend(BaseBackend):
             )
         return self._engine
 
+    def cache_settings(self) -> dict[str, Any]:
+        engine = {k: v for k, v in self.engine_kwargs.items() if k not in SPEED_ONLY_ENGINE_ARGS}
+        return {"chat_template": self.chat_template, "max_tokens": self.max_tokens,
+                "engine": engine}
+
     def sampling_kwargs(self, req: Request) -> dict[str, Any]:
         p = req.params
         kw: dict[str, Any] = {"n": req.n}
-        for name in ("temperature", "top_p", "max_tokens"):
+        for name in ("temperature", "top_p"):
             value = getattr(p, name)
             if value is not None:
                 kw[name] = value
+        kw["max_tokens"] = p.max_tokens if p.max_tokens is not None else self.max_tokens
         if p.stop:
             kw["stop"] = list(p.stop)
         if req.effective_seed is not None:
@@ -117,13 +151,7 @@ class VLLMBackend(BaseBackend):
         choices = [
             Choice(text=o.text, finish_reason=getattr(o, "finish_reason", None)) for o in out.outputs
         ]
-        status, error = OK, None
-        if req.json_schema is not None:
-            for c in choices:
-                c.parsed, err = parse_json_reply(c.text, req.json_schema)
-                if err and error is None:
-                    # Guided decoding only fails to parse when cut by max_tokens.
-                    status, error = PARSE_ERROR, f"{err} (finish_reason={c.finish_reason})"
+        status, error = classify_reply(choices, req.json_schema)
         return Response(
             status=status, choices=choices, error=error, model=self.model, attempts=1,
             prompt_tokens=len(getattr(out, "prompt_token_ids", None) or []),
