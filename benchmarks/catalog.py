@@ -12,6 +12,12 @@ Prints one table. Each measured step runs in a fresh subprocess so its peak memo
 - `factory.catalog.load` vs `datasets.Dataset.from_parquet` on the same files, each into
   an empty cache folder, alternating over --repeat rounds, medians;
 - streaming exports to JSONL and TRL JSONL.
+
+    python benchmarks/catalog.py --memory [--rows 1000000]
+
+measures instead the peak RSS of two whole commands, each under ``/usr/bin/time -v`` in
+its own process: ``prefab ingest`` of a TRL JSONL file of --rows synthetic pairs, and
+``prefab catalog export --format hf`` of the version it made.
 """
 
 from __future__ import annotations
@@ -37,8 +43,6 @@ def synthetic_pairs(rows: int, seed: int = 0):  # noqa: ANN201
     import numpy as np
     import polars as pl
 
-    from schemas import conform
-
     rng = np.random.default_rng(seed)
     vocabulary = np.array(WORDS)
     # 4,096 distinct sentences recombined: realistic text, cheap to make.
@@ -60,12 +64,22 @@ def synthetic_pairs(rows: int, seed: int = 0):  # noqa: ANN201
         "chosen", "rejected",
     )
     frame = frame.with_columns(
-        pl.concat_str(["question", "chosen", "rejected"]).hash(seed=1).cast(pl.Utf8).str.zfill(32).alias("pair_id"),
-        pl.col("question").hash(seed=2).cast(pl.Utf8).str.zfill(32).alias("prompt_id"),
         pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col("question"))).alias("prompt"),
         pl.lit(False).alias("tie"),
     ).drop("question")
-    return conform(frame.to_arrow())
+    return with_content_ids(frame.to_arrow())
+
+
+def with_content_ids(table):  # noqa: ANN001, ANN201
+    """The table with real pair_id/prompt_id (content hashes), as a commit requires."""
+    import pyarrow as pa
+
+    from schemas import conform, content_ids
+
+    table = table.drop_columns([c for c in ("pair_id", "prompt_id") if c in table.column_names])
+    chunks = [content_ids(part) for part in table.to_batches(max_chunksize=65_536)]
+    table = table.append_column("pair_id", pa.chunked_array([c[0] for c in chunks], pa.string()))
+    return conform(table.append_column("prompt_id", pa.chunked_array([c[1] for c in chunks], pa.string())))
 
 
 def edited_copy(table, fraction: float = 0.01):  # noqa: ANN001, ANN201
@@ -83,10 +97,9 @@ def edited_copy(table, fraction: float = 0.01):  # noqa: ANN001, ANN201
     chosen = pc.if_else(pa.array(flip), table["rejected"], table["chosen"])
     rejected = pc.if_else(pa.array(flip), table["chosen"], table["rejected"])
     rejected = pc.if_else(pa.array(edit), pc.binary_join_element_wise(rejected, " (edited)", ""), rejected)
-    pair_id = pc.if_else(pa.array(edit), pc.binary_join_element_wise(table["pair_id"], "e", ""), table["pair_id"])
     out = table.set_column(table.schema.get_field_index("chosen"), "chosen", chosen)
     out = out.set_column(out.schema.get_field_index("rejected"), "rejected", rejected)
-    return out.set_column(out.schema.get_field_index("pair_id"), "pair_id", pair_id)
+    return with_content_ids(out)
 
 
 STEP = r"""
@@ -141,12 +154,48 @@ def run_step(step: str, work: Path, cache: str = "hfcache") -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def memory(rows: int, workdir: Path) -> None:
+    """Peak RSS of `prefab ingest` and of the `hf` export, each a whole CLI process."""
+    import polars as pl
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    source = workdir / "pairs.jsonl"
+    pl.from_arrow(synthetic_pairs(rows).select(["prompt", "chosen", "rejected"])).write_ndjson(source)
+    env = {**os.environ, "PREFAB_HOME": str(workdir / "home"), "HF_DATASETS_CACHE": str(workdir / "hfcache")}
+    commands = {
+        "ingest": ["ingest", str(source), "--name", "bench", "--no-progress"],
+        "export hf": ["catalog", "export", "bench", "--format", "hf", "--out", str(workdir / "hf")],
+    }
+    print(f"{rows:,} synthetic pairs, {source.stat().st_size / 2**20:,.0f} MiB of JSONL")
+    print(f"{'command':<12} {'seconds':>8} {'peak RSS MiB':>13}")
+    for label, argv in commands.items():
+        output = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "factory", *argv],
+                                capture_output=True, text=True, env=env, cwd=ROOT)
+        if output.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{output.stderr}")
+        stats = dict(line.strip().rsplit(": ", 1) for line in output.stderr.splitlines()
+                     if ": " in line and line.startswith("\t"))
+        peak = int(stats["Maximum resident set size (kbytes)"]) / 1024
+        wall = stats["Elapsed (wall clock) time (h:mm:ss or m:ss)"]
+        minutes, _, seconds = wall.rpartition(":")
+        hours, _, minutes = minutes.rpartition(":")
+        total = float(seconds) + 60 * float(minutes or 0) + 3600 * float(hours or 0)
+        print(f"{label:<12} {total:8.1f} {peak:13.0f}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of floor and commit (median)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/prefab-bench-catalog"))
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of `prefab ingest` and of the hf export (whole processes)")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.rows, args.workdir)
+        return
     import pyarrow.parquet as pq
 
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -13,10 +13,15 @@ from typing import Any
 _API: dict[str, str] = {
     "Catalog": "factory.catalog:Catalog",
     "ingest": "factory.ingest:ingest",
+    "generate": "factory.steps.api:generate",
+    "filter": "factory.steps.api:filter",
     "train": "factory.trainer:train",
     "score": "factory.trainer:score",
     "evaluate": "factory.trainer:evaluate",
     "oof_scores": "factory.trainer:oof_scores",
+    "load_model": "factory.trainer:load_model",
+    "embed_texts": "factory.embed:embed_texts",
+    "top_k_neighbours": "factory.embed:top_k_neighbours",
 }
 
 

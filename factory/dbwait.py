@@ -7,12 +7,30 @@ backoff until ``timeout``; then ``on_timeout()`` supplies the error the user see
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+
+from schemas.errors import PrefabError
+
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+
+def parse_lock_timeout(text: str | None, variable: str = "PREFAB_LOCK_TIMEOUT") -> float:
+    """Seconds to wait for a database lock, from an environment variable's text."""
+    if text is None or not text.strip():
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise PrefabError(f"{variable} must be a number of seconds >= 0, got {text!r}")
+    return seconds
 
 
 def connect_waiting(

@@ -37,6 +37,8 @@ PROVENANCE_TYPE = pa.struct(
         ("seed", pa.int64()),
         ("run_id", pa.string()),
         ("parent_ids", pa.list_(pa.string())),
+        ("generated", pa.string()),  # which response a generator wrote: chosen|rejected|both|none
+        ("method", pa.string()),  # how, e.g. "master_key:Solution" or "truncate:0.5"
     ]
 )
 
@@ -63,6 +65,12 @@ PAIR_SCHEMA = pa.schema(
 PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
 
 
+# Python's json.dumps escapes exactly these (ensure_ascii=False): quote, backslash and
+# every control character. The columnar hashing below must write the same bytes.
+_JSON_ESCAPE_FROM = ["\\", '"'] + [chr(code) for code in range(32)]
+_JSON_ESCAPE_TO = ["\\\\", '\\"'] + [json.dumps(chr(code))[1:-1] for code in range(32)]
+
+
 def _digest(payload: Any) -> str:
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
@@ -76,6 +84,58 @@ def prompt_id_of(prompt: Sequence[dict[str, str]]) -> str:
 def pair_id_of(prompt: Sequence[dict[str, str]], response_a: str, response_b: str) -> str:
     """Content hash of a prompt and its two responses, independent of which one won."""
     return _digest([[[m["role"], m["content"]] for m in prompt], sorted((response_a, response_b))])
+
+
+def content_ids(table: pa.Table | pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
+    """``(pair_id, prompt_id)`` of every row, computed column-wise.
+
+    Equal to :func:`pair_id_of` / :func:`prompt_id_of` row by row: the JSON payloads are
+    built with Polars string kernels (escaping as ``json.dumps`` does) and only the
+    sha256 itself runs per row, over slices of one Arrow buffer.
+    """
+    import polars as pl
+
+    frame = pl.from_arrow(pa.table({name: table.column(name) for name in ("prompt", "chosen", "rejected")}))
+    assert isinstance(frame, pl.DataFrame)
+
+    def quoted(text: pl.Expr) -> pl.Expr:
+        return pl.concat_str([pl.lit('"'), text.str.replace_many(_JSON_ESCAPE_FROM, _JSON_ESCAPE_TO), pl.lit('"')])
+
+    message = pl.element().struct
+    prompt = pl.concat_str([
+        pl.lit("["),
+        pl.col("prompt").list.eval(pl.concat_str([
+            pl.lit("["), quoted(message.field("role")), pl.lit(","), quoted(message.field("content")), pl.lit("]"),
+        ])).list.join(","),
+        pl.lit("]"),
+    ])
+    # sorted() on str compares code points; UTF-8 bytes sort the same way.
+    swap = pl.col("chosen") > pl.col("rejected")
+    low = pl.when(swap).then(pl.col("rejected")).otherwise(pl.col("chosen"))
+    high = pl.when(swap).then(pl.col("chosen")).otherwise(pl.col("rejected"))
+    payloads = frame.lazy().select(prompt.alias("prompt_json"), low.alias("low"), high.alias("high")).select(
+        pl.concat_str([pl.lit("["), pl.col("prompt_json"), pl.lit(",["), quoted(pl.col("low")), pl.lit(","),
+                       quoted(pl.col("high")), pl.lit("]]")]).alias("pair"),
+        "prompt_json",
+    ).collect()
+    return _sha256_prefixes(payloads["pair"].to_arrow()), _sha256_prefixes(payloads["prompt_json"].to_arrow())
+
+
+def _sha256_prefixes(texts: pa.Array) -> pa.Array:
+    """The first 32 hex digits of each string's sha256, as a string array."""
+    import numpy as np
+
+    texts = texts.cast(pa.large_string())
+    if texts.null_count:
+        raise ValueError("cannot hash null text")
+    count = len(texts)
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset: texts.offset + count + 1].tolist()
+    data = memoryview(texts.buffers()[2]) if texts.buffers()[2] is not None else memoryview(b"")
+    sha256 = hashlib.sha256
+    digests = b"".join([sha256(data[start:end]).digest() for start, end in zip(offsets[:-1], offsets[1:], strict=True)])
+    hexed = np.frombuffer(digests, dtype=np.uint8).reshape(count, 32)[:, :16].tobytes().hex().encode()
+    string_offsets = np.arange(0, 32 * count + 1, 32, dtype=np.int32).tobytes()
+    return pa.StringArray.from_buffers(count, pa.py_buffer(string_offsets), pa.py_buffer(hexed))
 
 
 @dataclass(frozen=True)
@@ -100,6 +160,8 @@ class Provenance:
     seed: int | None = None
     run_id: str | None = None
     parent_ids: list[str] = field(default_factory=list)
+    generated: str | None = None
+    method: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in PROVENANCE_TYPE.names}
@@ -130,11 +192,13 @@ class Pair:
     def pair_id(self) -> str:
         return pair_id_of(self.prompt_dicts, self.chosen, self.rejected)
 
-    def to_row(self) -> dict[str, Any]:
+    def to_row(self, *, ids: bool = True) -> dict[str, Any]:
+        """The row in ``PAIR_SCHEMA``. ``ids=False`` leaves pair_id/prompt_id null, for
+        callers that hash a whole batch at once (:func:`content_ids`, a catalog commit)."""
         prompt = self.prompt_dicts
         return {
-            "pair_id": pair_id_of(prompt, self.chosen, self.rejected),
-            "prompt_id": prompt_id_of(prompt),
+            "pair_id": pair_id_of(prompt, self.chosen, self.rejected) if ids else None,
+            "prompt_id": prompt_id_of(prompt) if ids else None,
             "prompt": prompt,
             "chosen": self.chosen,
             "rejected": self.rejected,
@@ -146,7 +210,8 @@ class Pair:
             "attribute_scores": self.attribute_scores,
             "task": self.task,
             "provenance": self.provenance.as_dict(),
-            "metadata": json.dumps(self.metadata, ensure_ascii=False, sort_keys=True)
+            # default=str: Parquet and `datasets` rows can carry dates and other non-JSON types.
+            "metadata": json.dumps(self.metadata, ensure_ascii=False, sort_keys=True, default=str)
             if self.metadata
             else None,
         }
@@ -182,11 +247,15 @@ def empty_pair_table() -> pa.Table:
     return PAIR_SCHEMA.empty_table()
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Return ``table`` with exactly the canonical columns, in order, cast to their types.
+def conform(table: pa.Table | pa.RecordBatch, *, extra: bool = False) -> pa.Table:
+    """Return ``table`` with the canonical columns, in order, cast to their types.
 
-    Missing optional columns are added as nulls; a missing required column raises.
+    Missing optional columns are added as nulls; a missing required column raises. With
+    ``extra`` the other columns (a filter's scores, say) follow, as given; without, they
+    are dropped.
     """
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
     columns = []
     for schema_field in PAIR_SCHEMA:
         if schema_field.name in table.column_names:
@@ -195,4 +264,9 @@ def conform(table: pa.Table) -> pa.Table:
             columns.append(pa.nulls(table.num_rows, schema_field.type))
         else:
             raise ValueError(f"table lacks required column {schema_field.name!r}")
-    return pa.Table.from_arrays(columns, schema=PAIR_SCHEMA)
+    schema = PAIR_SCHEMA
+    if extra:
+        extras = [f for f in table.schema if f.name not in PAIR_SCHEMA.names]
+        columns += [table.column(f.name) for f in extras]
+        schema = pa.schema(list(PAIR_SCHEMA) + extras)
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from tests.conftest import DEMO_SEEDS
@@ -28,19 +30,21 @@ def test_human_output_says_format_and_counts(cli):
     assert "320 rows in = 320 committed + 0 quarantined" in result.stdout
 
 
-def test_round_trip_through_trl_export_keeps_pair_ids(cli, tmp_path):
+def test_round_trip_through_trl_export_keeps_pair_ids_of_the_preferences(cli, tmp_path):
     cli("ingest", DEMO_SEEDS, "--name", "demo")
     out = tmp_path / "demo.trl.jsonl"
     exported = cli("catalog", "export", "demo", "--format", "trl", "--out", out, "--json").json()
-    assert exported["rows"] == 320 and exported["ties_written"]
+    # TRL has no ties: the 30 tie pairs are left out and counted, not written as preferences.
+    assert (exported["rows"], exported["ties_skipped"]) == (290, 30)
     first = json.loads(out.read_text().splitlines()[0])
     assert first["chosen"][0]["role"] == "assistant" and isinstance(first["prompt"], list)
     again = cli("ingest", out, "--name", "again", "--json").json()
-    assert again["committed"] == 320 and again["ties"] == 30
+    assert again["committed"] == 290 and again["ties"] == 0
     from factory.catalog import Catalog
 
     catalog = Catalog()
-    before = catalog.read_table("demo").column("pair_id").to_pylist()
+    demo = catalog.read_table("demo")
+    before = demo.filter(pa.compute.invert(demo["tie"])).column("pair_id").to_pylist()
     after = catalog.read_table("again").column("pair_id").to_pylist()
     assert before == after
 
@@ -74,9 +78,11 @@ def test_load_returns_a_datasets_object(cli):
     assert set(dataset.column_names) >= {"pair_id", "prompt", "chosen", "rejected", "tie"}
 
 
-def test_list_log_show(cli):
+def test_list_log_show(cli, tmp_path):
     cli("ingest", DEMO_SEEDS, "--name", "demo", "-m", "first")
-    cli("ingest", DEMO_SEEDS, "--name", "demo", "-m", "second")
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(DEMO_SEEDS.read_text().replace("?", "??", 1))
+    cli("ingest", changed, "--name", "demo", "-m", "second")
     listed = cli("catalog", "list", "--json").json()["datasets"]
     assert [(d["name"], d["latest"], d["rows"]) for d in listed] == [("demo", 2, 320)]
     log = cli("catalog", "log", "demo", "--json").json()["versions"]
@@ -102,9 +108,9 @@ def test_quarantine_is_stored_and_listed(cli, tmp_path):
 
 
 def test_errors_are_one_line_with_nonzero_exit(cli):
+    cli("ingest", DEMO_SEEDS, "--name", "demo")
     missing = cli("catalog", "show", "nothing")
     assert missing.code == 1 and missing.stderr == "prefab: error: no dataset named 'nothing' in the catalog\n"
-    cli("ingest", DEMO_SEEDS, "--name", "demo")
     assert "has no version 9 (latest is 1)" in cli("catalog", "show", "demo@9").stderr
     assert "no tag 'gold'" in cli("catalog", "show", "demo@gold").stderr
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from factory.trainer.backbones import budget_truncate, encode_pairs, load_tokenizer, minilm_path
 from factory.trainer.data import epoch_batches, kfold_by_prompt, pair_data, split_by_prompt
-from factory.trainer.toy import toy_pairs
+from tests.toy import toy_pairs
 
 
 def test_split_never_shares_a_prompt_and_is_seeded():
@@ -43,22 +43,41 @@ def test_epoch_batches_replay_and_bucket_by_length():
     assert padded(a) < 0.7 * padded(plain)  # far less padding than random batches
 
 
-def test_budget_truncation_keeps_prompt_tail_and_response_head():
+def test_budget_truncation_keeps_the_question_and_the_end_of_the_response():
     prompt, response = list(range(100)), list(range(1000, 1300))
-    out = budget_truncate(prompt, response, 64)
-    assert len(out) == 64
-    assert out[:32] == prompt[-32:] and out[32:] == response[:32]
-    assert budget_truncate([1, 2], [3], 10) == [1, 2, 3]
+    # the last user turn is the prompt's final 10 tokens: the prompt keeps exactly those,
+    # the response its first 54 // 4 = 13 tokens and its last 41
+    out = budget_truncate(prompt, response, 64, prompt_floor=10)
+    assert out == prompt[-10:] + response[:13] + response[-41:]
+    # a long question keeps at most half the budget, from its end
+    out = budget_truncate(prompt, response, 64, prompt_floor=90)
+    assert out == prompt[-32:] + response[:8] + response[-24:]
+    # a short response is never cut: older prompt tokens go first
     assert budget_truncate(list(range(50)), [7, 8], 10) == [42, 43, 44, 45, 46, 47, 48, 49, 7, 8]
+    assert budget_truncate([1, 2], [3], 10) == [1, 2, 3]
+    # a long response keeps its opening (at most 64 tokens) and its end
+    out = budget_truncate([1], list(range(2000)), 1000, prompt_floor=1)
+    assert out == [1, *range(64), *range(2000 - 935, 2000)]
 
 
-def test_long_dialogue_keeps_the_response_inside_max_length():
+def test_long_pair_keeps_last_question_and_final_answer_at_256_tokens():
     tok = load_tokenizer(minilm_path())
-    prompt = [{"role": "user", "content": "word " * 600}]
-    ids = encode_pairs(tok, [prompt], ["the final answer is forty two"], max_length=64)[0]
-    text = tok.decode(ids)
-    assert len(ids) == 64 and text.startswith("[CLS]") and text.endswith("[SEP]")
-    assert "assistant : the final answer is forty two" in text
+    prompt = [
+        {"role": "user", "content": "tell me about history " * 100},
+        {"role": "assistant", "content": "history is long " * 100},
+        {"role": "user", "content": "what is six times seven?"},
+    ]
+    response = "let me think step by step. " * 80 + "so the final answer is forty two"
+    encoded = encode_pairs(tok, [prompt, prompt], [response, "forty two"], max_length=256)
+    text = tok.decode(encoded.ids[0])
+    assert len(encoded.ids[0]) == 256 and text.startswith("[CLS]") and text.endswith("[SEP]")
+    assert "user : what is six times seven? assistant : let me think step by step." in text
+    assert text.endswith("so the final answer is forty two [SEP]")
+    assert "tell me about history" not in text  # the oldest turn went first
+    assert encoded.truncated.tolist() == [True, True]  # the second: its prompt is cut
+    short = encode_pairs(tok, [[{"role": "user", "content": "hi"}]], ["hello"], max_length=256)
+    assert short.truncated.tolist() == [False]
+    assert tok.decode(short.ids[0]) == "[CLS] user : hi assistant : hello [SEP]"
 
 
 def test_pair_data_reads_defaults_from_the_canonical_table():

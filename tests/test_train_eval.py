@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from factory.trainer.data import pair_data
-from factory.trainer.evaluate import pairwise_metrics
-from factory.trainer.robustness import MASTER_KEYS, contrast_consistency, master_key_fpr
+from factory.trainer.evaluate import pairwise_metrics, summary_text
+from factory.trainer.robustness import (
+    MASTER_KEYS,
+    contrast_consistency,
+    master_key_fpr,
+    mine_contrast_pairs,
+)
 from schemas.pairs import Message, Pair, Provenance, pairs_to_table
 
 
@@ -44,8 +51,22 @@ def test_pairwise_metrics_count_equal_rewards_as_errors():
     assert m["mean_margin"] == pytest.approx((1 - 1 + 0 + 3) / 4)
 
 
+def test_summary_says_how_many_tie_pairs_were_left_out_of_accuracy():
+    data = pair_data(_table([
+        ("q0", "a", "b", "s", False, None),
+        ("q1", "a", "b", "s", False, None),
+        ("q2", "a", "b", "s", True, None),
+    ]))
+    # the tie pair's chosen scores below its rejected: that is not a preference error
+    m = pairwise_metrics(np.array([1.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.05]), data)
+    assert m["accuracy"] == 1.0 and m["tie_accuracy"]["0.1"] == 1.0
+    text = summary_text(m)
+    assert "accuracy 100.0% over 2 preference pairs (of 3)" in text
+    assert "1 tie-labelled pairs left out of pairwise accuracy, scored as ties: |Δ|<0.1: 100.0%" in text
+
+
 class _LengthModel:
-    """Stub reward model: longer responses score higher."""
+    """Stub reward model: a response's reward is its length / 10."""
 
     device = torch.device("cpu")
     featurizer = None
@@ -54,43 +75,94 @@ class _LengthModel:
         return np.array([len(r) / 10 for r in responses], dtype=np.float64)
 
 
-def test_master_key_false_positive_rate():
-    data = pair_data(_table([(f"q{i}", "good answer", "bad", "s", False, None) for i in range(3)]))
-    out = master_key_fpr(_LengthModel(), data, r_rejected=np.full(3, 0.5))
-    # keys longer than 5 characters beat a rejected reward of 0.5
-    long_keys = [k for k in MASTER_KEYS if len(k) > 5]
-    assert out["fpr"] == pytest.approx(len(long_keys) / len(MASTER_KEYS))
-    assert out["comparisons"] == 3 * len(MASTER_KEYS) and out["prompts"] == 3
-    assert out["by_key"]["Solution"] == 1.0 and out["by_key"][":"] == 0.0
+def test_master_key_false_positive_rate_compares_keys_with_the_chosen_answer():
+    # key rewards (length / 10): four 1-char keys 0.1, "解" 0.1, "かいせつ" 0.4, "Solution" 0.8,
+    # "Respuesta" 0.9, "Thought process:" 1.6, "Let's solve this problem step by step." 3.8
+    data = pair_data(_table([
+        ("q0", "a fine answer", "bad", "s", False, None),  # chosen 1.3, rejected 0.3
+        ("q1", "ok", "b", "s", False, None),  # chosen 0.2, rejected 0.1
+        ("q2", "tie one", "tie two", "s", True, None),  # tie pairs are not probed
+    ]))
+    model = _LengthModel()
+    r_c, r_r = model.reward(None, data.chosen), model.reward(None, data.rejected)
+    out = master_key_fpr(model, data, r_c, r_r)
+    assert MASTER_KEYS[4:6] == ("Thought process:", "Let's solve this problem step by step.")
+    # keys >= chosen: q0 -> 2 keys (1.6, 3.8); q1 -> 5 keys (0.4, 0.8, 0.9, 1.6, 3.8)
+    assert out["fpr"] == pytest.approx(7 / 20)
+    # keys >= rejected: q0 -> the same 5; q1 -> all 10
+    assert out["fpr_vs_rejected"] == pytest.approx(15 / 20)
+    assert (out["comparisons"], out["pairs"], out["prompts"]) == (20, 2, 2)
+    assert out["by_key"]["Solution"] == {"vs_chosen": 0.5, "vs_rejected": 1.0}
+    assert out["by_key"][":"] == {"vs_chosen": 0.0, "vs_rejected": 0.5}
+    assert out["by_key"]["Thought process:"] == {"vs_chosen": 1.0, "vs_rejected": 1.0}
 
 
-class _OverlapModel:
-    """Stub reward model: words shared by the instruction and the response."""
+class _ScriptedModel:
+    """Stub reward model with a reward for each (instruction, response) it is asked about."""
 
     device = torch.device("cpu")
     featurizer = None
 
+    def __init__(self, rewards: dict[tuple[str, str], float]):
+        self.rewards = rewards
+        self.asked: list[tuple[str, str]] = []
+
     def reward(self, prompts, responses, batch_size: int = 64) -> np.ndarray:
-        return np.array([len(set(p[-1]["content"].split()) & set(r.split()))
-                         for p, r in zip(prompts, responses, strict=True)], dtype=np.float64)
+        keys = [(p[-1]["content"], r) for p, r in zip(prompts, responses, strict=True)]
+        self.asked += keys
+        return np.array([self.rewards[k] for k in keys], dtype=np.float64)
 
 
-class _BagOfWords:
-    def embed_plain(self, texts):
-        vocab = sorted({w for t in texts for w in t.split()})
-        x = np.array([[t.split().count(w) for w in vocab] for t in texts], dtype=np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+def _bag_of_words(texts: list[str]) -> np.ndarray:
+    vocab = sorted({w for t in texts for w in t.split()})
+    x = np.array([[t.split().count(w) for w in vocab] for t in texts], dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_contrast_instruction_consistency_on_mined_pairs():
+def test_contrast_consistency_scores_both_halves_of_the_test():
+    rice, pasta, peru, chile = "how to cook rice", "how to cook pasta", "capital of peru", "capital of chile"
+    y_rice, y_pasta, y_lima, y_santiago = "boil rice", "boil pasta", "Lima", "Santiago"
     data = pair_data(_table([
-        ("how to cook rice", "boil rice in water", "no", "s", False, None),
-        ("how to cook pasta", "boil pasta in salted water", "no", "s", False, None),
-        ("capital of peru", "Lima", "no", "s", False, None),
-        ("capital of chile", "Santiago", "no", "s", False, None),
+        (rice, y_rice, "no", "s", False, None),
+        (pasta, y_pasta, "no", "s", False, None),
+        (peru, y_lima, "no", "s", False, None),
+        (chile, y_santiago, "no", "s", False, None),
     ]))
-    out = contrast_consistency(_OverlapModel(), data, encoder=_BagOfWords(), threshold=0.6)
+    model = _ScriptedModel({
+        # rice/pasta: consistent in all four comparisons
+        (rice, y_rice): 2.0, (rice, y_pasta): 1.0, (pasta, y_pasta): 2.0, (pasta, y_rice): 1.0,
+        # peru/chile: each prompt prefers its own answer (same prompt: consistent), but the
+        # model rates "capital of chile" prompts higher whatever the answer, so Lima scores
+        # higher under chile than under peru (same answer: one of two consistent)
+        (peru, y_lima): 1.0, (peru, y_santiago): 0.0, (chile, y_santiago): 3.0, (chile, y_lima): 2.0,
+    })
+    out = contrast_consistency(model, data, embed=_bag_of_words, threshold=0.6)
     assert out["contrast_pairs"] == 2  # rice/pasta and peru/chile; no cross pairs
-    # rice/pasta answers name their dish (consistent both ways); Lima/Santiago share no
-    # word with either instruction, so they tie under both: equal rewards are not consistent
-    assert out["consistency"] == 0.5 and out["both_consistent"] == 0.5
+    assert out["same_prompt"] == 1.0
+    assert out["same_answer"] == 0.75
+    assert out["consistency"] == pytest.approx(7 / 8)
+    assert out["both_consistent"] == 0.5
+    assert set(model.asked) == set(model.rewards)  # all 8 combinations, nothing else
+
+
+def test_contrast_mining_takes_the_best_qualifying_neighbour_blockwise():
+    instructions = ["how to cook rice", "how to cook rice", "how to cook pasta", "capital of peru",
+                    "capital of chile", "colour of the sky"]
+    answers = ["boil it", "boil it", "boil pasta", "Lima", "Santiago", "blue"]
+    pairs = mine_contrast_pairs(instructions, answers, _bag_of_words(instructions), threshold=0.6,
+                                block_rows=2)
+    # the two rice rows are the same instruction: each pairs with pasta instead
+    assert [(a, b) for a, b, _ in pairs] == [(0, 2), (1, 2), (3, 4)]
+    assert all(0.6 <= s <= 0.995 for _, _, s in pairs)
+
+    # mined in blocks: memory does not grow with the square of the number of prompts
+    n = 3000
+    x = np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        mine_contrast_pairs([str(i) for i in range(n)], [str(i) for i in range(n)], x,
+                            threshold=0.5, block_rows=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (n * n * 4) / 4, f"peak {peak / 2**20:.1f} MiB"

@@ -11,7 +11,7 @@ from factory.trainer.data import pair_data
 from factory.trainer.evaluate import score_pairs
 from factory.trainer.loop import TrainConfig, TrainingInterrupted, fit
 from factory.trainer.model import load_reward_model
-from factory.trainer.toy import tiny_backbone, toy_pairs
+from tests.toy import tiny_backbone, toy_pairs
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}[SEP]{% endfor %}"
@@ -54,7 +54,7 @@ def test_full_mode_on_tiny_llama_with_chat_template(tmp_path):
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
     tok = result.model.tokenizer
-    text = tok.decode(encode_pairs(tok, data.prompts[:1], data.chosen[:1], 64)[0])
+    text = tok.decode(encode_pairs(tok, data.prompts[:1], data.chosen[:1], 64).ids[0])
     assert "< | user | >" in text and "< | assistant | >" in text  # the template was applied
 
 

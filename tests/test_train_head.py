@@ -1,4 +1,5 @@
-"""Head mode on the embedded MiniLM: accuracy, ties, weights, embedding cache, resume."""
+"""Head mode on the embedded MiniLM: accuracy, ties, weights, embedding cache, resume,
+Ctrl+C while embedding, best epoch and early stopping."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import pyarrow as pa
 import pytest
 import torch
 
+from factory.embed.cache import EmbeddingCache
 from factory.trainer.data import pair_data
-from factory.trainer.embed_cache import EmbeddingCache
 from factory.trainer.evaluate import pairwise_metrics, score_pairs
 from factory.trainer.loop import CHECKPOINT_FILE, TrainConfig, TrainingInterrupted, fit
 from factory.trainer.model import HeadFeaturizer
-from factory.trainer.toy import toy_pairs
+from tests.toy import toy_pairs
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +95,6 @@ def test_resume_after_interruption_matches_uninterrupted_run(featurizer, tmp_pat
     assert torch.equal(_head_params(full), _head_params(resumed))
 
 
-def test_mean_pool_encoder_matches_sentence_transformers(featurizer):
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(featurizer.encoder.path, device="cpu")
-    texts = ["A quick brown fox.", "Reward models score responses to prompts."]
-    ours = featurizer.encoder.embed_plain(texts)
-    np.testing.assert_allclose(ours, st.encode(texts), atol=1e-5)
-
-
 def test_ctrl_c_finishes_the_step_and_keeps_a_checkpoint(featurizer, tmp_path, monkeypatch):
     import os
     import signal
@@ -125,3 +117,86 @@ def test_ctrl_c_finishes_the_step_and_keeps_a_checkpoint(featurizer, tmp_path, m
     assert stop.value.step == 2  # the interrupted step completed, then training stopped
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 2
     assert signal.getsignal(signal.SIGINT) is before  # our handler is removed again
+
+
+def test_ctrl_c_while_embedding_stops_the_run_and_keeps_the_embeddings(tmp_path, monkeypatch):
+    """A background job inherits SIGINT ignored; `kill -INT` must still stop the embedding
+    phase (it used to run on and exit 0), saving the batches already embedded."""
+    import os
+    import signal
+
+    from factory.embed import EmbeddingInterrupted
+
+    data = pair_data(toy_pairs(40, seed=8))
+    featurizer = HeadFeaturizer("minilm", 128, tmp_path / "emb", batch_size=8)
+    real, embedded = featurizer.encoder.embed_ids, []
+
+    def embed_then_ctrl_c(seqs, batch_size=64):
+        embedded.append(len(seqs))
+        if len(embedded) == 2 and interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(seqs, batch_size)
+
+    monkeypatch.setattr(featurizer.encoder, "embed_ids", embed_then_ctrl_c)
+    interrupt, before = True, signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(EmbeddingInterrupted) as stop:
+            fit(data, _cfg(epochs=2), featurizer=featurizer, checkpoint_dir=tmp_path / "ckpt")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # put back as it was
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert stop.value.saved == 8 and embedded == [8, 8]
+    # a rerun (a new process: a fresh cache object) embeds only what was not saved
+    featurizer.cache = EmbeddingCache(featurizer.cache.folder.parent, featurizer.cache.folder.name)
+    interrupt, embedded[:] = False, []
+    fit(data, _cfg(epochs=2), featurizer=featurizer)
+    assert sum(embedded) == 2 * len(data) - 8 and featurizer.cache.hits == 8
+
+
+def test_embedding_phase_shows_progress_and_is_timed_apart(tmp_path, monkeypatch, capsys):
+    import time
+
+    data = pair_data(toy_pairs(20, seed=9))
+    featurizer = HeadFeaturizer("minilm", 128, tmp_path / "emb")
+    real = featurizer.encoder.embed_ids
+
+    def slow(seqs, batch_size=64):
+        time.sleep(1.0)  # a slow encoder: the run's rate must include it
+        return real(seqs, batch_size)
+
+    monkeypatch.setattr(featurizer.encoder, "embed_ids", slow)
+    result = fit(data, _cfg(epochs=2, progress=True), featurizer=featurizer)
+    err = capsys.readouterr().err
+    assert "embed pairs" in err and "40/40" in err  # a bar while embedding, not only training
+    assert result.embed_seconds >= 1.0
+    assert result.total_seconds >= result.embed_seconds + result.train_seconds
+    assert result.pairs_per_second == pytest.approx(result.stats["pairs_seen"] / result.total_seconds)
+    assert result.pairs_per_second < result.stats["pairs_seen"] / 1.0
+    assert result.stats["train_pairs_per_second"] > result.pairs_per_second
+
+
+def test_keeps_the_best_epoch_and_stops_when_validation_stops_improving(featurizer):
+    # Validation pairs are the training pairs with the labels flipped: every epoch of
+    # training makes validation worse, so the best epoch is the first.
+    table = toy_pairs(24, seed=10)
+    rows = table.to_pylist()
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows[:8]]
+    data = pair_data(pa.Table.from_pylist(rows + flipped, schema=table.schema))
+    train_idx, val_idx = np.arange(24), np.arange(24, 32)
+    cfg = _cfg(epochs=10, patience=2, batch_size=8)
+    result = fit(data, cfg, featurizer=featurizer, train_idx=train_idx, val_idx=val_idx)
+    losses = [h["val_loss"] for h in result.history]
+    assert losses[0] < losses[1] < losses[2]
+    assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
+    # the model is epoch 1's: its validation loss is epoch 1's, not the last one's
+    from factory.trainer.losses import preference_loss
+
+    r_c, r_r = score_pairs(result.model, data.subset(val_idx))
+    val_loss = float(preference_loss(torch.from_numpy(r_c), torch.from_numpy(r_r)).loss)
+    assert val_loss == pytest.approx(losses[0], rel=1e-5)
+    # patience 0: all 10 epochs run, and still epoch 1 is kept
+    full = fit(data, _cfg(epochs=10, patience=0, batch_size=8), featurizer=featurizer,
+               train_idx=train_idx, val_idx=val_idx)
+    assert len(full.history) == 10 and not full.stopped_early and full.best_epoch == 1
+    assert torch.equal(_head_params(full), _head_params(result))

@@ -2,22 +2,30 @@
 
 Layout of a home folder::
 
-    catalog.duckdb        datasets, versions, lineage, tags, files, quarantine, models
+    catalog.duckdb        datasets, versions, lineage, tags, files, quarantine, failures, models
     objects/ab/<sha256>.parquet
     models/<name>/<version>/
 
-A commit writes its data files first and then records the version in one database
-transaction; a crash at any point leaves the previous state and at most an unreferenced
-object, which ``gc`` removes once it is older than its grace period.
+A commit streams its rows into content-addressed data files first (checking each row's
+``pair_id``/``prompt_id`` against its content on the way) and then records the version in
+one database transaction; a crash at any point leaves the previous state and at most an
+unreferenced object, which ``gc`` removes once it is older than its grace period.
+
+Every read of a version's files (``batches``, ``scanner``, ``read_table``, exports,
+training) first checks their sha256 against the catalog, once per file per process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import signal
+import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,24 +34,67 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from factory.catalog.db import connect, initialise
-from factory.catalog.index import build_index
+from factory.catalog.index import INDEX_SCHEMA, IndexBuilder
 from factory.catalog.refs import Ref, RefError, check_name, check_tag, parse_ref
-from factory.catalog.store import ObjectStore
+from factory.catalog.store import ROW_GROUP_ROWS, ObjectStore, ObjectWriter, StoredObject
 from factory.home import resolve_home
-from schemas.pairs import PAIR_SCHEMA, conform
+from schemas.errors import PrefabError
+from schemas.pairs import PAIR_SCHEMA, conform, content_ids
 from schemas.readers.base import QUARANTINE_SCHEMA
 
+# Rows a step could not process, kept beside the version like ingest's quarantine.
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.string()),
+        pa.field("pair_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("raw", pa.string()),  # the input row as JSON
+    ]
+)
 
+# Lineage keys only the catalog writes: a caller's lineage dict may repeat them, not change them.
+PROTECTED_LINEAGE = ("parents", "rows_out", "code_version")
+
+READ_BATCH_ROWS = 16_384
+
+
+class DataFileError(PrefabError):
+    """A version's data file is missing or its bytes no longer match the recorded sha256."""
+
+
+@functools.cache
 def code_version() -> str:
+    """``prefab X.Y.Z``, plus ``(git abc1234[, dirty])`` when running from a git checkout."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return f"prefab {version('prefab')}"
+        base = f"prefab {version('prefab')}"
     except PackageNotFoundError:
-        return "prefab (not installed)"
+        base = "prefab (not installed)"
+    git = _git_state(Path(__file__).resolve().parents[2])
+    return f"{base} ({git})" if git else base
+
+
+def _git_state(root: Path) -> str | None:
+    """Commit and dirty flag of the checkout prefab runs from; None when that is unknowable."""
+    if not (root / ".git").exists():  # an installed wheel: no git call at all
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = ", dirty" if status.returncode == 0 and status.stdout.strip() else ""
+    return f"git {head.stdout.strip()}{dirty}"
 
 
 def _now() -> datetime:
@@ -67,6 +118,12 @@ class VersionInfo:
     files: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     index_files: list[str] = field(default_factory=list)
+    file_sha256: list[str] = field(default_factory=list)
+    index_sha256: list[str] = field(default_factory=list)
+    # Set by a commit whose content equals the latest version: no new version was made.
+    unchanged: bool = False
+    # Tables stored beside the data, by role (e.g. a filter's "scores"): role -> (relpath, sha256)
+    attachments: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -82,15 +139,38 @@ class VersionInfo:
             "message": self.message,
             "tags": self.tags,
             "files": self.files,
+            "attachments": {role: relpath for role, (relpath, _) in self.attachments.items()},
             "lineage": self.lineage,
         }
 
 
+@dataclass
+class StagedData:
+    """Rows written to the object store (data file and key index), not yet a version."""
+
+    data: StoredObject
+    index: StoredObject
+    schema: pa.Schema
+    # Kept for an in-memory table so its files can be rewritten if a gc removed them.
+    table: pa.Table | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.data.rows
+
+
+Data = pa.Table | pa.RecordBatch | pa.RecordBatchReader | Iterable[pa.RecordBatch | pa.Table] | StagedData
+
+
 class Catalog:
-    def __init__(self, home: str | Path | None = None) -> None:
+    def __init__(self, home: str | Path | None = None, *, create: bool = True) -> None:
+        """Open the catalog in ``home``; with ``create=False`` a missing catalog is an error."""
         self.home = resolve_home(home)
-        self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "catalog.duckdb"
+        if not create and not self.db_path.is_file():
+            what = "the folder does not exist" if not self.home.exists() else "it holds no catalog.duckdb"
+            raise PrefabError(f"no catalog at {self.home}: {what} (check --home or PREFAB_HOME)")
+        self.home.mkdir(parents=True, exist_ok=True)
         self.store = ObjectStore(self.home / "objects")
         self.models_dir = self.home / "models"
         with self._connect() as connection:
@@ -101,53 +181,136 @@ class Catalog:
 
     # ---- writing -------------------------------------------------------------------------
 
+    def stage(self, data: Data) -> StagedData:
+        """Write rows to the object store without recording a version (see :meth:`commit`).
+
+        Rows stream through in batches: each is put in canonical column order (extra
+        columns kept after them), its ``pair_id``/``prompt_id`` checked against its content
+        (absent or null ids are filled in), then written to the data file and the index.
+        """
+        if isinstance(data, StagedData):
+            return data
+        table = data if isinstance(data, pa.Table) else None
+        builder = IndexBuilder()
+        writers: list[ObjectWriter] = []
+        offset = 0
+
+        def write(rows: pa.Table) -> None:
+            writers[0].write(rows)
+            writers[1].write(builder.batch(rows))
+
+        # Batch k is compressed and written on a second thread while batch k+1's ids are
+        # hashed here (both release the GIL for most of their work); one batch in flight
+        # at a time keeps memory at about two batches.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: Future[None] | None = None
+            try:
+                schema: pa.Schema | None = None
+                for batch in _batches_of(data):
+                    rows = _with_checked_ids(conform(_with_id_columns(batch), extra=True), offset)
+                    if schema is None:
+                        schema = rows.schema
+                        writers = [self.store.writer(schema), self.store.writer(INDEX_SCHEMA)]
+                    elif not rows.schema.equals(schema):
+                        rows = _aligned(rows, schema, offset)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(write, rows)
+                    offset += rows.num_rows
+                if pending is not None:
+                    pending.result()
+                if schema is None:  # no batches at all: an empty version's files
+                    schema = conform(table if table is not None else PAIR_SCHEMA.empty_table(), extra=True).schema
+                    writers = [self.store.writer(schema), self.store.writer(INDEX_SCHEMA)]
+                data_object = writers[0].finish()
+                index_object = writers[1].finish()
+            except BaseException:
+                if pending is not None:
+                    with contextlib.suppress(BaseException):
+                        pending.result()  # never abort a writer another thread is using
+                for writer in writers:
+                    writer.abort()
+                raise
+            finally:
+                builder.close()
+        return StagedData(data_object, index_object, schema, table)
+
     def commit(
         self,
         name: str,
-        table: pa.Table,
+        data: Data,
         *,
         message: str = "",
         lineage: dict[str, Any] | None = None,
-        parents: list[str] | tuple[str, ...] = (),
+        parents: Sequence[str] = (),
         quarantine: pa.Table | None = None,
+        failures: pa.Table | None = None,
+        attachments: dict[str, pa.Table] | None = None,
+        allow_empty: bool = False,
     ) -> VersionInfo:
-        """Record ``table`` as the next version of ``name``; returns the new version."""
+        """Record ``data`` as the next version of ``name``; returns the new version.
+
+        ``data`` is a table, record batches (streamed: memory stays at about a row group)
+        or what :meth:`stage` returned. Columns beyond the canonical ones are kept after
+        them. Refused: a row whose ``pair_id``/``prompt_id`` does not match its content, and
+        an empty version unless ``allow_empty``. If the rows equal the latest version's, no
+        version is made and that version comes back with ``unchanged`` set.
+        ``failures`` (``FAILURE_SCHEMA``) are rows a step could not process; like
+        ``quarantine`` they are stored in the same transaction. ``attachments`` are tables
+        stored beside the data under a role name (a filter's per-row ``scores`` of every
+        input row, dropped ones included), hashed, verified and kept by gc like data files.
+        """
         check_name(name)
         started = time.monotonic()
-        table = conform(table)
         parent_infos = [self.resolve(parent) for parent in parents]
+        failed = _conform_failures(failures)
         _crash_point("before_files")
-        # The index hashes responses while the data file compresses them; both release the GIL.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            index_job = pool.submit(lambda: self.store.write_table(build_index(table)))
-            stored = self.store.write_table(table)
-            index = index_job.result()
+        staged = self.stage(data)
+        if staged.rows == 0 and not allow_empty:
+            raise PrefabError(f"refusing to commit an empty version of {name!r}: there are no rows")
+        for role in attachments or {}:
+            if role in ("data", "index"):
+                raise PrefabError(f"attachment role {role!r} is reserved")
+        attached = {role: self.store.write_table(table) for role, table in (attachments or {}).items()}
         _crash_point("after_files")
-        record = {
-            "code_version": code_version(),
-            "parents": [p.ref for p in parent_infos],
-            "rows_out": table.num_rows,
-            "models": [],
-            "judges": [],
-            **(lineage or {}),
-        }
+        record = dict(lineage or {})
+        protected = {"code_version": code_version(), "parents": [p.ref for p in parent_infos],
+                     "rows_out": staged.rows}
+        for key, value in protected.items():
+            if key in record and record[key] != value:
+                raise PrefabError(f"lineage[{key!r}] = {record[key]!r} disagrees with the commit's {value!r}; "
+                                  f"the catalog records {', '.join(PROTECTED_LINEAGE)} itself")
+            record[key] = value
+        record.setdefault("models", [])
+        record.setdefault("judges", [])
         record.setdefault("rows_quarantined", quarantine.num_rows if quarantine is not None else 0)
+        record.setdefault("rows_failed", failed.num_rows if failed is not None else 0)
         now = _now()
         with self._connect() as connection:
-            if not stored.path.exists():  # a gc ran between our write and this lock
-                stored = self.store.write_table(table)
-            if not index.path.exists():
-                index = self.store.write_table(build_index(table))
+            if not (staged.data.path.exists() and staged.index.path.exists()):
+                if staged.table is None:  # a streamed input cannot be replayed
+                    raise PrefabError("the data files written for this commit were deleted before it "
+                                      "was recorded (a `catalog gc --grace 0` meanwhile?); run it again")
+                staged = self.stage(staged.table)  # a gc ran between our write and this lock
+            for role, obj in list(attached.items()):
+                if not obj.path.exists():
+                    attached[role] = self.store.write_table(attachments[role])  # type: ignore[index]
             connection.execute("BEGIN TRANSACTION")
             try:
-                version = connection.execute(
-                    "SELECT coalesce(max(version), 0) + 1 FROM versions WHERE dataset = ?", [name]
+                latest = connection.execute(
+                    "SELECT max(version) FROM versions WHERE dataset = ?", [name]
                 ).fetchone()[0]
+                if latest is not None and self._data_sha256(connection, name, latest) == [staged.data.sha256]:
+                    info = self._resolve(connection, Ref(name, version=latest))
+                    connection.execute("ROLLBACK")
+                    info.unchanged = True
+                    return info
+                version = (latest or 0) + 1
                 record.setdefault("commit_seconds", round(time.monotonic() - started, 3))
                 connection.execute(
                     "INSERT INTO datasets VALUES (?, ?) ON CONFLICT (name) DO NOTHING", [name, now]
                 )
-                for role, obj in (("data", stored), ("index", index)):
+                for role, obj in (("data", staged.data), ("index", staged.index), *attached.items()):
                     connection.execute(
                         "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
                         [obj.sha256, str(obj.path.relative_to(self.home)), obj.bytes, obj.rows, now],
@@ -157,7 +320,7 @@ class Catalog:
                     )
                 connection.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                    [name, version, now, message, table.num_rows, json.dumps(record, default=str)],
+                    [name, version, now, message, staged.rows, json.dumps(record, default=str)],
                 )
                 for parent in parent_infos:
                     connection.execute(
@@ -170,12 +333,86 @@ class Catalog:
                         "INSERT INTO quarantine SELECT ?, ?, file, line, field, reason, raw FROM bad",
                         [name, version],
                     )
+                if failed is not None and failed.num_rows:
+                    connection.execute(
+                        "INSERT INTO failures SELECT ?, ?, step, pair_id, reason, raw FROM failed",
+                        [name, version],
+                    )
                 _crash_point("in_transaction")
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
         return self.resolve(Ref(name, version=version))
+
+    @staticmethod
+    def _data_sha256(connection: duckdb.DuckDBPyConnection, name: str, version: int) -> list[str]:
+        return [r[0] for r in connection.execute(
+            "SELECT sha256 FROM version_files WHERE dataset = ? AND version = ? AND role = 'data' "
+            "ORDER BY ordinal", [name, version]).fetchall()]
+
+    def merge(self, refs: Sequence[str], name: str, *, message: str = "") -> VersionInfo:
+        """Combine versions into a new version of ``name`` whose parents are all of them.
+
+        Policy for a ``pair_id`` found in several inputs: the first input (in the order
+        given) that has it keeps all its rows; the later inputs' rows for it are dropped
+        and counted (``duplicates_dropped``; ``label_conflicts`` counts those whose labels
+        differ from every kept row's). Repeats within one input are separate judgments
+        and stay. Counts reconcile: ``rows_in == rows_out + duplicates_dropped``.
+        """
+        if len(refs) < 2:
+            raise PrefabError("merge needs at least two versions")
+        check_name(name)
+        started = time.monotonic()
+        infos = [self.resolve(ref) for ref in refs]
+        schema = _merged_schema([self.schema(info) for info in infos])
+        per_input: list[dict[str, Any]] = []
+        keys = IndexBuilder()
+        kept_keys: list[pa.Array] = []
+        dropped_keys: list[pa.Array] = []
+
+        def rows() -> Iterator[pa.Table]:
+            seen = pa.array([], pa.string())
+            for info in infos:
+                ids = self.read_table(info, columns=["pair_id"]).column("pair_id")
+                # One hash set per input, not per batch: is_in rebuilds it on every call.
+                keep = pc.invert(pc.is_in(ids, value_set=seen)).combine_chunks()
+                offset = 0
+                for batch in self.batches(info):
+                    mask = keep.slice(offset, batch.num_rows)
+                    offset += batch.num_rows
+                    index = keys.batch(batch)
+                    key = pc.binary_join_element_wise(index["pair_id"], index["verdict"].cast(pa.string()), ":")
+                    kept_keys.append(key.filter(mask).combine_chunks())
+                    dropped_keys.append(key.filter(pc.invert(mask)).combine_chunks())
+                    yield _aligned(conform(batch, extra=True).filter(mask), schema, 0)
+                kept_here = int(pc.sum(keep).as_py() or 0)
+                per_input.append({"ref": info.ref, "rows": info.rows, "kept": kept_here,
+                                  "duplicates_dropped": info.rows - kept_here})
+                seen = pa.concat_arrays([seen, pc.unique(ids.filter(keep))])
+
+        try:
+            staged = self.stage(rows())
+        finally:
+            keys.close()
+        kept_set = pa.concat_arrays(kept_keys) if kept_keys else pa.array([], pa.string())
+        dropped = pa.concat_arrays(dropped_keys) if dropped_keys else pa.array([], pa.string())
+        conflicts = int(pc.sum(pc.invert(pc.is_in(dropped, value_set=kept_set))).as_py() or 0) if len(dropped) else 0
+        rows_in = sum(info.rows for info in infos)
+        duplicates = sum(item["duplicates_dropped"] for item in per_input)
+        if rows_in != staged.rows + duplicates:  # the policy's own invariant; never expected to fire
+            raise PrefabError(f"merge counts do not reconcile: {rows_in} in, {staged.rows} out, {duplicates} dropped")
+        lineage = {
+            "command": "merge",
+            "params": {"refs": [info.ref for info in infos], "duplicates": "keep-first"},
+            "rows_in": rows_in,
+            "duplicates_dropped": duplicates,
+            "label_conflicts": conflicts,
+            "inputs": per_input,
+            "wall_seconds": round(time.monotonic() - started, 3),
+        }
+        return self.commit(name, staged, message=message or f"merge {' + '.join(i.ref for i in infos)}",
+                           lineage=lineage, parents=[info.ref for info in infos])
 
     def tag(self, ref: str, tag: str, *, force: bool = False) -> dict[str, Any]:
         """Name a version. Tags are immutable; moving one needs ``force`` and is logged."""
@@ -204,6 +441,17 @@ class Catalog:
                 )
             connection.execute("COMMIT")
         return {"dataset": target.name, "tag": tag, "version": target.version, "moved_from": old}
+
+    def tag_history(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
+        """Every tag placement and move of a dataset (or those touching one version), oldest first."""
+        with self._connect(read_only=True) as connection:
+            rows = connection.execute(
+                "SELECT tag, old_version, new_version, moved_at FROM tag_events WHERE dataset = ? "
+                "AND (?::INTEGER IS NULL OR new_version = ? OR old_version = ?) ORDER BY moved_at, tag",
+                [name, version, version, version],
+            ).fetchall()
+        return [{"tag": tag, "from_version": old, "to_version": new,
+                 "at": at.isoformat(timespec="seconds") + "Z"} for tag, old, new, at in rows]
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -241,12 +489,18 @@ class Catalog:
                 raise RefError(f"no dataset named {ref.name!r} in the catalog")
             raise RefError(f"dataset {ref.name!r} has no version {version} (latest is {known})")
         files: dict[str, list[str]] = {"data": [], "index": []}
-        for role, relpath in connection.execute(
-            "SELECT v.role, f.relpath FROM version_files v JOIN files f USING (sha256) "
+        hashes: dict[str, list[str]] = {"data": [], "index": []}
+        attachments: dict[str, tuple[str, str]] = {}
+        for role, relpath, sha256 in connection.execute(
+            "SELECT v.role, f.relpath, f.sha256 FROM version_files v JOIN files f USING (sha256) "
             "WHERE v.dataset = ? AND v.version = ? ORDER BY v.ordinal",
             [ref.name, version],
         ).fetchall():
-            files[role].append(relpath)
+            if role in files:
+                files[role].append(relpath)
+                hashes[role].append(sha256)
+            else:
+                attachments[role] = (relpath, sha256)
         tags = [
             r[0]
             for r in connection.execute(
@@ -255,18 +509,126 @@ class Catalog:
             ).fetchall()
         ]
         return VersionInfo(ref.name, version, row[0], row[1], row[2] or "", json.loads(row[3]),
-                           files["data"], tags, files["index"])
+                           files["data"], tags, files["index"], hashes["data"], hashes["index"],
+                           attachments=attachments)
 
     def paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
         return [self.home / relpath for relpath in (info.files if role == "data" else info.index_files)]
 
+    def checked_paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
+        """A version's files, each checked against its recorded sha256 (once per process).
+
+        A missing or changed file raises :class:`DataFileError`, one line naming the version.
+        """
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        if role == "data":
+            relpaths, hashes = info.files, info.file_sha256
+        elif role == "index":
+            relpaths, hashes = info.index_files, info.index_sha256
+        elif role in info.attachments:
+            relpaths, hashes = [info.attachments[role][0]], [info.attachments[role][1]]
+        else:
+            raise PrefabError(f"{info.ref} has no {role!r} table (it has: "
+                              f"{', '.join(sorted(info.attachments)) or 'none'})")
+        paths = []
+        for relpath, sha256 in zip(relpaths, hashes, strict=True):
+            path = self.home / relpath
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise DataFileError(f"{info.ref}: its {role} file {relpath} is missing; "
+                                    "run `prefab catalog verify` to list every damaged version") from None
+            key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            if _VERIFIED.get(key) != sha256:
+                actual = self.store.hash_file(path)
+                if actual != sha256:
+                    raise DataFileError(f"{info.ref}: its {role} file {relpath} is corrupted (sha256 "
+                                        f"{actual[:12]}, recorded {sha256[:12]}); "
+                                        "run `prefab catalog verify` to list every damaged version")
+                _VERIFIED[key] = sha256
+            paths.append(path)
+        return paths
+
+    def schema(self, ref: str | VersionInfo) -> pa.Schema:
+        """The version's columns: canonical ones first, then any extra columns its files hold."""
+        schemas = [pq.read_schema(path) for path in self.checked_paths(ref)]
+        if not schemas:
+            return PAIR_SCHEMA
+        return pa.unify_schemas([s.remove_metadata() for s in schemas])
+
+    def batches(self, ref: str | VersionInfo, columns: list[str] | None = None,
+                batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """A version's rows one batch at a time, file by file, all in the version's schema."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        schema = self.schema(info)
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        for path in self.checked_paths(info):
+            # pre_buffer would read whole row groups ahead (hundreds of MiB on big versions).
+            reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            wanted = [c for c in schema.names if c in reader.schema_arrow.names]
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=wanted):
+                if batch.schema.equals(schema):
+                    yield batch
+                else:  # a file without some of the version's extra columns
+                    yield from _aligned(pa.Table.from_batches([batch]), schema, 0).to_batches()
+
     def scanner(self, ref: str | VersionInfo) -> pads.Dataset:
-        """A lazy Arrow dataset over a version's files, for streaming and SQL."""
-        return pads.dataset([str(p) for p in self.paths(ref)], format="parquet", schema=PAIR_SCHEMA)
+        """A lazy Arrow dataset over a version's (checked) files, for streaming and SQL."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        return pads.dataset([str(p) for p in self.checked_paths(info)], format="parquet",
+                            schema=self.schema(info))
 
     def read_table(self, ref: str | VersionInfo, columns: list[str] | None = None) -> pa.Table:
         return self.scanner(ref).to_table(columns=columns)
+
+    def read_attachment(self, ref: str | VersionInfo, role: str) -> pa.Table:
+        """A table stored beside a version's data (e.g. its filter ``scores``)."""
+        (path,) = self.checked_paths(ref, role)
+        return pq.read_table(path)
+
+    def find_scores(self, score_key: str) -> pa.Table | None:
+        """The stored scores of the latest version whose lineage carries ``score_key``.
+
+        A filter run records the key of (inputs, step, scoring parameters); a later run with
+        only new thresholds finds its scores here instead of recomputing them.
+        """
+        with self._connect(read_only=True) as connection:
+            rows = connection.execute(
+                "SELECT dataset, version FROM versions "
+                "WHERE json_extract_string(lineage, '$.score_key') = ? ORDER BY created_at DESC",
+                [score_key],
+            ).fetchall()
+            infos = [self._resolve(connection, Ref(name, version=version)) for name, version in rows]
+        for info in infos:
+            if "scores" in info.attachments:
+                try:
+                    return self.read_attachment(info, "scores")
+                except DataFileError:
+                    continue  # a damaged copy is only lost work: recompute
+        return None
+
+    def head(self, ref: str | VersionInfo, rows: int) -> pa.Table:
+        """The first ``rows`` rows, reading no more than one batch of them."""
+        taken: list[pa.RecordBatch] = []
+        count = 0
+        for batch in self.batches(ref, batch_rows=max(rows, 1)):
+            if count >= rows:
+                break
+            taken.append(batch.slice(0, rows - count))
+            count += taken[-1].num_rows
+        return pa.Table.from_batches(taken) if taken else self.schema(ref).empty_table()
+
+    def failures(self, ref: str) -> pa.Table:
+        """Rows a step could not process for this version: step, pair_id, reason, raw."""
+        info = self.resolve(ref)
+        with self._connect(read_only=True) as connection:
+            return connection.sql(
+                "SELECT step, pair_id, reason, raw FROM failures "
+                "WHERE dataset = ? AND version = ? ORDER BY step, pair_id",
+                params=[info.name, info.version],
+            ).to_arrow_table().cast(FAILURE_SCHEMA)
 
     def quarantined(self, ref: str) -> pa.Table:
         info = self.resolve(ref)
@@ -368,6 +730,112 @@ class Catalog:
                 "SELECT name, max(version) FROM models GROUP BY name ORDER BY name"
             ).fetchall()
         return [self.get_model(f"{n}@{v}") for n, v in names]
+
+
+# Files whose sha256 this process has checked: (path, size, mtime, inode) -> sha256.
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _batches_of(data: Data) -> Iterator[pa.Table]:
+    """Any accepted input as tables of at most one row group each (bounded memory)."""
+    if isinstance(data, pa.Table | pa.RecordBatch):
+        data = data.to_batches(max_chunksize=ROW_GROUP_ROWS) if isinstance(data, pa.Table) else [data]
+    for item in data:
+        if isinstance(item, pa.Table):
+            for batch in item.to_batches(max_chunksize=ROW_GROUP_ROWS):
+                yield pa.Table.from_batches([batch])
+        else:
+            yield pa.Table.from_batches([item])
+
+
+def _with_id_columns(table: pa.Table) -> pa.Table:
+    """Absent id columns become nulls, which the id check fills in from content."""
+    for name in ("pair_id", "prompt_id"):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    return table
+
+
+def _with_checked_ids(table: pa.Table, offset: int) -> pa.Table:
+    """Recompute each row's ids from its content; fill the missing, refuse the wrong.
+
+    ``offset`` is the rows already streamed, so an error names the row in the whole input.
+    """
+    for name in ("prompt", "chosen", "rejected", "tie"):
+        column = table.column(name)
+        if column.null_count:
+            row = pc.index(pc.is_null(column), True).as_py()
+            raise PrefabError(f"commit refused: row {offset + row + 1} has no {name!r} (null)")
+    messages = pc.list_flatten(table.column("prompt"))
+    for part in ("role", "content"):
+        if pc.struct_field(messages, part).null_count:
+            nulls = pc.list_parent_indices(table.column("prompt")).filter(pc.is_null(pc.struct_field(messages, part)))
+            row = pc.min(nulls).as_py()
+            raise PrefabError(f"commit refused: row {offset + row + 1} has a prompt message with no {part!r} (null)")
+    pair_ids, prompt_ids = content_ids(table)
+    for name, expected in (("pair_id", pair_ids), ("prompt_id", prompt_ids)):
+        given = table.column(name).combine_chunks()
+        wrong = pc.and_kleene(pc.is_valid(given), pc.not_equal(given, expected))
+        if pc.any(wrong).as_py():
+            row = pc.index(wrong, True).as_py()
+            raise PrefabError(
+                f"commit refused: row {offset + row + 1} has {name} {given[row].as_py()!r}, but its "
+                f"content hashes to {expected[row].as_py()!r} ({name} is a content hash: "
+                f"schemas.pairs.{name}_of; leave it null to have it computed)"
+            )
+        if given.null_count:
+            position = table.schema.get_field_index(name)
+            table = table.set_column(position, table.schema.field(name), pc.coalesce(given, expected))
+    return table
+
+
+def _aligned(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
+    """``table`` in ``schema``: columns it lacks become nulls; a column of another type is cast."""
+    columns = []
+    for schema_field in schema:
+        if schema_field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, schema_field.type))
+            continue
+        column = table.column(schema_field.name)
+        try:
+            columns.append(column.cast(schema_field.type) if column.type != schema_field.type else column)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise PrefabError(f"column {schema_field.name!r} changes type from {schema_field.type} to "
+                              f"{column.type} at row {offset + 1}; every batch needs the same columns") from None
+    extra = [c for c in table.column_names if c not in schema.names]
+    if extra:
+        raise PrefabError(f"column(s) {', '.join(map(repr, extra))} appear at row {offset + 1} but not in "
+                          "the first batch; every batch needs the same columns")
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _merged_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """Canonical columns, then every input's extra columns (first-seen order)."""
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise PrefabError(f"cannot merge: inputs disagree on a column's type ({exc})") from None
+    extras = [f for f in unified if f.name not in PAIR_SCHEMA.names]
+    return pa.schema(list(PAIR_SCHEMA) + extras)
+
+
+def _conform_failures(failures: pa.Table | None) -> pa.Table | None:
+    if failures is None:
+        return None
+    if "reason" not in failures.column_names:
+        raise PrefabError("failures table needs a 'reason' column (and step, pair_id, raw)")
+    unknown = [c for c in failures.column_names if c not in FAILURE_SCHEMA.names]
+    if unknown:
+        raise PrefabError(f"failures table has unknown column(s) {unknown} (expected {FAILURE_SCHEMA.names})")
+    columns = []
+    for schema_field in FAILURE_SCHEMA:
+        if schema_field.name in failures.column_names:
+            columns.append(failures.column(schema_field.name).cast(pa.string()))
+        else:
+            columns.append(pa.nulls(failures.num_rows, pa.string()))
+    if columns[FAILURE_SCHEMA.get_field_index("reason")].null_count:
+        raise PrefabError("failures table: every row needs a reason")
+    return pa.Table.from_arrays(columns, schema=FAILURE_SCHEMA)
 
 
 def load(ref: str, home: str | Path | None = None) -> Any:

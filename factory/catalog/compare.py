@@ -1,7 +1,8 @@
 """Diff two versions by pair_id, in SQL over their Parquet files (no Python loops).
 
 - added / removed: comparisons (pair_ids) only one side has;
-- changed: the same comparison with a different verdict (chosen side, tie, margin, votes),
+- changed: the same comparison with a different verdict (chosen side, tie, margin, votes,
+  weight, attribute, attribute scores),
   or, under a prompt both sides have, a pair whose responses were replaced (a removed
   and an added pair matched up within the prompt).
 Repeated pair_ids are compared as multisets of verdicts.
@@ -31,11 +32,11 @@ def diff(catalog: Catalog, ref_a: str, ref_b: str, *, sample: int = 5) -> dict[s
     try:
         connection.execute(f"SET threads = {max(1, _cpu_count())}")
         connection.execute("SET preserve_insertion_order = false")
-        indexes = [catalog.paths(info, role="index") for info in (a, b)]
+        indexes = [catalog.checked_paths(info, role="index") for info in (a, b)]
         hashers = {hasher_of(str(p)) for paths in indexes for p in paths}
         use_index = all(indexes) and len(hashers) == 1 and HASHER in hashers
         for name, info in (("va", a), ("vb", b)):
-            paths = catalog.paths(info, role="index" if use_index else "data")
+            paths = catalog.checked_paths(info, role="index" if use_index else "data")
             verdict = "verdict" if use_index else VERDICT_SQL
             connection.execute(_VERDICTS.format(name=name, verdict=verdict), [[str(p) for p in paths]])
         connection.execute("""

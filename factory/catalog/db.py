@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from factory.dbwait import connect_waiting
+from factory.dbwait import connect_waiting, parse_lock_timeout
 from schemas.errors import PrefabError
 
 SCHEMA_VERSION = "1"
@@ -77,6 +77,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason VARCHAR NOT NULL,
     raw VARCHAR
 );
+CREATE TABLE IF NOT EXISTS failures (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    step VARCHAR,
+    pair_id VARCHAR,
+    reason VARCHAR NOT NULL,
+    raw VARCHAR  -- the input row as JSON
+);
 CREATE TABLE IF NOT EXISTS models (
     name VARCHAR NOT NULL,
     version INTEGER NOT NULL,
@@ -96,7 +104,8 @@ class CatalogBusy(PrefabError):
 
 
 def lock_timeout_seconds() -> float:
-    return float(os.environ.get("PREFAB_LOCK_TIMEOUT", "60"))
+    """``$PREFAB_LOCK_TIMEOUT`` (seconds, default 60), refused in one line if it is not a number."""
+    return parse_lock_timeout(os.environ.get("PREFAB_LOCK_TIMEOUT"))
 
 
 @contextmanager

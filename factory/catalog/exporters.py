@@ -1,13 +1,14 @@
 """Export a catalog version: Parquet, JSONL, TRL JSONL or a `datasets` folder.
 
-Every writer streams record batches, so memory stays bounded by one batch whatever the
-version's size.
+Every writer streams record batches from :meth:`Catalog.batches` (which checks each file's
+sha256 first), so memory stays bounded by one batch whatever the version's size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from schemas.errors import PrefabError
 ExportFormat = Literal["parquet", "jsonl", "trl", "hf"]
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "jsonl", "trl", "hf")
 BATCH_ROWS = 16_384
+# A `datasets` folder is cut into Arrow shards of about this size, as save_to_disk does.
+HF_SHARD_BYTES = 500 * 2**20
 
 
 def export(catalog: Catalog, ref: str, format: ExportFormat, out: str | Path) -> dict[str, Any]:
@@ -36,55 +39,122 @@ def export(catalog: Catalog, ref: str, format: ExportFormat, out: str | Path) ->
     return {"ref": info.ref, "format": format, "out": str(out), "rows": info.rows, **extra}
 
 
-def _batches(catalog: Catalog, info: VersionInfo, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """One batch at a time, file by file: no read-ahead, so memory stays at about a row group."""
-    for path in catalog.paths(info):
-        # pre_buffer would read whole row groups ahead (hundreds of MiB on big versions).
-        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns)
-
-
 def _parquet(catalog: Catalog, info: VersionInfo, out: Path) -> None:
-    paths = catalog.paths(info)
+    paths = catalog.checked_paths(info)
     if len(paths) == 1:
         shutil.copyfile(paths[0], out)
         return
-    with pq.ParquetWriter(out, catalog.scanner(info).schema, **PARQUET_OPTIONS) as writer:
-        for batch in _batches(catalog, info):
+    with pq.ParquetWriter(out, catalog.schema(info), **PARQUET_OPTIONS) as writer:
+        for batch in catalog.batches(info, batch_rows=BATCH_ROWS):
             writer.write_batch(batch)
 
 
 def _jsonl(catalog: Catalog, info: VersionInfo, out: Path) -> None:
     with open(out, "wb") as handle:
-        for batch in _batches(catalog, info):
+        for batch in catalog.batches(info, batch_rows=BATCH_ROWS):
             pl.from_arrow(batch).write_ndjson(handle)
 
 
 def _trl(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
-    """TRL's conversational preference format, plus `margin` and `tie` columns when used.
+    """TRL's conversational preference format: prompt, chosen, rejected and maybe `margin`.
 
-    TRL's RewardTrainer reads `margin`; `tie` is prefab's own (TRL has no ties) and is
-    written only when the version holds tie pairs, so tie labels survive a round trip.
+    Tie pairs are left out: TRL has no ties, and writing one as chosen/rejected would
+    teach a preference the annotators did not express; they are counted in
+    ``ties_skipped``. TRL's RewardTrainer turns a `margin` column into a tensor, so it
+    is written only when every exported row has a margin (``margin_written``); with
+    some rows lacking one it is left out and ``margin_missing`` says how many lack it.
+    Extra (non-canonical) columns are not exported.
     """
-    labels = catalog.scanner(info).to_table(columns=["tie", "margin"])
-    with_ties = bool(pc.any(labels["tie"]).as_py())
-    with_margin = labels["margin"].null_count < labels.num_rows
-    columns = ["prompt", "chosen", "rejected"] + (["margin"] if with_margin else []) + (["tie"] if with_ties else [])
+    labels = catalog.read_table(info, columns=["tie", "margin"])
+    ties = int(pc.sum(labels["tie"]).as_py() or 0)
+    margins = labels.filter(pc.invert(labels["tie"]))["margin"]
+    missing = margins.null_count
+    with_margin = len(margins) > 0 and missing == 0
+    columns = ["prompt", "chosen", "rejected"] + (["margin"] if with_margin else [])
+    written = 0
     with open(out, "wb") as handle:
-        for batch in _batches(catalog, info, columns):
-            frame = pl.from_arrow(batch).with_columns(
+        for batch in catalog.batches(info, columns=[*columns, "tie"], batch_rows=BATCH_ROWS):
+            frame = pl.from_arrow(batch).filter(~pl.col("tie")).select(columns).with_columns(
                 pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(side))).alias(side)
                 for side in ("chosen", "rejected")
             )
             frame.write_ndjson(handle)
-    return {"ties_written": with_ties, "margin_written": with_margin}
+            written += frame.height
+    result: dict[str, Any] = {"rows": written, "ties_skipped": ties, "margin_written": with_margin}
+    if missing and len(margins) > missing:
+        result["margin_missing"] = missing
+    return result
 
 
 def to_hf_dataset(catalog: Catalog, ref: str) -> Any:
     import datasets
 
-    return datasets.Dataset.from_parquet([str(p) for p in catalog.paths(ref)])
+    return datasets.Dataset.from_parquet([str(p) for p in catalog.checked_paths(ref)])
 
 
-def _hf(catalog: Catalog, info: VersionInfo, out: Path) -> None:
-    to_hf_dataset(catalog, info.ref).save_to_disk(str(out))
+def _clear_hf_folder(out: Path) -> None:
+    """Make ``out`` an empty folder, replacing an earlier export but never other files."""
+    if out.exists() and not out.is_dir():
+        raise PrefabError(f"{out} exists and is not a folder (an hf export writes a folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in out.iterdir() if p.name in ("state.json", "dataset_info.json")
+            or (p.name.startswith("data-") and p.suffix == ".arrow")]
+    others = [p.name for p in out.iterdir() if p not in ours]
+    if others:
+        raise PrefabError(f"{out} is not empty and not an earlier hf export (holds {', '.join(sorted(others)[:3])}); "
+                          "choose a new folder")
+    for path in ours:
+        path.unlink()
+
+
+def _hf(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
+    """A folder `datasets.load_from_disk` opens, written shard by shard from streamed batches.
+
+    It is the layout `Dataset.save_to_disk` makes (Arrow shards, state.json,
+    dataset_info.json), written with `datasets`' own ArrowWriter, without first building
+    the whole dataset in a cache (which held the version in memory).
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    features = datasets.Features.from_arrow_schema(catalog.schema(info))
+    _clear_hf_folder(out)
+    shards: list[Path] = []
+    writer: ArrowWriter | None = None
+    shard_bytes = 0
+    try:
+        for batch in catalog.batches(info, batch_rows=BATCH_ROWS):
+            if writer is None or shard_bytes >= HF_SHARD_BYTES:
+                if writer is not None:
+                    writer.finalize()
+                    writer.close()
+                shards.append(out / f"shard-{len(shards)}.arrow.tmp")
+                writer = ArrowWriter(features=features, path=str(shards[-1]))
+                shard_bytes = 0
+            writer.write_table(pa.Table.from_batches([batch]))
+            shard_bytes += batch.nbytes
+        if writer is None:  # an empty version still makes one (empty) shard
+            shards.append(out / "shard-0.arrow.tmp")
+            writer = ArrowWriter(features=features, path=str(shards[-1]))
+        writer.finalize()
+        writer.close()
+    except BaseException:
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+        raise
+    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+    for shard, name in zip(shards, names, strict=True):
+        shard.rename(out / name)
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        # The content's identity: the data files' sha256, so equal versions get equal fingerprints.
+        "_fingerprint": hashlib.sha256(" ".join(info.file_sha256).encode()).hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (out / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    datasets.DatasetInfo(features=features).write_to_directory(str(out))
+    return {"shards": len(shards)}

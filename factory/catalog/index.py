@@ -1,8 +1,9 @@
 """Per-version key index: (pair_id, prompt_id, verdict hash) beside the data file.
 
 It lets a diff of million-row versions read a few narrow columns instead of every
-response text. Hash values depend on the hashing engine, so the index records which one
-made it and a diff falls back to the data files when two indexes disagree on that.
+response text. Hash values depend on the hashing engine and on which columns make a
+verdict, so the index records both and a diff falls back to the data files when two
+indexes disagree on them.
 """
 
 from __future__ import annotations
@@ -12,24 +13,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HASHER_KEY = b"prefab.verdict_hash"
-HASHER = f"duckdb-{duckdb.__version__}".encode()
 
-# The verdict of a row: which side won, tie, margin and votes. Shared with the diff's
-# fallback over data files so both paths hash identically.
-VERDICT_SQL = "hash(chosen, tie, margin, votes)"
+# The verdict of a row: every label on the comparison (which side won, tie, margin,
+# votes, weight, the attribute a causal augmentation changed and the per-attribute
+# scores). Shared with the diff's fallback over data files so both paths hash identically.
+VERDICT_COLUMNS = ("chosen", "tie", "margin", "votes", "weight", "attribute", "attribute_scores")
+VERDICT_SQL = f"hash({', '.join(VERDICT_COLUMNS)})"
+HASHER = f"duckdb-{duckdb.__version__}/verdict-v2".encode()
+
+INDEX_SCHEMA = pa.schema(
+    [("pair_id", pa.string()), ("prompt_id", pa.string()), ("verdict", pa.uint64())],
+    metadata={HASHER_KEY: HASHER},
+)
+
+
+class IndexBuilder:
+    """Index rows for one batch at a time, so a streamed commit indexes as it writes."""
+
+    def __init__(self) -> None:
+        self._connection = duckdb.connect()
+        self._connection.execute("SET threads = 2")
+
+    def batch(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+        pairs = batch.select(["pair_id", "prompt_id", *VERDICT_COLUMNS])  # noqa: F841 - read by SQL
+        index = self._connection.sql(
+            f"SELECT pair_id, prompt_id, {VERDICT_SQL} AS verdict FROM pairs"
+        ).to_arrow_table()
+        return index.cast(INDEX_SCHEMA)
+
+    def close(self) -> None:
+        self._connection.close()
 
 
 def build_index(table: pa.Table) -> pa.Table:
-    connection = duckdb.connect()
+    builder = IndexBuilder()
     try:
-        connection.execute("SET threads = 2")
-        pairs = table.select(["pair_id", "prompt_id", "chosen", "tie", "margin", "votes"])  # noqa: F841
-        index = connection.sql(
-            f"SELECT pair_id, prompt_id, {VERDICT_SQL} AS verdict FROM pairs"
-        ).to_arrow_table()
+        return builder.batch(table)
     finally:
-        connection.close()
-    return index.replace_schema_metadata({HASHER_KEY: HASHER})
+        builder.close()
 
 
 def hasher_of(path: str) -> bytes | None:

@@ -22,6 +22,7 @@ from schemas.errors import PrefabError
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.cli.ingest",
     "factory.cli.catalog",
+    "factory.cli.steps",
     "factory.cli.train",
 )
 

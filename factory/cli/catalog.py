@@ -1,4 +1,8 @@
-"""``prefab catalog ...``: list, inspect, tag, diff, export, verify and clean the catalog."""
+"""``prefab catalog ...``: list, inspect, tag, merge, diff, export, verify and clean the catalog.
+
+Commands that only read open the catalog with ``create=False``: a mistyped ``--home``
+fails in one line instead of leaving an empty catalog behind.
+"""
 
 from __future__ import annotations
 
@@ -59,10 +63,30 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     quarantine.add_argument("--limit", type=int, default=20)
     quarantine.set_defaults(handler=run_quarantine)
 
+    failures = commands.add_parser("failures", parents=parents,
+                                   help="rows a step could not process, with step, pair_id and reason")
+    failures.add_argument("ref")
+    failures.add_argument("--limit", type=int, default=20, help="rows to list (default 20; --json lists all)")
+    failures.set_defaults(handler=run_failures)
+
+    merge = commands.add_parser(
+        "merge", parents=parents, help="combine versions into one new version",
+        description="Combine versions into a new version whose parents are all of them. A pair_id "
+                    "found in several inputs is kept from the first input that has it (in the order "
+                    "given); later inputs' rows for it are dropped and counted.",
+    )
+    merge.add_argument("refs", nargs="+", metavar="REF", help="versions to combine, in priority order")
+    merge.add_argument("--name", required=True, help="dataset to commit the merge to")
+    merge.add_argument("--message", "-m", default="", help="version message")
+    merge.set_defaults(handler=run_merge)
+
+
+# Commands that write may create the home; the others refuse a home that is not there.
+_WRITERS = {"tag", "merge"}
+
 
 def _catalog(args: argparse.Namespace) -> Catalog:
-
-    return Catalog(home_from(args))
+    return Catalog(home_from(args), create=args.catalog_command in _WRITERS)
 
 
 def run_list(args: argparse.Namespace) -> CommandResult:
@@ -76,35 +100,52 @@ def run_list(args: argparse.Namespace) -> CommandResult:
 
 
 def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
-    keys = ("command", "parents", "rows_in", "rows_out", "rows_filtered", "rows_quarantined",
-            "code_version", "wall_seconds")
+    keys = ("command", "parents", "rows_in", "rows_out", "rows_filtered", "rows_quarantined", "rows_failed",
+            "duplicates_dropped", "label_conflicts", "code_version", "wall_seconds")
     lines = [f"    {k}: {lineage[k]}" for k in keys if k in lineage]
     if lineage.get("params"):
         lines.append(f"    params: {json.dumps(lineage['params'], default=str)}")
-    for key in ("models", "judges", "warnings", "coerced"):
+    for key in ("models", "judges", "warnings", "coerced", "unknown_columns"):
         if lineage.get(key):
             lines.append(f"    {key}: {json.dumps(lineage[key], default=str)}")
     return lines
 
 
+def _tag_history_lines(events: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for event in events:
+        move = (f"{event['tag']} -> version {event['to_version']}" if event["from_version"] is None
+                else f"{event['tag']} moved from version {event['from_version']} to {event['to_version']}")
+        lines.append(f"    {event['at']}  {move}")
+    return lines
+
+
 def run_log(args: argparse.Namespace) -> CommandResult:
-    versions = _catalog(args).log(args.name)
+    catalog = _catalog(args)
+    versions = catalog.log(args.name)
+    history = catalog.tag_history(args.name)
     lines = []
     for info in versions:
         tags = f"  [{', '.join(info.tags)}]" if info.tags else ""
         lines.append(f"{info.ref}  {info.created_at:%Y-%m-%d %H:%M:%S}  {info.rows} rows{tags}  {info.message}")
         lines.extend(_lineage_lines(info.lineage))
-    return CommandResult({"name": args.name, "versions": [v.as_dict() for v in versions]}, "\n".join(lines))
+    if history:
+        lines += ["tag history:", *_tag_history_lines(history)]
+    payload = {"name": args.name, "versions": [v.as_dict() for v in versions], "tag_history": history}
+    return CommandResult(payload, "\n".join(lines))
 
 
 def run_show(args: argparse.Namespace) -> CommandResult:
     catalog = _catalog(args)
     info = catalog.resolve(args.ref)
-    sample = catalog.read_table(info).slice(0, max(args.sample, 0)).to_pylist()
-    payload = {**info.as_dict(), "sample": sample}
+    sample = catalog.head(info, max(args.sample, 0)).to_pylist()
+    history = catalog.tag_history(info.name, info.version)
+    payload = {**info.as_dict(), "tag_history": history, "sample": sample}
     lines = [f"{info.ref}  {info.rows} rows  created {info.created_at:%Y-%m-%d %H:%M:%S}"
              + (f"  tags: {', '.join(info.tags)}" if info.tags else ""),
              f"  message: {info.message}", "  lineage:", *_lineage_lines(info.lineage)]
+    if history:
+        lines += ["  tag history:", *_tag_history_lines(history)]
     for row in sample:
         prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
         label = "tie" if row["tie"] else "chosen > rejected"
@@ -129,7 +170,25 @@ def run_export(args: argparse.Namespace) -> CommandResult:
     from factory.catalog import export
 
     result = export(_catalog(args), args.ref, args.format, args.out)
-    return CommandResult(result, f"exported {result['ref']} ({result['rows']} rows) as {args.format} to {args.out}")
+    text = f"exported {result['ref']} ({result['rows']} rows) as {args.format} to {args.out}"
+    if result.get("ties_skipped"):
+        text += f"\n  left out {result['ties_skipped']} tie pairs (TRL has no ties)"
+    if result.get("margin_missing"):
+        text += f"\n  margin not written: {result['margin_missing']} rows have none (TRL needs it on every row)"
+    return CommandResult(result, text)
+
+
+def run_merge(args: argparse.Namespace) -> CommandResult:
+    info = _catalog(args).merge(args.refs, args.name, message=args.message)
+    lineage = info.lineage
+    if info.unchanged:
+        text = f"unchanged: the merge equals {info.ref}; no new version"
+        return CommandResult({**info.as_dict(), "unchanged": True}, text)
+    lines = [f"merged {', '.join(lineage['parents'])} into {info.ref}: {lineage['rows_in']} rows in = "
+             f"{lineage['rows_out']} kept + {lineage['duplicates_dropped']} duplicates dropped"
+             f" (first input wins; {lineage['label_conflicts']} dropped rows had other labels)"]
+    lines += [f"  {item['ref']}: {item['kept']} of {item['rows']} kept" for item in lineage["inputs"]]
+    return CommandResult({**info.as_dict(), "unchanged": False}, "\n".join(lines))
 
 
 def run_quarantine(args: argparse.Namespace) -> CommandResult:
@@ -140,6 +199,19 @@ def run_quarantine(args: argparse.Namespace) -> CommandResult:
         where = f"{row['file']}:{row['line']}" + (f" field {row['field']!r}" if row["field"] else "")
         lines.append(f"  {where}: {row['reason']}")
     return CommandResult({"ref": args.ref, "rows": rows}, "\n".join(lines))
+
+
+def run_failures(args: argparse.Namespace) -> CommandResult:
+    catalog = _catalog(args)
+    info = catalog.resolve(args.ref)
+    rows = catalog.failures(info.ref).to_pylist()
+    lines = [f"{len(rows)} failed rows in {info.ref}"]
+    for row in rows[: max(args.limit, 0)]:
+        pair = f" {row['pair_id'][:12]}" if row["pair_id"] else ""
+        lines.append(f"  [{row['step'] or '?'}]{pair}: {row['reason']}")
+    if len(rows) > args.limit:
+        lines.append(f"  ... {len(rows) - args.limit} more (--limit, or --json for all)")
+    return CommandResult({"ref": info.ref, "count": len(rows), "rows": rows}, "\n".join(lines))
 
 
 def run_diff(args: argparse.Namespace) -> CommandResult:

@@ -49,15 +49,19 @@ def run(args: argparse.Namespace) -> CommandResult:
         column_map=parse_column_map(args.map), split=args.split, message=args.message,
         home=home_from(args), progress=not args.no_progress,
     )
-    lines = [
-        f"read {args.path} as {result['format']} ({result['format_reason']})",
-        f"committed {result['ref']}: {result['rows_in']} rows in = {result['committed']} committed"
-        f" + {result['quarantined']} quarantined ({result['ties']} ties)",
-    ]
+    counts = f"{result['rows_in']} rows in = {result['committed']} committed + {result['quarantined']} quarantined"
+    if result["unchanged"]:
+        outcome = f"unchanged: content equals {result['ref']}, no new version ({counts.replace('committed', 'kept')})"
+    else:
+        outcome = f"committed {result['ref']}: {counts} ({result['ties']} ties)"
+    lines = [f"read {args.path} as {result['format']} ({result['format_reason']})", outcome]
     if result["coerced"]:
         lines.append("coerced: " + ", ".join(f"{k} x{v}" for k, v in result["coerced"].items()))
     if result["warnings"]:
         lines.append("kept with warnings: " + ", ".join(f"{k} x{v}" for k, v in result["warnings"].items()))
-    if result["quarantined"]:
+    if result["unknown_columns"]:
+        lines.append("unknown columns kept in metadata: "
+                     + ", ".join(f"{k} ({v} rows)" for k, v in result["unknown_columns"].items()))
+    if result["quarantined"] and not result["unchanged"]:
         lines.append(f"see them with: prefab catalog quarantine {result['ref']}")
     return CommandResult(result, "\n".join(lines))

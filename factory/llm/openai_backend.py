@@ -319,8 +319,11 @@ class OpenAIBackend(BaseBackend):
                 paid_completion += ct
                 actual = self._cost(pt, ct)
                 cost += actual
+                # A structured-output refusal comes with content null and the model's words
+                # in `refusal`: keep them, or the row's failure would read "invalid JSON".
                 choices = [
-                    Choice(text=(c.get("message") or {}).get("content") or "",
+                    Choice(text=(c.get("message") or {}).get("content")
+                           or (c.get("message") or {}).get("refusal") or "",
                            finish_reason=c.get("finish_reason"))
                     for c in completion.get("choices") or []
                 ]

@@ -303,7 +303,8 @@ class _Protocol:
                 directive = st.fault_for(key, attempt)
 
         # A directive is a fault name ("429", "500", "timeout", "malformed"), reply text, or a
-        # dict with any of: status, retry_after, message, delay, content, finish_reason.
+        # dict with any of: status, retry_after, message, delay, content, finish_reason,
+        # refusal (an OpenAI structured-output refusal: content null, the text in `refusal`).
         if isinstance(directive, str) and directive in ("429", "500"):
             directive = {"status": int(directive)}
         elif isinstance(directive, str) and directive not in ("timeout", "malformed"):
@@ -335,9 +336,11 @@ class _Protocol:
             kind = "server_error" if status >= 500 else "rate_limit" if status == 429 else "invalid_request"
             payload = _error_body(spec.get("message", f"injected {status}"), kind)
         else:
-            payload = json.dumps(
-                self._completion(body, content, spec.get("finish_reason", "stop"))
-            ).encode()
+            completion = self._completion(body, content, spec.get("finish_reason", "stop"))
+            if spec.get("refusal") is not None:
+                for choice in completion["choices"]:
+                    choice["message"] = {"role": "assistant", "content": None, "refusal": spec["refusal"]}
+            payload = json.dumps(completion).encode()
         with st.lock:
             st.in_flight -= 1  # before the write: the client may send its next request at once
             st.status_counts["malformed" if directive == "malformed" else str(status)] += 1

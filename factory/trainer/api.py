@@ -1,12 +1,18 @@
-"""The trainer's Python API: train, score, evaluate and out-of-fold scores.
+"""The trainer's Python API: train, score, evaluate, out-of-fold scores and load_model.
 
-``data`` is a catalog ref (``name``, ``name@N``, ``name@tag``) or a pair table; a model is
-a registered model name (``name`` or ``name@N``), a model folder, or a loaded
-:class:`RewardModel`.
+``data`` is a catalog ref (``name``, ``name@N``, ``name@tag``), a pyarrow Table or a
+``datasets.Dataset`` (e.g. ``factory.catalog.load(ref)``); a model is a registered model
+name (``name`` or ``name@N``), a model folder, or a loaded :class:`RewardModel`.
+
+Loaded models are kept per process (a few, least recently used first out), so scoring by
+name many times loads the model once. Model versions are immutable, so a cached one is
+never stale; ``name`` alone still resolves to the newest version on every call.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +22,16 @@ import pyarrow as pa
 
 from factory.home import resolve_home
 from factory.trainer.data import PairData, kfold_by_prompt, pair_data
-from factory.trainer.evaluate import evaluate_model, score_pairs
-from factory.trainer.loop import TrainConfig, fit
+from factory.trainer.evaluate import evaluate_model, score_pairs, score_pairs_truncated
+from factory.trainer.loop import RESUME_KEYS, TrainConfig, fit, read_checkpoint_params
 from factory.trainer.model import META_FILE, HeadFeaturizer, RewardModel, load_reward_model
 from schemas.errors import PrefabError
+
+MODEL_CACHE_SIZE = 4
+# CLI spelling of each setting, for messages about --resume.
+FLAG_OF = {"center_coef": "--center-rewards", "val_fraction": "--val-fraction",
+           "batch_size": "--batch-size", "max_length": "--max-length", "max_pairs": "--max-pairs",
+           "weight_decay": "--weight-decay", "head_hidden": "--head-hidden"}
 
 
 @dataclass
@@ -43,31 +55,91 @@ def _catalog(home: str | Path | None) -> Any:
     return Catalog(_home(home))
 
 
-def _load_data(data: str | pa.Table, home: str | Path | None) -> tuple[pa.Table, str | None]:
+def _as_table(data: Any) -> pa.Table | None:
+    """A pyarrow Table of ``data`` if it is a Table or a ``datasets.Dataset``, else None."""
     if isinstance(data, pa.Table):
-        return data, None
+        return data
+    if type(data).__module__.startswith("datasets.") and hasattr(data, "with_format"):
+        # with_format("arrow")[:] honours a Dataset's select/shuffle/filter indices.
+        return data.with_format("arrow")[:]
+    return None
+
+
+def _load_data(data: Any, home: str | Path | None) -> tuple[pa.Table, str | None]:
+    table = _as_table(data)
+    if table is not None:
+        return table, None
+    if not isinstance(data, str):
+        raise PrefabError(f"data must be a catalog ref, a pyarrow Table or a datasets.Dataset, "
+                          f"not {type(data).__name__}")
     cat = _catalog(home)
     info = cat.resolve(data)
     return cat.read_table(info.ref), info.ref
 
 
-def _load_model(model: str | Path | RewardModel, home: str | Path | None) -> RewardModel:
-    if isinstance(model, RewardModel):
-        return model
-    cache_root = _home(home) / "embeddings"
-    if (Path(model) / META_FILE).is_file():
-        return load_reward_model(model, cache_root=cache_root)
-    entry = _catalog(home).get_model(str(model))
-    return load_reward_model(entry["path"], cache_root=cache_root)
+_MODELS: OrderedDict[tuple[str, str], RewardModel] = OrderedDict()
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model(
+    name_or_path: str | Path | RewardModel,
+    home: str | Path | None = None,
+    *,
+    device: str | None = None,
+) -> RewardModel:
+    """A trained reward model: a registered ``name``/``name@N`` or a model folder.
+
+    The result is what :func:`score` and :func:`evaluate` take; load once and reuse it.
+    Repeated loads of one version in a process return the same object.
+    """
+    if isinstance(name_or_path, RewardModel):
+        return name_or_path
+    home_path = _home(home)
+    if (Path(name_or_path) / META_FILE).is_file():
+        folder = Path(name_or_path).resolve()
+    else:
+        folder = Path(_catalog(home).get_model(str(name_or_path))["path"]).resolve()
+    key = (str(folder), f"{device}|{(home_path / 'embeddings').resolve()}")
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is not None:
+            _MODELS.move_to_end(key)
+            return model
+    model = load_reward_model(folder, cache_root=home_path / "embeddings", device=device)
+    with _MODELS_LOCK:
+        _MODELS[key] = model
+        while len(_MODELS) > MODEL_CACHE_SIZE:
+            _MODELS.popitem(last=False)
+    return model
+
+
+def _merge_resume(
+    checkpoint_dir: Path, given: dict[str, Any], data_ref: str | None
+) -> dict[str, Any]:
+    """Settings for --resume: the checkpoint's, checked against those given explicitly."""
+    saved = read_checkpoint_params(checkpoint_dir)
+    if saved is None:
+        raise PrefabError(f"nothing to resume: {checkpoint_dir} holds no checkpoint")
+    conflicts = []
+    for key, value in given.items():
+        if key in saved and value is not None and value != saved[key]:
+            conflicts.append(f"{FLAG_OF.get(key, '--' + key)} {value} (checkpoint: {saved[key]})")
+    saved_data = saved.get("data")
+    if data_ref is not None and saved_data is not None and data_ref != saved_data:
+        conflicts.append(f"--data {data_ref} (checkpoint: {saved_data})")
+    if conflicts:
+        raise PrefabError("--resume continues the checkpoint's settings; these flags conflict: "
+                          + "; ".join(conflicts) + " (drop them, or train a new name)")
+    return {k: v for k, v in saved.items() if k in RESUME_KEYS}
 
 
 def train(
-    data: str | pa.Table,
+    data: str | pa.Table | Any | None,
     name: str,
     *,
     home: str | Path | None = None,
-    base: str = "minilm",
-    mode: str = "head",
+    base: str | None = None,
+    mode: str | None = None,
     eval: str | pa.Table | list[str] | None = None,  # noqa: A002 - the CLI's --eval
     resume: bool = False,
     out: str | Path | None = None,
@@ -77,13 +149,11 @@ def train(
     """Train a Bradley–Terry reward model on a catalog version and register it.
 
     ``options`` are :class:`TrainConfig` fields (epochs, lr, batch_size, max_length, seed,
-    val_fraction, center_coef, checkpoint_steps, max_pairs, device, progress, …).
+    val_fraction, center_coef, patience, checkpoint_steps, max_pairs, device, progress, …);
+    ``None`` means the default. With ``resume=True`` the run continues its checkpoint with
+    the checkpoint's settings (and data, when ``data`` is None); a setting given
+    explicitly that differs is an error naming it.
     """
-    cfg = TrainConfig(mode=mode, base=base, **options).resolved()
-    table, data_ref = _load_data(data, home)
-    cat = _catalog(home) if data_ref is not None else None
-    # A model version is immutable like a dataset version: each run trains in the name's
-    # work folder (where its checkpoint lives for --resume) and lands in its own vN folder.
     work = Path(out) if out is not None else _home(home) / "models" / name / "run"
     if (work / META_FILE).is_file() and out is not None:
         raise PrefabError(f"model folder {work} already holds a model; choose another --out")
@@ -93,9 +163,28 @@ def train(
     if resume and not checkpoint_dir.exists():
         raise PrefabError(f"nothing to resume: {checkpoint_dir} does not exist")
 
+    given = {"mode": mode, "base": base, **options}
+    data_ref_given = None
+    if isinstance(data, str):
+        data_ref_given = _catalog(home).resolve(data).ref
+    if resume:
+        settings = _merge_resume(checkpoint_dir, given, data_ref_given)
+        if data is None:
+            data = (read_checkpoint_params(checkpoint_dir) or {}).get("data")
+            if data is None:
+                raise PrefabError("the checkpoint does not record its data: pass --data")
+    else:
+        settings = {}
+    if data is None:
+        raise PrefabError("no training data: pass --data")
+    chosen = {**settings, **{k: v for k, v in given.items() if v is not None}}
+    cfg = TrainConfig(**chosen).resolved()
+    table, data_ref = _load_data(data, home)
+    cat = _catalog(home) if data_ref is not None else None
+
     pairs = pair_data(table)
     result = fit(pairs, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
-                 cache_root=_home(home) / "embeddings")
+                 cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
     result.model.save(work)
     folder = work
     if out is None:
@@ -103,28 +192,38 @@ def train(
         version = max([_catalog(home).next_model_version(name), *(t + 1 for t in taken)])
         folder = work.parent / f"v{version}"
         work.rename(folder)
-    last = result.history[-1] if result.history else {}
+    by_epoch = {h["epoch"]: h for h in result.history}
+    kept = by_epoch.get(result.best_epoch) or (result.history[-1] if result.history else {})
     metrics: dict[str, Any] = {
         "train_pairs": result.stats["train_pairs"],
         "val_pairs": result.stats["val_pairs"],
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
+        "epochs_run": len(result.history),
+        "best_epoch": kept.get("epoch"),
+        "stopped_early": result.stopped_early,
+        "embed_seconds": round(result.embed_seconds, 3),
         "train_seconds": round(result.train_seconds, 3),
+        "total_seconds": round(result.total_seconds, 3),
         "pairs_per_second": round(result.pairs_per_second, 3),
-        "train_loss": last.get("train_loss"),
-        "val_loss": last.get("val_loss"),
-        "val_accuracy": last.get("val_accuracy"),
+        "train_loss": kept.get("train_loss"),
+        "val_loss": kept.get("val_loss"),
+        "val_accuracy": kept.get("val_accuracy"),
+        "max_length": cfg.max_length,
+        "truncated_pairs": result.stats["truncated_pairs"],
+        "truncated_share": round(result.stats["truncated_share"], 6),
         "history": result.history,
         "device": result.stats["device"],
     }
-    evals = [eval] if isinstance(eval, str | pa.Table) else list(eval or [])
+    evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
     if evals:
         metrics["eval"] = {}
         for item in evals:
             eval_table, eval_ref = _load_data(item, home)
             key = eval_ref or f"table{len(metrics['eval'])}"
             metrics["eval"][key] = evaluate_model(result.model, pair_data(eval_table),
-                                                  robustness=robustness, seed=cfg.seed)
+                                                  robustness=robustness, seed=cfg.seed, home=home,
+                                                  progress=cfg.progress)
     params = {**cfg.as_params(), "resume": resume}
     registered = None
     if cat is not None and data_ref is not None:
@@ -142,35 +241,50 @@ def with_rewards(table: pa.Table, r_chosen: np.ndarray, r_rejected: np.ndarray) 
 
 def score(
     model: str | Path | RewardModel,
-    pairs: pa.Table,
+    pairs: str | pa.Table | Any,
     *,
     home: str | Path | None = None,
     batch_size: int = 64,
-) -> pa.Table:
-    """``pairs`` with ``reward_chosen`` and ``reward_rejected`` columns (float64)."""
-    rm = _load_model(model, home)
-    r_c, r_r = score_pairs(rm, pair_data(pairs), batch_size)
-    return with_rewards(pairs, r_c, r_r)
+    max_length: int | None = None,
+) -> Any:
+    """``pairs`` with ``reward_chosen`` and ``reward_rejected`` columns (float64).
+
+    ``pairs`` is a pyarrow Table (-> Table), a ``datasets.Dataset`` (-> Dataset) or a
+    catalog ref (-> Table). ``model`` as for :func:`load_model`, which caches it.
+    """
+    rm = load_model(model, home)
+    table, _ = _load_data(pairs, home)
+    r_c, r_r, _ = score_pairs_truncated(rm, pair_data(table), batch_size, max_length=max_length)
+    if _as_table(pairs) is not None and not isinstance(pairs, pa.Table):
+        dataset = pairs.remove_columns([c for c in ("reward_chosen", "reward_rejected")
+                                        if c in pairs.column_names])
+        dataset = dataset.add_column("reward_chosen", r_c.tolist())
+        return dataset.add_column("reward_rejected", r_r.tolist())
+    return with_rewards(table, r_c, r_r)
 
 
 def evaluate(
     model: str | Path | RewardModel,
-    data: str | pa.Table,
+    data: str | pa.Table | Any,
     *,
     home: str | Path | None = None,
     robustness: bool = True,
     seed: int = 0,
+    max_length: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Pairwise accuracy (ties as errors), tie accuracy, breakdowns and robustness probes."""
-    rm = _load_model(model, home)
+    """Pairwise accuracy (tie-labelled pairs apart), tie accuracy, truncation, breakdowns and
+    robustness probes. ``max_length`` scores at another length than the model trained at."""
+    rm = load_model(model, home)
     table, ref = _load_data(data, home)
-    metrics = evaluate_model(rm, pair_data(table), robustness=robustness, seed=seed)
+    metrics = evaluate_model(rm, pair_data(table), robustness=robustness, seed=seed,
+                             max_length=max_length, home=home, progress=progress)
     metrics["dataset"] = ref
     return metrics
 
 
 def oof_scores(
-    pairs: pa.Table,
+    pairs: pa.Table | Any,
     *,
     k: int = 5,
     home: str | Path | None = None,
@@ -185,14 +299,16 @@ def oof_scores(
     the encoder runs once for all folds; each fold then trains only the small head.
     Adds ``reward_chosen``, ``reward_rejected`` and ``fold``.
     """
-    data: PairData = pair_data(pairs)
+    table, _ = _load_data(pairs, home)
+    data: PairData = pair_data(table)
     folds = kfold_by_prompt(data.prompt_ids, k, seed)
-    cfg = TrainConfig(mode=mode, base=base, seed=seed, val_fraction=0.0,
-                      progress=options.pop("progress", False), **options)
+    progress = options.pop("progress", False)
+    cfg = TrainConfig(mode=mode, base=base, seed=seed, val_fraction=0.0, progress=progress, **options)
     featurizer = None
     if mode == "head":
         resolved = cfg.resolved()
-        featurizer = HeadFeaturizer(base, resolved.max_length, _home(home) / "embeddings")
+        featurizer = HeadFeaturizer(base, resolved.max_length, _home(home) / "embeddings",
+                                    progress=progress)
         featurizer.features(data.prompts + data.prompts, data.chosen + data.rejected)
     r_c = np.zeros(len(data))
     r_r = np.zeros(len(data))
@@ -204,5 +320,5 @@ def oof_scores(
                      val_idx=np.zeros(0, dtype=np.int64), cache_root=None)
         held_c, held_r = score_pairs(result.model, data.subset(held))
         r_c[held], r_r[held] = held_c, held_r
-    out = with_rewards(pairs, r_c, r_r)
+    out = with_rewards(table, r_c, r_r)
     return out.append_column("fold", pa.array(folds, pa.int64()))

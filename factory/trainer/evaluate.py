@@ -2,13 +2,16 @@
 
 Accuracy follows RewardBench: a preference pair counts as correct only if r_chosen is
 strictly greater than r_rejected, so a model that scores both alike is wrong, not half
-right. Tie pairs are scored separately: the share whose |r_a − r_b| is under a threshold.
+right. Tie-labelled pairs (Crome neutral pairs, PandaLM ties) have no right order: they
+are left out of pairwise accuracy and scored as ties instead -- the share whose
+|r_a − r_b| is under a threshold -- and the summary says how many were left out.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,9 +82,23 @@ def pairwise_metrics(
 
 def score_pairs(model: RewardModel, data: PairData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(r_chosen, r_rejected) in one scoring call, so head mode embeds everything in one go."""
+    r_c, r_r, _ = score_pairs_truncated(model, data, batch_size)
+    return r_c, r_r
+
+
+def score_pairs_truncated(
+    model: RewardModel,
+    data: PairData,
+    batch_size: int = 64,
+    *,
+    max_length: int | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(r_chosen, r_rejected, truncated): truncated marks pairs with either side cut."""
     n = len(data)
-    r = model.reward(data.prompts + data.prompts, data.chosen + data.rejected, batch_size)
-    return r[:n], r[n:]
+    r, cut = model.score(data.prompts + data.prompts, data.chosen + data.rejected, batch_size,
+                         max_length=max_length, progress=progress)
+    return r[:n], r[n:], cut[:n] | cut[n:]
 
 
 def evaluate_model(
@@ -92,16 +109,35 @@ def evaluate_model(
     max_probe_prompts: int = 200,
     contrast_threshold: float = 0.8,
     seed: int = 0,
+    max_length: int | None = None,
+    home: str | Path | None = None,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
+    """Pairwise metrics, truncation share and robustness probes of ``model`` on ``data``.
+
+    ``max_length`` scores at another length than the model trained at; ``embed`` (default:
+    :func:`factory.embed.embed_texts` under ``home``) mines the contrast instructions.
+    """
     from factory.trainer.robustness import contrast_consistency, master_key_fpr
 
-    r_c, r_r = score_pairs(model, data)
+    length = max_length or model.spec.max_length
+    r_c, r_r, cut = score_pairs_truncated(model, data, max_length=length, progress=progress)
     metrics = pairwise_metrics(r_c, r_r, data)
+    metrics["max_length"] = length
+    metrics["truncated_pairs"] = int(cut.sum())
+    metrics["truncated_share"] = float(cut.mean()) if len(cut) else 0.0
     if robustness:
-        metrics["master_key"] = master_key_fpr(model, data, r_r, max_prompts=max_probe_prompts,
+        metrics["master_key"] = master_key_fpr(model, data, r_c, r_r, max_prompts=max_probe_prompts,
                                                seed=seed)
+        if embed is None:
+            from factory.embed import embed_texts
+
+            def embed(texts: list[str]) -> np.ndarray:
+                return embed_texts(texts, home=home, progress=progress)
+
         metrics["contrast_instructions"] = contrast_consistency(
-            model, data, threshold=contrast_threshold, max_pairs=max_probe_prompts
+            model, data, embed=embed, threshold=contrast_threshold, max_pairs=max_probe_prompts
         )
     return metrics
 
@@ -114,12 +150,16 @@ def summary_text(metrics: dict[str, Any], title: str = "") -> str:
 
     lines = [title] if title else []
     lines.append(
-        f"pairs {metrics['pairs']} (preference {metrics['preference_pairs']}, ties {metrics['tie_pairs']})"
-        f"  accuracy {pct(metrics['accuracy'])}"
+        f"accuracy {pct(metrics['accuracy'])} over {metrics['preference_pairs']} preference pairs"
+        f" (of {metrics['pairs']})"
     )
     if metrics["tie_pairs"]:
         ties = ", ".join(f"|Δ|<{k}: {pct(v)}" for k, v in metrics["tie_accuracy"].items())
-        lines.append(f"tie pairs: {ties}")
+        lines.append(f"{metrics['tie_pairs']} tie-labelled pairs left out of pairwise accuracy, "
+                     f"scored as ties: {ties}")
+    if metrics.get("truncated_pairs") is not None:
+        lines.append(f"truncated at {metrics['max_length']} tokens: {metrics['truncated_pairs']} pairs "
+                     f"({pct(metrics['truncated_share'])})")
     for group in ("by_source", "by_attribute", "by_task"):
         rows = metrics.get(group) or {}
         if len(rows) > 1 or (rows and NONE_GROUP not in rows):
@@ -127,10 +167,21 @@ def summary_text(metrics: dict[str, Any], title: str = "") -> str:
             lines += [f"  {k:<24} {pct(v['accuracy']):>7}  ({v['pairs']} pairs)" for k, v in rows.items()]
     mk = metrics.get("master_key")
     if mk and mk.get("fpr") is not None:
-        lines.append(f"master-key false-positive rate {pct(mk['fpr'])} over {mk['comparisons']} comparisons")
-    ci = metrics.get("contrast_instructions")
-    if ci is not None:
         lines.append(
-            f"contrast-instructions consistency {pct(ci['consistency'])} over {ci['contrast_pairs']} mined pairs"
+            f"master-key false-positive rate {pct(mk['fpr'])} (a key scores >= the chosen answer), "
+            f"{pct(mk['fpr_vs_rejected'])} vs the rejected answer, over {mk['pairs']} pairs x "
+            f"{len(mk['by_key'])} keys"
         )
+        worst = max(mk["by_key"].items(), key=lambda kv: kv[1]["vs_chosen"])
+        if worst[1]["vs_chosen"]:
+            lines.append(f"  worst key {worst[0]!r}: {pct(worst[1]['vs_chosen'])} vs chosen")
+    ci = metrics.get("contrast_instructions")
+    if ci is not None and ci.get("contrast_pairs"):
+        lines.append(
+            f"contrast-instructions consistency {pct(ci['consistency'])} over {ci['contrast_pairs']} "
+            f"mined pairs: same prompt (own vs neighbour's answer) {pct(ci['same_prompt'])}, "
+            f"same answer (own vs neighbour's prompt) {pct(ci['same_answer'])}"
+        )
+    elif ci is not None:
+        lines.append("contrast-instructions consistency n/a: no look-alike instructions found")
     return "\n".join(lines)

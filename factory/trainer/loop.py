@@ -2,8 +2,13 @@
 
 A run is a pure function of (data, config): the split and every epoch's batch order come
 from the seed, so a resumed run replays exactly the batches an uninterrupted run would have
-seen after the checkpoint. Ctrl+C sets a flag; the loop finishes the current optimiser step,
-writes a checkpoint and raises :class:`TrainingInterrupted` (a second Ctrl+C stops at once).
+seen after the checkpoint. Ctrl+C (or SIGTERM) sets a flag; the loop finishes the current
+optimiser step, writes a checkpoint and raises :class:`TrainingInterrupted` (a second Ctrl+C
+stops at once). Before the loop, head mode embeds through :mod:`factory.embed`, whose
+Ctrl+C saves the embeddings computed so far and raises ``EmbeddingInterrupted``.
+
+With a validation split the run keeps the epoch with the lowest validation loss, not the
+last one, and stops once ``patience`` epochs in a row failed to improve on it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,12 +40,14 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Defaults differ by mode: a head on cached embeddings wants many cheap epochs at a high
 # rate; fine-tuning a transformer wants one or two epochs at a small one.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "head": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "checkpoint_steps": 0},
-    "full": {"epochs": 1, "lr": 2e-5, "batch_size": 16, "weight_decay": 0.0, "checkpoint_steps": 200},
+    "head": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "checkpoint_steps": 0,
+             "patience": 5},
+    "full": {"epochs": 1, "lr": 2e-5, "batch_size": 16, "weight_decay": 0.0, "checkpoint_steps": 200,
+             "patience": 1},
 }
-# Fields that must match for --resume to continue a checkpoint.
-RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "max_length", "seed", "val_fraction",
-               "center_coef", "head_hidden", "max_pairs")
+# Settings a checkpoint records: --resume takes them from there, and they must not change.
+RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "weight_decay", "max_length", "seed",
+               "val_fraction", "center_coef", "head_hidden", "max_pairs", "patience")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -60,6 +68,7 @@ class TrainConfig:
     batch_size: int | None = None
     weight_decay: float | None = None
     max_length: int = 256
+    patience: int | None = None  # epochs without a better validation loss before stopping; 0: never
     seed: int = 0
     val_fraction: float = 0.1
     center_coef: float = 0.0
@@ -71,7 +80,7 @@ class TrainConfig:
     bf16: bool | None = None  # None: on CUDA with bf16 support
     gradient_checkpointing: bool | None = None  # None: on CUDA
     eval_batch_size: int = 64
-    progress: bool = True
+    progress: bool | None = None  # None: bars only when stderr is a terminal
     stop_after_steps: int | None = None  # stop (as on Ctrl+C) after this many steps in total
 
     def resolved(self) -> TrainConfig:
@@ -81,6 +90,8 @@ class TrainConfig:
         cfg = replace(self, **filled)
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_length < 8:
             raise PrefabError("epochs, batch size and lr must be positive; max length >= 8")
+        if cfg.patience < 0:
+            raise PrefabError(f"patience must be >= 0, got {cfg.patience}")
         return cfg
 
     def as_params(self) -> dict[str, Any]:
@@ -94,16 +105,31 @@ class FitResult:
     history: list[dict[str, Any]]
     train_idx: np.ndarray
     val_idx: np.ndarray
-    train_seconds: float
-    pairs_per_second: float
+    train_seconds: float  # the optimisation loop (with validation), this session
+    pairs_per_second: float  # pairs trained over the whole run: loading, embedding, loop
     steps: int
     resumed_from_step: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    best_epoch: int | None = None  # the epoch whose weights the model has (None: the last)
+    stopped_early: bool = False
+    embed_seconds: float = 0.0  # head mode: encoding the pairs (0 on a warm cache)
+    total_seconds: float = 0.0
+
+
+def read_checkpoint_params(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """The settings a checkpoint was made with (None when there is no checkpoint)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(state.get("params") or {})
 
 
 class _Task(Protocol):
     module: torch.nn.Module
     lengths: np.ndarray | None
+    truncated: np.ndarray  # per row of the data: chosen or rejected input was cut
+    embed_seconds: float
 
     def rewards(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
     def eval_rewards(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -121,9 +147,14 @@ class _HeadTask:
         # Embed only the rows this run uses (train + validation); others stay zero.
         rows = np.arange(len(data)) if rows is None else rows
         part = data.subset(rows)
-        feats = self.featurizer.features(part.prompts + part.prompts, part.chosen + part.rejected)
+        started = time.perf_counter()
+        feats, cut = self.featurizer.featurize(part.prompts + part.prompts, part.chosen + part.rejected,
+                                               max_length=cfg.max_length, progress=cfg.progress)
+        self.embed_seconds = time.perf_counter() - started
         x = np.zeros((2, len(data), feats.shape[1]), dtype=np.float32)
         x[0, rows], x[1, rows] = feats[: len(rows)], feats[len(rows) :]
+        self.truncated = np.zeros(len(data), dtype=bool)
+        self.truncated[rows] = cut[: len(rows)] | cut[len(rows) :]
         self.x_chosen = torch.from_numpy(x[0]).to(device)
         self.x_rejected = torch.from_numpy(x[1]).to(device)
         torch.manual_seed(cfg.seed)
@@ -167,8 +198,13 @@ class _FullTask:
         if grad_ckpt and getattr(self.module, "supports_gradient_checkpointing", False):
             backbones.enable_checkpointing(self.module)
         tok = self.tokenizer
-        self.ids_chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length)
-        self.ids_rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length)
+        positions = getattr(self.module.config, "max_position_embeddings", 0) or 0
+        backbones.check_max_length(cfg.max_length, positions, cfg.base)
+        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length)
+        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length)
+        self.ids_chosen, self.ids_rejected = chosen.ids, rejected.ids
+        self.truncated = chosen.truncated | rejected.truncated
+        self.embed_seconds = 0.0
         self.lengths = np.maximum(
             np.fromiter((len(s) for s in self.ids_chosen), np.int64, len(data)),
             np.fromiter((len(s) for s in self.ids_rejected), np.int64, len(data)),
@@ -211,10 +247,16 @@ def _ctrl_c_flag() -> Iterator[dict[str, bool]]:
         flag["stop"] = True
 
     signal.signal(signal.SIGINT, handler)
+    # SIGTERM (a scheduler's or `kill`'s stop) ends the same way, unless someone handles it.
+    term_previous = signal.getsignal(signal.SIGTERM)
+    if term_previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+        if term_previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, term_previous)
 
 
 @contextmanager
@@ -253,6 +295,10 @@ def pair_accuracy(r_c: np.ndarray, r_r: np.ndarray, tie: np.ndarray) -> float:
     return float((r_c[pref] > r_r[pref]).mean()) if pref.any() else float("nan")
 
 
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def fit(
     data: PairData,
     cfg: TrainConfig,
@@ -263,8 +309,14 @@ def fit(
     featurizer: HeadFeaturizer | None = None,
     train_idx: np.ndarray | None = None,
     val_idx: np.ndarray | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train a reward model on ``data``; see :class:`TrainConfig` for the knobs."""
+    """Train a reward model on ``data``; see :class:`TrainConfig` for the knobs.
+
+    ``checkpoint_extra`` is recorded with the settings in the checkpoint (e.g. the data
+    ref, so that --resume can find it).
+    """
+    run_started = time.perf_counter()
     cfg = cfg.resolved()
     device = backbones.pick_device(cfg.device)
     if train_idx is None:
@@ -277,6 +329,22 @@ def fit(
         train_idx = np.sort(train_idx[keep])
     if len(train_idx) == 0:
         raise PrefabError("no training pairs with a positive weight")
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    params = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    fingerprint = _fingerprint(data, train_idx)
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        # Checked before the (long) embedding phase, not after it.
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        differ = sorted(k for k in params if k in state["params"] and state["params"][k] != params[k])
+        # (the API's --resume takes the checkpoint's settings: this is the library's guard)
+        if differ:
+            raise PrefabError(f"{ckpt_path}: checkpoint was made with other settings: "
+                              + ", ".join(f"{k} {state['params'][k]!r} (now {params[k]!r})" for k in differ))
+        if state["fingerprint"] != fingerprint:
+            raise PrefabError(f"{ckpt_path}: checkpoint was made on other training pairs; "
+                              "start a new model name or drop --resume")
 
     task: _Task
     if cfg.mode == "head":
@@ -298,40 +366,49 @@ def fit(
     weight_t = torch.from_numpy(data.weight).to(device)
     lengths = task.lengths[train_idx] if task.lengths is not None else None
 
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    params = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    fingerprint = _fingerprint(data, train_idx)
     epoch, batch_in_epoch, step, history = 0, 0, 0, []
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["params"] != params or state["fingerprint"] != fingerprint:
-            raise PrefabError(
-                f"{ckpt_path}: checkpoint was made with other data or settings; "
-                "start a new model name or drop --resume"
-            )
+    # The best epoch by validation loss: its number, loss, weights (a copy, None for the
+    # last epoch) and how many epochs since failed to beat it.
+    best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "weights": None, "stale": 0}
+    if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         history = state["history"]
+        best = state.get("best", best)
     resumed_from = step
 
     def checkpoint() -> None:
         if ckpt_path is None:
             return
         _save_checkpoint(ckpt_path, {
-            "params": params, "fingerprint": fingerprint, "model": module.state_dict(),
+            "params": {**params, **(checkpoint_extra or {})}, "fingerprint": fingerprint, "model": module.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "step": step, "history": history,
+            "step": step, "history": history, "best": best,
         })
+
+    def end_of_epoch(record: dict[str, Any]) -> bool:
+        """Track the best epoch; True when patience has run out."""
+        loss = record.get("val_loss")
+        if loss is None or not math.isfinite(loss):
+            return False
+        if loss < best["val_loss"]:
+            # Later epochs change the weights: keep a copy unless none follows.
+            weights = _cpu_copy(module) if record["epoch"] < cfg.epochs else None
+            best.update(epoch=record["epoch"], val_loss=loss, stale=0, weights=weights)
+            return False
+        best["stale"] += 1
+        return bool(cfg.patience) and best["stale"] >= cfg.patience
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not cfg.progress,
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show,
                desc=f"train {cfg.mode}", dynamic_ncols=True)
-    pairs_seen, started = 0, time.perf_counter()
+    pairs_seen, started, stopped_early = 0, time.perf_counter(), False
     try:
         with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):
             while epoch < cfg.epochs:
@@ -367,22 +444,38 @@ def fit(
                     record.update(_validate(task, data, val_idx, tie_t, margin_t, weight_t, cfg))
                 history.append(record)
                 epoch, batch_in_epoch = epoch + 1, 0
+                stopped_early = end_of_epoch(record) and epoch < cfg.epochs
                 checkpoint()
+                if stopped_early:
+                    break
     finally:
         bar.close()
-    seconds = time.perf_counter() - started
+    if best["epoch"] is not None and history and best["epoch"] != history[-1]["epoch"]:
+        module.load_state_dict(best["weights"])  # later epochs did worse: back to the best
+    train_seconds = time.perf_counter() - started
+    total_seconds = time.perf_counter() - run_started
     module.eval()
+    used = np.union1d(train_idx, val_idx)
+    truncated = int(task.truncated[used].sum())
     return FitResult(
         model=task.to_reward_model(),
         history=history,
         train_idx=train_idx,
         val_idx=val_idx,
-        train_seconds=seconds,
-        pairs_per_second=pairs_seen / seconds if seconds > 0 else float("nan"),
+        train_seconds=train_seconds,
+        pairs_per_second=pairs_seen / total_seconds if total_seconds > 0 else float("nan"),
         steps=step,
         resumed_from_step=resumed_from,
         stats={"device": str(device), "train_pairs": int(len(train_idx)),
-               "val_pairs": int(len(val_idx)), "pairs_seen": pairs_seen},
+               "val_pairs": int(len(val_idx)), "pairs_seen": pairs_seen,
+               "train_pairs_per_second": pairs_seen / train_seconds if train_seconds > 0 else None,
+               "truncated_pairs": truncated,
+               "truncated_share": truncated / len(used) if len(used) else 0.0,
+               "max_length": cfg.max_length},
+        best_epoch=best["epoch"],
+        stopped_early=stopped_early,
+        embed_seconds=task.embed_seconds,
+        total_seconds=total_seconds,
     )
 
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory.embed import embed_token_ids, encoder_cache
+from factory.embed.encoder import get_encoder
 from factory.trainer import backbones
-from factory.trainer.embed_cache import EmbeddingCache, model_key
 from schemas.errors import PrefabError
 
 META_FILE = "prefab_model.json"
@@ -50,7 +51,13 @@ class RewardHead(nn.Module):
 
 
 class HeadFeaturizer:
-    """Embeds (prompt, response) with the frozen encoder through the on-disk cache."""
+    """Embeds (prompt, response) with the frozen encoder of the shared embedding service.
+
+    The trainer renders and truncates each pair itself (:func:`backbones.encode_pairs`), so
+    the cache (``cache_root``, normally ``$PREFAB_HOME/embeddings``) is keyed by the exact
+    token ids; encoder, cache folder, progress bar and Ctrl+C handling are those of
+    :mod:`factory.embed`.
+    """
 
     def __init__(
         self,
@@ -59,15 +66,14 @@ class HeadFeaturizer:
         cache_root: str | Path | None,
         device: torch.device | None = None,
         batch_size: int = 64,
+        progress: bool | None = False,
     ):
-        self.encoder = backbones.MeanPoolEncoder(backbones.resolve_base(base), device, max_length)
+        self.encoder = get_encoder(backbones.resolve_base(base), device)
+        backbones.check_max_length(max_length, self.encoder.max_positions, base)
         self.max_length = max_length
         self.batch_size = batch_size
-        self.cache = (
-            EmbeddingCache(cache_root, model_key(self.encoder.path, f"meanpool-l2|{max_length}"))
-            if cache_root is not None
-            else None
-        )
+        self.progress = progress
+        self.cache = encoder_cache(self.encoder, cache_root)
 
     @property
     def dim(self) -> int:
@@ -76,16 +82,27 @@ class HeadFeaturizer:
     def features(
         self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str]
     ) -> np.ndarray:
-        ids = backbones.encode_pairs(self.encoder.tokenizer, prompts, responses, self.max_length)
-        return self.embed_ids(ids)
+        return self.featurize(prompts, responses)[0]
 
-    def embed_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
-        def compute(seqs: Sequence[np.ndarray]) -> np.ndarray:
-            return self.encoder.embed_ids(seqs, self.batch_size)
+    def featurize(
+        self,
+        prompts: Sequence[Sequence[dict[str, str]]],
+        responses: Sequence[str],
+        *,
+        max_length: int | None = None,
+        progress: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(features, truncated): embeddings and whether each input had to be cut."""
+        length = max_length or self.max_length
+        backbones.check_max_length(length, self.encoder.max_positions, "the encoder")
+        encoded = backbones.encode_pairs(self.encoder.tokenizer, prompts, responses, length)
+        feats = self.embed_ids(encoded.ids, progress=self.progress if progress is None else progress)
+        return feats, encoded.truncated
 
-        if self.cache is None:
-            return compute(ids)
-        return self.cache.get_or_compute(ids, compute)
+    def embed_ids(self, ids: Sequence[np.ndarray], progress: bool | None = False) -> np.ndarray:
+        return embed_token_ids(ids, encoder=self.encoder, cache=self.cache,
+                               batch_size=self.batch_size, progress=progress,
+                               desc="embed pairs")
 
 
 class RewardModel:
@@ -109,21 +126,38 @@ class RewardModel:
         self.device = device or backbones.pick_device()
 
     # ---- scoring
-    @torch.inference_mode()
     def reward(
         self,
         prompts: Sequence[Sequence[dict[str, str]]],
         responses: Sequence[str],
         batch_size: int = 64,
     ) -> np.ndarray:
+        """Reward of each (prompt, response), float64."""
+        return self.score(prompts, responses, batch_size)[0]
+
+    @torch.inference_mode()
+    def score(
+        self,
+        prompts: Sequence[Sequence[dict[str, str]]],
+        responses: Sequence[str],
+        batch_size: int = 64,
+        *,
+        max_length: int | None = None,
+        progress: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards, truncated): ``max_length`` overrides the length the model trained at."""
         if len(responses) == 0:
-            return np.zeros(0, dtype=np.float64)
+            return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool)
+        length = max_length or self.spec.max_length
         if self.spec.mode == "head":
             assert self.head is not None and self.featurizer is not None
-            feats = self.featurizer.features(prompts, responses)
-            return self.reward_features(feats)
-        ids = backbones.encode_pairs(self.tokenizer, prompts, responses, self.spec.max_length)
-        return full_rewards(self.hf_model, self.tokenizer, ids, self.device, batch_size)
+            feats, truncated = self.featurizer.featurize(prompts, responses, max_length=length,
+                                                         progress=progress)
+            return self.reward_features(feats), truncated
+        positions = getattr(self.hf_model.config, "max_position_embeddings", 0) or 0
+        backbones.check_max_length(length, positions, self.spec.base)
+        encoded = backbones.encode_pairs(self.tokenizer, prompts, responses, length)
+        return full_rewards(self.hf_model, self.tokenizer, encoded.ids, self.device, batch_size), encoded.truncated
 
     @torch.inference_mode()
     def reward_features(self, feats: np.ndarray) -> np.ndarray:

@@ -1,20 +1,27 @@
 """Two robustness probes from the papers.
 
 - Master keys ("One Token to Fool LLM-as-a-Judge"): content-free responses such as ``":"``
-  or ``"Solution"``. The false-positive rate is how often one outscores a real rejected
-  answer to the same prompt. A sound RM keeps it near 0.
-- Contrast Instructions: pairs of lexically similar instructions mined by embedding
-  cosine similarity; each instruction's own answer should score higher under it than
-  under its look-alike. Reported as the fraction of consistent comparisons.
+  or ``"Solution"``. A key that scores at least as high as the pair's *chosen* answer is a
+  false positive: the RM would accept it over a good answer. The false-positive rate is
+  the share of (preference pair, key) comparisons where that happens; the comparison
+  with the rejected answer (a key beating a bad answer) is reported apart, and both per
+  key. A sound RM keeps both near 0.
+- Contrast Instructions: pairs of lexically similar instructions (i, j) with different
+  answers, mined by embedding cosine similarity. Both halves of the paper's test, with a
+  consistent RM preferring in each comparison the combination that belongs together:
+  *same prompt* -- under prompt i, its own answer beats j's answer (and likewise under j);
+  *same answer* -- answer i scores higher under its own prompt than under j's prompt (and
+  likewise for j). Equal rewards count as inconsistent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from factory.trainer import backbones
+from factory.embed import top_k_neighbours
 from factory.trainer.data import PairData
 from factory.trainer.model import RewardModel
 
@@ -30,21 +37,30 @@ MASTER_KEYS: tuple[str, ...] = (
     "かいせつ",
     "Respuesta",
 )
+# Cosines above this are the same instruction reworded, not a contrast: no signal there.
+NEAR_DUPLICATE = 0.995
 
 
 def master_key_fpr(
     model: RewardModel,
     data: PairData,
+    r_chosen: np.ndarray,
     r_rejected: np.ndarray,
     *,
     keys: tuple[str, ...] = MASTER_KEYS,
     max_prompts: int = 200,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Share of (preference pair, master key) where the key outscores the pair's rejected."""
+    """Master-key false-positive rate: a key scoring >= the pair's chosen answer.
+
+    ``fpr`` compares against the chosen answer, ``fpr_vs_rejected`` against the rejected
+    one; ``by_key`` gives both for each key. Preference pairs only, at most
+    ``max_prompts`` prompts (a seeded sample), each key scored once per prompt.
+    """
     pref_rows = np.flatnonzero(~data.tie)
     if len(pref_rows) == 0:
-        return {"fpr": None, "comparisons": 0, "prompts": 0, "by_key": {}}
+        return {"fpr": None, "fpr_vs_rejected": None, "comparisons": 0, "pairs": 0, "prompts": 0,
+                "by_key": {}}
     first_row: dict[str, int] = {}
     for i in pref_rows:
         first_row.setdefault(data.prompt_ids[i], int(i))
@@ -60,12 +76,17 @@ def master_key_fpr(
     ).reshape(len(prompts), len(keys))
     rows = np.asarray([i for i in pref_rows if data.prompt_ids[i] in slot], dtype=np.int64)
     key_scores = rewards[[slot[data.prompt_ids[i]] for i in rows]]  # (pairs, keys)
-    wins = key_scores > r_rejected[rows][:, None]
+    fools_chosen = key_scores >= np.asarray(r_chosen)[rows][:, None]
+    beats_rejected = key_scores >= np.asarray(r_rejected)[rows][:, None]
     return {
-        "fpr": float(wins.mean()),
-        "comparisons": int(wins.size),
+        "fpr": float(fools_chosen.mean()),
+        "fpr_vs_rejected": float(beats_rejected.mean()),
+        "comparisons": int(fools_chosen.size),
+        "pairs": int(len(rows)),
         "prompts": len(prompts),
-        "by_key": {k: float(wins[:, j].mean()) for j, k in enumerate(keys)},
+        "by_key": {k: {"vs_chosen": float(fools_chosen[:, j].mean()),
+                       "vs_rejected": float(beats_rejected[:, j].mean())}
+                   for j, k in enumerate(keys)},
     }
 
 
@@ -84,27 +105,30 @@ def mine_contrast_pairs(
     *,
     threshold: float = 0.8,
     max_pairs: int = 200,
+    neighbours: int = 8,
+    block_rows: int = 4096,
 ) -> list[tuple[int, int, float]]:
-    """Mutually distinct, similar instructions (i, j, cosine) with different answers."""
-    n = len(instructions)
-    if n < 2:
+    """Similar but distinct instructions (i, j, cosine), i < j, with different answers.
+
+    Each instruction is paired with its most similar neighbour in the band
+    [``threshold``, 0.995] whose text and answer differ from its own (among its
+    ``neighbours`` nearest), mined blockwise: memory stays flat in the number of prompts.
+    """
+    if len(instructions) < 2:
         return []
-    sim = embeddings @ embeddings.T
-    np.fill_diagonal(sim, -1.0)
-    # Near-duplicates are the same instruction, not a contrast: they carry no signal.
-    sim[sim > 0.995] = -1.0
-    best = sim.argmax(axis=1)
-    seen: set[tuple[int, int]] = set()
-    out = []
-    for i, j in enumerate(best):
-        a, b = (i, int(j)) if i < j else (int(j), i)
-        if sim[i, j] < threshold or (a, b) in seen:
-            continue
-        if instructions[a].strip() == instructions[b].strip() or answers[a] == answers[b]:
-            continue
-        seen.add((a, b))
-        out.append((a, b, float(sim[a, b])))
-    out.sort(key=lambda t: -t[2])
+    idx, sims = top_k_neighbours(embeddings, k=neighbours, exclude_self=True, block_rows=block_rows,
+                                 min_similarity=threshold, max_similarity=NEAR_DUPLICATE)
+    best: dict[tuple[int, int], float] = {}
+    for i in range(len(instructions)):
+        for j, sim in zip(idx[i], sims[i], strict=True):
+            if j < 0:
+                break
+            j = int(j)
+            if instructions[i].strip() == instructions[j].strip() or answers[i] == answers[j]:
+                continue
+            best[(min(i, j), max(i, j))] = float(sim)
+            break
+    out = sorted(((a, b, s) for (a, b), s in best.items()), key=lambda t: (-t[2], t[0], t[1]))
     return out[:max_pairs]
 
 
@@ -112,47 +136,43 @@ def contrast_consistency(
     model: RewardModel,
     data: PairData,
     *,
-    encoder: backbones.MeanPoolEncoder | None = None,
+    embed: Callable[[list[str]], np.ndarray],
     threshold: float = 0.8,
     max_pairs: int = 200,
 ) -> dict[str, Any]:
+    """Contrast-Instructions consistency, both halves; ``embed`` maps texts to vectors."""
+    empty = {"consistency": None, "same_prompt": None, "same_answer": None, "both_consistent": None,
+             "contrast_pairs": 0, "threshold": threshold}
     pref_rows = np.flatnonzero(~data.tie)
     first_row: dict[str, int] = {}
     for i in pref_rows:
         first_row.setdefault(data.prompt_ids[i], int(i))
     rows = list(first_row.values())
     if len(rows) < 2:
-        return {"consistency": None, "both_consistent": None, "contrast_pairs": 0,
-                "threshold": threshold}
-    if encoder is None:
-        encoder = _default_encoder(model)
+        return empty
     instructions = [instruction_of(data.prompts[i]) for i in rows]
     answers = [data.chosen[i] for i in rows]
-    pairs = mine_contrast_pairs(instructions, answers, encoder.embed_plain(instructions),
+    pairs = mine_contrast_pairs(instructions, answers, embed(instructions),
                                 threshold=threshold, max_pairs=max_pairs)
     if not pairs:
-        return {"consistency": None, "both_consistent": None, "contrast_pairs": 0,
-                "threshold": threshold}
+        return empty
     prompts, responses = [], []
     for a, b, _ in pairs:
-        pa_, pb_ = data.prompts[rows[a]], data.prompts[rows[b]]
-        # answer a under its own prompt and under b's; answer b likewise
-        prompts += [pa_, pb_, pb_, pa_]
-        responses += [answers[a], answers[a], answers[b], answers[b]]
+        p_a, p_b = data.prompts[rows[a]], data.prompts[rows[b]]
+        # (p_a, y_a) (p_a, y_b) (p_b, y_b) (p_b, y_a): each matched combination against
+        # the same prompt with the other answer and the same answer under the other prompt
+        prompts += [p_a, p_a, p_b, p_b]
+        responses += [answers[a], answers[b], answers[b], answers[a]]
     r = model.reward(prompts, responses).reshape(len(pairs), 4)
-    own_a, other_a, own_b, other_b = r.T
-    ok_a, ok_b = own_a > other_a, own_b > other_b
+    aa, ab, bb, ba = r.T
+    same_prompt = np.stack([aa > ab, bb > ba], axis=1)  # under p_a: y_a > y_b; under p_b: y_b > y_a
+    same_answer = np.stack([aa > ba, bb > ab], axis=1)  # y_a: p_a > p_b; y_b: p_b > p_a
     return {
-        "consistency": float(np.concatenate([ok_a, ok_b]).mean()),
-        "both_consistent": float((ok_a & ok_b).mean()),
+        "consistency": float(np.concatenate([same_prompt, same_answer], axis=1).mean()),
+        "same_prompt": float(same_prompt.mean()),
+        "same_answer": float(same_answer.mean()),
+        "both_consistent": float((same_prompt.all(axis=1) & same_answer.all(axis=1)).mean()),
         "contrast_pairs": len(pairs),
         "threshold": threshold,
         "mean_similarity": float(np.mean([s for _, _, s in pairs])),
     }
-
-
-def _default_encoder(model: RewardModel) -> backbones.MeanPoolEncoder:
-    featurizer = model.featurizer
-    if featurizer is not None and featurizer.encoder.path == backbones.minilm_path():
-        return featurizer.encoder  # already loaded: head mode on the default backbone
-    return backbones.MeanPoolEncoder(backbones.minilm_path(), model.device)

@@ -46,6 +46,8 @@ class RowContext:
     strict: bool = False
     coerced: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
+    # Input columns no reader field takes, with the rows that had them (kept in metadata).
+    unknown_columns: Counter[str] = field(default_factory=Counter)
 
     def error(self, record: Record, field_name: str | None, reason: str) -> InputError:
         return InputError(reason, file=record.file, line=record.line, field=field_name)
@@ -55,6 +57,23 @@ class RowContext:
         if self.strict:
             raise self.error(record, field_name, f"{reason} (rejected by --strict)")
         self.warnings[kind] += 1
+
+    def keep_unknown(
+        self, value: dict[str, Any], known: frozenset[str] | set[str], metadata: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Columns the format does not define go into ``metadata``, counted, never dropped.
+
+        A name the metadata already uses is stored as ``column:NAME`` so neither is lost.
+        """
+        unknown = [key for key in value if key not in known]
+        if not unknown:
+            return metadata
+        metadata = dict(metadata or {})
+        for key in unknown:
+            metadata[key if key not in metadata else f"column:{key}"] = value[key]
+            self.unknown_columns[key] += 1
+        self.warnings["unknown_columns_kept"] += 1
+        return metadata
 
     def require(self, record: Record, obj: dict[str, Any], key: str) -> Any:
         if key not in obj:

@@ -1,7 +1,9 @@
 """Column-shaped rows: TRL's prompt/chosen/rejected (string or conversational) and prefab's own.
 
 One parser serves TRL JSONL, generic JSONL, Parquet and `datasets` folders; they differ only
-in the container. Optional columns: tie, margin, votes, weight, attribute, task, metadata.
+in the container. Optional columns: tie, margin, votes, weight, attribute, attribute_scores,
+task, metadata, and prefab's own provenance and ids, so a canonical export reads back whole.
+Any other column is kept in metadata and counted (``unknown_columns_kept``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schemas.pairs import Message, Pair, Provenance
+from schemas.pairs import PAIR_COLUMNS, PROVENANCE_TYPE, Message, Pair, Provenance
 from schemas.readers.base import Record, RowContext, json_type
 from schemas.readers.registry import register_reader
+
+# Every column this reader takes (the canonical row's); `--map` may name only these.
+COLUMN_FIELDS = frozenset(PAIR_COLUMNS)
+_PROVENANCE_INTEGERS = frozenset({"source_line", "seed"})
 
 
 def looks_like_columns(value: object) -> bool:
@@ -63,6 +69,45 @@ def _attribute_scores(ctx: RowContext, record: Record, value: Any) -> list[dict[
     return scores
 
 
+def _provenance(ctx: RowContext, record: Record, value: Any) -> tuple[Provenance, dict[str, Any]]:
+    """A canonical export's provenance, kept as it was; a plain file's: where the row was read.
+
+    Also returns provenance fields this version does not know, for metadata.
+    """
+    here = Provenance(source_file=record.file, source_line=record.line)
+    if value is None:
+        return here, {}
+    if not isinstance(value, dict):
+        raise ctx.error(record, "provenance", f"expected an object, got {json_type(value)}")
+    fields: dict[str, Any] = {}
+    for name in PROVENANCE_TYPE.names:
+        item = value.get(name)
+        where = f"provenance.{name}"
+        if item is None:
+            continue
+        if name == "parent_ids":
+            if not isinstance(item, list) or not all(isinstance(i, str) for i in item):
+                raise ctx.error(record, where, "expected a list of pair ids")
+        elif name in _PROVENANCE_INTEGERS:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ctx.error(record, where, f"expected an integer, got {json_type(item)}")
+        elif not isinstance(item, str):
+            raise ctx.error(record, where, f"expected text, got {json_type(item)}")
+        fields[name] = item
+    unknown = {f"provenance.{key}": item for key, item in value.items() if key not in PROVENANCE_TYPE.names}
+    if not fields:
+        return here, unknown
+    fields.setdefault("parent_ids", [])
+    return Provenance(**fields), unknown
+
+
+def _check_id(ctx: RowContext, record: Record, value: dict[str, Any], key: str, computed: str) -> None:
+    """An id column read back from an export is recomputed; a differing one means edited content."""
+    given = value.get(key)
+    if given is not None and given != computed:
+        ctx.warnings[f"{key}_recomputed"] += 1
+
+
 @register_reader("trl", containers=("jsonl", "json", "parquet", "hf"), sniff=looks_like_columns,
                  accepts_column_map=True,
                  description="TRL preference rows: prompt/chosen/rejected, string or conversational")
@@ -105,7 +150,8 @@ def parse_columns(record: Record, ctx: RowContext) -> Pair:
             raise ctx.error(record, "metadata", "metadata text is not JSON") from None
     if metadata is not None and not isinstance(metadata, dict):
         raise ctx.error(record, "metadata", f"expected an object, got {json_type(metadata)}")
-    return Pair(
+    provenance, unknown_provenance = _provenance(ctx, record, value.get("provenance"))
+    pair = Pair(
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
@@ -116,9 +162,14 @@ def parse_columns(record: Record, ctx: RowContext) -> Pair:
         weight=weight,
         attribute=ctx.text(record, value, "attribute", optional=True) or None,
         task=ctx.text(record, value, "task", optional=True) or None,
-        provenance=Provenance(source_file=record.file, source_line=record.line),
-        metadata=metadata or None,
+        provenance=provenance,
+        metadata=ctx.keep_unknown({**value, **unknown_provenance}, COLUMN_FIELDS, metadata or None) or None,
     )
+    if "pair_id" in value or "prompt_id" in value:
+        row = pair.to_row()
+        _check_id(ctx, record, value, "pair_id", row["pair_id"])
+        _check_id(ctx, record, value, "prompt_id", row["prompt_id"])
+    return pair
 
 
 # The same rows in other containers; named so `--format` can force the container.

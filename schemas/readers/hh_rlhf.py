@@ -75,4 +75,8 @@ def parse_hh(record: Record, ctx: RowContext) -> Pair:
         chosen=chosen,
         rejected=rejected,
         provenance=Provenance(source_file=record.file, source_line=record.line),
+        metadata=ctx.keep_unknown(value, _FIELDS, None),
     )
+
+
+_FIELDS = frozenset({"chosen", "rejected"})

@@ -31,4 +31,8 @@ def parse_llmbar(record: Record, ctx: RowContext) -> Pair:
         chosen=chosen,
         rejected=rejected,
         provenance=Provenance(source_file=record.file, source_line=record.line),
+        metadata=ctx.keep_unknown(value, _FIELDS, None),
     )
+
+
+_FIELDS = frozenset({"input", "output_1", "output_2", "label"})

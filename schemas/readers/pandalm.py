@@ -13,6 +13,8 @@ from schemas.readers.base import Record, RowContext
 from schemas.readers.registry import register_reader
 
 ANNOTATORS = ("annotator1", "annotator2", "annotator3")
+_METADATA = ("idx", "cmp_key", "motivation_app")
+_FIELDS = frozenset({"instruction", "input", "response1", "response2", *ANNOTATORS, *_METADATA})
 
 
 def looks_like_pandalm(value: object) -> bool:
@@ -45,7 +47,7 @@ def parse_pandalm(record: Record, ctx: RowContext) -> Pair:
     chosen, rejected = responses[chosen_index - 1], responses[2 - chosen_index]
     relative_votes = [0 if v == 0 else (1 if v == chosen_index else -1) for v in votes]
     ctx.check_responses(record, chosen, rejected, ("response1", "response2"), tie=tie)
-    metadata = {k: value[k] for k in ("idx", "cmp_key", "motivation_app") if k in value}
+    metadata = ctx.keep_unknown(value, _FIELDS, {k: value[k] for k in _METADATA if k in value})
     return Pair(
         prompt=[Message("user", prompt_text)],
         chosen=chosen,

@@ -1,5 +1,5 @@
-"""Small, offline building blocks for smoke runs and tests: a trivially separable pair set
-and tiny randomly initialised backbones that reuse the bundled MiniLM tokenizer."""
+"""Test fixtures (not shipped with the package): a trivially separable pair set and tiny
+randomly initialised backbones that reuse the bundled MiniLM tokenizer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from factory.trainer.backbones import load_tokenizer, minilm_path, quiet_hf
+from factory.embed.encoder import load_tokenizer, minilm_path, quiet_hf
 from schemas.pairs import Message, Pair, Provenance, pairs_to_table
 
 _TOPICS = [

@@ -1,0 +1,108 @@
+"""The shared embedding service: one MiniLM encoder and one on-disk cache per process.
+
+Generators (hard negatives, contrast instructions), filters (dedup) and the trainer's
+head mode all embed through here, so a text is encoded once per home folder, ever:
+
+- :func:`embed_texts` -- L2-normalised float32 (n, 384) vectors of plain texts, cached
+  under ``$PREFAB_HOME/embeddings``. A progress bar shows on a terminal; Ctrl+C stops
+  after saving the completed batches (a rerun computes only the rest) and raises
+  :class:`EmbeddingInterrupted`, a :class:`KeyboardInterrupt`.
+- :func:`top_k_neighbours` -- exact cosine kNN in tiles (never an n-by-n matrix), with an
+  optional similarity band.
+
+``import factory.embed`` is cheap (numpy only); torch and transformers load on the first
+:func:`embed_texts` call, and the encoder then stays loaded for the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from factory.embed.cache import EmbeddingCache, EmbeddingInterrupted, ids_key, open_cache, text_key
+from factory.embed.knn import top_k_neighbours
+from factory.home import resolve_home
+
+if TYPE_CHECKING:
+    from factory.embed.encoder import MeanPoolEncoder
+
+EMBED_DIM = 384  # all-MiniLM-L6-v2
+MAX_TOKENS = 256  # its training length; longer texts are cut on the right, as sentence-transformers does
+
+__all__ = [
+    "EMBED_DIM",
+    "MAX_TOKENS",
+    "EmbeddingInterrupted",
+    "embed_texts",
+    "embed_token_ids",
+    "top_k_neighbours",
+]
+
+
+def cache_root(home: str | Path | None) -> Path:
+    """Where embeddings are cached: ``<home>/embeddings``."""
+    return resolve_home(home) / "embeddings"
+
+
+def encoder_cache(encoder: MeanPoolEncoder, root: str | Path | None) -> EmbeddingCache:
+    """The cache of ``encoder`` under ``root`` (``None``: in memory, this process only)."""
+    from factory.embed.cache import model_key
+
+    return open_cache(root, model_key(encoder.path, encoder.cache_variant))
+
+
+def embed_texts(
+    texts: Sequence[str],
+    *,
+    home: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """L2-normalised all-MiniLM-L6-v2 embeddings of ``texts``, float32 (n, 384).
+
+    Identical texts are encoded once, and never again under the same home
+    (``home`` or ``$PREFAB_HOME`` or ``./.prefab``; cache in ``<home>/embeddings``). Texts
+    longer than 256 tokens are cut on the right, as ``SentenceTransformer.encode`` does,
+    whose output this matches. ``progress=None`` shows a bar only when stderr is a
+    terminal. On Ctrl+C (or SIGTERM) the completed batches are saved and
+    :class:`EmbeddingInterrupted` (a KeyboardInterrupt) is raised.
+    """
+    from factory.embed.encoder import get_encoder
+
+    texts = [str(t) for t in texts]
+    encoder = get_encoder()
+    cache = encoder_cache(encoder, cache_root(home))
+
+    def compute(batch: list[str]) -> np.ndarray:
+        return encoder.embed_ids(encoder.tokenize_plain(batch, MAX_TOKENS), batch_size)
+
+    keys = [text_key(t, MAX_TOKENS) for t in texts]
+    return cache.get_or_compute(keys, texts, compute, dim=encoder.dim, batch_size=batch_size,
+                                progress=progress, desc="embed texts")
+
+
+def embed_token_ids(
+    sequences: Sequence[np.ndarray],
+    *,
+    encoder: MeanPoolEncoder,
+    cache: EmbeddingCache,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Embeddings of sequences already tokenised (and truncated) by the caller.
+
+    The trainer's path: its own rendering and truncation decide the ids, so the cache is
+    keyed by the exact ids. Same encoder, same cache folder, same interrupt handling as
+    :func:`embed_texts`.
+    """
+
+    def compute(batch: list[np.ndarray]) -> np.ndarray:
+        return encoder.embed_ids(batch, batch_size)
+
+    keys = [ids_key(s) for s in sequences]
+    return cache.get_or_compute(keys, list(sequences), compute, dim=encoder.dim,
+                                batch_size=batch_size, progress=progress, desc=desc)

@@ -1,0 +1,100 @@
+"""Exact cosine k-nearest neighbours, computed in tiles so memory stays flat.
+
+A query block of ``block_rows`` rows meets the corpus ``block_rows // 2`` columns at a
+time and only a running top-k per row is kept: the largest temporaries are one tile of
+similarities (32 MiB at the default 4096) and its argpartition indices (64 MiB), whatever
+the corpus size. An n-by-n matrix for 100,000 texts would take 40 GB.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _inverse_norms(x: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    # A zero vector is similar to nothing (cosine 0), not NaN.
+    return (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} hold NaN or infinite values")
+    return x
+
+
+def top_k_neighbours(
+    queries: np.ndarray,
+    corpus: np.ndarray | None = None,
+    k: int = 10,
+    *,
+    exclude_self: bool = True,
+    block_rows: int = 4096,
+    min_similarity: float | None = None,
+    max_similarity: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most cosine-similar corpus rows of each query row.
+
+    Returns ``(indices, similarities)``, both (n_queries, k): int64 corpus row numbers and
+    float32 cosines, best first (equal similarities in any order). Where fewer than ``k``
+    rows qualify the rest is ``-1`` / NaN. With ``corpus=None`` the queries are their own
+    corpus and ``exclude_self`` skips each row itself (not its duplicates: an identical
+    text elsewhere is a neighbour at 1.0). A separate corpus is never assumed to share
+    rows with the queries. Only similarities in ``[min_similarity, max_similarity]``
+    qualify, e.g. a band of look-alikes that are not near-duplicates. Inputs need not be
+    normalised.
+    """
+    q = _matrix(queries, "queries")
+    self_mode = corpus is None
+    c = q if self_mode else _matrix(corpus, "corpus")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]}, corpus {c.shape[1]}")
+    if k < 0 or block_rows < 1:
+        raise ValueError("k must be >= 0 and block_rows >= 1")
+    n, m = len(q), len(c)
+    indices = np.full((n, k), -1, dtype=np.int64)
+    sims = np.full((n, k), np.nan, dtype=np.float32)
+    keep = min(k, m)
+    if keep == 0 or n == 0:
+        return indices, sims
+    q_inv = _inverse_norms(q)
+    c_inv = q_inv if self_mode else _inverse_norms(c)
+    columns = max(1, block_rows // 2)
+    for qs in range(0, n, block_rows):
+        qe = min(qs + block_rows, n)
+        qb = q[qs:qe] * q_inv[qs:qe, None]
+        rows = np.arange(qe - qs)
+        best_s = np.full((qe - qs, keep), -np.inf, dtype=np.float32)
+        best_i = np.full((qe - qs, keep), -1, dtype=np.int64)
+        for cs in range(0, m, columns):
+            ce = min(cs + columns, m)
+            tile = qb @ (c[cs:ce] * c_inv[cs:ce, None]).T
+            # Disqualified entries become -inf: they sort last and are dropped below.
+            if min_similarity is not None:
+                tile[tile < min_similarity] = -np.inf
+            if max_similarity is not None:
+                tile[tile > max_similarity] = -np.inf
+            if self_mode and exclude_self and cs < qe and qs < ce:
+                own = rows[(rows + qs >= cs) & (rows + qs < ce)]
+                tile[own, own + qs - cs] = -np.inf
+            take = min(keep, ce - cs)
+            if ce - cs > take:
+                part = np.argpartition(tile, -take, axis=1)[:, -take:]
+                tile_s = np.take_along_axis(tile, part, axis=1)
+            else:
+                part, tile_s = np.broadcast_to(np.arange(ce - cs), tile.shape), tile
+            both_s = np.concatenate([best_s, tile_s], axis=1)
+            both_i = np.concatenate([best_i, part + cs], axis=1)
+            pick = np.argpartition(both_s, -keep, axis=1)[:, -keep:]
+            best_s = np.take_along_axis(both_s, pick, axis=1)
+            best_i = np.take_along_axis(both_i, pick, axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        best_s = np.take_along_axis(best_s, order, axis=1)
+        best_i = np.take_along_axis(best_i, order, axis=1)
+        found = np.isfinite(best_s)
+        indices[qs:qe, :keep] = np.where(found, best_i, -1)
+        sims[qs:qe, :keep] = np.where(found, best_s, np.nan)
+    return indices, sims

@@ -1,0 +1,296 @@
+"""``factory.generate`` and ``factory.filter``: run a registered step on catalog versions.
+
+Both validate the step's parameters and resolve every input ref before any work, run the
+step through the runner, and commit one new version whose lineage lists the inputs as
+parents, the step with its parameters, the run id and the reconciled counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from factory.steps.context import FAILED_SCHEMA, StepContext
+from factory.steps.params import as_dict, params_hash
+from factory.steps.runner import (
+    Prepared,
+    apply_decision,
+    check_decision,
+    clear_work_dir,
+    execute,
+    failed_side_table,
+    new_run_id,
+    pin_refs,
+    prefixed_scores,
+    prepare,
+    stamp_generated,
+    step_work_dir,
+)
+from schemas.errors import PrefabError
+from schemas.pairs import PAIR_COLUMNS
+
+
+def _refs(from_: str | Sequence[str]) -> list[str]:
+    refs = [from_] if isinstance(from_, str) else list(from_)
+    if not refs:
+        raise PrefabError("--from needs at least one dataset ref")
+    return refs
+
+
+@dataclass
+class FileInput:
+    """A file read directly (trajectory steps): recorded in lineage by path and sha256."""
+
+    ref: str
+    sha256: str
+    rows: int
+
+
+def _read_trajectory_files(paths: list[str]) -> tuple[list[FileInput], pa.Table, pa.Array]:
+    from schemas.readers.trajectories import read_trajectories
+
+    infos, tables = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise PrefabError(f"--from {path}: this step reads trajectory files, and there is no such file")
+        table = read_trajectories(path)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        infos.append(FileInput(str(path), digest, table.num_rows))
+        tables.append(table)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    sources = pa.array([i.ref for i, t in zip(infos, tables, strict=True) for _ in range(t.num_rows)], pa.string())
+    return infos, table, sources
+
+
+def _read_inputs(catalog: Any, refs: list[str], input_kind: str = "pairs") -> tuple[list[Any], pa.Table, pa.Array]:
+    if input_kind == "trajectories":
+        return _read_trajectory_files(refs)
+    infos = [catalog.resolve(ref) for ref in refs]
+    tables = [catalog.read_table(info) for info in infos]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    sources = pa.array([info.ref for info, t in zip(infos, tables, strict=True) for _ in range(t.num_rows)],
+                       pa.string())
+    return infos, table, sources
+
+
+def _id_column(table: pa.Table) -> str:
+    return "pair_id" if "pair_id" in table.column_names else "trajectory_id"
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _usage_lineage(prepared: Prepared, usage: dict[str, Any]) -> dict[str, Any]:
+    model = getattr(prepared.backend, "model", None)
+    models = sorted(set(usage.get("models", [])) | ({f"{prepared.backend.kind}:{model}"} if model else set()))
+    return {"models": models, "judges": sorted(set(usage.get("judges", []))),
+            "usage": {k: v for k, v in usage.items() if k not in ("models", "judges")}}
+
+
+def plan(kind: str, step: str, from_: str | Sequence[str], *, settings: dict[str, Any] | None = None,
+         backend: Any = None, home: str | Path | None = None) -> dict[str, Any]:
+    """What a run would do, validated, without running it (``--dry-run``)."""
+    from factory.catalog import Catalog
+
+    prepared = prepare(kind, step, settings, backend)  # type: ignore[arg-type]
+    catalog = Catalog(home)
+    pin_refs(prepared, catalog)
+    if prepared.spec.input_kind == "trajectories":
+        infos, _, _ = _read_trajectory_files(_refs(from_))
+    else:
+        infos = [catalog.resolve(ref) for ref in _refs(from_)]
+    return {"step": step, "kind": kind, "step_version": prepared.spec.version,
+            "inputs": [{"ref": i.ref, "rows": i.rows} for i in infos],
+            "rows_in": sum(i.rows for i in infos), "params": as_dict(prepared.params),
+            "params_hash": prepared.params_hash, "backend": prepared.spec.backend,
+            "batch_rows": prepared.spec.batch_rows}
+
+
+def generate(
+    step: str,
+    from_: str | Sequence[str],
+    name: str,
+    *,
+    settings: dict[str, Any] | None = None,
+    backend: Any = None,
+    seed: int = 0,
+    with_input: bool = False,
+    message: str = "",
+    home: str | Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run generator ``step`` on the seed pairs of ``from_`` and commit its pairs as ``name``.
+
+    ``settings`` are the step's parameters (strings as from ``--set``, or typed values).
+    With ``with_input`` the new version holds the seed pairs followed by the new ones.
+    """
+    from factory.catalog import Catalog
+
+    started = time.monotonic()
+    prepared = prepare("generator", step, settings, backend)
+    catalog = Catalog(home)
+    pins = pin_refs(prepared, catalog)
+    infos, inputs, sources = _read_inputs(catalog, _refs(from_), prepared.spec.input_kind)
+    refs = [i.ref for i in infos]
+    file_inputs = [{"file": i.ref, "sha256": i.sha256, "rows": i.rows} for i in infos if isinstance(i, FileInput)]
+    parents = [i.ref for i in infos if not isinstance(i, FileInput)]
+    ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
+                      backend=prepared.backend, progress=progress)
+    work = step_work_dir(catalog.home, _key("generate", step, prepared.spec.version, prepared.params_hash,
+                                            refs, seed, pins))
+    result = execute(prepared, inputs, ctx, resume_dir=work)
+    generated = stamp_generated(result.table, inputs, sources, prepared, ctx)
+    failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
+    side = failed_side_table(failed, inputs, step)
+    out = generated
+    if with_input:
+        if file_inputs:
+            raise PrefabError(f"--with-input needs pair versions as input; {step} reads trajectory files")
+        out = pa.concat_tables([inputs.select([c for c in PAIR_COLUMNS]).cast(generated.schema), generated])
+    if out.num_rows == 0:
+        reasons = sorted(set(side.column("reason").to_pylist()))[:3]
+        raise PrefabError(f"{step} made no pairs from {', '.join(refs)} ({inputs.num_rows} seed rows"
+                          + (f"; failures: {'; '.join(reasons)}" if reasons else "") + ")")
+    failed_positions = set(failed.column("row").to_pylist())
+    parents_used = {p for ids in generated.column("provenance").combine_chunks().field("parent_ids").to_pylist()
+                    for p in (ids or [])}
+    used = sum(1 for i, seed_id in enumerate(inputs.column(_id_column(inputs)).to_pylist())
+               if seed_id in parents_used and i not in failed_positions)
+    counts = {
+        "rows_in": inputs.num_rows,
+        "rows_generated": generated.num_rows,
+        "rows_failed": side.num_rows,
+        "seeds_used": used,
+        "seeds_failed": len(failed_positions),
+        "seeds_without_output": inputs.num_rows - used - len(failed_positions),
+    }
+    lineage = {
+        "command": "generate",
+        "step": {"name": step, "kind": "generator", "version": prepared.spec.version,
+                 "params_hash": prepared.params_hash, "template_hash": prepared.spec.template_hash},
+        "params": as_dict(prepared.params),
+        "run_id": ctx.run_id,
+        "seed": seed,
+        "with_input": with_input,
+        **({"input_files": file_inputs} if file_inputs else {}),
+        **counts,
+        "stats": result.stats,
+        **_usage_lineage(prepared, result.usage),
+        "wall_seconds": round(time.monotonic() - started, 3),
+    }
+    info = catalog.commit(name, out, message=message or f"generate {step} from {', '.join(refs)}",
+                          lineage=lineage, parents=parents, failures=side)
+    clear_work_dir(work)
+    return {"ref": info.ref, "dataset": name, "version": info.version, "step": step, "kind": "generator",
+            "inputs": refs, "rows_out": info.rows, **counts, "stats": result.stats, "run_id": ctx.run_id,
+            "unchanged": bool(getattr(info, "unchanged", False))}
+
+
+def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
+    step: str,
+    from_: str | Sequence[str],
+    name: str,
+    *,
+    settings: dict[str, Any] | None = None,
+    backend: Any = None,
+    seed: int = 0,
+    message: str = "",
+    home: str | Path | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Score every pair of ``from_`` with filter ``step``, decide, and commit the kept pairs.
+
+    The scores of every input row (dropped ones included) are stored with the new version;
+    a later run that changes only threshold parameters reuses them instead of recomputing.
+    """
+    from factory.catalog import Catalog
+
+    started = time.monotonic()
+    prepared = prepare("filter", step, settings, backend)
+    spec = prepared.spec
+    catalog = Catalog(home)
+    pins = pin_refs(prepared, catalog)
+    infos, inputs, _ = _read_inputs(catalog, _refs(from_))
+    refs = [i.ref for i in infos]
+    scoring_hash = params_hash(prepared.params, only_scoring=True)
+    score_key = _key("scores", step, spec.version, scoring_hash, refs, seed, pins)
+    ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
+                      backend=prepared.backend, progress=progress)
+    stored = catalog.find_scores(score_key)
+    work = step_work_dir(catalog.home, score_key)
+    usage: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    if stored is not None and stored.num_rows == inputs.num_rows:
+        bookkeeping = {"row", "pair_id", "failed_reason", f"{step}_action", f"{step}_reason"}
+        scores = stored.drop_columns([c for c in stored.column_names if c in bookkeeping])
+        failed_reason = stored.column("failed_reason")
+        reused = True
+    else:
+        result = execute(prepared, inputs, ctx, resume_dir=work)
+        scores = prefixed_scores(result.table, step)
+        failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
+        reasons: list[str | None] = [None] * inputs.num_rows
+        for row, reason in zip(failed.column("row").to_pylist(), failed.column("reason").to_pylist(), strict=True):
+            reasons[row] = reason
+        failed_reason = pa.array(reasons, pa.string())
+        usage, stats = result.usage, result.stats
+        reused = False
+    own_names = scores.rename_columns([c.removeprefix(f"{step}_") for c in scores.column_names])
+    decision = spec.decide(own_names, prepared.params)
+    check_decision(decision, inputs.num_rows, step)
+    failed_mask = pa.compute.is_valid(failed_reason).to_numpy(zero_copy_only=False)
+    kept_input = inputs
+    for column in scores.column_names + [f"{step}_action", f"{step}_reason"]:
+        if column in kept_input.column_names:  # a rerun of the same filter replaces its scores
+            kept_input = kept_input.drop_columns([column])
+    annotated = kept_input
+    for column in scores.column_names:
+        annotated = annotated.append_column(column, scores.column(column))
+    annotated = annotated.append_column(f"{step}_action", decision.action.cast(pa.string()))
+    annotated = annotated.append_column(f"{step}_reason", decision.reason.cast(pa.string()))
+    out, counts = apply_decision(annotated, decision, failed_mask)
+    failed_rows = pa.array([i for i, f in enumerate(failed_mask) if f], pa.int64())
+    failed_table = pa.table({"row": failed_rows,
+                             "reason": failed_reason.take(failed_rows) if len(failed_rows) else pa.array([], pa.string())})
+    side = failed_side_table(failed_table, inputs, step)
+    stored_scores = pa.table({"row": pa.array(range(inputs.num_rows), pa.int64()),
+                              "pair_id": inputs.column("pair_id"), "failed_reason": failed_reason})
+    for column in scores.column_names:
+        stored_scores = stored_scores.append_column(column, scores.column(column))
+    stored_scores = stored_scores.append_column(f"{step}_action", decision.action.cast(pa.string()))
+    stored_scores = stored_scores.append_column(f"{step}_reason", decision.reason.cast(pa.string()))
+    if counts["rows_kept"] == 0:
+        raise PrefabError(f"filter {step} would keep none of the {inputs.num_rows} rows of {', '.join(refs)}; "
+                          "nothing committed (check the thresholds)")
+    assert counts["rows_in"] == counts["rows_kept"] + counts["rows_dropped"] + counts["rows_failed"]
+    lineage = {
+        "command": "filter",
+        "step": {"name": step, "kind": "filter", "version": spec.version,
+                 "params_hash": prepared.params_hash, "template_hash": spec.template_hash},
+        "params": as_dict(prepared.params),
+        "run_id": ctx.run_id,
+        "seed": seed,
+        "score_key": score_key,
+        "scores_reused": reused,
+        "rows_filtered": counts["rows_dropped"],
+        **counts,
+        "stats": stats,
+        **_usage_lineage(prepared, usage),
+        "wall_seconds": round(time.monotonic() - started, 3),
+    }
+    info = catalog.commit(name, out, message=message or f"filter {step} from {', '.join(refs)}",
+                          lineage=lineage, parents=refs, failures=side,
+                          attachments={"scores": stored_scores})
+    clear_work_dir(work)
+    return {"ref": info.ref, "dataset": name, "version": info.version, "step": step, "kind": "filter",
+            "inputs": refs, "rows_out": info.rows, **counts, "scores_reused": reused, "stats": stats,
+            "score_columns": scores.column_names, "run_id": ctx.run_id,
+            "unchanged": bool(getattr(info, "unchanged", False))}

@@ -1,0 +1,146 @@
+"""The step registry: a generator or filter is one function plus one decorator.
+
+    @generator("master_keys", params=MasterKeysParams, version="1")
+    def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResult:
+        '''Rejected answers made of master keys (One Token to Fool).'''
+
+    @filter_step("dedup", params=DedupParams, decide=decide_dedup, version="1")
+    def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult: ...
+
+Built-in steps live one module per family in ``generators/`` and ``filters/`` and are found
+by importing those packages; third-party steps register through the ``prefab.steps``
+entry-point group (each entry point names a module to import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from factory.steps.params import ParamError
+
+StepKind = Literal["generator", "filter"]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    kind: StepKind
+    fn: Callable[..., Any]
+    params: type
+    version: str
+    doc: str
+    # None: the step needs the whole table at once (global dedup, neighbours, k-fold);
+    # N: it is row-local and the runner may feed it batches of N rows (and Ray may too).
+    batch_rows: int | None = None
+    # filters only: (scores table, params) -> Decision
+    decide: Callable[..., Any] | None = None
+    # "none" | "optional" | "required": whether the step calls an LLM backend
+    backend: str = "none"
+    templates: dict[str, str] = field(default_factory=dict)
+    # what --from reads: catalog pair versions, or trajectory files (schemas.rows.TRAJECTORY_SCHEMA)
+    input_kind: str = "pairs"
+    # generators only: extra (non-canonical) output columns committed with the pairs, e.g. rubrics' "rubric"
+    columns: tuple[str, ...] = ()
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+    @property
+    def template_hash(self) -> str | None:
+        if not self.templates:
+            return None
+        text = "\x00".join(f"{k}\x00{v}" for k, v in sorted(self.templates.items()))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+_STEPS: dict[tuple[StepKind, str], StepSpec] = {}
+
+
+def _register(spec: StepSpec) -> None:
+    if not dataclasses.is_dataclass(spec.params):
+        raise TypeError(f"step {spec.name}: params must be a dataclass, got {spec.params!r}")
+    existing = _STEPS.get((spec.kind, spec.name))
+    if existing is not None and existing.fn.__module__ != spec.fn.__module__:
+        raise ValueError(f"{spec.kind} {spec.name!r} is registered twice "
+                         f"({existing.fn.__module__} and {spec.fn.__module__})")
+    _STEPS[(spec.kind, spec.name)] = spec
+
+
+def generator(
+    name: str, *, params: type, version: str = "1", batch_rows: int | None = 4096,
+    backend: str = "none", templates: dict[str, str] | None = None, input_kind: str = "pairs",
+    columns: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(table, ctx) -> StepResult`` as a generator: seed pairs in, new pairs out.
+
+    ``input_kind="trajectories"`` makes ``--from`` read trajectory files instead of pair
+    versions, and ``table`` is then in :data:`schemas.rows.TRAJECTORY_SCHEMA`.
+    ``columns`` names extra output columns to commit with the pairs (others are dropped).
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(StepSpec(name, "generator", fn, params, version, fn.__doc__ or "",
+                           batch_rows, None, backend, dict(templates or {}), input_kind, tuple(columns)))
+        return fn
+
+    return wrap
+
+
+def filter_step(
+    name: str, *, params: type, decide: Callable[..., Any], version: str = "1",
+    batch_rows: int | None = None, backend: str = "none", templates: dict[str, str] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(table, ctx) -> StepResult`` as a filter.
+
+    ``fn`` returns per-row scores (one row per input row, in order); ``decide(scores,
+    params)`` turns them into keep / drop / flip / weight. Only ``decide`` reads the
+    parameters marked ``decision=True``, so a new threshold never recomputes scores.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(StepSpec(name, "filter", fn, params, version, fn.__doc__ or "",
+                           batch_rows, decide, backend, dict(templates or {})))
+        return fn
+
+    return wrap
+
+
+_loaded = False
+
+
+def load_steps() -> None:
+    """Import the built-in step packages and any ``prefab.steps`` entry points (once)."""
+    global _loaded
+    if _loaded:
+        return
+    for package_name in ("generators", "filters"):
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{module.name}")
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="prefab.steps"):
+        importlib.import_module(entry.value.split(":")[0])
+    _loaded = True
+
+
+def steps(kind: StepKind | None = None) -> list[StepSpec]:
+    load_steps()
+    return sorted((s for s in _STEPS.values() if kind is None or s.kind == kind), key=lambda s: s.name)
+
+
+def get_step(name: str, kind: StepKind) -> StepSpec:
+    load_steps()
+    spec = _STEPS.get((kind, name))
+    if spec is None:
+        known = ", ".join(s.name for s in steps(kind)) or "none"
+        raise ParamError(f"unknown {kind} {name!r} (known: {known})")
+    return spec

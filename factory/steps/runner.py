@@ -1,0 +1,363 @@
+"""The step runner: everything around a step that no step does by hand.
+
+It validates parameters before any work, feeds the step its input (in batches when the
+step is row-local), stamps provenance on every generated row, applies a filter's decision
+to its stored scores, reconciles counts, and commits one catalog version whose lineage
+names the input versions. Failed rows go to the catalog's side table with their reason.
+
+Interrupted runs lose nothing: a row-local step's finished batches are kept under
+``home/steps/<key>/`` and a rerun of the same command starts after them; a filter's
+scores are stored with the version and reused when only a threshold changes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from factory.home import resolve_home
+from factory.steps.context import FAILED_SCHEMA, Decision, StepContext, StepResult
+from factory.steps.params import as_dict, build_params, params_hash, ref_fields
+from factory.steps.registry import StepKind, StepSpec, get_step
+from schemas.errors import PrefabError
+from schemas.pairs import PAIR_COLUMNS, PAIR_SCHEMA, PROVENANCE_TYPE, content_ids
+
+LINEAGE_COLUMNS = ("parent_ids", "generated", "method")
+
+
+class StepOutputError(PrefabError):
+    """A step returned a table that breaks its contract (a bug in the step, not the data)."""
+
+
+@dataclass
+class Prepared:
+    """A step resolved and its parameters validated: nothing has run or been paid for."""
+
+    spec: StepSpec
+    params: Any
+    backend: Any
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.params)
+
+
+def prepare(kind: StepKind, name: str, settings: dict[str, Any] | None = None,
+            backend: Any = None) -> Prepared:
+    """Resolve the step and validate its settings; fails in one line before any work."""
+    spec = get_step(name, kind)
+    params = build_params(spec.params, settings or {}, step=name)
+    if isinstance(backend, str):
+        from factory.llm import backend_from_spec
+
+        backend = backend_from_spec(backend)
+    if spec.backend == "required" and backend is None:
+        from factory.steps.context import MissingBackendError
+        from factory.steps.llm import missing_backend_message
+
+        raise MissingBackendError(missing_backend_message(kind, name))
+    return Prepared(spec, params, backend)
+
+
+def pin_refs(prepared: Prepared, catalog: Any) -> dict[str, Any]:
+    """Resolve ``ref=True`` parameters to exact versions (files to path, size and mtime).
+
+    Catalog refs are rewritten in place (``eval`` -> ``eval@3``) so the parameter hash and
+    provenance name the exact data; file pins are returned for the cache keys.
+    """
+    import dataclasses
+
+    pins: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
+    for name in ref_fields(prepared.params):
+        value = getattr(prepared.params, name)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        pinned = []
+        for item in items:
+            path = Path(item)
+            if path.exists():
+                stat = path.stat()
+                pins[item] = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+                pinned.append(item)
+            else:
+                pinned.append(catalog.resolve(item).ref)
+        changes[name] = pinned if isinstance(value, list) else pinned[0]
+    if changes:
+        prepared.params = dataclasses.replace(prepared.params, **changes)
+    return pins
+
+
+# ---- running a step on a table (pure: no catalog) ---------------------------------------
+
+
+def _concat(tables: Sequence[pa.Table]) -> pa.Table:
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, disable=not enabled)
+
+
+def _sum_stats(into: dict[str, Any], stats: dict[str, Any]) -> None:
+    for key, value in stats.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            into[key] = into.get(key, 0) + value
+        elif isinstance(value, dict):
+            _sum_stats(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
+
+
+def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
+            resume_dir: Path | None = None) -> StepResult:
+    """Run the step over ``table`` (batch by batch when it is row-local).
+
+    With ``resume_dir`` every finished batch is written there first, and batches already
+    there are read back instead of recomputed, so an interrupted run resumes.
+    """
+    spec = prepared.spec
+    if spec.backend != "none":
+        # Before any batch: the backend the parameters need, valid templates, and a whole-run
+        # cost estimate within --max-cost (cached requests free).
+        from factory.steps.llm import preflight
+
+        preflight(spec, prepared.params, table, ctx)
+    batch_rows = spec.batch_rows or max(table.num_rows, 1)
+    starts = list(range(0, table.num_rows, batch_rows)) or [0]
+    outputs, failures, stats, usage = [], [], {}, {}
+    bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress)
+    done = 0
+    try:
+        for index, start in enumerate(starts):
+            batch = table.slice(start, batch_rows)
+            cached = _load_batch(resume_dir, index) if resume_dir else None
+            if cached is None:
+                result = spec.fn(batch, ctx)
+                if not isinstance(result, StepResult):
+                    raise StepOutputError(f"{spec.name} returned {type(result).__name__}, not StepResult")
+                failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
+                failed = failed.set_column(0, "row", pc.add(failed["row"].cast(pa.int64()), start))
+                if spec.kind == "filter" and result.table.num_rows != batch.num_rows:
+                    raise StepOutputError(f"filter {spec.name} returned {result.table.num_rows} score rows "
+                                          f"for {batch.num_rows} input rows")
+                cached = (result.table, failed, result.stats, result.usage)
+                if resume_dir is not None:
+                    _save_batch(resume_dir, index, *cached)
+            out, failed, batch_stats, batch_usage = cached
+            outputs.append(out)
+            failures.append(failed)
+            _sum_stats(stats, batch_stats)
+            _sum_stats(usage, batch_usage)
+            bar.update(batch.num_rows)
+            done += 1
+    except KeyboardInterrupt:
+        if resume_dir is not None and done:
+            import sys
+
+            print(f"prefab: {spec.name} stopped after {done} of {len(starts)} batches; they are kept, and "
+                  "the same command resumes after them", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    return StepResult(_concat(outputs), _concat(failures) if failures else None, stats, usage)
+
+
+def _save_batch(folder: Path, index: int, table: pa.Table, failed: pa.Table,
+                stats: dict[str, Any], usage: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"batch-{index:06d}"
+    tmp = folder / f".{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    pq.write_table(table, tmp / "out.parquet")
+    pq.write_table(failed, tmp / "failed.parquet")
+    (tmp / "stats.json").write_text(json.dumps({"stats": stats, "usage": usage}, default=str))
+    tmp.rename(final)  # a batch is there whole or not at all
+
+
+def _load_batch(folder: Path, index: int) -> tuple[pa.Table, pa.Table, dict, dict] | None:
+    final = folder / f"batch-{index:06d}"
+    if not final.is_dir():
+        return None
+    meta = json.loads((final / "stats.json").read_text())
+    return (pq.read_table(final / "out.parquet"), pq.read_table(final / "failed.parquet"),
+            meta["stats"], meta["usage"])
+
+
+# ---- generators: provenance and ids ------------------------------------------------------
+
+
+def with_ids(table: pa.Table) -> pa.Table:
+    """Add (or recompute) ``pair_id`` and ``prompt_id`` from content."""
+    pair_ids, prompt_ids = content_ids(table)
+    for name, column in (("pair_id", pair_ids), ("prompt_id", prompt_ids)):
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table
+
+
+def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, prepared: Prepared,
+                    ctx: StepContext) -> pa.Table:
+    """Canonical generated rows with provenance filled in by the runner."""
+    spec = prepared.spec
+    missing = [c for c in ("prompt", "chosen", "rejected", "parent_ids") if c not in out.column_names]
+    if missing:
+        raise StepOutputError(f"generator {spec.name} output lacks column(s) {', '.join(missing)}")
+    n = out.num_rows
+    id_column = "pair_id" if "pair_id" in inputs.column_names else "trajectory_id"
+    source_of = dict(zip(inputs.column(id_column).to_pylist(), input_sources.to_pylist(), strict=True))
+    parents = out.column("parent_ids").to_pylist()
+    sources = [source_of.get(p[0]) if p else None for p in parents]
+    model = getattr(prepared.backend, "model", None)
+    provenance = {
+        "source": sources,
+        "source_file": [None] * n,
+        "source_line": [None] * n,
+        "step": [spec.name] * n,
+        "step_version": [spec.version] * n,
+        "params_hash": [prepared.params_hash] * n,
+        "model": [model] * n,
+        "template_hash": [spec.template_hash] * n,
+        "seed": [ctx.seed] * n,
+        "run_id": [ctx.run_id] * n,
+        "parent_ids": parents,
+        "generated": out.column("generated").to_pylist() if "generated" in out.column_names else [None] * n,
+        "method": out.column("method").to_pylist() if "method" in out.column_names else [None] * n,
+    }
+    struct = pa.StructArray.from_arrays(
+        [pa.array(provenance[f.name], f.type) for f in PROVENANCE_TYPE], fields=list(PROVENANCE_TYPE)
+    )
+    columns = {}
+    for f in PAIR_SCHEMA:
+        if f.name == "provenance":
+            columns[f.name] = struct
+        elif f.name in out.column_names:
+            columns[f.name] = out.column(f.name).cast(f.type)
+        elif f.name == "tie":
+            columns[f.name] = pa.array([False] * n, pa.bool_())
+        elif f.name in ("pair_id", "prompt_id"):
+            columns[f.name] = pa.array([""] * n, pa.string())
+        else:
+            columns[f.name] = pa.nulls(n, f.type)
+    stamped = with_ids(pa.table(columns, schema=PAIR_SCHEMA))
+    for name in spec.columns:  # declared extras (e.g. rubrics' "rubric") travel with the pairs
+        if name in out.column_names:
+            stamped = stamped.append_column(name, out.column(name))
+    return stamped
+
+
+# ---- filters: scores and decisions --------------------------------------------------------
+
+
+def prefixed_scores(scores: pa.Table, step: str) -> pa.Table:
+    names = [c if c.startswith(f"{step}_") else f"{step}_{c}" for c in scores.column_names]
+    return scores.rename_columns(names)
+
+
+def check_decision(decision: Decision, n: int, step: str) -> None:
+    if len(decision.action) != n or len(decision.reason) != n:
+        raise StepOutputError(f"filter {step}: decision covers {len(decision.action)} rows, input has {n}")
+    bad = set(pc.unique(decision.action).to_pylist()) - {"keep", "drop", "flip", "weight"}
+    if bad:
+        raise StepOutputError(f"filter {step}: unknown action(s) {sorted(map(str, bad))}")
+
+
+def apply_decision(table: pa.Table, decision: Decision, failed_rows: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
+    """Drop, flip and reweight rows as decided; failed rows are left out (they are in the side table)."""
+    n = table.num_rows
+    action = np.asarray(decision.action.to_pylist(), dtype=object)
+    action[failed_rows] = "failed"
+    flip = action == "flip"
+    reweight = action == "weight"
+    frame = pl.from_arrow(table)
+    if flip.any():
+        mask = pl.Series(flip)
+        frame = frame.with_columns(
+            pl.when(mask).then(pl.col("rejected")).otherwise(pl.col("chosen")).alias("chosen"),
+            pl.when(mask).then(pl.col("chosen")).otherwise(pl.col("rejected")).alias("rejected"),
+        )
+        if "votes" in frame.columns:
+            frame = frame.with_columns(
+                pl.when(mask).then(pl.col("votes").list.eval(-pl.element())).otherwise(pl.col("votes")).alias("votes")
+            )
+        if "attribute_scores" in frame.columns:
+            swapped = pl.col("attribute_scores").list.eval(pl.struct(
+                pl.element().struct.field("attribute"),
+                pl.element().struct.field("rejected").alias("chosen"),
+                pl.element().struct.field("chosen").alias("rejected"),
+            ))
+            frame = frame.with_columns(
+                pl.when(mask).then(swapped).otherwise(pl.col("attribute_scores")).alias("attribute_scores")
+            )
+    if reweight.any() and decision.weight is not None:
+        new_weight = pl.Series(decision.weight.to_numpy(zero_copy_only=False), dtype=pl.Float64)
+        frame = frame.with_columns(
+            pl.when(pl.Series(reweight)).then(new_weight).otherwise(pl.col("weight")).alias("weight")
+        )
+    keep = (action != "drop") & (action != "failed")
+    out = frame.filter(pl.Series(keep)).to_arrow()
+    counts = {
+        "rows_in": n,
+        "rows_kept": int(keep.sum()),
+        "rows_dropped": int((action == "drop").sum()),
+        "rows_failed": int((action == "failed").sum()),
+        "rows_flipped": int(flip.sum()),
+        "rows_reweighted": int(reweight.sum()),
+    }
+    return out, counts
+
+
+def failed_side_table(failed: pa.Table, inputs: pa.Table, step: str) -> pa.Table:
+    """The catalog's side table: step, pair_id, reason and the input row as JSON."""
+    rows = failed.column("row").to_pylist()
+    picked = inputs.take(pa.array(rows, pa.int64())) if rows else inputs.slice(0, 0)
+    id_column = "pair_id" if "pair_id" in inputs.column_names else "trajectory_id"
+    canonical = picked.select([c for c in picked.column_names if c in PAIR_COLUMNS or c in (
+        "trajectory_id", "task_id", "instruction", "steps", "outcome")])
+    raw = [json.dumps(r, ensure_ascii=False, default=str) for r in canonical.to_pylist()]
+    return pa.table({
+        "step": pa.array([step] * len(rows), pa.string()),
+        "pair_id": picked.column(id_column).cast(pa.string()) if rows else pa.array([], pa.string()),
+        "reason": failed.column("reason").cast(pa.string()),
+        "raw": pa.array(raw, pa.string()),
+    })
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def step_work_dir(home: str | Path | None, key: str) -> Path:
+    return resolve_home(home) / "steps" / key
+
+
+def clear_work_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def describe_params(prepared: Prepared) -> dict[str, Any]:
+    return as_dict(prepared.params)

@@ -1,0 +1,237 @@
+"""Duplicates and contamination: exact, near (MinHash or embedding neighbours), and n-gram
+overlap with evaluation sets.
+
+Scores (stored with the version, one row per input pair):
+
+- ``exact_of``: pair id of the first earlier pair with the same normalised content;
+- ``near_similarity`` / ``near_of``: the highest similarity to an earlier pair (MinHash
+  Jaccard estimate, or embedding cosine) and that pair's id;
+- ``contamination`` / ``contaminated_by``: the share of the prompt's word n-grams found in
+  an evaluation set, and the evaluation pair (``ref:pair_id``) that shares the most.
+
+The decision drops exact duplicates, near duplicates at or above ``near_threshold`` and
+contaminated pairs at or above ``contamination_threshold``; the first occurrence is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from factory.steps import Decision, StepContext, StepResult, filter_step, param
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    """NFKC, case-folded, punctuation dropped, whitespace collapsed (for n-gram matching)."""
+    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+
+
+def canonical(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed; punctuation kept, since "." and "," are
+    different answers (master keys differ by nothing else)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def tokens(text: str) -> list[str]:
+    """Words, or for a text without any (".", ":", "") the text itself as one token."""
+    words = normalise(text).split()
+    return words or [canonical(text)]
+
+
+def prompt_text(prompt: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in prompt or [])
+
+
+def ngrams(words: list[str], n: int) -> list[str]:
+    if len(words) < n:
+        return [" ".join(words)] if words else []
+    return [" ".join(words[i: i + n]) for i in range(len(words) - n + 1)]
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def decide_dedup(scores: pa.Table, params: DedupParams) -> Decision:
+    frame = pl.from_arrow(scores)
+    near = pl.col("near_similarity") >= params.near_threshold
+    contaminated = pl.col("contamination") >= params.contamination_threshold
+    decided = frame.select(
+        pl.when(pl.col("exact_of").is_not_null() | near | contaminated)
+        .then(pl.lit("drop")).otherwise(pl.lit("keep")).alias("action"),
+        pl.when(pl.col("exact_of").is_not_null())
+        .then(pl.format("exact duplicate of {}", pl.col("exact_of")))
+        .when(near)
+        .then(pl.format("near duplicate of {} (similarity {})", pl.col("near_of"),
+                        pl.col("near_similarity").round(3)))
+        .when(contaminated)
+        .then(pl.format("contaminated: {} of prompt n-grams found in {}", pl.col("contamination").round(3),
+                        pl.col("contaminated_by")))
+        .otherwise(pl.lit(None, dtype=pl.String)).alias("reason"),
+    )
+    return Decision(decided["action"].to_arrow(), decided["reason"].to_arrow())
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    content: Literal["pair", "prompt"] = param(
+        "pair", "what makes two rows duplicates: the whole pair (prompt and both answers) or the prompt alone")
+    near: Literal["minhash", "embedding", "none"] = param(
+        "minhash", "near-duplicate detector: MinHash over word shingles, MiniLM embedding neighbours, or none")
+    near_threshold: float = param(0.85, "similarity at or above which a pair is a near duplicate",
+                                  low=0.0, high=1.0, decision=True)
+    shingle: int = param(3, "words per MinHash shingle", low=1)
+    num_perm: int = param(128, "MinHash permutations", low=16)
+    candidate_threshold: float = param(0.5, "MinHash LSH band threshold for candidate pairs (scores below "
+                                            "it read as 0)", low=0.05, high=1.0)
+    against: list[str] = param([], "evaluation sets to decontaminate against: catalog refs or files",
+                               ref=True)
+    ngram: int = param(8, "words per n-gram for contamination (shorter prompts compare whole)", low=1)
+    contamination_threshold: float = param(0.5, "share of a prompt's n-grams found in an evaluation set "
+                                                "at or above which the pair is dropped",
+                                           low=0.0, high=1.0, decision=True)
+
+    def __post_init__(self) -> None:
+        if self.candidate_threshold > self.near_threshold and self.near == "minhash":
+            raise ValueError(f"parameter 'candidate_threshold' ({self.candidate_threshold}) must not exceed "
+                             f"'near_threshold' ({self.near_threshold})")
+
+
+@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="2")
+def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
+    """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
+    params = ctx.params
+    pair_ids = table.column("pair_id").to_pylist()
+    prompts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
+    # A pair is a duplicate of another when every part is: the prompt and both answers
+    # (taken in a fixed order, so a swapped label is still the same comparison).
+    components = [prompts]
+    if params.content == "pair":
+        chosen = [canonical(t) for t in table.column("chosen").to_pylist()]
+        rejected = [canonical(t) for t in table.column("rejected").to_pylist()]
+        components += [[min(c, r) for c, r in zip(chosen, rejected, strict=True)],
+                       [max(c, r) for c, r in zip(chosen, rejected, strict=True)]]
+    keys = ["\x00".join(canonical(part[i]) for part in components) for i in range(len(pair_ids))]
+
+    exact_of = _exact(keys, pair_ids)
+    if params.near == "minhash":
+        near_similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
+    elif params.near == "embedding":
+        texts = ["\n".join(part[i] for part in components) for i in range(len(pair_ids))]
+        near_similarity, near_of = _near_embedding(texts, pair_ids, exact_of, ctx)
+    else:
+        near_similarity, near_of = np.zeros(len(texts)), [None] * len(texts)
+    contamination, contaminated_by, matched = _contamination(prompts, params, ctx)
+
+    scores = pa.table({
+        "exact_of": pa.array(exact_of, pa.string()),
+        "near_similarity": pa.array(near_similarity, pa.float64()),
+        "near_of": pa.array(near_of, pa.string()),
+        "contamination": pa.array(contamination, pa.float64()),
+        "contaminated_by": pa.array(contaminated_by, pa.string()),
+    })
+    stats = {"exact_duplicates": sum(x is not None for x in exact_of),
+             "against": {label: rows for label, rows in matched.items()}}
+    return StepResult(scores, None, stats)
+
+
+def _exact(normalised: list[str], pair_ids: list[str]) -> list[str | None]:
+    frame = pl.DataFrame({"text": normalised, "pair_id": pair_ids}).with_row_index("row")
+    first = frame.group_by("text", maintain_order=True).agg(pl.col("pair_id").first().alias("first_id"),
+                                                            pl.col("row").first().alias("first_row"))
+    joined = frame.join(first, on="text", how="left").sort("row")
+    return joined.select(
+        pl.when(pl.col("row") != pl.col("first_row")).then(pl.col("first_id")).otherwise(None)
+    ).to_series().to_list()
+
+
+def _shingles(text: str, size: int) -> set[bytes]:
+    return {s.encode("utf-8") for s in ngrams(tokens(text), size)} or {b""}
+
+
+def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
+                  params: DedupParams) -> tuple[np.ndarray, list[str | None]]:
+    """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
+    estimate, so two pairs that share a prompt and an answer but differ in the other
+    answer are not duplicates."""
+    from datasketch import MinHash, MinHashLSH
+
+    n = len(pair_ids)
+    tagged = [set().union(*({b"%d\x00" % k + s for s in _shingles(part[i], params.shingle)}
+                            for k, part in enumerate(components))) for i in range(n)]
+    combined = MinHash.bulk(tagged, num_perm=params.num_perm, seed=1)
+    per_part = [MinHash.bulk([_shingles(text, params.shingle) for text in part], num_perm=params.num_perm, seed=2)
+                for part in components]
+    lsh = MinHashLSH(threshold=params.candidate_threshold, num_perm=params.num_perm)
+    similarity = np.zeros(n)
+    near_of: list[str | None] = [None] * n
+    for i, minhash in enumerate(combined):
+        if exact_of[i] is not None:
+            continue  # already a duplicate; its original is indexed
+        best, best_j = 0.0, None
+        for j in lsh.query(minhash):
+            estimate = min(part[i].jaccard(part[j]) for part in per_part)
+            if estimate > best or (estimate == best and best_j is not None and j < best_j):
+                best, best_j = estimate, j
+        if best_j is not None:
+            similarity[i], near_of[i] = best, pair_ids[best_j]
+        lsh.insert(i, minhash)  # only earlier rows are ever candidates: the first occurrence stays
+    return similarity, near_of
+
+
+def _near_embedding(texts: list[str], pair_ids: list[str], exact_of: list[str | None],
+                    ctx: StepContext[DedupParams]) -> tuple[np.ndarray, list[str | None]]:
+    from factory.embed import top_k_neighbours
+
+    vectors = ctx.embed(texts)
+    indices, sims = top_k_neighbours(vectors, k=16, exclude_self=True)
+    similarity = np.zeros(len(texts))
+    near_of: list[str | None] = [None] * len(texts)
+    for i in range(len(texts)):
+        if exact_of[i] is not None:
+            continue
+        earlier = [(s, j) for j, s in zip(indices[i], sims[i], strict=True)
+                   if 0 <= j < i and exact_of[j] is None]
+        if earlier:
+            best, j = max(earlier, key=lambda t: (t[0], -t[1]))
+            similarity[i], near_of[i] = float(best), pair_ids[j]
+    return similarity, near_of
+
+
+def _contamination(prompts: list[str], params: DedupParams,
+                   ctx: StepContext[DedupParams]) -> tuple[list[float], list[str | None], dict[str, int]]:
+    n = len(prompts)
+    if not params.against:
+        return [0.0] * n, [None] * n, {}
+    owner: dict[int, str] = {}  # n-gram hash -> the first evaluation pair that has it
+    matched: dict[str, int] = {}
+    for source in params.against:
+        table, label = ctx.read_pairs(source)
+        matched[label] = 0
+        for pid, prompt in zip(table.column("pair_id").to_pylist(), table.column("prompt").to_pylist(),
+                               strict=True):
+            for gram in ngrams(normalise(prompt_text(prompt)).split(), params.ngram):
+                owner.setdefault(_hash64(gram), f"{label}:{pid}")
+    shares, by = [], []
+    for prompt in prompts:
+        grams = ngrams(normalise(prompt).split(), params.ngram)
+        hits = [owner[h] for h in map(_hash64, grams) if h in owner]
+        if not grams or not hits:
+            shares.append(0.0)
+            by.append(None)
+            continue
+        shares.append(len(hits) / len(grams))
+        top = Counter(hits).most_common(1)[0][0]
+        by.append(top)
+        matched[top.rsplit(":", 1)[0]] += 1
+    return shares, by, matched

@@ -1,0 +1,254 @@
+"""Hard negatives: Contrast Instructions and reward-model-misjudged mining (UI-Genie).
+
+``mode=contrast`` — Contrast Instructions. Each seed prompt's instruction (its last user
+turn) is embedded with the shared MiniLM encoder; prompts whose instructions are look-alikes
+(cosine in [``min_similarity``, ``max_similarity``]: near-identical duplicates above the
+window and unrelated prompts below it are both left out) are paired, and the neighbour's
+chosen answer becomes the rejected answer under this prompt — and this prompt's chosen
+answer the rejected one under the neighbour's. A prompt is never paired with itself (same
+prompt id or same normalised instruction), nor with a neighbour whose answer is identical
+to one of its own. Tagged ``attribute="contrast_instruction"``; the cosine is in metadata.
+
+``mode=rm_mining`` — hard-negative mining: a trained reward model (``model``: a registered
+name, ``name@N`` or a model folder) scores candidate pairs — the seeds' own pairs and the
+pairs of any ``candidates`` sets (another generator's output) — and the pairs whose rejected
+answer it scores at or above the chosen one (minus ``slack``) are kept: the negatives the
+current RM takes for positives, to train the next one on.
+
+``mode=both`` — the contrast pairs join the candidates and only the mined ones come out.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
+from schemas.pairs import MESSAGE_TYPE, prompt_id_of
+
+Scorer = Callable[[pa.Table], tuple[np.ndarray, np.ndarray]]
+
+OUTPUT_SCHEMA = GENERATED_SCHEMA.append(pa.field("metadata", pa.string()))
+
+
+@dataclass(frozen=True)
+class HardNegativesParams:
+    mode: Literal["contrast", "rm_mining", "both"] = param(
+        "contrast", "contrast: Contrast Instructions pairs; rm_mining: keep the candidate pairs a reward "
+                    "model misjudges; both: contrast pairs plus candidates, mined")
+    min_similarity: float = param(0.75, "lowest instruction cosine of a contrast neighbour (below: unrelated)",
+                                  low=-1.0, high=1.0)
+    max_similarity: float = param(0.98, "highest instruction cosine of a contrast neighbour (above: the "
+                                        "same instruction)", low=-1.0, high=1.0)
+    neighbours: int = param(3, "nearest look-alike prompts searched per prompt", low=1)
+    model: str | None = param(None, "reward model for mining: a registered name, name@N or a model folder")
+    candidates: list[str] = param([], "more candidate pairs for mining: catalog refs or files (e.g. another "
+                                      "generator's output)", ref=True)
+    seed_candidates: bool = param(True, "mine the seeds' own pairs too")
+    slack: float = param(0.0, "keep a candidate when reward(rejected) >= reward(chosen) - slack", low=0.0)
+
+    def __post_init__(self) -> None:
+        if self.min_similarity > self.max_similarity:
+            raise ValueError(f"parameter 'min_similarity' ({self.min_similarity}) exceeds 'max_similarity' "
+                             f"({self.max_similarity})")
+        if self.mode != "contrast" and not self.model:
+            raise ValueError(f"parameter 'model' is required with mode={self.mode} (--set model=NAME)")
+
+
+def instruction_of(prompt: list[dict[str, Any]] | None) -> str:
+    """What a prompt asks: its last user turn (the whole prompt when it has none)."""
+    messages = prompt or []
+    for message in reversed(messages):
+        if message.get("role") == "user" and (message.get("content") or "").strip():
+            return message["content"]
+    return "\n".join(m.get("content") or "" for m in messages)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def load_scorer(model: str, home: Any) -> Scorer:
+    """``table -> (reward_chosen, reward_rejected)`` with the trainer's model and scoring."""
+    from factory.trainer import load_model, score
+
+    reward_model = load_model(model, home)
+
+    def run(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        scored = score(reward_model, table, home=home)
+        return (np.asarray(scored.column("reward_chosen").to_pylist(), dtype=np.float64),
+                np.asarray(scored.column("reward_rejected").to_pylist(), dtype=np.float64))
+
+    return run
+
+
+@generator("hard_negatives", params=HardNegativesParams, version="1", batch_rows=None)
+def hard_negatives(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> StepResult:
+    """Contrast Instructions pairs and reward-model-misjudged negatives (hard-negative mining)."""
+    params = ctx.params
+    stats: dict[str, Any] = {"seeds": table.num_rows}
+    failed: list[tuple[int, str]] = []
+    contrast = _empty()
+    if params.mode in ("contrast", "both"):
+        contrast, failed, contrast_stats = contrast_pairs(table, ctx)
+        stats["contrast"] = contrast_stats
+    if params.mode == "contrast":
+        out = contrast
+    else:
+        out, stats["mining"] = mine(table, contrast, ctx)
+    stats["pairs"] = out.num_rows
+    return StepResult(out, failed_rows([r for r, _ in failed], [why for _, why in failed]), stats)
+
+
+def _empty() -> pa.Table:
+    return OUTPUT_SCHEMA.empty_table()
+
+
+def _column(table: pa.Table, name: str, default: Any) -> list[Any]:
+    if name in table.column_names:
+        return table.column(name).to_pylist()
+    return [default] * table.num_rows
+
+
+def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
+                   ) -> tuple[pa.Table, list[tuple[int, str]], dict[str, Any]]:
+    """Both directions of every look-alike prompt pair in the window; failed rows; stats."""
+    params = ctx.params
+    prompts = table.column("prompt").to_pylist()
+    chosen = table.column("chosen").to_pylist()
+    ties = [bool(t) for t in _column(table, "tie", False)]
+    tasks = _column(table, "task", None)
+    pair_ids = _column(table, "pair_id", None)
+    prompt_ids = [p if p else prompt_id_of(prompts[i]) for i, p in enumerate(_column(table, "prompt_id", None))]
+    failed: list[tuple[int, str]] = []
+    stats = {"ties_skipped": 0, "repeated_prompt_rows": 0, "prompts": 0, "neighbour_links": 0,
+             "skipped_same_instruction": 0, "skipped_same_answer": 0, "skipped_repeated_answer": 0}
+    # One representative row per prompt; every chosen answer a prompt has counts as its own.
+    first: dict[str, int] = {}
+    answers: dict[str, set[str]] = {}
+    for row in range(table.num_rows):
+        if ties[row]:
+            stats["ties_skipped"] += 1
+            continue
+        if not (chosen[row] or "").strip():
+            failed.append((row, "chosen answer is empty: nothing to contrast"))
+            continue
+        if not instruction_of(prompts[row]).strip():
+            failed.append((row, "prompt has no text to embed"))
+            continue
+        answers.setdefault(prompt_ids[row], set()).add(chosen[row].strip())
+        if prompt_ids[row] in first:
+            stats["repeated_prompt_rows"] += 1
+        else:
+            first[prompt_ids[row]] = row
+    rows = list(first.values())
+    stats["prompts"] = len(rows)
+    if len(rows) < 2:
+        return _empty(), failed, stats
+    instructions = [instruction_of(prompts[r]) for r in rows]
+    vectors = ctx.embed(instructions)
+    from factory.embed import top_k_neighbours
+
+    indices, sims = top_k_neighbours(vectors, k=min(params.neighbours, len(rows) - 1), exclude_self=True,
+                                     min_similarity=params.min_similarity,
+                                     max_similarity=params.max_similarity)
+    links: dict[tuple[int, int], float] = {}
+    for a in range(len(rows)):
+        for b, sim in zip(indices[a].tolist(), sims[a].tolist(), strict=True):
+            # The window is re-checked here so a fuzzy neighbour search can never leak a pair out of it.
+            if b < 0 or b == a or not params.min_similarity <= sim <= params.max_similarity:
+                continue
+            links[(min(a, b), max(a, b))] = sim
+    stats["neighbour_links"] = len(links)
+    out: list[dict[str, Any]] = []
+    given: set[tuple[str, str]] = set()  # (prompt, rejected) already made: two neighbours may share an answer
+    for (a, b), sim in sorted(links.items()):
+        ra, rb = rows[a], rows[b]
+        if _normalise(instructions[a]) == _normalise(instructions[b]):
+            stats["skipped_same_instruction"] += 1
+            continue
+        if chosen[rb].strip() in answers[prompt_ids[ra]] or chosen[ra].strip() in answers[prompt_ids[rb]]:
+            stats["skipped_same_answer"] += 1
+            continue
+        for own, other in ((ra, rb), (rb, ra)):
+            if (prompt_ids[own], chosen[other].strip()) in given:
+                stats["skipped_repeated_answer"] += 1
+                continue
+            given.add((prompt_ids[own], chosen[other].strip()))
+            out.append({
+                "prompt": prompts[own], "chosen": chosen[own], "rejected": chosen[other], "tie": False,
+                "attribute": "contrast_instruction", "task": tasks[own],
+                "parent_ids": [p for p in (pair_ids[own], pair_ids[other]) if p],
+                "generated": "none", "method": f"contrast_instruction:sim={sim:.3f}",
+                "metadata": json.dumps({"similarity": round(float(sim), 6),
+                                        "contrast_prompt_id": prompt_ids[other]}),
+            })
+    stats["pairs"] = len(out)
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA), failed, stats
+
+
+def _candidates_from(table: pa.Table, source: str) -> list[dict[str, Any]]:
+    """Scoreable rows of a pair table, as output rows that still need their method."""
+    provenance = _column(table, "provenance", None)
+    out = []
+    for i, (prompt, chosen, rejected, tie, attribute, task, pair_id) in enumerate(zip(
+            table.column("prompt").to_pylist(), table.column("chosen").to_pylist(),
+            table.column("rejected").to_pylist(), _column(table, "tie", False), _column(table, "attribute", None),
+            _column(table, "task", None), _column(table, "pair_id", None), strict=True)):
+        if tie:
+            continue
+        if source == "seed":
+            parents = [pair_id] if pair_id else []
+        else:  # another step's output: link to its seeds first, then the candidate itself
+            parents = list((provenance[i] or {}).get("parent_ids") or []) + ([pair_id] if pair_id else [])
+        out.append({"prompt": prompt, "chosen": chosen or "", "rejected": rejected or "", "tie": False,
+                    "attribute": attribute, "task": task, "parent_ids": list(dict.fromkeys(parents)),
+                    "generated": "none", "source": source,
+                    "metadata": None})
+    return out
+
+
+def mine(seeds: pa.Table, contrast: pa.Table, ctx: StepContext[HardNegativesParams]
+         ) -> tuple[pa.Table, dict[str, Any]]:
+    """The candidates the reward model scores at or above their chosen answer."""
+    params = ctx.params
+    candidates: list[dict[str, Any]] = []
+    for row in contrast.to_pylist():
+        candidates.append({**row, "source": "contrast"})
+    if params.seed_candidates:
+        candidates += _candidates_from(seeds, "seed")
+    for ref in params.candidates:
+        extra, label = ctx.read_pairs(ref)
+        candidates += _candidates_from(extra, f"ref:{label}")
+    stats: dict[str, Any] = {"model": params.model, "scored": {}, "kept": {}}
+    stats["ties_skipped"] = sum(bool(t) for t in _column(seeds, "tie", False)) if params.seed_candidates else 0
+    # Equal answers score equally and would always be "kept": they are no negative at all.
+    stats["identical_skipped"] = sum(c["chosen"].strip() == c["rejected"].strip() for c in candidates)
+    candidates = [c for c in candidates if c["chosen"].strip() != c["rejected"].strip()]
+    if not candidates:
+        return _empty(), stats
+    table = pa.Table.from_pylist(
+        [{"prompt": c["prompt"], "chosen": c["chosen"], "rejected": c["rejected"]} for c in candidates],
+        schema=pa.schema([("prompt", pa.list_(MESSAGE_TYPE)), ("chosen", pa.string()), ("rejected", pa.string())]))
+    r_chosen, r_rejected = load_scorer(params.model or "", ctx.home)(table)
+    kept = []
+    for candidate, rc, rr in zip(candidates, r_chosen.tolist(), r_rejected.tolist(), strict=True):
+        source = candidate.pop("source")
+        group = source.split(":", 1)[0]
+        stats["scored"][group] = stats["scored"].get(group, 0) + 1
+        if rr >= rc - params.slack:
+            stats["kept"][group] = stats["kept"].get(group, 0) + 1
+            extra = json.loads(candidate["metadata"]) if candidate.get("metadata") else {}
+            candidate["metadata"] = json.dumps({**extra, "rm_model": params.model, "reward_chosen": rc,
+                                                "reward_rejected": rr, "candidate_source": source})
+            candidate["method"] = f"rm_mined:{group}:margin={rc - rr:.3f}"
+            kept.append(candidate)
+    stats["scored_total"] = len(candidates)
+    stats["kept_total"] = len(kept)
+    return pa.Table.from_pylist(kept, schema=OUTPUT_SCHEMA), stats

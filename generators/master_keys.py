@@ -1,0 +1,116 @@
+"""Master-key negatives (One Token to Fool LLM-as-a-Judge).
+
+Generative judges and reward models are fooled by content-free replies — a lone space or
+punctuation mark, a reasoning opener such as "Thought process:", the word for "solution"
+in another language — and by answers cut after their first sentence of reasoning. Each
+seed pair yields pairs whose chosen answer is the seed's chosen answer and whose rejected
+answer is such a key, tagged ``master_key:<family>``; trained on, they teach an RM to
+score keys below real answers, and held out, they probe its false-positive rate.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+
+from factory.steps import StepContext, StepResult, failed_rows, generator, param
+
+# The keys the paper lists: blank, punctuation, reasoning openers, and multilingual ones.
+DEFAULT_KEYS: list[str] = [
+    " ", ".", ",", ":",
+    "Thought process:", "Let's solve this problem step by step.", "Solution",
+    "解", "かいせつ", "Respuesta",
+]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s|\n")
+
+
+def key_family(key: str) -> str:
+    """``blank``, ``punctuation``, ``multilingual`` (non-Latin or non-English) or ``reasoning_opener``."""
+    if not key.strip():
+        return "blank"
+    if all(unicodedata.category(ch).startswith("P") or ch.isspace() for ch in key):
+        return "punctuation"
+    if any(ord(ch) > 127 for ch in key) or key.strip().lower() in {"respuesta", "solución", "lösung", "réponse"}:
+        return "multilingual"
+    return "reasoning_opener"
+
+
+def first_sentence(text: str) -> str | None:
+    """The answer cut after its first sentence (or line); None when that is the whole answer."""
+    stripped = text.strip()
+    match = _SENTENCE_END.search(stripped)
+    if match is None:
+        return None
+    head = stripped[: match.start()].strip()
+    return head if head and len(head) < len(stripped) else None
+
+
+@dataclass(frozen=True)
+class MasterKeysParams:
+    keys: list[str] = param(DEFAULT_KEYS, "master-key responses to use as rejected answers "
+                                          "(JSON list for keys with commas or spaces)")
+    first_sentence: bool = param(True, "also reject the chosen answer cut after its first sentence")
+    keys_per_pair: int = param(0, "keys drawn per seed pair (0: every key)", low=0)
+    include_ties: bool = param(False, "use tie-labelled seeds too (their chosen side as the answer)")
+
+    def __post_init__(self) -> None:
+        if not self.keys and not self.first_sentence:
+            raise ValueError("parameter 'keys' is empty and first_sentence is off: nothing to generate")
+
+
+@generator("master_keys", params=MasterKeysParams, version="1")
+def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResult:
+    """Rejected answers made of master keys and first-sentence cuts (One Token to Fool)."""
+    params = ctx.params
+    seeds = pl.from_arrow(table.select(["pair_id", "prompt_id", "prompt", "chosen", "tie", "task"])).with_row_index("row")
+    empty = seeds.filter(pl.col("chosen").str.strip_chars() == "")
+    ties = seeds.filter(pl.col("tie") & (pl.col("chosen").str.strip_chars() != ""))
+    usable = seeds.filter(pl.col("chosen").str.strip_chars() != "")
+    if not params.include_ties:
+        usable = usable.filter(~pl.col("tie"))
+
+    keys = pl.DataFrame({
+        "rejected": params.keys,
+        "attribute": [f"master_key:{key_family(k)}" for k in params.keys],
+        "method": [f"master_key:{k!r}" for k in params.keys],
+    })
+    rows = usable.join(keys, how="cross")
+    # A seed whose answer already is the key gives no contrast.
+    rows = rows.filter(pl.col("chosen").str.strip_chars() != pl.col("rejected").str.strip_chars())
+    if params.keys_per_pair and params.keys_per_pair < len(params.keys):
+        draw = ctx.row_uniform([f"{p}\x00{m}" for p, m in zip(rows["pair_id"], rows["method"], strict=True)], "keys")
+        rows = (rows.with_columns(pl.Series("draw", draw))
+                .with_columns(pl.col("draw").rank("ordinal").over("row").alias("rank"))
+                .filter(pl.col("rank") <= params.keys_per_pair)
+                .drop("draw", "rank"))
+
+    parts = [rows]
+    if params.first_sentence:
+        cuts = usable.with_columns(
+            pl.col("chosen").map_elements(first_sentence, return_dtype=pl.String).alias("rejected")
+        ).filter(pl.col("rejected").is_not_null()).with_columns(
+            pl.lit("master_key:first_sentence").alias("attribute"),
+            pl.lit("first_sentence").alias("method"),
+        )
+        parts.append(cuts)
+    made = pl.concat(parts, how="diagonal_relaxed")
+    # Seeds that repeat a prompt and chosen answer (repeated judgments) would make the
+    # same pair again: make it once, naming every seed as a parent.
+    out = (made.group_by(["prompt_id", "chosen", "rejected"], maintain_order=True)
+           .agg(pl.col("row").min(), pl.col("pair_id").unique(maintain_order=True).alias("parent_ids"),
+                pl.col("prompt", "task", "attribute", "method").first())
+           .sort("row", maintain_order=True)
+           .with_columns(pl.lit("rejected").alias("generated"), pl.lit(False).alias("tie"))
+           .select(["prompt", "chosen", "rejected", "tie", "task", "attribute", "parent_ids", "generated", "method"]))
+
+    failed = failed_rows(empty["row"].to_list(), ["chosen answer is empty: no answer to protect"] * empty.height)
+    stats = {"keys": out.filter(pl.col("method") != "first_sentence").height,
+             "first_sentence": out.filter(pl.col("method") == "first_sentence").height,
+             "skipped_ties": 0 if params.include_ties else ties.height,
+             "duplicates_merged": made.height - out.height}
+    return StepResult(out.to_arrow(), failed, stats)

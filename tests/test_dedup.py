@@ -1,0 +1,78 @@
+"""The dedup filter's scores and decision on planted exact, near and contaminated pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from factory.steps import StepContext
+from factory.steps.runner import execute, prepare
+from filters.dedup import ngrams, normalise
+from schemas.pairs import Message, Pair, pairs_to_table
+
+TOPICS = ["volcanoes", "tides", "photosynthesis", "the moon landing", "bread baking", "chess openings",
+          "monsoon winds", "honey bees", "glaciers", "the printing press", "jazz", "coral reefs"]
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> Pair:
+    return Pair([Message("user", prompt)], chosen, rejected)
+
+
+def _base() -> list[Pair]:
+    return [_pair(f"Write a short explanation of {t} for a curious twelve year old reader.",
+                  f"Here is how {t} work: a clear account with three concrete examples and a summary of {t}.",
+                  f"{t} are a thing.") for t in TOPICS]
+
+
+def _scores(pairs: list[Pair], tmp_path, **settings) -> tuple[pa.Table, object, object]:
+    prepared = prepare("filter", "dedup", {k: str(v) for k, v in settings.items()})
+    ctx = StepContext("dedup", prepared.params, home=tmp_path)
+    table = pairs_to_table(pairs)
+    result = execute(prepared, table, ctx)
+    decision = prepared.spec.decide(result.table, prepared.params)
+    return table, result, decision
+
+
+def test_normalise_and_ngrams() -> None:
+    assert normalise("  Hello,   WORLD!\n") == "hello world"
+    assert ngrams(["a", "b", "c", "d"], 3) == ["a b c", "b c d"]
+    assert ngrams(["a", "b"], 3) == ["a b"]
+
+
+def test_planted_exact_and_near_duplicates_are_dropped_and_the_first_kept(tmp_path) -> None:
+    pairs = _base()
+    exact = _pair(pairs[3].prompt[0].content.upper() + "  ", pairs[3].chosen, pairs[3].rejected)  # same after normalising
+    near_src = pairs[5]
+    near = _pair(near_src.prompt[0].content, near_src.chosen + " Thanks!", near_src.rejected)
+    rows = [*pairs, exact, near]
+    table, result, decision = _scores(rows, tmp_path)
+    scores = result.table.to_pylist()
+    ids = table["pair_id"].to_pylist()
+    assert scores[len(pairs)]["exact_of"] == ids[3]
+    assert scores[len(pairs) + 1]["exact_of"] is None
+    assert scores[len(pairs) + 1]["near_of"] == ids[5] and scores[len(pairs) + 1]["near_similarity"] >= 0.85
+    actions = decision.action.to_pylist()
+    assert actions == ["keep"] * len(pairs) + ["drop", "drop"]
+    assert "exact duplicate of " + ids[3] == decision.reason[len(pairs)].as_py()
+    assert decision.reason[len(pairs) + 1].as_py().startswith(f"near duplicate of {ids[5]}")
+    # a stricter threshold than the planted similarity keeps the near duplicate, from the same scores
+    stricter = prepare("filter", "dedup", {"near_threshold": "0.999"})
+    assert stricter.spec.decide(result.table, stricter.params).action.to_pylist()[-1] == "keep"
+
+
+def test_contamination_names_the_evaluation_pair(tmp_path) -> None:
+    pairs = _base()
+    eval_file = tmp_path / "eval.jsonl"
+    leaked = pairs[7]
+    rows = [{"prompt": leaked.prompt[0].content, "chosen": "x", "rejected": "y"},
+            {"prompt": "An unrelated question about the history of maps?", "chosen": "a", "rejected": "b"}]
+    eval_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table, result, decision = _scores(pairs, tmp_path, against=str(eval_file))
+    contamination = result.table["contamination"].to_pylist()
+    assert contamination[7] == 1.0
+    assert max(c for i, c in enumerate(contamination) if i != 7) < 0.5
+    assert result.table["contaminated_by"][7].as_py().startswith(f"{eval_file}:")
+    assert pc.sum(pc.equal(decision.action, "drop")).as_py() == 1
+    assert "contaminated" in decision.reason[7].as_py()
