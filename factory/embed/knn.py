@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Out-of-band similarities are pushed below every cosine (into [-9, -7]) rather than set to
+# -inf: argpartition over a row of mostly equal values is ten times slower.
+_SHIFT = np.float32(8.0)
+_FLOOR = np.float32(-2.0)  # anything below is disqualified
+
 
 def _inverse_norms(x: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
@@ -72,11 +77,14 @@ def top_k_neighbours(
         for cs in range(0, m, columns):
             ce = min(cs + columns, m)
             tile = qb @ (c[cs:ce] * c_inv[cs:ce, None]).T
-            # Disqualified entries become -inf: they sort last and are dropped below.
-            if min_similarity is not None:
-                tile[tile < min_similarity] = -np.inf
-            if max_similarity is not None:
-                tile[tile > max_similarity] = -np.inf
+            # Disqualified entries sort last and are dropped below.
+            if min_similarity is not None or max_similarity is not None:
+                out_of_band = np.zeros(tile.shape, dtype=bool)
+                if min_similarity is not None:
+                    out_of_band |= tile < min_similarity
+                if max_similarity is not None:
+                    out_of_band |= tile > max_similarity
+                np.subtract(tile, _SHIFT, out=tile, where=out_of_band)
             if self_mode and exclude_self and cs < qe and qs < ce:
                 own = rows[(rows + qs >= cs) & (rows + qs < ce)]
                 tile[own, own + qs - cs] = -np.inf
@@ -94,7 +102,7 @@ def top_k_neighbours(
         order = np.argsort(-best_s, axis=1, kind="stable")
         best_s = np.take_along_axis(best_s, order, axis=1)
         best_i = np.take_along_axis(best_i, order, axis=1)
-        found = np.isfinite(best_s)
+        found = best_s > _FLOOR
         indices[qs:qe, :keep] = np.where(found, best_i, -1)
         sims[qs:qe, :keep] = np.where(found, best_s, np.nan)
     return indices, sims
