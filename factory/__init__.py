@@ -25,7 +25,13 @@ _API: dict[str, str] = {
 }
 
 
+# subpackages reachable as attributes after a bare ``import factory`` (factory.catalog.load)
+_SUBPACKAGES = ("catalog", "embed", "llm", "steps", "trainer")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"factory.{name}")
     target = _API.get(name)
     if target is None:
         raise AttributeError(f"module 'factory' has no attribute {name!r}")
@@ -34,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_API))
+    return sorted(list(globals()) + list(_API) + list(_SUBPACKAGES))
 
 
 __all__ = list(_API)

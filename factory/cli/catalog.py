@@ -100,9 +100,16 @@ def run_list(args: argparse.Namespace) -> CommandResult:
 
 
 def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
-    keys = ("command", "parents", "rows_in", "rows_out", "rows_filtered", "rows_quarantined", "rows_failed",
-            "duplicates_dropped", "label_conflicts", "code_version", "wall_seconds")
-    lines = [f"    {k}: {lineage[k]}" for k in keys if k in lineage]
+    keys = ("command", "parents", "rows_in", "rows_out", "rows_generated", "rows_filtered", "rows_quarantined",
+            "rows_failed", "rows_flipped", "rows_reweighted", "seeds_used", "seeds_without_output",
+            "duplicates_dropped", "label_conflicts", "scores_reused", "seed", "run_id", "code_version",
+            "wall_seconds")
+    lines = []
+    if isinstance(lineage.get("step"), dict):
+        step = lineage["step"]
+        lines.append(f"    step: {step.get('kind')} {step.get('name')} v{step.get('version')}"
+                     f" (params {step.get('params_hash')})")
+    lines += [f"    {k}: {lineage[k]}" for k in keys if k in lineage]
     if lineage.get("params"):
         lines.append(f"    params: {json.dumps(lineage['params'], default=str)}")
     for key in ("models", "judges", "warnings", "coerced", "unknown_columns"):
