@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 from factory.steps import StepContext
 from factory.steps.runner import execute, prepare
@@ -76,3 +77,17 @@ def test_contamination_names_the_evaluation_pair(tmp_path) -> None:
     assert result.table["contaminated_by"][7].as_py().startswith(f"{eval_file}:")
     assert pc.sum(pc.equal(decision.action, "drop")).as_py() == 1
     assert "contaminated" in decision.reason[7].as_py()
+
+
+@pytest.mark.slow
+def test_embedding_neighbours_find_a_paraphrased_pair(tmp_path) -> None:
+    pairs = _base()
+    source = pairs[2]
+    paraphrase = _pair("For a curious 12-year-old, write a brief explanation of " + TOPICS[2] + ".",
+                       source.chosen, source.rejected)
+    table, result, decision = _scores([*pairs, paraphrase], tmp_path, near="embedding", near_threshold=0.9)
+    last = result.table.to_pylist()[-1]
+    assert last["near_of"] == table["pair_id"][2].as_py() and last["near_similarity"] >= 0.9
+    assert decision.action.to_pylist() == ["keep"] * len(pairs) + ["drop"]
+    # the first occurrence is never the one dropped: no earlier row names a later one
+    assert all(row["near_of"] is None for row in result.table.to_pylist()[:1])
