@@ -46,7 +46,7 @@ def test_readme_commands_and_snippets_run_as_written(cli, home, tmp_path, monkey
     main_job = _blocks("bash")[0]
     assert "pip install -e ." in main_job
     commands = _prefab_commands(main_job)
-    assert commands[-1][0] == "train"
+    assert commands[0] == ["run", "examples/quickstart.yaml"]
     for block in _blocks("bash")[2:]:
         lines = [line.strip() for line in block.strip().splitlines()]
         if lines and all(line.startswith("prefab ") and not SYNOPSIS.search(line.split("#")[0]) for line in lines):
@@ -68,3 +68,17 @@ def test_readme_commands_and_snippets_run_as_written(cli, home, tmp_path, monkey
 
     made = factory.generate("shout", "demo", "demo-shout")  # the README's example step, registered above
     assert made["rows_generated"] > 0
+
+
+def test_readme_recipes_are_valid(tmp_path, home) -> None:
+    from factory.catalog import Catalog
+    from factory.recipe import load_recipe
+
+    (tmp_path / "seeds").symlink_to(REPO / "examples" / "seeds")
+    blocks = _blocks("yaml")
+    assert blocks
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"readme_{number}.yaml"
+        path.write_text(block)
+        recipe = load_recipe(path, catalog=Catalog(home))
+        assert recipe.steps

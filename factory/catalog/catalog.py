@@ -588,6 +588,16 @@ class Catalog:
         (path,) = self.checked_paths(ref, role)
         return pq.read_table(path)
 
+    def find_by_lineage(self, key: str, value: str, name: str | None = None) -> VersionInfo | None:
+        """The latest version (of ``name``, or any) whose lineage has ``key`` equal to ``value``."""
+        with self._connect(read_only=True) as connection:
+            row = connection.execute(
+                "SELECT dataset, version FROM versions WHERE json_extract_string(lineage, '$.' || ?) = ? "
+                "AND (?::VARCHAR IS NULL OR dataset = ?) ORDER BY created_at DESC, version DESC LIMIT 1",
+                [key, value, name, name],
+            ).fetchone()
+            return None if row is None else self._resolve(connection, Ref(row[0], version=row[1]))
+
     def find_scores(self, score_key: str) -> pa.Table | None:
         """The stored scores of the latest version whose lineage carries ``score_key``.
 

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.cli.catalog",
     "factory.cli.steps",
     "factory.cli.train",
+    "factory.cli.run",
 )
 
 

@@ -126,6 +126,7 @@ def generate(
     message: str = "",
     home: str | Path | None = None,
     progress: bool | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run generator ``step`` on the seed pairs of ``from_`` and commit its pairs as ``name``.
 
@@ -154,7 +155,9 @@ def generate(
     if with_input:
         if file_inputs:
             raise PrefabError(f"--with-input needs pair versions as input; {step} reads trajectory files")
-        out = pa.concat_tables([inputs.select([c for c in PAIR_COLUMNS]).cast(generated.schema), generated])
+        canonical = generated.select(list(PAIR_COLUMNS)).schema  # declared extra columns stay null for seeds
+        out = pa.concat_tables([inputs.select(list(PAIR_COLUMNS)).cast(canonical), generated],
+                               promote_options="permissive")
     if out.num_rows == 0:
         reasons = sorted(set(side.column("reason").to_pylist()))[:3]
         raise PrefabError(f"{step} made no pairs from {', '.join(refs)} ({inputs.num_rows} seed rows"
@@ -185,6 +188,7 @@ def generate(
         "stats": result.stats,
         **_usage_lineage(prepared, result.usage),
         "wall_seconds": round(time.monotonic() - started, 3),
+        **(lineage_extra or {}),
     }
     info = catalog.commit(name, out, message=message or f"generate {step} from {', '.join(refs)}",
                           lineage=lineage, parents=parents, failures=side)
@@ -205,6 +209,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     message: str = "",
     home: str | Path | None = None,
     progress: bool | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score every pair of ``from_`` with filter ``step``, decide, and commit the kept pairs.
 
@@ -285,6 +290,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         "stats": stats,
         **_usage_lineage(prepared, usage),
         "wall_seconds": round(time.monotonic() - started, 3),
+        **(lineage_extra or {}),
     }
     info = catalog.commit(name, out, message=message or f"filter {step} from {', '.join(refs)}",
                           lineage=lineage, parents=refs, failures=side,

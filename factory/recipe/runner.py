@@ -1,0 +1,228 @@
+"""``prefab run RECIPE.yaml``: every source, step, tag, training run and evaluation of a
+recipe, in order, each recorded in lineage and each reused when it already ran.
+
+A step's identity is (step, version, pinned parameters, exact input versions, seed,
+backend). A version whose lineage carries that key is reused instead of recomputed, so a
+second run of an unchanged recipe does no step work, a changed step reruns itself and what
+follows it (their inputs change), and a run killed anywhere resumes: committed steps are
+found again, a row-local step resumes after its kept batches, and LLM requests come from
+the request cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from factory.catalog import Catalog
+from factory.recipe.spec import Recipe, StepSpecRecipe, load_recipe
+from factory.steps.params import params_hash
+from factory.steps.runner import pin_refs, prepare
+
+
+def _say(text: str, quiet: bool) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _exact(ref: str, made: dict[str, str]) -> str:
+    """A dataset named in the recipe -> the exact version this run made or found."""
+    return ref if "@" in ref else made.get(ref, ref)
+
+
+def _file_pin(path: str) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: bool = False,
+               quiet: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Validate then run a recipe; with ``dry_run`` only validate and return the plan."""
+    catalog = Catalog(home)
+    recipe = load_recipe(path, catalog=catalog)
+    if dry_run:
+        return plan(recipe, catalog)
+    started = time.monotonic()
+    recipe_sha = hashlib.sha256(recipe.text.encode()).hexdigest()
+    made: dict[str, str] = {}
+    results: list[dict[str, Any]] = []
+    total = len(recipe.sources) + len(recipe.steps) + bool(recipe.tag) + bool(recipe.train)
+    position = 0
+
+    def record(entry: dict[str, Any]) -> None:
+        nonlocal position
+        position += 1
+        results.append(entry)
+        state = "reused" if entry.get("reused") else f"{entry.get('seconds', 0):.1f} s"
+        _say(f"[{position}/{total}] {entry['what']} -> {entry.get('ref', '')} ({state})", quiet)
+
+    for source in recipe.sources:
+        t0 = time.monotonic()
+        if source.path is None:
+            info = catalog.resolve(source.ref or source.name)
+            made[source.name] = info.ref
+            record({"kind": "source", "what": f"source {source.ref}", "ref": info.ref, "reused": True})
+            continue
+        from factory.ingest import ingest
+
+        result = ingest(source.path, source.name, format=source.format, home=catalog.home,
+                        message=f"recipe {recipe.name}: ingest {source.path.name}", progress=bool(progress))
+        made[source.name] = result["ref"]
+        record({"kind": "ingest", "what": f"ingest {source.path.name}", "ref": result["ref"],
+                "reused": bool(result.get("unchanged")), "rows": result.get("committed"),
+                "seconds": time.monotonic() - t0})
+
+    for step in recipe.steps:
+        record(_run_step(step, recipe, catalog, made, recipe_sha, progress))
+
+    if recipe.tag:
+        target = _exact(str(recipe.tag["dataset"]), made)
+        tagged = catalog.tag(target, str(recipe.tag["tag"]), force=True)
+        record({"kind": "tag", "what": f"tag {recipe.tag['tag']}", "ref": f"{tagged['dataset']}@{tagged['version']}",
+                "reused": tagged["moved_from"] == tagged["version"], "moved_from": tagged["moved_from"]})
+
+    model = None
+    if recipe.train:
+        model = _train(recipe, catalog, made, progress)
+        record(model)
+    return {"recipe": recipe.name, "file": str(recipe.path), "recipe_sha256": recipe_sha, "steps": results,
+            "datasets": made, "model": model, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str], recipe_sha: str,
+              progress: bool | None) -> dict[str, Any]:
+    t0 = time.monotonic()
+    inputs = [_exact(ref, made) for ref in step.inputs]
+    if step.kind == "merge":
+        info = catalog.merge([catalog.resolve(ref).ref for ref in inputs], step.name,
+                             message=f"recipe {recipe.name}: merge")
+        made[step.name] = info.ref
+        return {"kind": "merge", "what": f"merge {', '.join(step.inputs)}", "ref": info.ref,
+                "reused": bool(info.unchanged), "rows": info.rows, "seconds": time.monotonic() - t0}
+
+    from factory.steps import api
+
+    prepared = prepare(step.kind, step.step, step.settings)  # type: ignore[arg-type]
+    pins = pin_refs(prepared, catalog)
+    if prepared.spec.input_kind == "trajectories":
+        exact_inputs = [_file_pin(p) for p in inputs]
+    else:
+        exact_inputs = [catalog.resolve(ref).ref for ref in inputs]
+    key = _key(step.kind, step.step, prepared.spec.version, params_hash(prepared.params), pins, exact_inputs,
+               recipe.seed, step.backend, step.with_input)
+    verb = "generate" if step.kind == "generator" else "filter"
+    what = f"{verb} {step.step} from {', '.join(step.inputs)}"
+    existing = catalog.find_by_lineage("recipe_step_key", key, step.name)
+    if existing is not None:
+        made[step.name] = existing.ref
+        return {"kind": verb, "what": what, "ref": existing.ref, "reused": True, "rows": existing.rows}
+    extra = {"recipe": recipe.name, "recipe_file": str(recipe.path), "recipe_sha256": recipe_sha,
+             "recipe_step": step.index, "recipe_step_key": key}
+    backend = _backend(step.backend, catalog) if step.backend else None
+    common = {"settings": step.settings, "backend": backend, "seed": recipe.seed, "home": catalog.home,
+              "progress": progress, "lineage_extra": extra, "message": f"recipe {recipe.name}: {what}"}
+    if step.kind == "generator":
+        result = api.generate(step.step, inputs, step.name, with_input=step.with_input, **common)
+    else:
+        result = api.filter(step.step, inputs, step.name, **common)
+    made[step.name] = result["ref"]
+    return {"kind": verb, "what": what, "ref": result["ref"], "reused": False, "rows": result["rows_out"],
+            "report": result, "seconds": time.monotonic() - t0}
+
+
+def _backend(spec: str, catalog: Catalog) -> Any:
+    from factory.llm import backend_from_spec, parse_spec
+
+    _, _, options = parse_spec(spec)
+    overrides = {} if "cache" in options else {"cache": catalog.home / "llm_cache.duckdb"}
+    return backend_from_spec(spec, **overrides)
+
+
+def _train(recipe: Recipe, catalog: Catalog, made: dict[str, str], progress: bool | None) -> dict[str, Any]:
+    import factory
+
+    t0 = time.monotonic()
+    options = dict(recipe.train or {})
+    name = str(options.pop("name"))
+    data = catalog.resolve(_exact(str(options.pop("data")), made)).ref
+    evals = [catalog.resolve(_exact(str(r), made)).ref for r in _listify(options.pop("eval", []))]
+    options.setdefault("seed", recipe.seed)
+    previous = _matching_model(catalog, name, data, options, evals)
+    what = f"train {name} on {data}"
+    if previous is not None:
+        return {"kind": "train", "what": what, "ref": f"{name}@{previous['version']}", "reused": True,
+                "path": previous["path"], "metrics": _key_metrics(previous["metrics"])}
+    result = factory.train(data, name, home=catalog.home, eval=evals or None,
+                           progress=bool(progress), **options)
+    registered = result.registered or {}
+    return {"kind": "train", "what": what, "ref": f"{name}@{registered.get('version')}", "reused": False,
+            "path": str(result.path), "metrics": _key_metrics(result.metrics), "seconds": time.monotonic() - t0}
+
+
+def _listify(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _matching_model(catalog: Catalog, name: str, data: str, options: dict[str, Any],
+                    evals: list[str]) -> dict[str, Any] | None:
+    """A registered version of ``name`` trained on ``data`` with these options and evals."""
+    try:
+        latest = catalog.get_model(name)
+    except Exception:  # noqa: BLE001 - no such model yet
+        return None
+    for version in range(latest["version"], 0, -1):
+        entry = catalog.get_model(f"{name}@{version}")
+        same_options = all(entry["params"].get(k) == v for k, v in options.items())
+        same_evals = sorted(entry["metrics"].get("eval") or {}) == sorted(evals)
+        if entry["dataset"] == data and same_options and same_evals and not entry["params"].get("resume"):
+            return entry
+    return None
+
+
+def _key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("train_pairs", "val_accuracy", "val_loss", "best_epoch", "truncated_share")
+    out = {k: metrics.get(k) for k in keep if k in metrics}
+    for ref, result in (metrics.get("eval") or {}).items():
+        out[f"eval {ref}"] = {k: result.get(k) for k in ("accuracy", "pairs", "master_key_fpr") if k in result}
+    return out
+
+
+def plan(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
+    """What a run would do: validated, nothing run, sent or committed."""
+    steps = []
+    for source in recipe.sources:
+        steps.append({"kind": "ingest" if source.path else "source", "name": source.name,
+                      "input": str(source.path or source.ref)})
+    for step in recipe.steps:
+        entry: dict[str, Any] = {"kind": step.kind, "step": step.step, "inputs": step.inputs, "name": step.name,
+                                 "settings": step.settings}
+        if step.backend:
+            entry["backend"] = step.backend
+            entry["estimate"] = _estimate(step, catalog)
+        steps.append(entry)
+    return {"recipe": recipe.name, "file": str(recipe.path), "dry_run": True, "steps": steps,
+            "tag": recipe.tag, "train": recipe.train}
+
+
+def _estimate(step: StepSpecRecipe, catalog: Catalog) -> Any:
+    """An LLM step's request/cost estimate when its inputs already exist in the catalog."""
+    try:
+        for ref in step.inputs:
+            catalog.resolve(ref)
+    except Exception:  # noqa: BLE001 - made by an earlier step of this recipe
+        return "inputs are made by earlier steps: estimated when they exist (run, then --dry-run again)"
+    try:
+        from factory.steps.llm import preview
+    except ImportError:
+        return None
+    backend = _backend(step.backend, catalog) if step.backend else None
+    return preview(step.kind, step.step, step.inputs, settings=step.settings, backend=backend,
+                   home=catalog.home, show=1)

@@ -1,0 +1,136 @@
+"""Recipes: validation with file, line and key; reruns reuse; a changed step reruns only
+what follows it; a run killed anywhere resumes to the same result."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from factory.catalog import Catalog
+from factory.recipe import RecipeError, load_recipe, run_recipe
+from tests.conftest import DEMO_SEEDS, REPO
+
+RECIPE = f"""\
+recipe: small
+seed: 1
+sources:
+  - name: seeds
+    path: {DEMO_SEEDS}
+steps:
+  - generate: master_keys
+    from: seeds
+    name: keys
+    set: {{keys_per_pair: 1}}
+  - generate: neutral
+    from: seeds
+    name: ties
+    set: {{max_per_seed: 1}}
+  - merge: [seeds, keys, ties]
+    name: all
+  - filter: dedup
+    from: all
+    name: clean
+tag: {{dataset: clean, tag: v1}}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("change", "line", "key", "message"), [
+    ("keys_per_pair: 1", 10, "steps[0].set.keys_per_pair", "expects an integer"),
+    ("generate: neutral", 11, "steps[1].generate", "unknown generator 'neutrall'"),
+    ("from: all", 18, "steps[3].from", "'nowhere' is neither made by an earlier source"),
+    ("recipe: small", 1, "colour", "unknown key"),
+    ("name: ties", 13, "steps[1].nme", "unknown key"),
+])
+def test_validation_names_file_line_and_key(tmp_path, home, change, line, key, message) -> None:
+    broken = {
+        "keys_per_pair: 1": "keys_per_pair: one",
+        "generate: neutral": "generate: neutrall",
+        "from: all": "from: nowhere",
+        "recipe: small": "colour: red",
+        "name: ties": "nme: ties",
+    }[change]
+    path = _write(tmp_path, RECIPE.replace(change, broken, 1))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, catalog=Catalog(home))
+    text = str(error.value)
+    assert text.startswith(f"{path}, line {line}, key {key!r}: "), text
+    assert message in text
+
+
+def test_a_step_needing_a_backend_fails_before_anything_runs(tmp_path, home) -> None:
+    from dataclasses import dataclass
+
+    from factory.steps import StepContext, StepResult, generator, param  # noqa: F401
+
+    @dataclass(frozen=True)
+    class NoParams:
+        pass
+
+    @generator("test_needs_llm", params=NoParams, backend="required")
+    def needs_llm(table, ctx: StepContext) -> StepResult:
+        """A step that needs an LLM."""
+        raise AssertionError("must not run")
+
+    path = _write(tmp_path, RECIPE.replace("generate: neutral", "generate: test_needs_llm")
+                  .replace("    set: {max_per_seed: 1}\n", ""))
+    with pytest.raises(RecipeError, match=r"line 11, key 'steps\[1\].backend': generator test_needs_llm needs an LLM"):
+        run_recipe(path, home=home, quiet=True)
+    assert Catalog(home).datasets() == []
+
+
+def test_rerun_reuses_and_a_changed_step_reruns_only_what_follows(tmp_path, home) -> None:
+    path = _write(tmp_path, RECIPE)
+    first = run_recipe(path, home=home, quiet=True)
+    assert [s["reused"] for s in first["steps"]] == [False] * 6
+    again = run_recipe(path, home=home, quiet=True)
+    assert all(s["reused"] for s in again["steps"])
+    assert again["datasets"] == first["datasets"]
+    catalog = Catalog(home)
+    assert catalog.resolve("clean@v1").ref == first["datasets"]["clean"]
+    lineage = catalog.resolve("keys").lineage
+    assert lineage["recipe"] == "small" and lineage["recipe_step"] == 0
+
+    changed = run_recipe(_write(tmp_path, RECIPE.replace("max_per_seed: 1", "max_per_seed: 2")), home=home,
+                         quiet=True)
+    reused = {s["what"].split(" from")[0]: s["reused"] for s in changed["steps"]}
+    assert reused == {"ingest demo_pairs.jsonl": True, "generate master_keys": True, "generate neutral": False,
+                      "merge seeds, keys, ties": False, "filter dedup": False, "tag v1": False}
+    assert changed["datasets"]["keys"] == first["datasets"]["keys"]
+    assert changed["datasets"]["clean"] == "clean@2"
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_points_resumes_to_the_same_result(tmp_path) -> None:
+    path = _write(tmp_path, RECIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    clean_home, killed_home = tmp_path / "clean", tmp_path / "killed"
+    command = [sys.executable, "-m", "factory", "run", str(path), "--no-progress"]
+    subprocess.run([*command, "--home", str(clean_home)], check=True, env=env, capture_output=True)
+    rng = random.Random(0)
+    for _ in range(4):
+        process = subprocess.Popen([*command, "--home", str(killed_home)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 4.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = subprocess.run([*command, "--home", str(killed_home), "--json"], env=env, capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stderr
+    expected, got = Catalog(clean_home), Catalog(killed_home)
+    for name in ("keys", "ties", "all", "clean"):
+        assert sorted(got.read_table(f"{name}")["pair_id"].to_pylist()) == \
+            sorted(expected.read_table(name)["pair_id"].to_pylist()), name
+    assert got.resolve("clean@v1").rows == expected.resolve("clean@v1").rows
