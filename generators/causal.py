@@ -81,7 +81,7 @@ ATTRIBUTES: tuple[str, ...] = ("correctness", "completeness", "relevance", "cohe
 
 @dataclass(frozen=True)
 class CausalParams:
-    attributes: list[str] = param(list(ATTRIBUTES), "quality attributes to degrade, one pair each: "
+    attributes: list[str] = param(list(ATTRIBUTES), "rules mode: quality attributes to degrade, one pair each: "
                                                     + ", ".join(ATTRIBUTES))
     mode: Literal["rules", "llm"] = param("rules", "how answers are degraded: rules (offline, checkable edits) or "
                                                    "llm (the LLM lists the prompt's causal attributes and "

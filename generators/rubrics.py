@@ -193,7 +193,7 @@ def _judge_calls(table: pa.Table, rubrics: dict[int, list[dict[str, Any]]], samp
     return calls
 
 
-@llm_plan("generator", "rubrics", needs="a chat model with JSON-schema structured outputs (writer and judge)")
+@llm_plan("generator", "rubrics", needs="a chat model with JSON-schema structured outputs, to write rubrics and judge")
 def plan_rubrics(table: pa.Table, ctx: StepContext[RubricsParams]) -> list[Planned]:
     params = ctx.params
     usable, _, _ = _seeds(table)

@@ -134,3 +134,15 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_result(tmp_path) -> N
         assert sorted(got.read_table(f"{name}")["pair_id"].to_pylist()) == \
             sorted(expected.read_table(name)["pair_id"].to_pylist()), name
     assert got.resolve("clean@v1").rows == expected.resolve("clean@v1").rows
+
+
+def test_example_recipes_validate(home) -> None:
+    load_recipe(REPO / "examples" / "quickstart.yaml", catalog=Catalog(home))
+    llm = load_recipe(REPO / "examples" / "llm_judges.yaml", catalog=Catalog(home))
+    assert all(step.backend for step in llm.steps if step.kind != "merge")
+
+
+@pytest.mark.realdata
+def test_hh_recipe_validates_against_the_shared_data(shared_data, home) -> None:
+    recipe = load_recipe(REPO / "examples" / "hh_rlhf.yaml", catalog=Catalog(home))
+    assert recipe.sources[0].path == (shared_data / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()

@@ -11,6 +11,7 @@ from typing import Any
 
 from factory.cli import CommandResult, home_from
 from factory.steps import describe, parse_settings, steps
+from schemas.errors import PrefabError
 
 
 def _catalogue(kind: str) -> str:
@@ -40,10 +41,16 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                             help="a step parameter (repeatable)")
         parser.add_argument("--backend", default=None, metavar="SPEC",
                             help="LLM backend for steps that use one, e.g. openai:gpt-4o-mini")
+        parser.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                            help="LLM budget: refuse to start when the run's estimated cost (cached requests "
+                                 "free) exceeds it, and stop cleanly when it is reached")
         parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
         parser.add_argument("--message", "-m", default="", help="version message")
         parser.add_argument("--dry-run", action="store_true",
-                            help="validate the step, parameters and inputs; show the plan; run nothing")
+                            help="validate the step, parameters and inputs; show the plan (LLM steps: requests, "
+                                 "tokens and cost estimate, the first requests rendered); run nothing")
+        parser.add_argument("--show-requests", type=int, default=2, metavar="N",
+                            help="with --dry-run: how many LLM requests to render (default 2)")
         parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         if kind == "generator":
             parser.add_argument("--with-input", action="store_true",
@@ -56,12 +63,19 @@ def _handler(kind: str):
         from factory.steps import api
 
         settings = parse_settings(args.settings)
-        common: dict[str, Any] = {"settings": settings, "backend": args.backend, "home": home_from(args)}
+        common: dict[str, Any] = {"settings": settings, "backend": _backend(args), "home": home_from(args)}
         if args.dry_run:
             plan = api.plan(kind, args.step, args.sources, **common)
             lines = [f"dry run: {kind} {plan['step']} v{plan['step_version']} on "
                      + ", ".join(f"{i['ref']} ({i['rows']} rows)" for i in plan["inputs"]),
-                     f"  params: {plan['params']}", "  nothing was run or committed"]
+                     f"  params: {plan['params']}"]
+            if plan["backend"] != "none":
+                from factory.steps.llm import preview, preview_text
+
+                plan["llm"] = preview(kind, args.step, args.sources, seed=args.seed, show=args.show_requests,
+                                      **common)
+                lines.append(preview_text(plan["llm"]))
+            lines.append("  nothing was run, sent or committed")
             return CommandResult({"dry_run": True, **plan}, "\n".join(lines))
         options = {**common, "seed": args.seed, "message": args.message,
                    "progress": False if args.no_progress else None}
@@ -76,6 +90,27 @@ def _handler(kind: str):
 
 def _unchanged(r: dict[str, Any]) -> list[str]:
     return [f"  no new version: the result equals {r['ref']}"] if r.get("unchanged") else []
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The backend object: its request cache under --home, --max-cost as its budget."""
+    if args.backend is None:
+        if args.max_cost is not None:
+            raise PrefabError("--max-cost needs --backend: it is the budget of an LLM backend")
+        return None
+    from pathlib import Path
+
+    from factory.llm import backend_from_spec, parse_spec
+
+    kind, _, options = parse_spec(args.backend)
+    overrides: dict[str, Any] = {}
+    if "cache" not in options:
+        overrides["cache"] = Path(home_from(args)) / "llm_cache.duckdb"
+    if args.max_cost is not None:
+        if kind != "openai":
+            raise PrefabError(f"--max-cost needs a priced API backend (openai:...), not {kind}:")
+        overrides["max_cost"] = args.max_cost
+    return backend_from_spec(args.backend, **overrides)
 
 
 def _generator_text(r: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def generate(
     work = step_work_dir(catalog.home, _key("generate", step, prepared.spec.version, prepared.params_hash,
                                             refs, seed, pins))
     result = execute(prepared, inputs, ctx, resume_dir=work)
-    generated = stamp_generated(result.table, inputs, sources, prepared, ctx)
+    generated = stamp_generated(result.table, inputs, sources, prepared, ctx, used_llm=bool(result.usage))
     failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
     side = failed_side_table(failed, inputs, step)
     out = generated
@@ -178,7 +178,8 @@ def generate(
     lineage = {
         "command": "generate",
         "step": {"name": step, "kind": "generator", "version": prepared.spec.version,
-                 "params_hash": prepared.params_hash, "template_hash": prepared.spec.template_hash},
+                 "params_hash": prepared.params_hash,
+                 "template_hash": prepared.spec.template_hash if result.usage else None},
         "params": as_dict(prepared.params),
         "run_id": ctx.run_id,
         "seed": seed,
@@ -233,7 +234,9 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     work = step_work_dir(catalog.home, score_key)
     usage: dict[str, Any] = {}
     stats: dict[str, Any] = {}
-    if stored is not None and stored.num_rows == inputs.num_rows:
+    # Stored scores with failed rows are not reused: a failure may have been transient (a
+    # timeout), and recomputing through the request cache re-sends only those requests.
+    if stored is not None and stored.num_rows == inputs.num_rows and stored.column("failed_reason").null_count == stored.num_rows:
         bookkeeping = {"row", "pair_id", "failed_reason", f"{step}_action", f"{step}_reason"}
         scores = stored.drop_columns([c for c in stored.column_names if c in bookkeeping])
         failed_reason = stored.column("failed_reason")

@@ -221,7 +221,7 @@ def with_ids(table: pa.Table) -> pa.Table:
 
 
 def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, prepared: Prepared,
-                    ctx: StepContext) -> pa.Table:
+                    ctx: StepContext, *, used_llm: bool = True) -> pa.Table:
     """Canonical generated rows with provenance filled in by the runner."""
     spec = prepared.spec
     missing = [c for c in ("prompt", "chosen", "rejected", "parent_ids") if c not in out.column_names]
@@ -241,7 +241,8 @@ def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, pr
         "step_version": [spec.version] * n,
         "params_hash": [prepared.params_hash] * n,
         "model": [model] * n,
-        "template_hash": [spec.template_hash] * n,
+        # a rules-mode run of a step that also has LLM templates used none of them
+        "template_hash": [spec.template_hash if used_llm else None] * n,
         "seed": [ctx.seed] * n,
         "run_id": [ctx.run_id] * n,
         "parent_ids": parents,
