@@ -146,3 +146,21 @@ def test_example_recipes_validate(home) -> None:
 def test_hh_recipe_validates_against_the_shared_data(shared_data, home) -> None:
     recipe = load_recipe(REPO / "examples" / "hh_rlhf.yaml", catalog=Catalog(home))
     assert recipe.sources[0].path == (shared_data / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_the_same_result_as_in_process(tmp_path) -> None:
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'prefab[ray]')")
+    path = _write(tmp_path, RECIPE)
+    local = run_recipe(path, home=tmp_path / "local", quiet=True)
+    try:
+        on_ray = run_recipe(path, home=tmp_path / "ray", quiet=True, engine="ray")
+    finally:
+        ray.shutdown()
+    assert [s["reused"] for s in on_ray["steps"]] == [False] * 6
+    a, b = Catalog(tmp_path / "local"), Catalog(tmp_path / "ray")
+    for name in ("keys", "ties", "all", "clean"):
+        left, right = a.read_table(local["datasets"][name]), b.read_table(on_ray["datasets"][name])
+        assert left["pair_id"].to_pylist() == right["pair_id"].to_pylist(), name
+        assert left["tie"].to_pylist() == right["tie"].to_pylist(), name
+    assert b.resolve("keys").lineage["engine"] == "ray"

@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("recipe", help="recipe file (see examples/quickstart.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars and step lines")
+    from factory.cli.steps import add_engine_options
+
+    add_engine_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -25,7 +28,8 @@ def run(args: argparse.Namespace) -> CommandResult:
     from factory.recipe import run_recipe
 
     result = run_recipe(args.recipe, home=home_from(args), dry_run=args.dry_run,
-                        quiet=args.json or args.no_progress, progress=False if args.no_progress else None)
+                        quiet=args.json or args.no_progress, progress=False if args.no_progress else None,
+                        engine=args.engine, ray_address=args.ray_address)
     if args.dry_run:
         return CommandResult(result, _plan_text(result))
     lines = [f"recipe {result['recipe']} done in {result['seconds']:.1f} s "

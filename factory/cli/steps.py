@@ -52,10 +52,19 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
         parser.add_argument("--show-requests", type=int, default=2, metavar="N",
                             help="with --dry-run: how many LLM requests to render (default 2)")
         parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        add_engine_options(parser)
         if kind == "generator":
             parser.add_argument("--with-input", action="store_true",
                                 help="commit the seed pairs followed by the new ones (default: new ones only)")
         parser.set_defaults(handler=_handler(kind))
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: in this process; ray: row-local steps run as Ray Data map_batches "
+                             "(pip install 'prefab[ray]'), workers write Parquet, this process commits")
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="with --engine ray: an existing cluster (default: start a local Ray)")
 
 
 def _handler(kind: str):
@@ -78,7 +87,8 @@ def _handler(kind: str):
             lines.append("  nothing was run, sent or committed")
             return CommandResult({"dry_run": True, **plan}, "\n".join(lines))
         options = {**common, "seed": args.seed, "message": args.message,
-                   "progress": False if args.no_progress else None}
+                   "progress": False if args.no_progress else None,
+                   "engine": args.engine, "ray_address": args.ray_address}
         if kind == "generator":
             result = api.generate(args.step, args.sources, args.name, with_input=args.with_input, **options)
             return CommandResult(result, _generator_text(result))

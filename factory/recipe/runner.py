@@ -44,8 +44,13 @@ def _file_pin(path: str) -> str:
 
 
 def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: bool = False,
-               quiet: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Validate then run a recipe; with ``dry_run`` only validate and return the plan."""
+               quiet: bool = False, progress: bool | None = None, engine: str = "local",
+               ray_address: str | None = None) -> dict[str, Any]:
+    """Validate then run a recipe; with ``dry_run`` only validate and return the plan.
+
+    ``engine="ray"`` runs row-local steps as Ray Data ``map_batches`` (workers write
+    Parquet, this process makes each catalog commit); the result equals the local run's.
+    """
     catalog = Catalog(home)
     recipe = load_recipe(path, catalog=catalog)
     if dry_run:
@@ -81,7 +86,7 @@ def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: boo
                 "seconds": time.monotonic() - t0})
 
     for step in recipe.steps:
-        record(_run_step(step, recipe, catalog, made, recipe_sha, progress))
+        record(_run_step(step, recipe, catalog, made, recipe_sha, progress, engine, ray_address))
 
     if recipe.tag:
         target = _exact(str(recipe.tag["dataset"]), made)
@@ -98,7 +103,7 @@ def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: boo
 
 
 def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str], recipe_sha: str,
-              progress: bool | None) -> dict[str, Any]:
+              progress: bool | None, engine: str, ray_address: str | None) -> dict[str, Any]:
     t0 = time.monotonic()
     inputs = [_exact(ref, made) for ref in step.inputs]
     if step.kind == "merge":
@@ -128,7 +133,8 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
              "recipe_step": step.index, "recipe_step_key": key}
     backend = _backend(step.backend, catalog) if step.backend else None
     common = {"settings": step.settings, "backend": backend, "seed": recipe.seed, "home": catalog.home,
-              "progress": progress, "lineage_extra": extra, "message": f"recipe {recipe.name}: {what}"}
+              "progress": progress, "lineage_extra": extra, "message": f"recipe {recipe.name}: {what}",
+              "engine": engine, "ray_address": ray_address}
     if step.kind == "generator":
         result = api.generate(step.step, inputs, step.name, with_input=step.with_input, **common)
     else:

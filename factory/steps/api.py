@@ -127,6 +127,8 @@ def generate(
     home: str | Path | None = None,
     progress: bool | None = None,
     lineage_extra: dict[str, Any] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run generator ``step`` on the seed pairs of ``from_`` and commit its pairs as ``name``.
 
@@ -147,7 +149,7 @@ def generate(
                       backend=prepared.backend, progress=progress)
     work = step_work_dir(catalog.home, _key("generate", step, prepared.spec.version, prepared.params_hash,
                                             refs, seed, pins))
-    result = execute(prepared, inputs, ctx, resume_dir=work)
+    result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
     generated = stamp_generated(result.table, inputs, sources, prepared, ctx, used_llm=bool(result.usage))
     failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
     side = failed_side_table(failed, inputs, step)
@@ -183,6 +185,7 @@ def generate(
         "params": as_dict(prepared.params),
         "run_id": ctx.run_id,
         "seed": seed,
+        "engine": engine,
         "with_input": with_input,
         **({"input_files": file_inputs} if file_inputs else {}),
         **counts,
@@ -211,6 +214,8 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     home: str | Path | None = None,
     progress: bool | None = None,
     lineage_extra: dict[str, Any] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Score every pair of ``from_`` with filter ``step``, decide, and commit the kept pairs.
 
@@ -242,7 +247,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         failed_reason = stored.column("failed_reason")
         reused = True
     else:
-        result = execute(prepared, inputs, ctx, resume_dir=work)
+        result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
         scores = prefixed_scores(result.table, step)
         failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
         reasons: list[str | None] = [None] * inputs.num_rows
@@ -286,6 +291,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         "params": as_dict(prepared.params),
         "run_id": ctx.run_id,
         "seed": seed,
+        "engine": engine,
         "score_key": score_key,
         "scores_reused": reused,
         "rows_filtered": counts["rows_dropped"],

@@ -12,6 +12,7 @@ scores are stored with the version and reused when only a threshold changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -77,7 +78,6 @@ def pin_refs(prepared: Prepared, catalog: Any) -> dict[str, Any]:
     Catalog refs are rewritten in place (``eval`` -> ``eval@3``) so the parameter hash and
     provenance name the exact data; file pins are returned for the cache keys.
     """
-    import dataclasses
 
     pins: dict[str, Any] = {}
     changes: dict[str, Any] = {}
@@ -131,14 +131,79 @@ def _sum_stats(into: dict[str, Any], stats: dict[str, Any]) -> None:
             into[key] = value
 
 
+def run_batch(spec: StepSpec, batch: pa.Table, start: int, ctx: StepContext) -> tuple[pa.Table, pa.Table, dict, dict]:
+    """One batch through the step, checked: (output, failed rows in input positions, stats, usage)."""
+    result = spec.fn(batch, ctx)
+    if not isinstance(result, StepResult):
+        raise StepOutputError(f"{spec.name} returned {type(result).__name__}, not StepResult")
+    failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
+    failed = failed.set_column(0, "row", pc.add(failed["row"].cast(pa.int64()), start))
+    if spec.kind == "filter" and result.table.num_rows != batch.num_rows:
+        raise StepOutputError(f"filter {spec.name} returned {result.table.num_rows} score rows "
+                              f"for {batch.num_rows} input rows")
+    return result.table, failed, result.stats, result.usage
+
+
+class _RayBatch:
+    """A Ray Data worker's job: run one batch and write its results as Parquet beside the
+    others, the same files an in-process run keeps for resuming; return only where."""
+
+    def __init__(self, spec: StepSpec, ctx: StepContext, folder: Path) -> None:
+        self.spec, self.ctx, self.folder = spec, ctx, folder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = int(batch.column("__prefab_row")[0].as_py())
+        rows = batch.drop_columns(["__prefab_row"])
+        if _load_batch(self.folder, start) is None:
+            _save_batch(self.folder, start, *run_batch(self.spec, rows, start, self.ctx))
+        return pa.table({"start": [start], "rows": [rows.num_rows]})
+
+
+def fill_on_ray(prepared: Prepared, table: pa.Table, ctx: StepContext, folder: Path,
+                address: str | None = None) -> int:
+    """Compute every missing batch of a row-local step with Ray Data ``map_batches``.
+
+    Each batch is one block, so batch boundaries (and with them every result) equal the
+    in-process run's. Returns the number of batches computed.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise PrefabError("--engine ray needs Ray: pip install 'prefab[ray]'") from None
+    spec = prepared.spec
+    batch_rows = spec.batch_rows or max(table.num_rows, 1)
+    starts = [s for s in range(0, table.num_rows, batch_rows) if _load_batch(folder, s) is None]
+    if not starts:
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    indexed = table.append_column("__prefab_row", pa.array(range(table.num_rows), pa.int64()))
+    blocks = [indexed.slice(s, batch_rows) for s in starts]
+    worker_ctx = dataclasses.replace(ctx, backend=None, progress=False)
+    done = ray.data.from_arrow(blocks).map_batches(
+        _RayBatch(spec, worker_ctx, folder), batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+    ).take_all()
+    return len(done)
+
+
 def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
-            resume_dir: Path | None = None) -> StepResult:
+            resume_dir: Path | None = None, engine: str = "local", ray_address: str | None = None) -> StepResult:
     """Run the step over ``table`` (batch by batch when it is row-local).
 
     With ``resume_dir`` every finished batch is written there first, and batches already
-    there are read back instead of recomputed, so an interrupted run resumes.
+    there are read back instead of recomputed, so an interrupted run resumes. With
+    ``engine="ray"`` a row-local step's batches are computed by Ray Data workers into
+    ``resume_dir`` first; steps that need the whole table, or an LLM backend object, run
+    here (LLM steps are bound by the endpoint, not this machine).
     """
     spec = prepared.spec
+    if engine == "ray" and spec.batch_rows is not None and ctx.backend is None:
+        if resume_dir is None:
+            raise PrefabError("--engine ray needs a work folder for the workers' Parquet files")
+        fill_on_ray(prepared, table, ctx, resume_dir, ray_address)
+    elif engine not in ("local", "ray"):
+        raise PrefabError(f"unknown engine {engine!r} (known: local, ray)")
     if spec.backend != "none":
         # Before any batch: the backend the parameters need, valid templates, and a whole-run
         # cost estimate within --max-cost (cached requests free).
@@ -151,21 +216,13 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress)
     done = 0
     try:
-        for index, start in enumerate(starts):
+        for start in starts:
             batch = table.slice(start, batch_rows)
-            cached = _load_batch(resume_dir, index) if resume_dir else None
+            cached = _load_batch(resume_dir, start) if resume_dir else None
             if cached is None:
-                result = spec.fn(batch, ctx)
-                if not isinstance(result, StepResult):
-                    raise StepOutputError(f"{spec.name} returned {type(result).__name__}, not StepResult")
-                failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
-                failed = failed.set_column(0, "row", pc.add(failed["row"].cast(pa.int64()), start))
-                if spec.kind == "filter" and result.table.num_rows != batch.num_rows:
-                    raise StepOutputError(f"filter {spec.name} returned {result.table.num_rows} score rows "
-                                          f"for {batch.num_rows} input rows")
-                cached = (result.table, failed, result.stats, result.usage)
+                cached = run_batch(spec, batch, start, ctx)
                 if resume_dir is not None:
-                    _save_batch(resume_dir, index, *cached)
+                    _save_batch(resume_dir, start, *cached)
             out, failed, batch_stats, batch_usage = cached
             outputs.append(out)
             failures.append(failed)
@@ -185,20 +242,23 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     return StepResult(_concat(outputs), _concat(failures) if failures else None, stats, usage)
 
 
-def _save_batch(folder: Path, index: int, table: pa.Table, failed: pa.Table,
+def _save_batch(folder: Path, start: int, table: pa.Table, failed: pa.Table,
                 stats: dict[str, Any], usage: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"batch-{index:06d}"
+    final = folder / f"rows-{start:012d}"
     tmp = folder / f".{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     pq.write_table(table, tmp / "out.parquet")
     pq.write_table(failed, tmp / "failed.parquet")
     (tmp / "stats.json").write_text(json.dumps({"stats": stats, "usage": usage}, default=str))
-    tmp.rename(final)  # a batch is there whole or not at all
+    try:
+        tmp.rename(final)  # a batch is there whole or not at all
+    except OSError:  # another worker finished the same batch first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_batch(folder: Path, index: int) -> tuple[pa.Table, pa.Table, dict, dict] | None:
-    final = folder / f"batch-{index:06d}"
+def _load_batch(folder: Path, start: int) -> tuple[pa.Table, pa.Table, dict, dict] | None:
+    final = folder / f"rows-{start:012d}"
     if not final.is_dir():
         return None
     meta = json.loads((final / "stats.json").read_text())
