@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> CommandResult:
               for s in result["steps"]]
     if result["model"]:
         lines.append(f"model: {result['model']['ref']} at {result['model']['path']}")
+        for key, value in result["model"]["metrics"].items():
+            shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) \
+                if isinstance(value, dict) else (f"{value:.3f}" if isinstance(value, float) else value)
+            lines.append(f"  {key}: {shown}")
     return CommandResult(result, "\n".join(lines))
 
 

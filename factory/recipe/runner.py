@@ -197,7 +197,12 @@ def _key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     keep = ("train_pairs", "val_accuracy", "val_loss", "best_epoch", "truncated_share")
     out = {k: metrics.get(k) for k in keep if k in metrics}
     for ref, result in (metrics.get("eval") or {}).items():
-        out[f"eval {ref}"] = {k: result.get(k) for k in ("accuracy", "pairs", "master_key_fpr") if k in result}
+        summary = {k: result.get(k) for k in ("accuracy", "pairs", "tie_pairs") if k in result}
+        if isinstance(result.get("master_key"), dict):
+            summary["master_key_fpr"] = result["master_key"].get("fpr")
+        if isinstance(result.get("contrast_instructions"), dict):
+            summary["contrast_consistency"] = result["contrast_instructions"].get("consistency")
+        out[f"eval {ref}"] = summary
     return out
 
 
