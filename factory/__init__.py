@@ -26,7 +26,7 @@ _API: dict[str, str] = {
 
 
 # subpackages reachable as attributes after a bare ``import factory`` (factory.catalog.load)
-_SUBPACKAGES = ("catalog", "embed", "llm", "steps", "trainer")
+_SUBPACKAGES = ("audit", "catalog", "embed", "llm", "recipe", "steps", "trainer")
 
 
 def __getattr__(name: str) -> Any:

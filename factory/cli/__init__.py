@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.cli.steps",
     "factory.cli.train",
     "factory.cli.run",
+    "factory.cli.audit",
 )
 
 

@@ -31,7 +31,8 @@ MODEL_CACHE_SIZE = 4
 # CLI spelling of each setting, for messages about --resume.
 FLAG_OF = {"center_coef": "--center-rewards", "val_fraction": "--val-fraction",
            "batch_size": "--batch-size", "max_length": "--max-length", "max_pairs": "--max-pairs",
-           "weight_decay": "--weight-decay", "head_hidden": "--head-hidden"}
+           "weight_decay": "--weight-decay", "head_hidden": "--head-hidden",
+           "augment_weight": "--augment-weight", "val_on": "--val-on", "features": "--features"}
 
 
 @dataclass
@@ -308,7 +309,7 @@ def oof_scores(
     if mode == "head":
         resolved = cfg.resolved()
         featurizer = HeadFeaturizer(base, resolved.max_length, _home(home) / "embeddings",
-                                    progress=progress)
+                                    progress=progress, features=resolved.features)
         featurizer.features(data.prompts + data.prompts, data.chosen + data.rejected)
     r_c = np.zeros(len(data))
     r_r = np.zeros(len(data))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +26,21 @@ class PairData:
     sources: list[str | None]
     attributes: list[str | None]
     tasks: list[str | None]
+    # provenance.step of each row (for generated pairs, the generator's name) and whether a
+    # generator made it from other pairs (its provenance names parent pairs). Empty: no
+    # provenance, every row is real.
+    steps: list[str | None] = field(default_factory=list)
+    derived: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    @property
+    def generated(self) -> np.ndarray:
+        """True for the rows a generator made (their provenance names parent pairs)."""
+        if len(self.derived) != len(self):
+            return np.zeros(len(self), dtype=bool)
+        return self.derived
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> PairData:
         idx = list(np.asarray(idx, dtype=np.int64))
@@ -43,6 +55,8 @@ class PairData:
             sources=[self.sources[i] for i in idx],
             attributes=[self.attributes[i] for i in idx],
             tasks=[self.tasks[i] for i in idx],
+            steps=[self.steps[i] for i in idx] if self.steps else [],
+            derived=self.generated[idx],
         )
 
 
@@ -78,8 +92,13 @@ def pair_data(table: pa.Table) -> PairData:
     if (weight < 0).any() or not np.isfinite(weight).all():
         raise PrefabError("column 'weight' must hold finite values >= 0")
     sources: list[str | None] = [None] * table.num_rows
+    steps: list[str | None] = []
+    derived = np.zeros(table.num_rows, dtype=bool)
     if "provenance" in table.column_names:
-        sources = [(p or {}).get("source") for p in table.column("provenance").to_pylist()]
+        provenance = table.column("provenance").to_pylist()
+        sources = [(p or {}).get("source") for p in provenance]
+        steps = [(p or {}).get("step") for p in provenance]
+        derived = np.asarray([bool((p or {}).get("parent_ids")) for p in provenance], dtype=bool)
     return PairData(
         prompts=prompts,
         chosen=[c or "" for c in table.column("chosen").to_pylist()],
@@ -91,6 +110,8 @@ def pair_data(table: pa.Table) -> PairData:
         sources=sources,
         attributes=_str_column(table, "attribute"),
         tasks=_str_column(table, "task"),
+        steps=steps,
+        derived=derived,
     )
 
 
@@ -154,3 +175,34 @@ def epoch_batches(
     if lengths is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def balanced_weights(
+    data: PairData, rows: np.ndarray, share: float | dict[str, float]
+) -> np.ndarray:
+    """Per-pair weights in which each generator's pairs, among ``rows``, weigh ``share``
+    times the real pairs among them, whatever their number (balanced by generator).
+
+    ``share`` is one number for every generator or a mapping from generator (the
+    provenance step) to its share; generators a mapping leaves out keep their weights, and
+    so do the real pairs. Without real pairs among ``rows`` nothing changes. Within a
+    generator, the weight column's relative weights are kept.
+    """
+    weights = data.weight.astype(np.float64)
+    rows = np.asarray(rows, dtype=np.int64)
+    generated = data.generated
+    real_total = float(weights[rows[~generated[rows]]].sum())
+    if real_total <= 0:
+        return weights.astype(np.float32)
+    members: dict[str, list[int]] = {}
+    for i in rows[generated[rows]].tolist():
+        members.setdefault(data.steps[i] or "", []).append(i)
+    for step, idx in members.items():
+        factor = share.get(step) if isinstance(share, dict) else share
+        total = float(weights[idx].sum())
+        if factor is None or total <= 0:
+            continue
+        if factor < 0:
+            raise PrefabError(f"augment weight of {step!r} must be >= 0, got {factor}")
+        weights[idx] *= factor * real_total / total
+    return weights.astype(np.float32)

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from factory.trainer import backbones
-from factory.trainer.data import PairData, epoch_batches, split_by_prompt
+from factory.trainer.data import PairData, balanced_weights, epoch_batches, split_by_prompt
 from factory.trainer.losses import preference_loss
-from factory.trainer.model import HeadFeaturizer, ModelSpec, RewardHead, RewardModel
+from factory.trainer.model import HEAD_FEATURES, HeadFeaturizer, ModelSpec, RewardHead, RewardModel
 from schemas.errors import PrefabError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,7 +47,8 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Settings a checkpoint records: --resume takes them from there, and they must not change.
 RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "weight_decay", "max_length", "seed",
-               "val_fraction", "center_coef", "head_hidden", "max_pairs", "patience")
+               "val_fraction", "center_coef", "head_hidden", "max_pairs", "patience", "augment_weight",
+               "val_on", "features")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -75,6 +76,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_steps: int | None = None  # 0: only at the end of each epoch
     head_hidden: int = 256
+    features: str = "pair"  # head mode: "pair" or "pair+parts" (see model.HEAD_FEATURES)
+    # Generated pairs (a generator's provenance step): each generator's pairs together weigh
+    # this many times the real training pairs (balanced by generator; a mapping gives each
+    # generator its own share). None: the weight column as it is.
+    augment_weight: float | dict[str, float] | None = None
+    # What the validation loss (best epoch, early stopping) is computed on: "all" pairs of
+    # the validation prompts, or only the "real" ones (no generated pair), so augmentation
+    # cannot trade the real pairs' fit for easy generated ones unnoticed.
+    val_on: str = "all"
     max_pairs: int | None = None  # cap on training pairs (benchmarks, smoke runs)
     device: str | None = None  # None: CUDA when present, else CPU
     bf16: bool | None = None  # None: on CUDA with bf16 support
@@ -92,6 +102,15 @@ class TrainConfig:
             raise PrefabError("epochs, batch size and lr must be positive; max length >= 8")
         if cfg.patience < 0:
             raise PrefabError(f"patience must be >= 0, got {cfg.patience}")
+        if cfg.features not in HEAD_FEATURES:
+            raise PrefabError(f"features must be one of {', '.join(HEAD_FEATURES)}, got {cfg.features!r}")
+        if cfg.features != "pair" and cfg.mode != "head":
+            raise PrefabError(f"features {cfg.features!r} are for head mode; full mode reads the pair itself")
+        if cfg.val_on not in ("all", "real"):
+            raise PrefabError(f"val_on must be 'all' or 'real', got {cfg.val_on!r}")
+        shares = cfg.augment_weight.values() if isinstance(cfg.augment_weight, dict) else [cfg.augment_weight]
+        if any(v is not None and not (v >= 0 and math.isfinite(v)) for v in shares):
+            raise PrefabError(f"augment weight must be finite and >= 0, got {cfg.augment_weight!r}")
         return cfg
 
     def as_params(self) -> dict[str, Any]:
@@ -143,7 +162,11 @@ class _HeadTask:
                  featurizer: HeadFeaturizer | None = None, rows: np.ndarray | None = None):
         self.cfg = cfg
         self.device = device
-        self.featurizer = featurizer or HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device)
+        self.featurizer = featurizer or HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device,
+                                                       features=cfg.features)
+        if self.featurizer.features_kind != cfg.features:
+            raise PrefabError(f"the featurizer makes {self.featurizer.features_kind!r} features, the config "
+                              f"asks for {cfg.features!r}")
         # Embed only the rows this run uses (train + validation); others stay zero.
         rows = np.arange(len(data)) if rows is None else rows
         part = data.subset(rows)
@@ -175,7 +198,7 @@ class _HeadTask:
 
     def to_reward_model(self) -> RewardModel:
         spec = ModelSpec("head", self.cfg.base, self.cfg.max_length, self.cfg.head_hidden,
-                         self.featurizer.dim)
+                         self.featurizer.dim, features=self.cfg.features)
         return RewardModel(spec, head=self.module.eval(), featurizer=self.featurizer,
                            device=self.device)
 
@@ -322,8 +345,12 @@ def fit(
     if train_idx is None:
         train_idx, val_idx = split_by_prompt(data.prompt_ids, cfg.val_fraction, cfg.seed)
     val_idx = np.zeros(0, dtype=np.int64) if val_idx is None else val_idx
+    weights = data.weight
+    if cfg.augment_weight is not None:  # balanced apart in each split: validation mirrors training
+        weights = balanced_weights(data, train_idx, cfg.augment_weight)
+        weights[val_idx] = balanced_weights(data, val_idx, cfg.augment_weight)[val_idx]
     # Zero-weight pairs cannot move the loss: skip their compute altogether.
-    train_idx = train_idx[data.weight[train_idx] > 0]
+    train_idx = train_idx[weights[train_idx] > 0]
     if cfg.max_pairs is not None and len(train_idx) > cfg.max_pairs:
         keep = np.random.default_rng(cfg.seed).permutation(len(train_idx))[: cfg.max_pairs]
         train_idx = np.sort(train_idx[keep])
@@ -363,7 +390,12 @@ def fit(
     )
     tie_t = torch.from_numpy(data.tie).to(device)
     margin_t = torch.from_numpy(data.margin).to(device)
-    weight_t = torch.from_numpy(data.weight).to(device)
+    weight_t = torch.from_numpy(weights).to(device)
+    # The rows the validation loss is computed on (all of them are embedded and trained apart).
+    scored_val = val_idx
+    if cfg.val_on == "real" and len(val_idx):
+        real = val_idx[~data.generated[val_idx]]
+        scored_val = real if len(real) else val_idx
     lengths = task.lengths[train_idx] if task.lengths is not None else None
 
     epoch, batch_in_epoch, step, history = 0, 0, 0, []
@@ -440,8 +472,8 @@ def fit(
                         raise TrainingInterrupted(ckpt_path, step)
                 record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
                                           "train_loss": float(np.mean(running)) if running else None}
-                if len(val_idx):
-                    record.update(_validate(task, data, val_idx, tie_t, margin_t, weight_t, cfg))
+                if len(scored_val):
+                    record.update(_validate(task, data, scored_val, tie_t, margin_t, weight_t, cfg))
                 history.append(record)
                 epoch, batch_in_epoch = epoch + 1, 0
                 stopped_early = end_of_epoch(record) and epoch < cfg.epochs

@@ -26,6 +26,13 @@ META_FILE = "prefab_model.json"
 FORMAT = "prefab-reward-model/1"
 
 
+# Head-mode inputs. "pair": the embedding of prompt + response, read together. "pair+parts"
+# adds the response read alone and its elementwise product with the prompt read alone: an
+# explicit signal of whether this answer belongs to this prompt, and of what the answer is
+# on its own (a content-free "Solution" looks like nothing, not like the long prompt before it).
+HEAD_FEATURES = ("pair", "pair+parts")
+
+
 @dataclass
 class ModelSpec:
     mode: str  # "head" | "full"
@@ -34,17 +41,21 @@ class ModelSpec:
     head_hidden: int = 256
     feature_dim: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    features: str = "pair"  # head mode: one of HEAD_FEATURES
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
 
 
 class RewardHead(nn.Module):
-    """MLP from [prompt+response] embedding features to a scalar reward."""
+    """MLP from [prompt+response] embedding features to a scalar reward (``hidden=0``: linear)."""
 
     def __init__(self, in_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(in_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
@@ -67,9 +78,13 @@ class HeadFeaturizer:
         device: torch.device | None = None,
         batch_size: int = 64,
         progress: bool | None = False,
+        features: str = "pair",
     ):
+        if features not in HEAD_FEATURES:
+            raise PrefabError(f"head features must be one of {', '.join(HEAD_FEATURES)}, got {features!r}")
         self.encoder = get_encoder(backbones.resolve_base(base), device)
         backbones.check_max_length(max_length, self.encoder.max_positions, base)
+        self.features_kind = features
         self.max_length = max_length
         self.batch_size = batch_size
         self.progress = progress
@@ -77,7 +92,7 @@ class HeadFeaturizer:
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        return self.encoder.dim * (3 if self.features_kind == "pair+parts" else 1)
 
     def features(
         self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str]
@@ -95,9 +110,27 @@ class HeadFeaturizer:
         """(features, truncated): embeddings and whether each input had to be cut."""
         length = max_length or self.max_length
         backbones.check_max_length(length, self.encoder.max_positions, "the encoder")
-        encoded = backbones.encode_pairs(self.encoder.tokenizer, prompts, responses, length)
-        feats = self.embed_ids(encoded.ids, progress=self.progress if progress is None else progress)
-        return feats, encoded.truncated
+        show = self.progress if progress is None else progress
+        tokenizer = self.encoder.tokenizer
+        encoded = backbones.encode_pairs(tokenizer, prompts, responses, length)
+        feats = self.embed_ids(encoded.ids, progress=show)
+        if self.features_kind == "pair":
+            return feats, encoded.truncated
+        # The response under an empty user turn (a rendering every chat template accepts),
+        # and each distinct prompt once, with an empty response.
+        alone = backbones.encode_pairs(tokenizer, [[{"role": "user", "content": ""}]] * len(responses),
+                                       responses, length)
+        response_vecs = self.embed_ids(alone.ids, progress=show)
+        slot: dict[tuple[tuple[str, str], ...], int] = {}
+        index = np.asarray([slot.setdefault(tuple((m["role"], m["content"]) for m in p), len(slot))
+                            for p in prompts], dtype=np.int64)
+        distinct = [[{"role": r, "content": c} for r, c in key] for key in slot]
+        prompt_only = backbones.encode_pairs(tokenizer, distinct, [""] * len(distinct), length)
+        prompt_vecs = self.embed_ids(prompt_only.ids, progress=show)[index]
+        # Unit vectors: the product's entries are ~1/dim; sqrt(dim) brings them to the
+        # scale of the other parts (its sum is then the cosine times sqrt(dim)).
+        match = prompt_vecs * response_vecs * np.float32(np.sqrt(self.encoder.dim))
+        return np.concatenate([feats, response_vecs, match], axis=1), encoded.truncated
 
     def embed_ids(self, ids: Sequence[np.ndarray], progress: bool | None = False) -> np.ndarray:
         return embed_token_ids(ids, encoder=self.encoder, cache=self.cache,
@@ -219,7 +252,7 @@ def load_reward_model(
     spec = ModelSpec(**meta)
     dev = backbones.pick_device(str(device) if device is not None else None)
     if spec.mode == "head":
-        featurizer = HeadFeaturizer(spec.base, spec.max_length, cache_root, dev)
+        featurizer = HeadFeaturizer(spec.base, spec.max_length, cache_root, dev, features=spec.features)
         head = RewardHead(spec.feature_dim, spec.head_hidden).to(dev)
         head.load_state_dict(torch.load(folder / "head.pt", map_location=dev, weights_only=True))
         return RewardModel(spec, head=head, featurizer=featurizer, device=dev)

@@ -1,0 +1,167 @@
+"""``prefab audit``: how noisy a dataset version is, which pairs are suspect and why.
+
+``factory.audit(ref)`` returns the JSON summary (stable keys, see :data:`SUMMARY_KEYS`);
+with ``html=PATH`` it also writes a self-contained HTML report whose suspects table is a
+review form: its saved decisions file goes back in with ``prefab review apply``
+(:func:`factory.audit.review.apply_review`).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from factory.audit.compute import (
+    annotators,
+    audit_frame,
+    duplicates,
+    flag_suspects,
+    formatting_bias,
+    group_breakdown,
+    length_bias,
+    model_metrics,
+    noise_scores,
+    suspects,
+)
+
+SUMMARY_KEYS = ("ref", "rows", "noise", "suspects", "by_group", "annotators", "ties", "length_bias",
+                "formatting", "position", "duplicates", "model", "html")
+
+
+def audit(
+    ref: str,
+    *,
+    home: str | Path | None = None,
+    model: str | None = None,
+    html: str | Path | None = None,
+    compute: bool = True,
+    top: int = 50,
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Audit catalog version ``ref``; noise scores are reused when stored, computed when missing
+    (unless ``compute=False``); ``settings`` are the noise filter's parameters for that run."""
+    from factory.catalog import Catalog
+
+    catalog = Catalog(home)
+    info = catalog.resolve(ref)
+    table = catalog.read_table(info)
+    frame = audit_frame(table)
+    noise = noise_scores(catalog, info, table, frame, compute=compute, settings=settings, seed=seed,
+                         progress=progress)
+    noise_summary: dict[str, Any] = {
+        "available": noise.frame is not None, "scores_from": noise.scores_from, "reason": noise.reason,
+        "rate": None if noise.rate is None else round(noise.rate, 4),
+        "interval": noise.interval, "confident_learning_rate": noise.cl_rate,
+        "pairs_scored": 0, "flagged": 0, "flag_share": None, "expected_noisy": None, "mean_suspicion": None,
+        **{k: v for k, v in noise.extra.items() if v is not None},
+    }
+    if noise.frame is not None:
+        own = noise.frame.drop([c for c in noise.frame.columns if c in frame.columns])
+        frame = pl.concat([frame, own], how="horizontal")
+        suspicion = frame["suspicion"].cast(pl.Float64)
+        suspicion = suspicion.fill_nan(None)
+        flagged, share = flag_suspects(suspicion.fill_null(float("nan")), noise.rate)
+        frame = frame.with_columns(suspicion.alias("suspicion"), pl.Series("flagged", flagged))
+        scored = int(suspicion.is_not_null().sum())
+        noise_summary.update(
+            pairs_scored=scored, flagged=int(flagged.sum()), flag_share=round(share, 4),
+            expected_noisy=round(float(suspicion.sum() or 0.0), 3),
+            mean_suspicion=None if scored == 0 else round(float(suspicion.mean()), 4))
+    ties = int(frame["tie"].sum())
+    margins: np.ndarray | None = None
+    model_summary = None
+    if model is not None:
+        model_summary, margins = model_metrics(model, info.ref, catalog.home, progress)
+    summary: dict[str, Any] = {
+        "ref": info.ref,
+        "rows": frame.height,
+        "noise": noise_summary,
+        "suspects": suspects(frame, top),
+        "by_group": group_breakdown(frame),
+        "annotators": annotators(frame),
+        "ties": {"pairs": ties, "share": round(ties / frame.height, 4) if frame.height else None},
+        "length_bias": length_bias(frame),
+        "formatting": formatting_bias(frame),
+        # Pairs store the verdict, not the A/B order a judge or annotator saw it in.
+        "position": {"measurable": False,
+                     "reason": "pairs do not record the A/B order the label was given in"},
+        "duplicates": duplicates(frame, info.lineage or {}),
+        "model": model_summary,
+        "html": None,
+    }
+    assert tuple(summary) == SUMMARY_KEYS
+    if html is not None:
+        from factory.audit.report import write_html
+
+        summary["html"] = str(write_html(summary, frame, Path(html), margins=margins))
+    return summary
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The human-readable audit: one line per finding."""
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    n = summary["noise"]
+    lines = [f"audit of {summary['ref']}: {summary['rows']} pairs"]
+    if n["available"]:
+        low, high = (n["interval"] or [None, None])[:2]
+        lines.append(f"estimated noise rate {pct(n['rate'])} (interval {pct(low)}–{pct(high)}), scores from "
+                     f"{n['scores_from']}; {n['flagged']} of {n['pairs_scored']} scored pairs flagged, "
+                     f"expected noisy {n['expected_noisy']}")
+    else:
+        lines.append(f"noise: not scored ({n['reason']})")
+    for s in summary["suspects"][:10]:
+        lines.append(f"  {s['suspicion']:.3f}  {s['pair_id']}  [{s['source']}/{s['step']}]  "
+                     f"{', '.join(s['signals']) or 'combined score'}")
+    for key, rows in summary["by_group"].items():
+        if len(rows) > 1 and n["available"]:
+            parts = ", ".join(f"{r['group']} {pct(r['flagged_share'])} of {r['scored']}" for r in rows[:6])
+            lines.append(f"flagged by {key}: {parts}")
+    lb = summary["length_bias"]
+    lines.append(f"longer answer chosen in {pct(lb['share'])} of {lb['comparable']} pairs of unequal length")
+    fmt = ", ".join(f"{k} {pct(v['share'])} of {v['pairs_differing']}" for k, v in summary["formatting"].items()
+                    if v["pairs_differing"])
+    if fmt:
+        lines.append(f"side with the formatting chosen: {fmt}")
+    lines.append(f"ties {summary['ties']['pairs']} ({pct(summary['ties']['share'])})")
+    a = summary["annotators"]
+    if a:
+        lines.append(f"annotators: {a['rows_with_votes']} rows with votes, pairwise agreement "
+                     f"{pct(a['pairwise_agreement'])}, votes agreeing with the label "
+                     f"{pct(a['votes_agreeing_with_label'])}, majority against the label in "
+                     f"{a['majority_against_label']} rows")
+    d = summary["duplicates"]
+    dup = f"exact duplicates {d['exact_duplicates']} ({pct(d['exact_rate'])})"
+    if d["near_duplicates"] is not None:
+        dup += f", near duplicates {d['near_duplicates']} ({pct(d['near_rate'])})"
+    if d["contaminated"] is not None:
+        dup += f", contaminated {d['contaminated']} ({pct(d['contamination_rate'])})"
+    lines.append(dup)
+    m = summary["model"]
+    if m:
+        lines.append(f"model {m['model']}: accuracy {pct(m['accuracy'])}, master-key FPR "
+                     f"{pct(m['master_key_fpr'])}, contrast-instructions consistency {pct(m['contrast_consistency'])}")
+    if summary["html"]:
+        lines.append(f"report: {summary['html']}")
+    return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    # `factory.audit` is both this package and the API function: once the package is
+    # imported its module object shadows any function of that name on `factory`.
+    def __call__(self, ref: str, **kwargs: Any) -> dict[str, Any]:
+        return audit(ref, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["SUMMARY_KEYS", "audit", "summary_text"]

@@ -1,0 +1,351 @@
+"""The audit's numbers: noise rate and suspects, group breakdowns, biases, duplicates.
+
+Everything is computed column-wise on one Polars frame of the version. Noise scores are
+taken from where they already are, in this order: ``noise_*`` columns of the version
+(it came out of ``prefab filter noise``), the stored scores of an earlier ``noise`` run
+on exactly this version (found by the filter's own score key), and only then computed
+in-process through the step runner (minutes on CPU; skipped with ``compute=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from schemas.errors import PrefabError
+
+NONE_GROUP = "(none)"
+GROUPS = {"source": "source", "step": "generator", "attribute": "attribute", "task": "task"}
+# A line that starts a list item, a header, bold text or a code fence: markdown an RM may
+# prefer regardless of content (Crome's spurious attributes).
+FORMATTING = {
+    "list": r"(?m)^\s*(?:[-*+]|\d+[.)])\s+\S",
+    "header": r"(?m)^#{1,6}\s+\S",
+    "bold": r"\*\*[^*\n]+\*\*",
+    "code": r"```",
+}
+SCORE_COLUMNS = ("oof_margin", "oof_spread", "cl_quality", "aum", "crm_loss", "knn_agreement",
+                 "knn_wide_agreement", "length_diff", "judge_agreement", "votes_dissent", "model_logodds",
+                 "votes_logodds")
+
+
+@dataclass
+class NoiseScores:
+    """Per-row suspicion (null where unscored, e.g. ties) and where it came from."""
+
+    scores_from: str  # columns | stored_scores | computed | none
+    frame: pl.DataFrame | None = None  # suspicion, signals and the per-signal columns, row-aligned
+    rate: float | None = None
+    interval: list[float | None] | None = None
+    cl_rate: float | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _first(frame: pl.DataFrame, column: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    values = frame[column].drop_nulls()
+    values = values.filter(values.is_finite()) if values.dtype.is_float() else values
+    return None if values.is_empty() else float(values[0])
+
+
+def _from_prefixed(frame: pl.DataFrame, scores_from: str, stats: dict[str, Any]) -> NoiseScores:
+    own = frame.select([c for c in frame.columns if c.startswith("noise_")])
+    own = own.rename({c: c.removeprefix("noise_") for c in own.columns})
+    if "signals" not in own.columns:
+        own = own.with_columns(pl.lit(None, dtype=pl.String).alias("signals"))
+    rate = _first(own, "rate_estimate")
+    low, high = _first(own, "rate_low"), _first(own, "rate_high")
+    if rate is None and stats.get("noise_rate") is not None:
+        rate = float(stats["noise_rate"])
+        low, high = (stats.get("noise_rate_interval") or [None, None])[:2]
+    cl = _first(own, "cl_rate")
+    if cl is None:
+        cl = stats.get("cl_noise_rate")
+    return NoiseScores(scores_from, own, rate, [low, high] if rate is not None else None, cl,
+                       extra={"annotator_accuracy": stats.get("annotator_accuracy")})
+
+
+def _noise_score_key(ref: str, settings: dict[str, Any], seed: int) -> str:
+    # The key `factory.filter("noise", ref, ...)` stores its scores under: reusing it finds
+    # a noise run on exactly this version without recomputing anything.
+    from factory.steps.api import _key
+    from factory.steps.params import params_hash
+    from factory.steps.runner import prepare
+
+    prepared = prepare("filter", "noise", settings)
+    return _key("scores", "noise", prepared.spec.version, params_hash(prepared.params, only_scoring=True),
+                [ref], seed, {})
+
+
+def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, *, compute: bool = True,
+                 settings: dict[str, Any] | None = None, seed: int = 0,
+                 progress: bool | None = None) -> NoiseScores:
+    """The version's noise scores, reused when stored and computed only when missing."""
+    settings = settings or {}
+    lineage = info.lineage or {}
+    stats = lineage.get("stats") or {} if (lineage.get("step") or {}).get("name") == "noise" else {}
+    if "noise_suspicion" in frame.columns:
+        scores = _from_prefixed(frame, "columns", stats)
+        if "action" in scores.frame.columns:  # type: ignore[union-attr]
+            # A pair the noise filter flipped now carries the other label: its stored suspicion
+            # was about the old one.
+            flipped = pl.col("action") == "flip"
+            scores.frame = scores.frame.with_columns(  # type: ignore[union-attr]
+                pl.when(flipped).then(1.0 - pl.col("suspicion")).otherwise(pl.col("suspicion")).alias("suspicion"),
+                pl.when(flipped).then(pl.lit("flipped by the noise filter")).otherwise(pl.col("signals"))
+                .alias("signals"))
+        if stats:  # the rate was estimated on the filter's input, before it dropped or flipped
+            scores.extra["rate_estimated_on"] = lineage.get("parents")
+        return scores
+    try:
+        stored = catalog.find_scores(_noise_score_key(info.ref, settings, seed))
+    except PrefabError:
+        stored = None
+    if stored is not None and stored.num_rows == table.num_rows and "noise_suspicion" in stored.column_names:
+        aligned = pl.from_arrow(stored).sort("row")
+        found = catalog.find_by_lineage("score_key", _noise_score_key(info.ref, settings, seed))
+        found_stats = (found.lineage.get("stats") or {}) if found is not None else {}
+        scores = _from_prefixed(aligned, "stored_scores", found_stats)
+        scores.extra["stored_with"] = found.ref if found is not None else None
+        return scores
+    if not compute:
+        return NoiseScores("none", reason="no noise scores are stored with this version (run without "
+                                          "--no-compute, or `prefab filter noise` first)")
+    from factory.steps.context import StepContext
+    from factory.steps.runner import execute, new_run_id, prepare
+
+    prepared = prepare("filter", "noise", settings)
+    ctx = StepContext("noise", prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
+                      progress=progress)
+    try:
+        result = execute(prepared, table, ctx)
+    except PrefabError as exc:  # too few pairs or prompts: the rest of the audit still stands
+        return NoiseScores("none", reason=str(exc))
+    scored = pl.from_arrow(result.table)
+    scored = scored.rename({c: f"noise_{c}" for c in scored.columns if not c.startswith("noise_")})
+    return _from_prefixed(scored, "computed", result.stats)
+
+
+# ---- the frame the audit reads ---------------------------------------------------------
+
+
+def audit_frame(table: pa.Table) -> pl.DataFrame:
+    """One row per pair with the grouping keys and the text measures the audit needs."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    n = frame.height
+
+    def col(name: str, dtype: Any, default: Any = None) -> pl.Expr:
+        return pl.col(name) if name in frame.columns else pl.lit(default, dtype=dtype).alias(name)
+
+    prov = "provenance" in frame.columns
+    frame = frame.with_row_index("row").with_columns(
+        col("tie", pl.Boolean, False).fill_null(False).alias("tie"),
+        col("attribute", pl.String).fill_null(NONE_GROUP).alias("g_attribute"),
+        col("task", pl.String).fill_null(NONE_GROUP).alias("g_task"),
+        (pl.col("provenance").struct.field("source") if prov else pl.lit(None, pl.String))
+        .fill_null(NONE_GROUP).alias("g_source"),
+        (pl.col("provenance").struct.field("step") if prov else pl.lit(None, pl.String))
+        .fill_null(NONE_GROUP).alias("g_step"),
+        pl.col("chosen").str.len_chars().alias("len_chosen"),
+        pl.col("rejected").str.len_chars().alias("len_rejected"),
+    )
+    assert frame.height == n
+    return frame
+
+
+def _share(num: int, den: int) -> float | None:
+    return None if den == 0 else round(num / den, 4)
+
+
+def length_bias(frame: pl.DataFrame) -> dict[str, Any]:
+    """How often the longer answer is the chosen one, among non-tie pairs of unequal length."""
+
+    def summary(part: pl.DataFrame) -> dict[str, Any]:
+        pref = part.filter(~pl.col("tie"))
+        unequal = pref.filter(pl.col("len_chosen") != pl.col("len_rejected"))
+        longer = int((unequal["len_chosen"] > unequal["len_rejected"]).sum())
+        ratio = (pref["len_chosen"].cast(pl.Float64) + 1).log() - (pref["len_rejected"].cast(pl.Float64) + 1).log()
+        return {"pairs": pref.height, "comparable": unequal.height, "chosen_longer": longer,
+                "share": _share(longer, unequal.height),
+                "mean_log_length_ratio": None if pref.is_empty() else round(float(ratio.mean()), 4)}
+
+    out = summary(frame)
+    out["by_source"] = [{"group": key, **summary(part)}
+                        for key, part in _groups(frame, "g_source")]
+    return out
+
+
+def _groups(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
+    parts = frame.partition_by(column, as_dict=True, maintain_order=True)
+    items = [(str(key[0]), part) for key, part in parts.items()]
+    return sorted(items, key=lambda kv: (-kv[1].height, kv[0]))
+
+
+def formatting_bias(frame: pl.DataFrame) -> dict[str, Any]:
+    """Per markdown feature: among pairs where exactly one side has it, how often that is chosen."""
+    pref = frame.filter(~pl.col("tie"))
+    out: dict[str, Any] = {}
+    for name, pattern in FORMATTING.items():
+        has = pref.select(pl.col("chosen").str.contains(pattern).alias("c"),
+                          pl.col("rejected").str.contains(pattern).alias("r"))
+        differ = has.filter(pl.col("c") != pl.col("r"))
+        chosen_has = int(differ["c"].sum())
+        out[name] = {"pairs_differing": differ.height, "chosen_has": chosen_has,
+                     "share": _share(chosen_has, differ.height)}
+    return out
+
+
+def annotators(frame: pl.DataFrame) -> dict[str, Any] | None:
+    """Agreement among per-annotator votes (+1 chosen, -1 rejected, 0 tie) where rows have them."""
+    if "votes" not in frame.columns:
+        return None
+    voted = frame.filter(pl.col("votes").list.len().fill_null(0) > 0).select(
+        "tie",
+        pl.col("votes").list.eval((pl.element() > 0).cast(pl.Int64)).list.sum().alias("p"),
+        pl.col("votes").list.eval((pl.element() < 0).cast(pl.Int64)).list.sum().alias("m"),
+        pl.col("votes").list.eval((pl.element() == 0).cast(pl.Int64)).list.sum().alias("z"),
+    ).with_columns((pl.col("p") + pl.col("m") + pl.col("z")).alias("k"))
+    if voted.is_empty():
+        return None
+    multi = voted.filter(pl.col("k") >= 2)
+    pairwise = ((multi["p"] * (multi["p"] - 1) + multi["m"] * (multi["m"] - 1) + multi["z"] * (multi["z"] - 1))
+                / (multi["k"] * (multi["k"] - 1)))
+    unanimous = int((multi["p"] == multi["k"]).sum() + (multi["m"] == multi["k"]).sum()
+                    + (multi["z"] == multi["k"]).sum())
+    pref = voted.filter(~pl.col("tie"))
+    return {
+        "rows_with_votes": voted.height,
+        "rows_with_several_votes": multi.height,
+        "mean_votes": round(float(voted["k"].mean()), 3),
+        "votes_agreeing_with_label": _share(int(pref["p"].sum()), int(pref["k"].sum())),
+        "pairwise_agreement": None if multi.is_empty() else round(float(pairwise.mean()), 4),
+        "unanimous_share": _share(unanimous, multi.height),
+        "majority_against_label": int((pref["m"] > pref["p"]).sum()),
+    }
+
+
+def duplicates(frame: pl.DataFrame, lineage: dict[str, Any]) -> dict[str, Any]:
+    """Exact duplicates counted here (cheap); near duplicates and contamination from dedup scores."""
+    n = frame.height
+    repeated_ids = n - frame["pair_id"].n_unique() if "pair_id" in frame.columns else 0
+    same_label = n - frame.select(
+        pl.col("prompt").list.eval(pl.element().struct.field("content")).list.join("\x1f"),
+        "chosen", "rejected", "tie").n_unique()
+    out: dict[str, Any] = {
+        "rows": n, "repeated_pair_ids": repeated_ids, "exact_duplicates": same_label,
+        "exact_rate": _share(same_label, n), "near_duplicates": None, "near_rate": None,
+        "contaminated": None, "contamination_rate": None, "from": "computed",
+        "dropped_by_dedup": None,
+    }
+    params = lineage.get("params") or {} if (lineage.get("step") or {}).get("name") == "dedup" else {}
+    if "dedup_near_similarity" in frame.columns:
+        near = float(params.get("near_threshold", 0.9))
+        count = int((frame["dedup_near_similarity"].fill_null(0.0) >= near).sum())
+        out.update(near_duplicates=count, near_rate=_share(count, n), near_threshold=near, **{"from": "dedup_scores"})
+    if "dedup_contamination" in frame.columns:
+        threshold = float(params.get("contamination_threshold", 0.5))
+        count = int((frame["dedup_contamination"].fill_null(0.0) >= threshold).sum())
+        out.update(contaminated=count, contamination_rate=_share(count, n), contamination_threshold=threshold,
+                   **{"from": "dedup_scores"})
+    if params and lineage.get("rows_in"):
+        out["dropped_by_dedup"] = {"rows_in": lineage["rows_in"], "rows_dropped": lineage.get("rows_dropped"),
+                                   "rate": _share(int(lineage.get("rows_dropped") or 0), int(lineage["rows_in"]))}
+    return out
+
+
+# ---- noise: flags, suspects and groups --------------------------------------------------
+
+
+def flag_suspects(suspicion: pl.Series, rate: float | None) -> tuple[np.ndarray, float]:
+    """The estimated-noise-rate share of scored pairs, most suspicious first (the noise
+    filter's default rule), so the flagged count matches what the filter would act on."""
+    values = suspicion.to_numpy().astype(np.float64, copy=False)
+    scored = np.flatnonzero(np.isfinite(values))
+    share = rate if rate is not None else (float(np.nanmean(values[scored])) if len(scored) else 0.0)
+    count = int(round(share * len(scored)))
+    order = scored[np.lexsort((scored, -values[scored]))]
+    flagged = np.zeros(len(values), dtype=bool)
+    flagged[order[:count]] = True
+    return flagged, share
+
+
+def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Per group of each key: pairs, ties, scored, flagged, expected noisy (sum of suspicion)."""
+    has_noise = "suspicion" in frame.columns
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key in GROUPS:
+        aggs = [pl.len().alias("pairs"), pl.col("tie").sum().alias("ties")]
+        if has_noise:
+            aggs += [pl.col("suspicion").is_not_null().sum().alias("scored"),
+                     pl.col("flagged").sum().alias("flagged"),
+                     pl.col("suspicion").sum().alias("expected_noisy"),
+                     pl.col("suspicion").mean().alias("mean_suspicion")]
+        table = frame.group_by(f"g_{key}").agg(aggs).sort(["pairs", f"g_{key}"], descending=[True, False])
+        rows = []
+        for r in table.iter_rows(named=True):
+            row: dict[str, Any] = {"group": r[f"g_{key}"], "pairs": r["pairs"], "ties": int(r["ties"])}
+            if has_noise:
+                row.update(scored=int(r["scored"]), flagged=int(r["flagged"]),
+                           flagged_share=_share(int(r["flagged"]), int(r["scored"])),
+                           expected_noisy=round(float(r["expected_noisy"] or 0.0), 4),
+                           mean_suspicion=None if r["mean_suspicion"] is None else round(float(r["mean_suspicion"]), 4))
+            rows.append(row)
+        out[key] = rows
+    return out
+
+
+def prompt_text(prompt: list[dict[str, str]] | None) -> str:
+    if not prompt:
+        return ""
+    if len(prompt) == 1:
+        return prompt[0]["content"] or ""
+    return "\n\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
+
+
+def suspects(frame: pl.DataFrame, top: int) -> list[dict[str, Any]]:
+    """The ``top`` most suspicious pairs with their per-signal scores and flagging signals."""
+    if "suspicion" not in frame.columns or top <= 0:
+        return []
+    picked = frame.filter(pl.col("suspicion").is_not_null()).sort(
+        ["suspicion", "row"], descending=[True, False]).head(top)
+    score_cols = [c for c in SCORE_COLUMNS if c in picked.columns]
+    out = []
+    for r in picked.iter_rows(named=True):
+        signals = [s for s in (r.get("signals") or "").split(", ") if s]
+        scores = {c: (None if r[c] is None or (isinstance(r[c], float) and not np.isfinite(r[c]))
+                      else round(float(r[c]), 4)) for c in score_cols}
+        out.append({
+            "row": int(r["row"]), "pair_id": r["pair_id"], "suspicion": round(float(r["suspicion"]), 4),
+            "flagged": bool(r["flagged"]), "signals": signals,
+            "reason": (f"suspicion {r['suspicion']:.3f}; flagged by " + (", ".join(signals) or "the combined score only")),
+            "source": r["g_source"], "step": r["g_step"], "attribute": r["g_attribute"], "task": r["g_task"],
+            "votes": r.get("votes"), "scores": scores,
+            "prompt": prompt_text(r.get("prompt")), "chosen": r["chosen"], "rejected": r["rejected"],
+        })
+    return out
+
+
+def model_metrics(model: str, ref: str, home: Path, progress: bool | None) -> tuple[dict[str, Any], np.ndarray]:
+    """Master-key FPR, Contrast-Instructions consistency and accuracy of ``model`` on the
+    version, plus its per-pair margins (r_chosen - r_rejected) for the margin plot."""
+    import factory
+
+    metrics = factory.evaluate(model, ref, home=home, progress=progress)
+    table = factory.score(factory.load_model(model, home), ref, home=home)  # a ref gives a pa.Table
+    margins = (table.column("reward_chosen").to_numpy(zero_copy_only=False).astype(np.float64)
+               - table.column("reward_rejected").to_numpy(zero_copy_only=False).astype(np.float64))
+    mk = metrics.get("master_key") or {}
+    ci = metrics.get("contrast_instructions") or {}
+    return {
+        "model": model, "accuracy": metrics.get("accuracy"),
+        "master_key_fpr": mk.get("fpr"), "master_key_fpr_vs_rejected": mk.get("fpr_vs_rejected"),
+        "contrast_consistency": ci.get("consistency"), "contrast_pairs": ci.get("contrast_pairs"),
+    }, margins

@@ -1,0 +1,444 @@
+"""Label noise: which preference labels are probably flipped, how many there are, and why.
+
+``prefab filter noise --from REF --name CLEAN`` runs offline on CPU. Every pair gets a
+calibrated *suspicion* (the probability that its label is wrong) from signals that err
+in different ways (see :mod:`filters._noise_core` for each one):
+
+- an out-of-fold reward-model ensemble (k folds split by prompt x seeds; frozen MiniLM
+  features of prompt+response and of the response alone, small Bradley–Terry heads):
+  margin mean and spread;
+- confident learning on the pairs with a random A/B side per pair: the calibrated
+  confident joint's noise rate with a bootstrap interval, and cleanlab's issue flag;
+- training dynamics: area under the margin, forgetting events, in-sample reward gap;
+- CRM peer review: co-taught peer heads, each learning from the other's small-loss pairs;
+- neighbourhood agreement of the pair's preference direction (no model);
+- the responses' length difference; judge agreement from a ``consistency_*`` column
+  (the share of judge verdicts that agree with the label) when the table has one;
+- annotator votes where rows have them, as a Bayesian log-likelihood ratio.
+
+The signals are combined by a logistic model whose labels are synthetic flips: copies of
+the data with a known, disjoint share of pairs flipped on purpose (models retrained on
+each copy). The same copies estimate the noise rate (mixture proportion estimation),
+with a bootstrap interval; the combined log-odds are shifted so that the mean suspicion
+equals it.
+
+Decision (thresholds: changing them re-decides from the stored scores): pairs at or
+above ``threshold``, or the ``share`` most suspicious, or by default the estimated noise
+rate's share, are dropped, flipped or down-weighted; the reason names the signals that
+flagged each one. Tie pairs are not scored and always kept.
+
+A rerun reuses the cached embeddings (``$PREFAB_HOME/embeddings``) and the trained
+heads' outputs (``$PREFAB_HOME/noise/<key>.npz``, keyed by pair ids, labels, prompts
+and the scoring parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from factory.home import resolve_home
+from factory.steps import Decision, StepContext, StepResult, filter_step, param
+from filters._noise_core import (
+    Combined,
+    Evidence,
+    ModelConfig,
+    ModelSignals,
+    combine,
+    evidence,
+    flip_views,
+    synthetic_groups,
+)
+from filters._noise_heads import HeadConfig
+from filters._noise_signals import noise_rate, noise_rate_interval, sigmoid, vote_evidence
+from schemas.errors import PrefabError
+
+if TYPE_CHECKING:
+    from factory.trainer.data import PairData
+
+CACHE_VERSION = "1"
+MIN_PAIRS = 20
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    action: Literal["drop", "flip", "weight"] = param(
+        "drop", "what to do with a suspect pair: drop it, flip its label, or down-weight it", decision=True)
+    threshold: float | None = param(
+        None, "suspicion (probability that the label is wrong) at or above which a pair is a suspect; "
+              "default: the top estimated-noise-rate share", low=0.0, high=1.0, decision=True)
+    share: float | None = param(
+        None, "flag this share of scored pairs, most suspicious first, instead of the estimated noise rate",
+        low=0.0, high=1.0, decision=True)
+    weight_floor: float = param(
+        0.0, "action=weight: a suspect's weight becomes its weight x (1 - suspicion), not below this",
+        low=0.0, high=1.0, decision=True)
+    folds: int = param(5, "out-of-fold splits (by prompt)", low=2)
+    seeds: int = param(3, "seeds of the out-of-fold ensemble (each with its own split)", low=1)
+    epochs: int = param(6, "epochs of each reward head (short: a head that memorises its noisy labels "
+                           "stops telling them apart)", low=2)
+    hidden: int = param(64, "hidden units of each reward head", low=1)
+    lr: float = param(1e-3, "learning rate of the reward heads", low=1e-6)
+    neighbours: int = param(10, "neighbours for the near neighbourhood-agreement signal", low=1)
+    wide_neighbours: int = param(100, "neighbours for the wide neighbourhood-agreement signal", low=1)
+    components: int = param(128, "principal components of the features the heads and neighbours read "
+                                 "(0: all); the heads train several times faster at no loss", low=0)
+    response_view: bool = param(True, "also embed each response alone: a long prompt fills the encoder's "
+                                      "window and hides how the two responses differ")
+    synthetic_rate: float = param(0.1, "share of pairs flipped on purpose in each copy that teaches the "
+                                       "combiner and estimates the noise rate", low=0.01, high=0.5)
+    synthetic_copies: int = param(5, "copies with synthetic flips (disjoint groups of pairs)", low=1)
+    votes: bool = param(True, "use per-annotator votes where rows have them")
+    judge_columns: list[str] = param(["consistency_agreement"], "columns holding the share of judge "
+                                     "verdicts that agree with the label (first one present is used)")
+    base: str = param("minilm", "frozen encoder of the reward heads")
+    max_length: int = param(256, "tokens per prompt+response for the encoder", low=8)
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.share is not None:
+            raise ValueError("set either 'threshold' or 'share', not both")
+        if self.synthetic_rate * self.synthetic_copies > 1.0:
+            raise ValueError(f"'synthetic_rate' x 'synthetic_copies' must not exceed 1 "
+                             f"({self.synthetic_rate} x {self.synthetic_copies})")
+
+
+# ---- decision -----------------------------------------------------------------------------
+
+
+def decide_noise(scores: pa.Table, params: NoiseParams) -> Decision:
+    frame = pl.from_arrow(scores).with_row_index("_row")
+    suspicion = pl.col("suspicion")
+    scored = frame.filter(suspicion.is_not_null())
+    if params.threshold is not None:
+        rule = f"suspicion >= {params.threshold:g}"
+        chosen = scored.filter(suspicion >= params.threshold)
+    else:
+        if params.share is not None:
+            share, rule = params.share, f"top {params.share:.1%} by suspicion"
+        else:
+            rates = scored["rate_estimate"].drop_nulls()
+            share = float(rates[0]) if len(rates) else 0.0
+            rule = f"top {share:.1%} by suspicion (the estimated noise rate)"
+        count = int(round(share * scored.height))
+        chosen = scored.sort(["suspicion", "_row"], descending=[True, False]).head(count)
+    picked = frame.select("_row").with_columns(
+        pl.col("_row").is_in(chosen["_row"].implode()).alias("suspect"))["suspect"]
+    decided = frame.with_columns(picked.alias("suspect")).select(
+        pl.when(pl.col("suspect")).then(pl.lit(params.action)).otherwise(pl.lit("keep")).alias("action"),
+        pl.when(pl.col("suspect")).then(pl.format(
+            "label noise suspect: suspicion {} ({}); flagged by {}", suspicion.round(3), pl.lit(rule),
+            pl.when(pl.col("signals") == "").then(pl.lit("the combined score only")).otherwise(pl.col("signals")),
+        )).otherwise(pl.lit(None, dtype=pl.String)).alias("reason"),
+        (pl.col("base_weight") * pl.max_horizontal(pl.lit(params.weight_floor), 1.0 - suspicion.fill_null(0.0)))
+        .alias("weight"),
+    )
+    weight = decided["weight"].to_arrow() if params.action == "weight" else None
+    return Decision(decided["action"].to_arrow(), decided["reason"].to_arrow(), weight)
+
+
+# ---- the step -----------------------------------------------------------------------------
+
+
+@filter_step("noise", params=NoiseParams, decide=decide_noise, version="1")
+def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
+    """Label noise: out-of-fold RM ensemble, confident learning, training dynamics, CRM peer
+    review, neighbour agreement, votes and judges, combined into one calibrated suspicion."""
+    params = ctx.params
+    n_rows = table.num_rows
+    frame = pl.from_arrow(table.select([c for c in ("pair_id", "prompt_id", "chosen", "rejected", "tie",
+                                                    "weight") if c in table.column_names]))
+    tie = frame["tie"].fill_null(False).to_numpy() if "tie" in frame.columns else np.zeros(n_rows, bool)
+    rows = np.flatnonzero(~tie)
+    prompt_ids = frame["prompt_id"].to_list()
+    if len(rows) < MIN_PAIRS or len({prompt_ids[i] for i in rows}) < params.folds:
+        raise PrefabError(f"noise needs at least {MIN_PAIRS} non-tie pairs over at least {params.folds} "
+                          f"prompts (folds); this table has {len(rows)} pairs over "
+                          f"{len({prompt_ids[i] for i in rows})} prompts")
+    part = table.take(pa.array(rows, pa.int64()))
+    views = _views(part, ctx)
+    result, stats = score_views(views, ctx)
+    scores = _expand(result, rows, n_rows, frame)
+    stats.update({"pairs_scored": int(len(rows)), "ties_unscored": int(tie.sum())})
+    return StepResult(scores, None, stats)
+
+
+@dataclass
+class Views:
+    """What the signals read, for the rows being scored (ties left out)."""
+
+    x_chosen: np.ndarray
+    x_rejected: np.ndarray
+    pair_ids: list[str]
+    prompt_ids: list[str]
+    length_diff: np.ndarray
+    votes_agree: np.ndarray | None
+    votes_against: np.ndarray | None
+    judge: np.ndarray | None
+    judge_column: str | None
+    label_key: str  # which side is chosen, per row (for the cache key)
+
+
+def _features(data: PairData, ctx: StepContext[NoiseParams]) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen-encoder features of (prompt + chosen) and (prompt + rejected), each followed
+    by the response embedded alone; both come from (and fill) the embedding cache."""
+    from factory.trainer.model import HeadFeaturizer
+
+    params = ctx.params
+    n = len(data)
+    featurizer = HeadFeaturizer(params.base, params.max_length, resolve_home(ctx.home) / "embeddings",
+                                progress=ctx.progress)
+    joint, _ = featurizer.featurize(data.prompts + data.prompts, data.chosen + data.rejected)
+    blocks_c, blocks_r = [joint[:n]], [joint[n:]]
+    if params.response_view:
+        alone = ctx.embed(data.chosen + data.rejected)
+        blocks_c.append(alone[:n])
+        blocks_r.append(alone[n:])
+    return np.hstack(blocks_c).astype(np.float32), np.hstack(blocks_r).astype(np.float32)
+
+
+def _views(part: pa.Table, ctx: StepContext[NoiseParams]) -> Views:
+    from factory.trainer.data import pair_data
+
+    params = ctx.params
+    data = pair_data(part)
+    n = len(data)
+    x_chosen, x_rejected = _features(data, ctx)
+    frame = pl.from_arrow(part.select(["pair_id", "chosen", "rejected"]))
+    lengths = frame.select(
+        pl.col("chosen").str.len_chars().log1p().alias("c"), pl.col("rejected").str.len_chars().log1p().alias("r"))
+    agree = against = None
+    if params.votes and "votes" in part.column_names and part.column("votes").null_count < n:
+        counted = pl.from_arrow(part.select(["votes"])).select(
+            pl.col("votes").list.eval((pl.element() > 0).cast(pl.Int64)).list.sum().fill_null(0).alias("agree"),
+            pl.col("votes").list.eval((pl.element() < 0).cast(pl.Int64)).list.sum().fill_null(0).alias("against"))
+        agree, against = counted["agree"].to_numpy(), counted["against"].to_numpy()
+    judge, judge_column = None, None
+    for column in params.judge_columns:
+        if column in part.column_names and part.column(column).null_count < n:
+            values = part.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
+            # The filter that stored the agreement may have flipped the pair after scoring it
+            # (its action column says so): the agreement is then with the other side.
+            action = column.rsplit("_", 1)[0] + "_action"
+            if action in part.column_names:
+                flipped = pc.equal(part.column(action), "flip").fill_null(False).to_numpy(zero_copy_only=False)
+                values = np.where(flipped, 1.0 - values, values)
+            judge, judge_column = np.clip(values, 0.0, 1.0), column
+            break
+    # Which side is chosen, per row: a flipped label changes the key (polars' hash is
+    # columnar; a new polars version may change it, which only costs a recompute).
+    digest = hashlib.sha256(frame["chosen"].hash(seed=0).to_numpy().tobytes())
+    return Views(
+        x_chosen=x_chosen, x_rejected=x_rejected,
+        pair_ids=part.column("pair_id").to_pylist(), prompt_ids=data.prompt_ids,
+        length_diff=(lengths["c"] - lengths["r"]).to_numpy(), votes_agree=agree, votes_against=against,
+        judge=judge, judge_column=judge_column, label_key=digest.hexdigest())
+
+
+@dataclass
+class Scored:
+    columns: dict[str, np.ndarray]
+    signals: list[str]
+    combined: Combined
+    cl_rate: tuple[float, float, float]
+
+
+def model_config(params: NoiseParams, seed: int) -> ModelConfig:
+    head = HeadConfig(epochs=params.epochs, lr=params.lr, hidden=params.hidden, seed=seed)
+    return ModelConfig(folds=params.folds, seeds=params.seeds, head=head, seed=seed)
+
+
+def score_views(views: Views, ctx: StepContext[NoiseParams]) -> tuple[Scored, dict]:
+    """Every signal, the combiner and the noise rate for the rows in ``views``."""
+    params = ctx.params
+    n = len(views.pair_ids)
+    cfg = model_config(params, ctx.seed)
+    x_chosen, x_rejected = project(views.x_chosen, views.x_rejected, params.components)
+    a_is_chosen = ctx.row_uniform(views.pair_ids, "ab-side") < 0.5
+    # Synthetic flips are drawn per row (a repeated comparison is a separate judgment,
+    # whose errors are independent): the key is the pair id and its occurrence number.
+    occurrence = pl.DataFrame({"id": views.pair_ids}).select(pl.col("id").cum_count().over("id"))["id"]
+    keys = [f"{pid}#{k}" for pid, k in zip(views.pair_ids, occurrence.to_list(), strict=True)]
+    groups = synthetic_groups(ctx.row_uniform(keys, "synthetic"), params.synthetic_rate, params.synthetic_copies)
+
+    cache_path = _cache_path(views, params, ctx)
+    cached = _load(cache_path, params.synthetic_copies)
+    hit = cached is not None
+    runs: list[ModelSignals] = []
+    copies: list[tuple[Evidence, np.ndarray]] = []
+    real = evidence(x_chosen, x_rejected, views.prompt_ids, a_is_chosen, views.length_diff,
+                    views.judge, cfg, params.neighbours, params.wide_neighbours,
+                    models=cached[0] if hit else None)
+    runs.append(real.models)
+    for copy in range(params.synthetic_copies):
+        flips = groups == copy
+        xc, xr = flip_views(x_chosen, x_rejected, flips)
+        judge = None if views.judge is None else np.where(flips, 1.0 - views.judge, views.judge)
+        ev = evidence(xc, xr, views.prompt_ids, a_is_chosen, np.where(flips, -views.length_diff, views.length_diff),
+                      judge, cfg, params.neighbours, params.wide_neighbours,
+                      models=cached[copy + 1] if hit else None)
+        copies.append((ev, flips))
+        runs.append(ev.models)
+    if not hit:
+        _save(cache_path, runs)
+
+    cl_rate = noise_rate(real.cl_labels, real.cl_pred_probs)
+    cl_low, cl_high = noise_rate_interval(real.cl_labels, real.cl_pred_probs, seed=ctx.seed)
+    combined = combine(real, copies, use_judge=views.judge is not None, fallback_rate=cl_rate, seed=ctx.seed)
+    logodds = combined.logit
+    votes_logodds = np.zeros(n)
+    votes_dissent = np.full(n, np.nan)
+    vote_accuracy = None
+    if views.votes_agree is not None:
+        votes = vote_evidence(views.votes_agree, views.votes_against)
+        votes_logodds, votes_dissent, vote_accuracy = votes.logodds, votes.dissent, votes.accuracy
+    suspicion = sigmoid(logodds + votes_logodds)
+
+    cols = real.columns
+    columns = {
+        "suspicion": suspicion,
+        "model_logodds": logodds,
+        "votes_logodds": votes_logodds,
+        "oof_margin": cols["oof_margin"],
+        "oof_spread": cols["oof_spread"],
+        "cl_quality": real.models.oof_prob,  # self-confidence: P(given label) out of fold
+        "cl_issue": real.cl_issue,
+        "aum": cols["aum"],
+        "forgetting": cols["forgetting"],
+        "rwgap": cols["rwgap"],
+        "crm_loss": cols["crm_loss"],
+        "crm_suspect": real.models.crm_suspect,
+        "crm_rejected": cols["crm_rejected"],
+        "knn_agreement": cols["knn_agreement"],
+        "knn_wide_agreement": cols["knn_wide_agreement"],
+        "length_diff": cols["length_diff"],
+        "judge_agreement": views.judge if views.judge is not None else np.full(n, np.nan),
+        "votes_dissent": votes_dissent,
+    }
+    signals = _flagging_signals(columns, combined)
+    stats = {
+        "noise_rate": round(combined.noise_rate, 4),
+        "noise_rate_interval": [_round(combined.noise_low), _round(combined.noise_high)],
+        "cl_noise_rate": round(cl_rate, 4),
+        "cl_noise_rate_interval": [_round(cl_low), _round(cl_high)],
+        "combiner_weights": combined.weights(),
+        "combiner_l2": combined.l2,
+        "judge_column": views.judge_column,
+        "annotator_accuracy": _round(vote_accuracy) if vote_accuracy is not None else None,
+        "oof_cache": "hit" if hit else "miss",
+    }
+    return Scored(columns, signals, combined, (cl_rate, cl_low, cl_high)), stats
+
+
+def project(x_chosen: np.ndarray, x_rejected: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides on the leading principal components of all responses' features."""
+    if components <= 0 or components >= x_chosen.shape[1]:
+        return x_chosen, x_rejected
+    both = np.vstack([x_chosen, x_rejected]).astype(np.float64)
+    centre = both.mean(0)
+    _, _, vt = np.linalg.svd(both - centre, full_matrices=False)
+    basis = vt[:components].T
+    return (((x_chosen - centre) @ basis).astype(np.float32), ((x_rejected - centre) @ basis).astype(np.float32))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def _flagging_signals(columns: dict[str, np.ndarray], combined: Combined) -> list[str]:
+    """Per row, the signals that on their own say the label is wrong (comma-separated)."""
+    length_flag = np.zeros(len(columns["suspicion"]), dtype=bool)
+    if "length_diff" in combined.names:
+        at = combined.names.index("length_diff")
+        length_flag = (combined.standardized[:, at] > 1.0) & (combined.model.coef[at] > 0.05)
+    flags = {
+        "rm": columns["oof_margin"] < 0,  # the out-of-fold ensemble prefers the rejected answer
+        "confident-learning": columns["cl_issue"],
+        "dynamics": columns["aum"] < 0,  # heads that trained on it still rank it backwards
+        "peers": columns["crm_suspect"],
+        "neighbours": columns["knn_agreement"] < 0,
+        "length": length_flag,
+        "judges": np.nan_to_num(columns["judge_agreement"], nan=1.0) < 0.5,
+        "votes": np.nan_to_num(columns["votes_dissent"], nan=0.0) > 0,
+    }
+    frame = pl.DataFrame({name: flag for name, flag in flags.items()})
+    joined = frame.select(pl.concat_list([
+        pl.when(pl.col(name)).then(pl.lit(name)).otherwise(pl.lit(None, dtype=pl.String)) for name in flags
+    ]).list.drop_nulls().list.join(", ").alias("signals"))
+    return joined["signals"].to_list()
+
+
+def _expand(result: Scored, rows: np.ndarray, n_rows: int, frame: pl.DataFrame) -> pa.Table:
+    """Scores of the scored rows placed at their positions; ties get nulls."""
+    out: dict[str, pa.Array] = {}
+    for name, values in result.columns.items():
+        values = np.asarray(values)
+        if values.dtype == bool:
+            full = np.zeros(n_rows, dtype=bool)
+            full[rows] = values
+            mask = np.ones(n_rows, dtype=bool)
+            mask[rows] = False
+            out[name] = pa.array(full, pa.bool_(), mask=mask)
+        else:
+            full = np.full(n_rows, np.nan)
+            full[rows] = values
+            out[name] = pa.array(full, pa.float64(), mask=~np.isfinite(full))
+    signals = np.full(n_rows, None, dtype=object)
+    signals[rows] = result.signals
+    out["signals"] = pa.array(signals, pa.string())
+    combined = result.combined
+    # Names must not start with "noise_": the runner prefixes with it and strips it again.
+    for name, value in (("rate_estimate", combined.noise_rate), ("rate_low", combined.noise_low),
+                        ("rate_high", combined.noise_high), ("cl_rate", result.cl_rate[0]),
+                        ("cl_rate_low", result.cl_rate[1]), ("cl_rate_high", result.cl_rate[2])):
+        out[name] = pa.array(np.full(n_rows, value), pa.float64(), mask=np.full(n_rows, not np.isfinite(value)))
+    weight = frame["weight"].fill_null(1.0).to_numpy() if "weight" in frame.columns else np.ones(n_rows)
+    out["base_weight"] = pa.array(weight.astype(np.float64), pa.float64())
+    return pa.table(out)
+
+
+# ---- the cache of trained heads' outputs ----------------------------------------------------
+
+
+def _cache_path(views: Views, params: NoiseParams, ctx: StepContext[NoiseParams]) -> Path:
+    relevant = {k: getattr(params, k) for k in ("folds", "seeds", "epochs", "hidden", "lr", "response_view",
+                                                 "components",
+                                                 "synthetic_rate", "synthetic_copies", "base", "max_length")}
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"v": CACHE_VERSION, "seed": ctx.seed, **relevant}, sort_keys=True).encode())
+    digest.update("\x00".join(views.pair_ids).encode())
+    digest.update("\x00".join(views.prompt_ids).encode())  # the folds
+    digest.update(views.label_key.encode())
+    return resolve_home(ctx.home) / "noise" / f"{digest.hexdigest()[:32]}.npz"
+
+
+def _save(path: Path, runs: list[ModelSignals]) -> None:
+    arrays = {f"{i}:{k}": v for i, run in enumerate(runs) for k, v in run.as_arrays().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # whole or absent: a crash never leaves a torn cache file
+
+
+def _load(path: Path, copies: int) -> list[ModelSignals] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            runs: list[dict[str, np.ndarray]] = [{} for _ in range(copies + 1)]
+            for key in data.files:
+                index, name = key.split(":", 1)
+                runs[int(index)][name] = data[key]
+        return [ModelSignals.from_arrays(run) for run in runs]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None  # unreadable: recompute (and overwrite)
+
