@@ -263,32 +263,36 @@ def combine(real: Evidence, copies: list[tuple[Evidence, np.ndarray]], *, use_ju
                     noise_low=low, noise_high=high, l2=l2)
 
 
-L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
 
 
 def choose_l2(blocks: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    """The ridge strength that ranks a left-out copy's synthetic flips best.
+    """The ridge strength for the combiner, by leave-one-copy-out ranking of synthetic flips.
 
     How much the copies can teach depends on the data's own noise: a copy's unflipped
     pairs carry the data's errors, which dilute the synthetic labels by (1 - 2 x noise).
     Nearly clean data supports sharp weights; very noisy data supports only a broad,
-    shrunken mix (as the ridge grows the weights tend to each signal's own association
-    with the flips). Leave-one-copy-out decides which, ties going to the stronger ridge.
+    shrunken mix (as the ridge grows, each weight tends to its signal's own association
+    with the flips). The one-standard-error rule picks the strongest ridge whose held-out
+    AUROC is within one standard error of the best, so that weights are only sharpened
+    when the copies clearly support it.
     """
     if len(blocks) < 2:
         return L2_GRID[0]
-    best, best_score = L2_GRID[-1], -np.inf
-    for l2 in reversed(L2_GRID):
+    means, errors = [], []
+    for l2 in L2_GRID:
         scores = []
         for held in range(len(blocks)):
             x = np.vstack([b for i, b in enumerate(blocks) if i != held])
             y = np.concatenate([t for i, t in enumerate(targets) if i != held])
             model = fit_logistic(x, y, l2=l2, nonnegative=np.ones(x.shape[1], dtype=bool))
             scores.append(auroc(model.logit(blocks[held]), targets[held] > 0.5))
-        score = float(np.nanmean(scores)) if np.isfinite(scores).any() else -np.inf
-        if score > best_score + 1e-4:
-            best, best_score = l2, score
-    return best
+        valid = np.asarray([v for v in scores if np.isfinite(v)])
+        means.append(float(valid.mean()) if len(valid) else -np.inf)
+        errors.append(float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else 0.0)
+    best = int(np.argmax(means))
+    floor = means[best] - errors[best]
+    return max(l2 for l2, mean in zip(L2_GRID, means, strict=True) if mean >= floor)
 
 
 def length_direction(length_diff: np.ndarray, z: float = 2.0) -> float:

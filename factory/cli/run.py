@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> CommandResult:
             shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) \
                 if isinstance(value, dict) else (f"{value:.3f}" if isinstance(value, float) else value)
             lines.append(f"  {key}: {shown}")
+    if result.get("audit"):
+        audit = result["audit"]
+        lines.append(f"audit report: {audit['html']} (JSON: {audit['json']}); estimated noise rate "
+                     f"{audit['noise_rate']} {audit['noise_interval'] or ''}".rstrip())
     return CommandResult(result, "\n".join(lines))
 
 
@@ -59,4 +63,6 @@ def _plan_text(plan: dict[str, Any]) -> str:
         lines.append(f"  tag {plan['tag']['dataset']} as {plan['tag']['tag']}")
     if plan["train"]:
         lines.append(f"  train {plan['train']['name']} on {plan['train']['data']}")
+    if plan.get("audit"):
+        lines.append(f"  audit {plan['audit']['dataset']} -> {plan['audit'].get('html', 'RECIPE-audit.html')}")
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: boo
     recipe_sha = hashlib.sha256(recipe.text.encode()).hexdigest()
     made: dict[str, str] = {}
     results: list[dict[str, Any]] = []
-    total = len(recipe.sources) + len(recipe.steps) + bool(recipe.tag) + bool(recipe.train)
+    total = len(recipe.sources) + len(recipe.steps) + bool(recipe.tag) + bool(recipe.train) + bool(recipe.audit)
     position = 0
 
     def record(entry: dict[str, Any]) -> None:
@@ -98,8 +98,34 @@ def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: boo
     if recipe.train:
         model = _train(recipe, catalog, made, progress)
         record(model)
+    audit = None
+    if recipe.audit:
+        audit = _audit(recipe, catalog, made, model, progress)
+        record(audit)
     return {"recipe": recipe.name, "file": str(recipe.path), "recipe_sha256": recipe_sha, "steps": results,
-            "datasets": made, "model": model, "seconds": round(time.monotonic() - started, 3)}
+            "datasets": made, "model": model, "audit": audit, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _audit(recipe: Recipe, catalog: Catalog, made: dict[str, str], model: dict[str, Any] | None,
+           progress: bool | None) -> dict[str, Any]:
+    """The label-noise audit of one dataset: JSON next to an offline HTML report."""
+    import factory
+
+    t0 = time.monotonic()
+    options = dict(recipe.audit or {})
+    ref = catalog.resolve(_exact(str(options["dataset"]), made)).ref
+    html = Path(str(options.get("html", f"{recipe.name}-audit.html")))
+    use_model = options.get("model", True)
+    model_ref = (model["ref"] if model and use_model is True else (str(use_model) if use_model else None))
+    summary = factory.audit(ref, home=catalog.home, model=model_ref, html=html, top=int(options.get("top", 50)),
+                            seed=recipe.seed, progress=progress)
+    json_path = Path(str(options.get("json", html.with_suffix(".json"))))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
+    noise = summary.get("noise") or {}
+    return {"kind": "audit", "what": f"audit {ref}", "ref": str(html.resolve()), "reused": False,
+            "html": str(html.resolve()), "json": str(json_path.resolve()), "noise_rate": noise.get("rate"),
+            "noise_interval": noise.get("interval"), "seconds": time.monotonic() - t0}
 
 
 def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str], recipe_sha: str,
@@ -220,7 +246,7 @@ def plan(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
             entry["estimate"] = _estimate(step, catalog)
         steps.append(entry)
     return {"recipe": recipe.name, "file": str(recipe.path), "dry_run": True, "steps": steps,
-            "tag": recipe.tag, "train": recipe.train}
+            "tag": recipe.tag, "train": recipe.train, "audit": recipe.audit}
 
 
 def _estimate(step: StepSpecRecipe, catalog: Catalog) -> Any:

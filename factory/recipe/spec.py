@@ -28,7 +28,7 @@ that neither an earlier step makes nor the catalog holds, and missing backends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class Recipe:
     steps: list[StepSpecRecipe]
     tag: dict[str, Any] | None
     train: dict[str, Any] | None
-    evaluate: list[dict[str, Any]] = field(default_factory=list)
+    audit: dict[str, Any] | None = None
     backend: str | None = None
     text: str = ""
 
@@ -104,7 +104,8 @@ def _unwrap(value: Any) -> Any:
 
 
 STEP_KEYS = {"generate", "filter", "merge", "from", "name", "set", "backend", "with_input"}
-TOP_KEYS = {"recipe", "seed", "sources", "steps", "tag", "train", "eval", "backend"}
+TOP_KEYS = {"recipe", "seed", "sources", "steps", "tag", "train", "audit", "backend"}
+AUDIT_KEYS = {"dataset", "html", "json", "model", "top"}
 TRAIN_KEYS = {"data", "name", "mode", "base", "eval", "epochs", "lr", "batch_size", "max_length", "seed",
               "val_fraction", "patience", "max_pairs", "center_coef"}
 
@@ -239,7 +240,17 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
         _check_ref(str(train["data"]), known, catalog, fail, top["train"].value["data"].line, "train.data")
         for ref in _as_list(train.get("eval", [])):
             _check_ref(str(ref), known, catalog, fail, top["train"].value["eval"].line, "train.eval")
-    return Recipe(path, name, seed_value, sources, steps, tag, train, backend=default_backend, text=text)
+    audit = None
+    if "audit" in top:
+        audit = _unwrap(top["audit"])
+        if not isinstance(audit, dict) or "dataset" not in audit:
+            raise fail(top["audit"].line, "audit", "expects a mapping with dataset (and html, json, model, top)")
+        for key in audit:
+            if key not in AUDIT_KEYS:
+                raise fail(top["audit"].value[key].line, f"audit.{key}",
+                           f"unknown key (known: {', '.join(sorted(AUDIT_KEYS))})")
+        _check_ref(str(audit["dataset"]), known, catalog, fail, top["audit"].value["dataset"].line, "audit.dataset")
+    return Recipe(path, name, seed_value, sources, steps, tag, train, audit, backend=default_backend, text=text)
 
 
 def _check_ref(ref: str, known: dict[str, int], catalog: Any, fail: Any, line: int, key: str) -> None:
