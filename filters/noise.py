@@ -159,11 +159,10 @@ def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
                                                     "weight") if c in table.column_names]))
     tie = frame["tie"].fill_null(False).to_numpy() if "tie" in frame.columns else np.zeros(n_rows, bool)
     rows = np.flatnonzero(~tie)
-    prompt_ids = frame["prompt_id"].to_list()
-    if len(rows) < MIN_PAIRS or len({prompt_ids[i] for i in rows}) < params.folds:
+    prompts = frame.filter(pl.Series(~tie))["prompt_id"].n_unique()
+    if len(rows) < MIN_PAIRS or prompts < params.folds:
         raise PrefabError(f"noise needs at least {MIN_PAIRS} non-tie pairs over at least {params.folds} "
-                          f"prompts (folds); this table has {len(rows)} pairs over "
-                          f"{len({prompt_ids[i] for i in rows})} prompts")
+                          f"prompts (folds); this table has {len(rows)} pairs over {prompts} prompts")
     part = table.take(pa.array(rows, pa.int64()))
     views = _views(part, ctx)
     result, stats = score_views(views, ctx)
