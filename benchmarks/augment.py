@@ -1,37 +1,43 @@
 """Augmentation benchmark (issue 10): does generated data make a reward model more robust
 without costing accuracy?
 
-A head-mode RM (frozen all-MiniLM-L6-v2, small trained head) is trained on a fixed training
-split (split by prompt), then again with each offline generator's output added —
-``master_keys``, ``causal``, ``neutral``, ``hard_negatives`` (Contrast Instructions) — and
-with all of them together. Every model is evaluated on the held-out split of the same
-data and on out-of-distribution sets, with:
+A head-mode RM (frozen all-MiniLM-L6-v2, small trained head) is trained on real pairs, then
+again with each offline generator's output added -- ``master_keys``, ``causal``,
+``neutral``, ``hard_negatives`` (Contrast Instructions) -- and with all four together.
+Splits are by prompt, k-fold (default 5): every real pair is held out once, and a fold
+trains only on generated pairs that touch none of its held-out data (every parent pair is
+a training pair; neither the prompt nor an answer is held out). The generators run once
+on the whole pool; ``--aug-fraction`` of each one's output is used. Metrics, pooled over
+the folds' held-out shares:
 
-- accuracy (RewardBench-strict) in distribution and out of it;
+- accuracy (RewardBench-strict) in distribution (with a paired standard error against the
+  base) and on LLMBar Natural and MT-Bench (never trained on; mean over the fold models);
 - master-key false-positive rate (a key scoring >= the chosen answer) for the keys the
-  generator used (*listed*) and for keys it never saw (*unseen*: three of the paper's keys
-  held out of training plus new ones such as "Answer:", "Sure.", "答案");
-- Contrast-Instructions consistency on the held-out prompts (both halves of the test);
-- tie ratio: mean |Δ| on neutral rewrites of held-out answers over mean |Δ| of the real
-  held-out pairs (Crome's neutral pairs should make it smaller);
+  generator used (*listed*) and for keys it never saw (*unseen*: ",", "Solution" and
+  "かいせつ" held out of the paper's list, plus "Answer:", "Sure.", "Let me think.",
+  "答案", "Réponse", "...", "Step 1:"), on probe prompts and on the OOD sets;
+- Contrast-Instructions consistency: held-out prompts with their most similar other
+  instruction (cosine in [--ci-min-sim, 0.995]), both halves of the test;
+- tie ratio: mean |Δ| on neutral style rewrites of held-out answers over mean |Δ| of the
+  real held-out pairs;
 - length bias: share of held-out pairs where the RM prefers the longer answer minus the
-  share where the label does (0 = no more length preference than the labels have).
+  share where the label does.
 
-Two suites: HH-RLHF harmless (80/20 by prompt; OOD LLMBar Natural and MT-Bench) and the
-non-HH shared sets (PandaLM + LLMBar FairEval + LLMEval² for training and the held-out
-split; LLMBar Natural and MT-Bench never trained on). A third table trains a trajectory
-RM on τ-bench airline runs, split by task_id (k folds, every task held out once): real
-success-vs-failure pairs of the training tasks alone, against the same plus UI-Genie
-corruptions of the training tasks' successful runs, both scored on the real pairs of the
-held-out tasks.
+Suites: HH-RLHF harmless, and the non-HH shared sets (PandaLM + LLMBar FairEval +
+LLMEval²; Natural and MT-Bench stay out of training). Every run uses ``RECIPE`` below (the
+base too); two reference rows repeat base and all-four with the old default "pair"
+features. A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
+over several fold seeds: the training tasks' real success-vs-failure pairs alone, against
+the same plus UI-Genie corruptions of their successful runs, scored on the held-out tasks'
+real pairs.
 
 Data is read in place from ../shared/data (never copied). Embeddings are cached under the
-home folder (``--home``, default ``$PREFAB_HOME`` or ``./.prefab``), so a rerun only trains
-heads; a cold run embeds ~25k texts (about 20-30 minutes on two busy CPU cores).
+home folder (``--home``, default ``$PREFAB_HOME`` or ``./.prefab``): a rerun only trains
+heads (about 8 minutes on two busy cores); a cold run embeds ~30k texts (about 30).
 
     python benchmarks/augment.py              # both suites + trajectories
-    python benchmarks/augment.py --quick      # smaller caps: a first look in ~10 minutes cold
-    python benchmarks/augment.py --suites hh --json out.json
+    python benchmarks/augment.py --quick      # 3 folds, smaller caps: a first look
+    python benchmarks/augment.py --suites shared --recipe '{"features": "pair"}' --json out.json
 """
 
 from __future__ import annotations
@@ -76,8 +82,19 @@ GENERATORS = ("master_keys", "causal", "neutral", "hard_negatives")
 STYLE_TRANSFORMS = ["list_to_prose", "prose_to_list", "markdown_off", "markdown_on", "whitespace",
                     "casing", "preamble", "signoff", "padding"]
 
-# The training recipe every run uses, the base included (see the issue note for why).
-RECIPE: dict[str, Any] = {"features": "pair+parts", "val_on": "real", "augment_weight": {"neutral": 10.0}}
+# The training recipe every run uses, the base included. "pair+parts" features: the answer
+# read alone and its match with the prompt (with the joint reading alone, a key after a long
+# prompt embeds like the prompt). Best epoch by the real validation pairs' loss. Each
+# generator's pairs together weigh a quarter of the real ones (balanced by generator; more
+# costs in-distribution accuracy on HH); neutral ties 3x, as the tie loss pulls weakly near
+# Δ = 0 (gradient ~Δ/4).
+RECIPE: dict[str, Any] = {
+    "features": "pair+parts",
+    "val_on": "real",
+    "augment_weight": {"master_keys": 0.25, "causal": 0.25, "hard_negatives": 0.25, "neutral": 3.0},
+}
+
+RECIPE_EPOCHS = 30  # the head mode default, for the trajectory note
 
 TARGETS = {
     "mk_listed": "< 2%", "mk_unseen": "< 5%", "ci": "+10 pts vs base", "tie_ratio": "<= 0.5x base",
@@ -143,7 +160,8 @@ def build_suite(name: str, args: argparse.Namespace, home: Path) -> Suite:
     ood = {"natural": read("llmbar/natural.json"), "mtbench": read("llmbar/processed-mt-bench.json")}
     suite = Suite(name, pool, folds, ood)
     settings = {
-        "master_keys": {"keys": list(LISTED_KEYS), "keys_per_pair": args.keys_per_pair},
+        "master_keys": {"keys": list(LISTED_KEYS), "keys_per_pair": args.keys_per_pair,
+                        "first_sentence": first_sentence(name, args)},
         "causal": {"max_per_seed": 1},
         "neutral": {"max_per_seed": args.neutral_per_seed},
         "hard_negatives": {"mode": "contrast", "min_similarity": args.ci_min_sim},
@@ -159,6 +177,13 @@ def build_suite(name: str, args: argparse.Namespace, home: Path) -> Suite:
     suite.probe_prompts = {prompts[i] for i in pick}
     suite.contrast = mine_contrast(data, args.ci_min_sim, args.ci_pairs, seed, home)
     return suite
+
+
+def first_sentence(suite: str, args: argparse.Namespace) -> bool:
+    """master_keys' first-sentence cuts: off on HH by default. Its chosen answers are short
+    conversational turns (often a refusal), whose first sentence is as good an answer: as
+    rejected answers they are label noise there, not the cut-off reasoning of the paper."""
+    return args.first_sentence == "on" or (args.first_sentence == "auto" and suite != "hh")
 
 
 def mine_contrast(data: PairData, min_sim: float, max_pairs: int, seed: int, home: Path) -> list[tuple[int, int, float]]:
@@ -337,35 +362,49 @@ def trajectory_folds(task_ids: list[str], outcomes: list[str], k: int, seed: int
     return {t: i % k for i, t in enumerate(order)}
 
 
+TRAJ_FEATURES = ("pair", "pair+parts")
+
+
 def run_trajectories(args: argparse.Namespace, home: Path, options: dict[str, Any], work: Path) -> list[dict[str, Any]]:
-    """k-fold by task_id: real pairs of the training tasks alone vs real + corruptions."""
+    """k-fold by task_id, repeated over fold seeds: real pairs of the training tasks alone vs
+    real + corruptions of their successful runs, with either head feature set."""
     from schemas.readers.trajectories import read_trajectories
 
     runs = read_trajectories(TAU)
-    fold_of = trajectory_folds(runs["task_id"].to_pylist(), runs["outcome"].to_pylist(), args.traj_folds, args.seed)
-    folds = np.asarray([fold_of[t] for t in runs["task_id"].to_pylist()])
     variants = {"real pairs only": ()} | {f"real + {c}": (c,) for c in CORRUPTIONS} | {
         "real + all corruptions": CORRUPTIONS}
     if args.quick:
         variants = {k: v for k, v in variants.items() if len(v) != 1}
-    correct = {v: [] for v in variants}
-    sizes = {v: 0 for v in variants}
-    for fold in range(args.traj_folds):
-        train_runs, held_runs = runs.filter(pa.array(folds != fold)), runs.filter(pa.array(folds == fold))
-        held = generate("trajectories", held_runs, {"kinds": ["natural"], "max_natural_per_task": 0}, args.seed, home)
-        if held.num_rows == 0:
-            continue
-        real = generate("trajectories", train_runs, {"kinds": ["natural"], "max_natural_per_task": 0}, args.seed, home)
-        made = generate("trajectories", train_runs, {"kinds": list(CORRUPTIONS)}, args.seed, home)
-        held_data = pair_data(held)
-        for label, kinds in variants.items():
-            table = concat([real, made.filter(pc.is_in(made["attribute"], pa.array(list(kinds))))]) if kinds else real
-            sizes[label] += table.num_rows
-            model = fit_model(table, f"traj-{fold}-{len(kinds)}", home, work, options | {"val_fraction": 0.0})
-            r_c, r_r = score_pairs(model, held_data)
-            correct[label] += (r_c > r_r).tolist()
-    return [{"run": label, "train_pairs": sizes[label] // args.traj_folds, "held_pairs": len(correct[label]),
-             "acc": float(np.mean(correct[label])) if correct[label] else None} for label in variants]
+    correct = {(v, f): [] for v in variants for f in TRAJ_FEATURES}
+    sizes = {v: [] for v in variants}
+    held_pairs: set[str] = set()
+    for repeat in range(args.traj_repeats):
+        seed = args.seed + repeat
+        fold_of = trajectory_folds(runs["task_id"].to_pylist(), runs["outcome"].to_pylist(), args.traj_folds, seed)
+        folds = np.asarray([fold_of[t] for t in runs["task_id"].to_pylist()])
+        for fold in range(args.traj_folds):
+            train_runs, held_runs = runs.filter(pa.array(folds != fold)), runs.filter(pa.array(folds == fold))
+            held = generate("trajectories", held_runs, {"kinds": ["natural"], "max_natural_per_task": 0}, seed, home)
+            if held.num_rows == 0:
+                continue
+            held_pairs |= set(held.column("pair_id").to_pylist())
+            real = generate("trajectories", train_runs, {"kinds": ["natural"], "max_natural_per_task": 0}, seed, home)
+            made = generate("trajectories", train_runs, {"kinds": list(CORRUPTIONS)}, seed, home)
+            held_data = pair_data(held)
+            for label, kinds in variants.items():
+                table = concat([real, made.filter(pc.is_in(made["attribute"], pa.array(list(kinds))))]) if kinds else real
+                sizes[label].append(table.num_rows)
+                for features in TRAJ_FEATURES:
+                    # every trajectory pair is "generated" (natural ones too): no per-generator
+                    # weights and no validation split on 70 real pairs
+                    opts = {k: v for k, v in options.items() if k not in ("augment_weight", "val_on")}
+                    model = fit_model(table, f"traj-{fold}-{len(kinds)}", home, work,
+                                      opts | {"features": features, "val_fraction": 0.0, "seed": seed})
+                    r_c, r_r = score_pairs(model, held_data)
+                    correct[(label, features)] += (r_c > r_r).tolist()
+    return [{"run": label, "train_pairs": int(np.mean(sizes[label])), "held_pairs": len(held_pairs),
+             "scored": len(correct[(label, TRAJ_FEATURES[0])]),
+             **{f"acc_{f}": float(np.mean(correct[(label, f)])) for f in TRAJ_FEATURES}} for label in variants]
 
 
 # --------------------------------------------------------------------------- runs
@@ -379,20 +418,31 @@ def fit_model(table: pa.Table, name: str, home: Path, work: Path, options: dict[
 
 def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[str, Any],
               work: Path) -> list[dict[str, Any]]:
-    runs: dict[str, list[str]] = {"base (real pairs)": []}
-    runs |= {f"+ {g}": [g] for g in GENERATORS}
-    runs["+ all four"] = list(GENERATORS)
-    rows = []
-    for label, gens in runs.items():
+    runs: dict[str, tuple[list[str], dict[str, Any]]] = {"base (real pairs)": ([], options)}
+    runs |= {f"+ {g}": ([g], options) for g in GENERATORS}
+    runs["+ all four"] = (list(GENERATORS), options)
+    if options.get("features", "pair") != "pair":  # reference: the same runs on the old default features
+        plain = options | {"features": "pair"}
+        runs |= {"ref: base, pair features": ([], plain), "ref: + all four, pair features": (list(GENERATORS), plain)}
+    rows: list[dict[str, Any]] = []
+    base_correct = np.zeros(0, dtype=bool)
+    for label, (gens, opts) in runs.items():
         scores = Scores()
         started = time.perf_counter()
         for fold in range(args.folds):
             table = fold_training(suite, fold, gens)
             scores.train_pairs.append(table.num_rows)
-            model = fit_model(table, f"{suite.name}-{len(gens)}", home, work, options)
+            model = fit_model(table, f"{suite.name}-{len(gens)}", home, work, opts)
             score_fold(model, suite, fold, args, scores)
         scores.seconds = time.perf_counter() - started
-        rows.append({"run": label, **summarise(scores, suite)})
+        row = {"run": label, **summarise(scores, suite)}
+        correct = (np.asarray(scores.r_c) > np.asarray(scores.r_r))[~pair_data(suite.pool).subset(scores.rows).tie]
+        if not rows:
+            base_correct = correct
+        # paired with the base run: the same held-out pairs in the same order
+        diff = correct.astype(float) - base_correct.astype(float)
+        row["acc_diff"], row["acc_diff_se"] = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        rows.append(row)
         print(f"  {suite.name} {label}: {scores.seconds:.0f}s", file=sys.stderr, flush=True)
     return rows
 
@@ -424,6 +474,7 @@ def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
 
 def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     """Each target checked on the run it concerns and on all four generators together."""
+    rows = [r for r in rows if not r["run"].startswith("ref:")]
     by = {r["run"]: r for r in rows}
     base, both = by["base (real pairs)"], by["+ all four"]
     out = []
@@ -442,12 +493,12 @@ def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     got = [by["+ neutral"]["tie_ratio"] / base["tie_ratio"], both["tie_ratio"] / base["tie_ratio"]]
     line("tie_ratio", all(v <= 0.5 for v in got), f"base {base['tie_ratio']:.2f}, +neutral x{got[0]:.2f}, "
          f"all x{got[1]:.2f}")
-    drops = {r["run"]: r["acc"] - base["acc"] for r in rows[1:]}
-    line("acc", all(v >= -0.01 for v in drops.values()),
-         ", ".join(f"{k.lstrip('+ ')} {pct(v, True)}" for k, v in drops.items()) + " pts vs base")
-    biases = {r["run"]: r["length_bias"] for r in rows}
+    line("acc", all(r["acc_diff"] >= -0.01 for r in rows[1:]),
+         ", ".join(f"{r['run'].lstrip('+ ')} {pct(r['acc_diff'], True)}±{pct(r['acc_diff_se'])}" for r in rows[1:])
+         + " pts vs base (± paired standard error)")
+    biases = {r["run"].lstrip("+ "): r["length_bias"] for r in rows[1:]}
     line("length_bias", all(abs(v) <= 0.05 for v in biases.values() if v is not None),
-         f"worst {pct(max(biases.values(), key=abs), True)} pts ({max(biases, key=lambda k: abs(biases[k]))})")
+         f"base {pct(base['length_bias'], True)}, " + ", ".join(f"{k} {pct(v, True)}" for k, v in biases.items()))
     return out
 
 
@@ -463,6 +514,8 @@ def main() -> None:
                     help="share of each generator's output used (default 0.5; quick 0.3)")
     ap.add_argument("--pool-pairs", type=int, default=None, help="cap on real pairs per suite (default all; quick 1000)")
     ap.add_argument("--keys-per-pair", type=int, default=1, help="master keys drawn per seed pair")
+    ap.add_argument("--first-sentence", choices=["auto", "on", "off"], default="auto",
+                    help="master_keys' first-sentence negatives (auto: off on HH, on elsewhere)")
     ap.add_argument("--neutral-per-seed", type=int, default=1, help="neutral rewrites per seed pair (0: all)")
     ap.add_argument("--probe-prompts", type=int, default=None, help="prompts probed with master keys (default 150)")
     ap.add_argument("--ood-probe-prompts", type=int, default=None, help="OOD prompts probed with unseen keys (default 40)")
@@ -471,6 +524,7 @@ def main() -> None:
     ap.add_argument("--ci-min-sim", type=float, default=0.6,
                     help="lowest instruction cosine of a contrast pair, in training (hard_negatives) and probes")
     ap.add_argument("--traj-folds", type=int, default=5, help="folds over τ-bench task ids")
+    ap.add_argument("--traj-repeats", type=int, default=None, help="fold seeds for trajectories (default 3; quick 1)")
     ap.add_argument("--recipe", type=json.loads, default=None,
                     help="JSON of trainer options replacing the recipe (e.g. '{\"val_on\": \"all\"}')")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
@@ -478,7 +532,7 @@ def main() -> None:
     quick = args.quick
     defaults = {"folds": (3, 5), "aug_fraction": (0.3, 0.5), "pool_pairs": (1000, None),
                 "probe_prompts": (60, 150), "ood_probe_prompts": (20, 40), "rewrite_pairs": (250, 600),
-                "ci_pairs": (150, 300)}
+                "ci_pairs": (150, 300), "traj_repeats": (1, 3)}
     for key, (small, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
@@ -508,15 +562,19 @@ def main() -> None:
         if "trajectories" in suites:
             rows = run_trajectories(args, home, options, work)
             results["trajectories"] = rows
-            print(f"\n### τ-bench airline trajectory RM ({args.traj_folds} folds by task_id; accuracy on the "
-                  "held-out tasks' real success-vs-failure pairs)\n")
-            print("| run | train pairs / fold | held-out pairs | acc % |")
+            print(f"\n### τ-bench airline trajectory RM ({args.traj_folds} folds by task_id x {args.traj_repeats} "
+                  "fold seeds; accuracy on the held-out tasks' real success-vs-failure pairs)\n")
+            print("| run | train pairs / fold | acc % (pair features) | acc % (pair+parts) |")
             print("|---|---|---|---|")
             for r in rows:
-                print(f"| {r['run']} | {r['train_pairs']} | {r['held_pairs']} | {pct(r['acc'])} |")
-            real, both = rows[0]["acc"], next(r for r in rows if r["run"] == "real + all corruptions")["acc"]
-            lines.append(f"trajectories: trajectory ({TARGETS['trajectory']}): {'MET' if both > real else 'NOT MET'}"
-                         f" - real only {pct(real)}%, + all corruptions {pct(both)}%")
+                print(f"| {r['run']} | {r['train_pairs']} | {pct(r['acc_pair'])} | {pct(r['acc_pair+parts'])} |")
+            print(f"\n{rows[0]['held_pairs']} distinct held-out pairs from the tasks with both outcomes, each scored "
+                  f"{args.traj_repeats}x (fold seeds); no validation split, {RECIPE_EPOCHS} epochs")
+            both = next(r for r in rows if r["run"] == "real + all corruptions")
+            for f in TRAJ_FEATURES:
+                ok = both[f"acc_{f}"] > rows[0][f"acc_{f}"]
+                lines.append(f"trajectories ({f}): trajectory ({TARGETS['trajectory']}): {'MET' if ok else 'NOT MET'} - "
+                             f"real only {pct(rows[0][f'acc_{f}'])}%, + all corruptions {pct(both[f'acc_{f}'])}%")
     print(f"\nrecipe: head mode, {json.dumps(options)}; {time.perf_counter() - started:.0f}s in all")
     print("\n".join(lines))
     if args.json:

@@ -29,7 +29,7 @@ FORMAT = "prefab-reward-model/1"
 # Head-mode inputs. "pair": the embedding of prompt + response, read together. "pair+parts"
 # adds the response read alone and its elementwise product with the prompt read alone: an
 # explicit signal of whether this answer belongs to this prompt, and of what the answer is
-# on its own (a content-free "Solution" looks like nothing, not like the long prompt before it).
+# on its own (after a long prompt, a content-free "Solution" embeds almost like the prompt).
 HEAD_FEATURES = ("pair", "pair+parts")
 
 
