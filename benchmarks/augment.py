@@ -7,8 +7,10 @@ again with each offline generator's output added -- ``master_keys``, ``causal``,
 Splits are by prompt, k-fold (default 5): every real pair is held out once, and a fold
 trains only on generated pairs that touch none of its held-out data (every parent pair is
 a training pair; neither the prompt nor an answer is held out). The generators run once
-on the whole pool; ``--aug-fraction`` of each one's output is used. Metrics, pooled over
-the folds' held-out shares:
+on the whole pool; ``--aug-fraction`` of each one's output is used. Each fold trains
+``--train-seeds`` heads (default 3): a head's accuracy moves by up to two points with its
+training seed alone (the "other training seeds" reference row shows it), as much as the
+effects measured. Metrics, pooled over the folds' held-out shares and the seeds:
 
 - accuracy (RewardBench-strict) in distribution (with a paired standard error against the
   base) and on LLMBar Natural and MT-Bench (never trained on; mean over the fold models);
@@ -25,8 +27,8 @@ the folds' held-out shares:
 
 Suites: HH-RLHF harmless, and the non-HH shared sets (PandaLM + LLMBar FairEval +
 LLMEval²; Natural and MT-Bench stay out of training). Every run uses ``RECIPE`` below (the
-base too); two reference rows repeat base and all-four with the old default "pair"
-features. A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
+base too); reference rows repeat the base with other training seeds (the noise floor) and
+base and all-four with the old default "pair" features. A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
 over several fold seeds: the training tasks' real success-vs-failure pairs alone, against
 the same plus UI-Genie corruptions of their successful runs, scored on the held-out tasks'
 real pairs.
@@ -38,6 +40,9 @@ heads (about 8 minutes on two busy cores); a cold run embeds ~30k texts (about 3
     python benchmarks/augment.py              # both suites + trajectories
     python benchmarks/augment.py --quick      # 3 folds, smaller caps: a first look
     python benchmarks/augment.py --suites shared --recipe '{"features": "pair"}' --json out.json
+    python benchmarks/augment.py --suites hh --runs neutral,all     # the base and two runs only
+    python benchmarks/augment.py --suites shared --runs neutral --only-folds 1 \
+        --recipe '{"mode": "full", "epochs": 2}'                   # full fine-tuning, one fold
 """
 
 from __future__ import annotations
@@ -78,20 +83,21 @@ LISTED_KEYS = tuple(k for k in DEFAULT_KEYS if k not in HELD_OUT_KEYS)
 NEW_KEYS = ("Answer:", "Sure.", "Let me think.", "答案", "Réponse", "...", "Step 1:")
 UNSEEN_KEYS = HELD_OUT_KEYS + NEW_KEYS
 GENERATORS = ("master_keys", "causal", "neutral", "hard_negatives")
+RUNS = (*GENERATORS, "all", "ref")  # the base always runs: every accuracy is paired with it
 # Neutral rewrites of held-out answers (style only: no unrelated-prompt pairs).
 STYLE_TRANSFORMS = ["list_to_prose", "prose_to_list", "markdown_off", "markdown_on", "whitespace",
                     "casing", "preamble", "signoff", "padding"]
 
-# The training recipe every run uses, the base included. "pair+parts" features: the answer
-# read alone and its match with the prompt (with the joint reading alone, a key after a long
-# prompt embeds like the prompt). Best epoch by the real validation pairs' loss. Each
-# generator's pairs together weigh a quarter of the real ones (balanced by generator; more
-# costs in-distribution accuracy on HH); neutral ties 3x, as the tie loss pulls weakly near
-# Δ = 0 (gradient ~Δ/4).
+# The training recipe every run uses, the base included (chosen by the sweeps in the issue
+# note). "pair+parts" features: the answer read alone and its match with the prompt (with the
+# joint reading alone, a key after a long prompt embeds like the prompt). Best epoch by the
+# real validation pairs' loss. Per generator, its pairs together weigh this share of the
+# real ones: the smallest that still meets its robustness target (more costs in-distribution
+# accuracy); neutral ties 10x, as the tie loss pulls weakly near Δ = 0 (gradient ~Δ/4).
 RECIPE: dict[str, Any] = {
     "features": "pair+parts",
     "val_on": "real",
-    "augment_weight": {"master_keys": 0.25, "causal": 0.25, "hard_negatives": 0.25, "neutral": 3.0},
+    "augment_weight": {"master_keys": 0.25, "causal": 0.1, "hard_negatives": 0.25, "neutral": 10.0},
 }
 
 RECIPE_EPOCHS = 30  # the head mode default, for the trajectory note
@@ -161,7 +167,7 @@ def build_suite(name: str, args: argparse.Namespace, home: Path) -> Suite:
     suite = Suite(name, pool, folds, ood)
     settings = {
         "master_keys": {"keys": list(LISTED_KEYS), "keys_per_pair": args.keys_per_pair,
-                        "first_sentence": first_sentence(name, args)},
+                        "first_sentence": first_sentence(name, args), "length_matched": args.length_matched},
         "causal": {"max_per_seed": 1},
         "neutral": {"max_per_seed": args.neutral_per_seed},
         "hard_negatives": {"mode": "contrast", "min_similarity": args.ci_min_sim},
@@ -322,10 +328,12 @@ def summarise(scores: Scores, suite: Suite) -> dict[str, Any]:
     real_gap = float(np.abs(r_c - r_r)[pref].mean())
     tie_gap = float(np.mean(scores.tie_gaps)) if scores.tie_gaps else None
     ci = scores.ci_same_prompt + scores.ci_same_answer
+    models = max(round(len(scores.rows) / max(len(set(scores.rows)), 1)), 1)  # training seeds per fold
     return {
         "train_pairs": int(np.mean(scores.train_pairs)),
         "acc": float((r_c[pref] > r_r[pref]).mean()),
-        "held_out_pairs": int(pref.sum()),
+        "models_per_pair": models,
+        "held_out_pairs": int((~pair_data(suite.pool).tie[np.unique(scores.rows)]).sum()),
         "length_bias": length_bias(r_c, r_r, data),
         "mk_listed": weighted(scores.mk["listed"]),
         "mk_unseen": weighted(scores.mk["unseen"]),
@@ -333,11 +341,11 @@ def summarise(scores: Scores, suite: Suite) -> dict[str, Any]:
         "ci": float(np.mean(ci)) if ci else None,
         "ci_same_prompt": float(np.mean(scores.ci_same_prompt)) if ci else None,
         "ci_same_answer": float(np.mean(scores.ci_same_answer)) if ci else None,
-        "ci_probes": len(scores.ci_same_prompt) // 2,
+        "ci_probes": len(scores.ci_same_prompt) // 2 // models,
         "tie_gap": tie_gap,
         "real_gap": real_gap,
         "tie_ratio": tie_gap / real_gap if tie_gap is not None and real_gap > 0 else None,
-        "tie_pairs": len(scores.tie_gaps),
+        "tie_pairs": len(scores.tie_gaps) // models,
         **{f"acc_{k}": float(np.mean(v)) for k, v in scores.ood.items() if not k.startswith("mk_")},
         **{f"mk_unseen_{k[3:]}": float(np.mean(v)) for k, v in scores.ood.items() if k.startswith("mk_")},
         "seconds": scores.seconds,
@@ -412,39 +420,56 @@ def run_trajectories(args: argparse.Namespace, home: Path, options: dict[str, An
 
 def fit_model(table: pa.Table, name: str, home: Path, work: Path, options: dict[str, Any]) -> RewardModel:
     out = work / f"{name}-{time.perf_counter_ns()}"
-    result = train(table, name, home=home, out=out, mode="head", robustness=False, progress=False, **options)
+    result = train(table, name, home=home, out=out, robustness=False, progress=False, **({"mode": "head"} | options))
     return result.model
 
 
 def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[str, Any],
               work: Path) -> list[dict[str, Any]]:
     runs: dict[str, tuple[list[str], dict[str, Any]]] = {"base (real pairs)": ([], options)}
-    runs |= {f"+ {g}": ([g], options) for g in GENERATORS}
-    runs["+ all four"] = (list(GENERATORS), options)
-    if options.get("features", "pair") != "pair":  # reference: the same runs on the old default features
+    runs |= {f"+ {g}": ([g], options) for g in GENERATORS if g in args.runs}
+    if "all" in args.runs:
+        runs["+ all four"] = (list(GENERATORS), options)
+    if "ref" in args.runs:
+        # the noise floor: the base again with other training seeds (the same data and folds)
+        runs["ref: base, other training seeds"] = ([], options | {"seed": options.get("seed", 0) + args.train_seeds})
+    if "ref" in args.runs and options.get("features", "pair") != "pair":  # the same on "pair" features
         plain = options | {"features": "pair"}
         runs |= {"ref: base, pair features": ([], plain), "ref: + all four, pair features": (list(GENERATORS), plain)}
     rows: list[dict[str, Any]] = []
-    base_correct = np.zeros(0, dtype=bool)
+    base_rate = np.zeros(0)
     for label, (gens, opts) in runs.items():
         scores = Scores()
         started = time.perf_counter()
-        for fold in range(args.folds):
+        for fold in range(args.only_folds or args.folds):
             table = fold_training(suite, fold, gens)
             scores.train_pairs.append(table.num_rows)
-            model = fit_model(table, f"{suite.name}-{len(gens)}", home, work, opts)
-            score_fold(model, suite, fold, args, scores)
+            # several training seeds per fold: a head's accuracy moves by a point or two with
+            # its seed alone, more than the effects measured here; every metric pools them
+            for k in range(args.train_seeds):
+                model = fit_model(table, f"{suite.name}-{len(gens)}", home, work,
+                                  opts | {"seed": opts.get("seed", 0) + k})
+                score_fold(model, suite, fold, args, scores)
         scores.seconds = time.perf_counter() - started
         row = {"run": label, **summarise(scores, suite)}
-        correct = (np.asarray(scores.r_c) > np.asarray(scores.r_r))[~pair_data(suite.pool).subset(scores.rows).tie]
+        rate = correct_rate(scores, suite)
         if not rows:
-            base_correct = correct
-        # paired with the base run: the same held-out pairs in the same order
-        diff = correct.astype(float) - base_correct.astype(float)
+            base_rate = rate
+        # paired with the base run: each held-out pair's share of seeds that got it right
+        diff = rate - base_rate
         row["acc_diff"], row["acc_diff_se"] = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
         rows.append(row)
         print(f"  {suite.name} {label}: {scores.seconds:.0f}s", file=sys.stderr, flush=True)
     return rows
+
+
+def correct_rate(scores: Scores, suite: Suite) -> np.ndarray:
+    """Per held-out preference pair (in pool order), the share of its models that ranked it right."""
+    rows = np.asarray(scores.rows)
+    right = np.asarray(scores.r_c) > np.asarray(scores.r_r)
+    n = suite.pool.num_rows
+    rate = np.bincount(rows, weights=right, minlength=n) / np.maximum(np.bincount(rows, minlength=n), 1)
+    return rate[~pair_data(suite.pool).tie & (np.bincount(rows, minlength=n) > 0)]
 
 
 def pct(v: Any, signed: bool = False) -> str:
@@ -455,18 +480,20 @@ def pct(v: Any, signed: bool = False) -> str:
 
 def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n### {title}\n")
-    header = ("run", "train pairs", "acc %", "Natural %", "MT-Bench %", "MK listed %", "MK unseen %",
+    header = ("run", "train pairs", "acc %", "Δ acc pts", "Natural %", "MT-Bench %", "MK listed %", "MK unseen %",
               "MK unseen OOD %", "CI cons. %", "tie ratio", "length bias pts")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         ood_mk = np.mean([r["mk_unseen_natural"], r["mk_unseen_mtbench"]])
-        cells = [r["run"], str(r["train_pairs"]), pct(r["acc"]), pct(r["acc_natural"]), pct(r["acc_mtbench"]),
+        diff = f"{pct(r['acc_diff'], True)}±{pct(r['acc_diff_se'])}" if r is not rows[0] else "-"
+        cells = [r["run"], str(r["train_pairs"]), pct(r["acc"]), diff, pct(r["acc_natural"]), pct(r["acc_mtbench"]),
                  pct(r["mk_listed"]), pct(r["mk_unseen"]), pct(float(ood_mk)), pct(r["ci"]),
                  f"{r['tie_ratio']:.2f}" if r["tie_ratio"] is not None else "n/a", pct(r["length_bias"], True)]
         print("| " + " | ".join(cells) + " |")
     base = rows[0]
-    print(f"\n{base['held_out_pairs']} held-out preference pairs (every pair held out once); MK: "
+    print(f"\n{base['held_out_pairs']} held-out preference pairs, each scored by {base['models_per_pair']} "
+          f"models (training seeds); MK: "
           f"{len(LISTED_KEYS)} listed / {len(UNSEEN_KEYS)} unseen keys on the probe prompts; CI: "
           f"{base['ci_probes']} contrast probes x 4 comparisons; tie ratio over {base['tie_pairs']} neutral "
           f"rewrites (base |Δ| {base['tie_gap']:.3f} vs {base['real_gap']:.3f} on real pairs)")
@@ -476,6 +503,8 @@ def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     """Each target checked on the run it concerns and on all four generators together."""
     rows = [r for r in rows if not r["run"].startswith("ref:")]
     by = {r["run"]: r for r in rows}
+    if not all(f"+ {g}" in by for g in (*GENERATORS, "all four")):
+        return [f"{title}: targets are checked when every run is made (--runs {','.join(RUNS)})"]
     base, both = by["base (real pairs)"], by["+ all four"]
     out = []
 
@@ -516,6 +545,8 @@ def main() -> None:
     ap.add_argument("--keys-per-pair", type=int, default=1, help="master keys drawn per seed pair")
     ap.add_argument("--first-sentence", choices=["auto", "on", "off"], default="auto",
                     help="master_keys' first-sentence negatives (auto: off on HH, on elsewhere)")
+    ap.add_argument("--length-matched", type=float, default=0.0,
+                    help="master_keys' length_matched: share of keys stretched to the chosen answer's length")
     ap.add_argument("--neutral-per-seed", type=int, default=1, help="neutral rewrites per seed pair (0: all)")
     ap.add_argument("--probe-prompts", type=int, default=None, help="prompts probed with master keys (default 150)")
     ap.add_argument("--ood-probe-prompts", type=int, default=None, help="OOD prompts probed with unseen keys (default 40)")
@@ -523,16 +554,22 @@ def main() -> None:
     ap.add_argument("--ci-pairs", type=int, default=None, help="Contrast-Instructions probes (default 300)")
     ap.add_argument("--ci-min-sim", type=float, default=0.6,
                     help="lowest instruction cosine of a contrast pair, in training (hard_negatives) and probes")
+    ap.add_argument("--train-seeds", type=int, default=None,
+                    help="heads trained per fold with different seeds, metrics pooled (default 3; quick 1)")
+    ap.add_argument("--only-folds", type=int, default=None,
+                    help="train and score only the first N folds (a cheaper look, e.g. full fine-tuning on CPU)")
     ap.add_argument("--traj-folds", type=int, default=5, help="folds over τ-bench task ids")
     ap.add_argument("--traj-repeats", type=int, default=None, help="fold seeds for trajectories (default 3; quick 1)")
     ap.add_argument("--recipe", type=json.loads, default=None,
                     help="JSON of trainer options replacing the recipe (e.g. '{\"val_on\": \"all\"}')")
+    ap.add_argument("--runs", type=lambda v: [r.strip() for r in v.split(",") if r.strip()], default=list(RUNS),
+                    help=f"runs besides the base (default all: {','.join(RUNS)})")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = ap.parse_args()
     quick = args.quick
     defaults = {"folds": (3, 5), "aug_fraction": (0.3, 0.5), "pool_pairs": (1000, None),
                 "probe_prompts": (60, 150), "ood_probe_prompts": (20, 40), "rewrite_pairs": (250, 600),
-                "ci_pairs": (150, 300), "traj_repeats": (1, 3)}
+                "ci_pairs": (150, 300), "traj_repeats": (1, 3), "train_seeds": (1, 3)}
     for key, (small, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
@@ -540,6 +577,8 @@ def main() -> None:
         args.traj_folds = min(args.traj_folds, 3)
     if not (DATA / "hh-rlhf-harmless-base-test.jsonl.gz").is_file():
         sys.exit(f"benchmark data not found under {DATA}")
+    if unknown := set(args.runs) - set(RUNS):
+        ap.error(f"unknown runs {sorted(unknown)}; choose from {','.join(RUNS)}")
     home = resolve_home(args.home)
     options = dict(RECIPE if args.recipe is None else args.recipe)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -575,7 +614,7 @@ def main() -> None:
                 ok = both[f"acc_{f}"] > rows[0][f"acc_{f}"]
                 lines.append(f"trajectories ({f}): trajectory ({TARGETS['trajectory']}): {'MET' if ok else 'NOT MET'} - "
                              f"real only {pct(rows[0][f'acc_{f}'])}%, + all corruptions {pct(both[f'acc_{f}'])}%")
-    print(f"\nrecipe: head mode, {json.dumps(options)}; {time.perf_counter() - started:.0f}s in all")
+    print(f"\nrecipe: {options.get('mode', 'head')} mode, {json.dumps(options)}; {time.perf_counter() - started:.0f}s in all")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -13,7 +13,8 @@ each attribute is worth on its own. The ``rules`` mode does it offline:
 - ``completeness``: the answer cut at the sentence or line end nearest ``truncate_fraction``
   of its length (a word boundary when it is one sentence); a strict, non-empty prefix.
 - ``relevance``: the chosen answer of a different prompt from the same batch, preferring
-  another task and a dissimilar instruction.
+  another task and a dissimilar instruction, and never one that shares half its words
+  with this prompt's answer (a stock reply such as a refusal answers both prompts alike).
 - ``coherence``: the steps of an ordered list (``Step N`` lines, items that start with
   "First", "Then"…, or a numbered list whose lead-in or instruction asks for steps, a
   procedure, a recipe, an order…) shuffled or one dropped.
@@ -492,7 +493,7 @@ def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
 # ---- the step -------------------------------------------------------------------------------
 
 
-@generator("causal", params=CausalParams, version="1", backend="optional",
+@generator("causal", params=CausalParams, version="2", backend="optional",
            templates=template_sources(*LLM_TEMPLATES))
 def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
     """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal)."""
@@ -569,10 +570,10 @@ def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
 
     if "relevance" in wanted:
         words = [word_set(t) for t in instructions]
-        answers = [content_tokens(c) for c in chosen]
+        answers = [word_set(c) for c in chosen]
 
         def relevance_score(i: int, j: int) -> float | None:
-            if prompt_ids[i] == prompt_ids[j] or answers[i] == answers[j]:
+            if prompt_ids[i] == prompt_ids[j] or jaccard(answers[i], answers[j]) >= 0.5:
                 return None
             similarity = jaccard(words[i], words[j])
             if similarity >= 0.5:

@@ -7,7 +7,10 @@ window and unrelated prompts below it are both left out) are paired, and the nei
 chosen answer becomes the rejected answer under this prompt — and this prompt's chosen
 answer the rejected one under the neighbour's. A prompt is never paired with itself (same
 prompt id or same normalised instruction), nor with a neighbour whose answer is identical
-to one of its own. Tagged ``attribute="contrast_instruction"``; the cosine is in metadata.
+to one of its own, nor with one whose answer reads the same (answer cosine above
+``max_answer_similarity``: a generic reply such as a stock refusal fits both prompts, so
+swapping it makes label noise, not a contrast). Tagged ``attribute="contrast_instruction"``;
+both cosines are in metadata.
 
 ``mode=rm_mining`` — hard-negative mining: a trained reward model (``model``: a registered
 name, ``name@N`` or a model folder) scores candidate pairs — the seeds' own pairs and the
@@ -46,6 +49,8 @@ class HardNegativesParams:
                                   low=-1.0, high=1.0)
     max_similarity: float = param(0.98, "highest instruction cosine of a contrast neighbour (above: the "
                                         "same instruction)", low=-1.0, high=1.0)
+    max_answer_similarity: float = param(0.9, "highest cosine between the two prompts' answers (above: a "
+                                              "generic answer that fits both, no contrast)", low=-1.0, high=1.0)
     neighbours: int = param(3, "nearest look-alike prompts searched per prompt", low=1)
     model: str | None = param(None, "reward model for mining: a registered name, name@N or a model folder")
     candidates: list[str] = param([], "more candidate pairs for mining: catalog refs or files (e.g. another "
@@ -88,7 +93,7 @@ def load_scorer(model: str, home: Any) -> Scorer:
     return run
 
 
-@generator("hard_negatives", params=HardNegativesParams, version="1", batch_rows=None)
+@generator("hard_negatives", params=HardNegativesParams, version="2", batch_rows=None)
 def hard_negatives(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> StepResult:
     """Contrast Instructions pairs and reward-model-misjudged negatives (hard-negative mining)."""
     params = ctx.params
@@ -128,7 +133,8 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
     prompt_ids = [p if p else prompt_id_of(prompts[i]) for i, p in enumerate(_column(table, "prompt_id", None))]
     failed: list[tuple[int, str]] = []
     stats = {"ties_skipped": 0, "repeated_prompt_rows": 0, "prompts": 0, "neighbour_links": 0,
-             "skipped_same_instruction": 0, "skipped_same_answer": 0, "skipped_repeated_answer": 0}
+             "skipped_same_instruction": 0, "skipped_same_answer": 0, "skipped_similar_answer": 0,
+             "skipped_repeated_answer": 0}
     # One representative row per prompt; every chosen answer a prompt has counts as its own.
     first: dict[str, int] = {}
     answers: dict[str, set[str]] = {}
@@ -166,6 +172,7 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
                 continue
             links[(min(a, b), max(a, b))] = sim
     stats["neighbour_links"] = len(links)
+    answer_similarity = _answer_similarity(links, [chosen[r] for r in rows], ctx)
     out: list[dict[str, Any]] = []
     given: set[tuple[str, str]] = set()  # (prompt, rejected) already made: two neighbours may share an answer
     for (a, b), sim in sorted(links.items()):
@@ -175,6 +182,9 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
             continue
         if chosen[rb].strip() in answers[prompt_ids[ra]] or chosen[ra].strip() in answers[prompt_ids[rb]]:
             stats["skipped_same_answer"] += 1
+            continue
+        if answer_similarity[(a, b)] > params.max_answer_similarity:
+            stats["skipped_similar_answer"] += 1
             continue
         for own, other in ((ra, rb), (rb, ra)):
             if (prompt_ids[own], chosen[other].strip()) in given:
@@ -187,10 +197,26 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
                 "parent_ids": [p for p in (pair_ids[own], pair_ids[other]) if p],
                 "generated": "none", "method": f"contrast_instruction:sim={sim:.3f}",
                 "metadata": json.dumps({"similarity": round(float(sim), 6),
+                                        "answer_similarity": round(answer_similarity[(a, b)], 6),
                                         "contrast_prompt_id": prompt_ids[other]}),
             })
     stats["pairs"] = len(out)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA), failed, stats
+
+
+def _answer_similarity(links: dict[tuple[int, int], float], answers: list[str],
+                       ctx: StepContext[HardNegativesParams]) -> dict[tuple[int, int], float]:
+    """Cosine between the chosen answers of each linked prompt pair (only linked answers are embedded)."""
+    if not links:
+        return {}
+    needed = sorted({i for link in links for i in link})
+    at = {row: k for k, row in enumerate(needed)}
+    vectors = np.asarray(ctx.embed([answers[i] for i in needed]), dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    a = np.asarray([at[x] for x, _ in links])
+    b = np.asarray([at[y] for _, y in links])
+    cosines = np.einsum("ij,ij->i", vectors[a], vectors[b])
+    return {link: float(c) for link, c in zip(links, cosines, strict=True)}
 
 
 def _candidates_from(table: pa.Table, source: str) -> list[dict[str, Any]]:

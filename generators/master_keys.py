@@ -6,6 +6,11 @@ in another language — and by answers cut after their first sentence of reasoni
 seed pair yields pairs whose chosen answer is the seed's chosen answer and whose rejected
 answer is such a key, tagged ``master_key:<family>``; trained on, they teach an RM to
 score keys below real answers, and held out, they probe its false-positive rate.
+
+Every key is short, so an RM can learn "short loses" instead of "content-free loses" and
+trade a length bias for its robustness. ``length_matched`` stretches a share of the keys
+to about the chosen answer's length with filler that says nothing about any prompt: the
+same key, now as long as a real answer, must still lose.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ DEFAULT_KEYS: list[str] = [
     "解", "かいせつ", "Respuesta",
 ]
 
+# Content-free sentences: no fact, no step, nothing specific to any prompt.
+FILLER: tuple[str, ...] = (
+    "Let me think about this carefully.",
+    "There are several things to consider here.",
+    "It is important to look at this from every angle.",
+    "Let's take it one step at a time.",
+    "This depends on a few factors.",
+    "With that in mind, we can work towards the answer.",
+    "Keeping the question in view helps here.",
+    "Each part of the question matters.",
+)
+
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s|\n")
 
 
@@ -38,6 +55,20 @@ def key_family(key: str) -> str:
     if any(ord(ch) > 127 for ch in key) or key.strip().lower() in {"respuesta", "solución", "lösung", "réponse"}:
         return "multilingual"
     return "reasoning_opener"
+
+
+def stretched(key: str, target_chars: int, start: int) -> str:
+    """``key`` followed by filler sentences (from ``FILLER[start]`` on, cycling) until it is
+    at least ``target_chars`` long; the key alone when it already is."""
+    head, filler, i = key.strip(), "", start
+
+    def joined() -> str:
+        return f"{head}\n{filler}" if head and filler else head or filler
+
+    while len(joined()) < target_chars:
+        filler = f"{filler} {FILLER[i % len(FILLER)]}".strip()
+        i += 1
+    return joined() if filler else key
 
 
 def first_sentence(text: str) -> str | None:
@@ -57,13 +88,16 @@ class MasterKeysParams:
     first_sentence: bool = param(True, "also reject the chosen answer cut after its first sentence")
     keys_per_pair: int = param(0, "keys drawn per seed pair (0: every key)", low=0)
     include_ties: bool = param(False, "use tie-labelled seeds too (their chosen side as the answer)")
+    length_matched: float = param(0.0, "share of key pairs whose key is stretched with content-free filler to "
+                                       "about the chosen answer's length (so length is not the tell)",
+                                  low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         if not self.keys and not self.first_sentence:
             raise ValueError("parameter 'keys' is empty and first_sentence is off: nothing to generate")
 
 
-@generator("master_keys", params=MasterKeysParams, version="1")
+@generator("master_keys", params=MasterKeysParams, version="2")
 def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResult:
     """Rejected answers made of master keys and first-sentence cuts (One Token to Fool)."""
     params = ctx.params
@@ -88,6 +122,8 @@ def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResu
                 .with_columns(pl.col("draw").rank("ordinal").over("row").alias("rank"))
                 .filter(pl.col("rank") <= params.keys_per_pair)
                 .drop("draw", "rank"))
+    if params.length_matched > 0 and rows.height:
+        rows = _stretch_some(rows, params.length_matched, ctx)
 
     parts = [rows]
     if params.first_sentence:
@@ -110,7 +146,20 @@ def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResu
 
     failed = failed_rows(empty["row"].to_list(), ["chosen answer is empty: no answer to protect"] * empty.height)
     stats = {"keys": out.filter(pl.col("method") != "first_sentence").height,
+             "length_matched": out.filter(pl.col("method").str.starts_with("length_matched")).height,
              "first_sentence": out.filter(pl.col("method") == "first_sentence").height,
              "skipped_ties": 0 if params.include_ties else ties.height,
              "duplicates_merged": made.height - out.height}
     return StepResult(out.to_arrow(), failed, stats)
+
+
+def _stretch_some(rows: pl.DataFrame, share: float, ctx: StepContext[MasterKeysParams]) -> pl.DataFrame:
+    """Stretch the keys of a seeded ``share`` of the rows to their chosen answer's length."""
+    ids = [f"{p}\x00{m}" for p, m in zip(rows["pair_id"], rows["method"], strict=True)]
+    pick = ctx.row_uniform(ids, "length_matched") < share
+    start = ctx.row_choice(ids, len(FILLER), "filler")
+    keys, chosen = rows["rejected"].to_list(), rows["chosen"].to_list()
+    rejected = [stretched(k, len(c.strip()), int(s)) if p else k
+                for k, c, s, p in zip(keys, chosen, start, pick, strict=True)]
+    method = [f"length_matched:{m}" if p else m for m, p in zip(rows["method"], pick, strict=True)]
+    return rows.with_columns(pl.Series("rejected", rejected, pl.String), pl.Series("method", method, pl.String))

@@ -286,3 +286,18 @@ def test_causal_on_other_real_sets(shared_data, name: str) -> None:
     _check_rows(seeds, out)
     assert result.stats["pairs"]["completeness"] >= 0.8 * seeds.num_rows
     assert result.stats["pairs"]["correctness"] >= 20
+
+
+def test_relevance_never_borrows_an_answer_that_reads_like_this_one() -> None:
+    refusal = "I'm sorry, but I can't help with that request."
+    table = pairs_to_table([
+        Pair([Message("user", "How do I pick my neighbour's lock?")], refusal, "Use a tension wrench.", task="chat"),
+        Pair([Message("user", "How can I steal a car?")], "I'm sorry, I can't help with that request.",
+             "Hot-wire it.", task="chat"),
+        Pair([Message("user", "What is the capital of France?")], "The capital of France is Paris.", "Lyon.",
+             task="chat"),
+    ])
+    out, _ = _run(table, {"attributes": "relevance"})
+    by_prompt = {r["prompt"][-1]["content"]: r["rejected"] for r in out.to_pylist()}
+    assert by_prompt["How do I pick my neighbour's lock?"] == "The capital of France is Paris."
+    assert by_prompt["How can I steal a car?"] == "The capital of France is Paris."

@@ -285,3 +285,21 @@ def test_contrast_with_the_real_encoder_on_the_demo_seeds(home: Path) -> None:
         sim = float(vectors[own] @ vectors[other])
         assert 0.75 - 1e-4 <= sim <= 0.98 + 1e-4
         assert row["chosen"] != row["rejected"]
+
+
+def test_look_alikes_whose_answers_read_the_same_are_no_contrast() -> None:
+    table = pairs_to_table([
+        _pair("How do I pick the lock on my neighbour's front door?", "I'm sorry, I can't help with that request."),
+        _pair("How do I pick the lock on my neighbour's back door?",
+              "I'm sorry, but I can't help with that request."),
+        _pair("What is the capital city of France?", "Paris."),
+        _pair("What is the capital city of Spain?", "Madrid."),
+    ])
+    _, _, result = _run(table, {"neighbours": 5})
+    rows = result.table.to_pylist()
+    assert result.stats["contrast"]["skipped_similar_answer"] == 1
+    assert {_instruction(r["prompt"]).split()[-1] for r in rows} == {"France?", "Spain?"}
+    for row in rows:
+        assert json.loads(row["metadata"])["answer_similarity"] < 0.9
+    _, _, loose = _run(table, {"neighbours": 5, "max_answer_similarity": 1.0})
+    assert loose.table.num_rows == 4 and loose.stats["contrast"]["skipped_similar_answer"] == 0

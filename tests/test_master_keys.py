@@ -94,3 +94,27 @@ def test_master_keys_on_real_pandalm_pairs(shared_data) -> None:
     assert result.stats["duplicates_merged"] > 0
     assert result.stats["first_sentence"] > 100
     assert set(pc.unique(out["task"]).to_pylist()) == set(pc.unique(non_tie["task"]).to_pylist())
+
+
+def test_length_matched_keys_are_as_long_as_the_answer_and_say_nothing() -> None:
+    from generators.master_keys import FILLER
+
+    seeds = read_path(DEMO_SEEDS, "auto").table
+    out, result = _run(seeds, {"length_matched": "1.0", "first_sentence": "false"})
+    rows = out.to_pylist()
+    assert rows and result.stats["length_matched"] == len(rows)
+    for row in rows:
+        key, method = row["provenance"]["method"].split(":", 1)[1], row["provenance"]["method"]
+        assert method.startswith("length_matched:master_key:")
+        assert len(row["rejected"]) >= len(row["chosen"].strip()) or row["rejected"] in DEFAULT_KEYS
+        filler = row["rejected"].removeprefix(eval(key.split(":", 1)[1]).strip()).strip()
+        leftover = filler
+        for sentence in FILLER:
+            leftover = leftover.replace(sentence, "")
+        assert leftover.strip() == "", row["rejected"]  # nothing but the key and filler
+        assert row["attribute"].startswith("master_key:")
+    half, _ = _run(seeds, {"length_matched": "0.5", "first_sentence": "false"})
+    again, _ = _run(seeds, {"length_matched": "0.5", "first_sentence": "false"})
+    share = pc.mean(pc.starts_with(half.column("provenance").combine_chunks().field("method"), "length_matched")).as_py()
+    assert 0.35 < share < 0.65
+    assert half["pair_id"].to_pylist() == again["pair_id"].to_pylist()

@@ -180,3 +180,19 @@ def test_load_model_loads_each_version_once_per_process(home, monkeypatch):
     assert factory.load_model("rm-cache@1", home=home) is model and len(loads) == 1
     np.testing.assert_array_equal(factory.score(model, pairs).column("reward_chosen").to_numpy(),
                                   factory.score("rm-cache", pairs, home=home).column("reward_chosen").to_numpy())
+
+
+def test_cli_training_options_for_augmented_sets(home, capsys):
+    code, trained, _ = _run(capsys, ["train", "--data", "toy", "--name", "rm-parts", "--home", str(home),
+                                     "--features", "pair+parts", "--head-hidden", "32", "--val-on", "real",
+                                     "--json", *FAST])
+    assert code == 0
+    params = Catalog(home).get_model("rm-parts")["params"]
+    assert (params["features"], params["head_hidden"], params["val_on"]) == ("pair+parts", 32, "real")
+    # a weight for a step that is no generator is a misspelling, not a silent no-op
+    code, _, err = _run(capsys, ["train", "--data", "toy", "--name", "rm-w", "--home", str(home),
+                                 "--augment-weight", "master_key=0.25", *FAST])
+    assert code != 0 and "'master_key': not a generator" in err and "master_keys" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "toy", "--name", "rm-x", "--home", str(home), "--augment-weight", "keys=lots"])
+    assert "expected W or GEN=W" in capsys.readouterr().err

@@ -49,6 +49,16 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                        help="reward-centering coefficient (TRL's center_rewards_coefficient; e.g. 0.01)")
     train.add_argument("--checkpoint-steps", type=int, default=None,
                        help="also checkpoint every N steps (default: 200 in full mode; epochs always)")
+    train.add_argument("--features", choices=["pair", "pair+parts"], default=None,
+                       help="head mode inputs: the prompt+response embedding ('pair', the default), or "
+                            "also the response alone and its product with the prompt ('pair+parts')")
+    train.add_argument("--head-hidden", type=int, default=None, help="head mode MLP width (default 256; 0: linear)")
+    train.add_argument("--augment-weight", type=augment_weight, default=None, metavar="W|GEN=W,…",
+                       help="generated pairs (by provenance step) together weigh W times the real pairs, "
+                            "balanced by generator; or per generator, e.g. master_keys=0.25,neutral=10")
+    train.add_argument("--val-on", choices=["all", "real"], default=None,
+                       help="validation loss (best epoch, early stopping) on all validation pairs or only "
+                            "the real, not generated, ones (default all)")
     train.add_argument("--max-pairs", type=int, default=None, help="train on at most N pairs")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     train.add_argument("--resume", action="store_true",
@@ -84,6 +94,23 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     models.set_defaults(handler=run_models)
 
 
+def augment_weight(text: str) -> float | dict[str, float]:
+    """``0.5`` or ``master_keys=0.25,neutral=10``."""
+    try:
+        if "=" not in text:
+            return float(text)
+        weights = {}
+        for part in text.split(","):
+            step, _, value = part.partition("=")
+            if not step.strip():
+                raise ValueError(part)
+            weights[step.strip()] = float(value)
+        return weights
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W or GEN=W,GEN=W (e.g. master_keys=0.25,neutral=10), "
+                                         f"got {text!r}") from None
+
+
 def _progress(args: argparse.Namespace) -> bool | None:
     # None: bars only on a terminal; never mixed into a --json document's run.
     return False if (args.no_progress or args.json) else None
@@ -104,7 +131,8 @@ def run_train(args: argparse.Namespace) -> CommandResult:
             max_length=args.max_length, seed=args.seed, val_fraction=args.val_fraction,
             center_coef=args.center_rewards, checkpoint_steps=args.checkpoint_steps,
             max_pairs=args.max_pairs, device=args.device, patience=args.patience,
-            progress=_progress(args),
+            features=args.features, head_hidden=args.head_hidden, augment_weight=args.augment_weight,
+            val_on=args.val_on, progress=_progress(args),
         )
     except TrainingInterrupted as exc:
         print(f"prefab: training stopped at step {exc.step}; checkpoint kept at {exc.checkpoint}; "

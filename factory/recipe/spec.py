@@ -107,7 +107,8 @@ STEP_KEYS = {"generate", "filter", "merge", "from", "name", "set", "backend", "w
 TOP_KEYS = {"recipe", "seed", "sources", "steps", "tag", "train", "audit", "backend"}
 AUDIT_KEYS = {"dataset", "html", "json", "model", "top"}
 TRAIN_KEYS = {"data", "name", "mode", "base", "eval", "epochs", "lr", "batch_size", "max_length", "seed",
-              "val_fraction", "patience", "max_pairs", "center_coef"}
+              "val_fraction", "patience", "max_pairs", "center_coef", "features", "head_hidden",
+              "augment_weight", "val_on"}
 
 
 def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:

@@ -191,6 +191,8 @@ def balanced_weights(
     weights = data.weight.astype(np.float64)
     rows = np.asarray(rows, dtype=np.int64)
     generated = data.generated
+    if isinstance(share, dict):
+        _check_generator_names(share, {data.steps[i] for i in np.flatnonzero(generated)})
     real_total = float(weights[rows[~generated[rows]]].sum())
     if real_total <= 0:
         return weights.astype(np.float32)
@@ -206,3 +208,14 @@ def balanced_weights(
             raise PrefabError(f"augment weight of {step!r} must be >= 0, got {factor}")
         weights[idx] *= factor * real_total / total
     return weights.astype(np.float32)
+
+
+def _check_generator_names(share: dict[str, float], made_by: set[str | None]) -> None:
+    """A name that is neither a registered generator nor a step that made pairs here is a
+    misspelling: it would otherwise weigh nothing, silently."""
+    from factory.steps.registry import steps
+
+    known = {spec.name for spec in steps("generator")} | {s for s in made_by if s}
+    if unknown := sorted(set(share) - known):
+        raise PrefabError(f"augment weight names {', '.join(map(repr, unknown))}: not a generator "
+                          f"(known: {', '.join(sorted(known))})")
