@@ -28,7 +28,9 @@ effects measured. Metrics, pooled over the folds' held-out shares and the seeds:
 Suites: HH-RLHF harmless, and the non-HH shared sets (PandaLM + LLMBar FairEval +
 LLMEval²; Natural and MT-Bench stay out of training). Every run uses ``RECIPE`` below (the
 base too); reference rows repeat the base with other training seeds (the noise floor) and
-base and all-four with the old default "pair" features. A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
+base and all-four with the old default "pair" features. One more row is an experiment
+that is not a trainer option yet: a *residual head* (the base, plus a second head trained
+on the generated pairs with margin -Δ_base and on the real pairs as ties, summed). A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
 over several fold seeds: the training tasks' real success-vs-failure pairs alone, against
 the same plus UI-Genie corruptions of their successful runs, scored on the held-out tasks'
 real pairs.
@@ -83,7 +85,7 @@ LISTED_KEYS = tuple(k for k in DEFAULT_KEYS if k not in HELD_OUT_KEYS)
 NEW_KEYS = ("Answer:", "Sure.", "Let me think.", "答案", "Réponse", "...", "Step 1:")
 UNSEEN_KEYS = HELD_OUT_KEYS + NEW_KEYS
 GENERATORS = ("master_keys", "causal", "neutral", "hard_negatives")
-RUNS = (*GENERATORS, "all", "ref")  # the base always runs: every accuracy is paired with it
+RUNS = (*GENERATORS, "all", "residual", "ref")  # the base always runs: every accuracy is paired with it
 # Neutral rewrites of held-out answers (style only: no unrelated-prompt pairs).
 STYLE_TRANSFORMS = ["list_to_prose", "prose_to_list", "markdown_off", "markdown_on", "whitespace",
                     "casing", "preamble", "signoff", "padding"]
@@ -163,7 +165,8 @@ def build_suite(name: str, args: argparse.Namespace, home: Path) -> Suite:
                        read("llmbar/processed-llmeval22.json")])
     pool = sample(pool, args.pool_pairs, seed)
     folds = kfold_by_prompt(pool.column("prompt_id").to_pylist(), args.folds, seed)
-    ood = {"natural": read("llmbar/natural.json"), "mtbench": read("llmbar/processed-mt-bench.json")}
+    ood = {"natural": sample(read("llmbar/natural.json"), args.ood_pairs, seed),
+           "mtbench": sample(read("llmbar/processed-mt-bench.json"), args.ood_pairs, seed)}
     suite = Suite(name, pool, folds, ood)
     settings = {
         "master_keys": {"keys": list(LISTED_KEYS), "keys_per_pair": args.keys_per_pair,
@@ -424,12 +427,55 @@ def fit_model(table: pa.Table, name: str, home: Path, work: Path, options: dict[
     return result.model
 
 
+RESIDUAL = "+ all four, residual head (experiment)"
+
+
+class SummedModel:
+    """Two reward models read as one: r = base + residual (what scoring in this file needs)."""
+
+    def __init__(self, base: RewardModel, residual: RewardModel):
+        self.base, self.residual = base, residual
+
+    def score(self, prompts: list[Any], responses: list[str], batch_size: int = 64, *, max_length: int | None = None,
+              progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        r_base, cut = self.base.score(prompts, responses, batch_size, max_length=max_length, progress=progress)
+        r_residual, _ = self.residual.score(prompts, responses, batch_size, max_length=max_length, progress=progress)
+        return r_base + r_residual, cut
+
+    def reward(self, prompts: list[Any], responses: list[str]) -> np.ndarray:
+        return self.base.reward(prompts, responses) + self.residual.reward(prompts, responses)
+
+
+def fit_residual(real: pa.Table, with_generated: pa.Table, home: Path, work: Path, options: dict[str, Any],
+                 share: float) -> SummedModel:
+    """An experiment, not a trainer option yet: the base trained on the real pairs alone, plus
+    a second head trained on the generated pairs with margin -Δ_base (so it learns only what
+    the base gets wrong; r = base + residual) and on the real pairs as ties (so it leaves
+    their order alone). ``share`` scales the recipe's per-generator weights."""
+    base = fit_model(real, "residual-base", home, work, options)
+    generated = with_generated.slice(real.num_rows)
+    data = pair_data(generated)
+    r_c, r_r = score_pairs(base, data)
+    margin = np.where(data.tie, 0.0, -(r_c - r_r))
+    generated = generated.set_column(generated.schema.get_field_index("margin"), "margin", pa.array(margin, pa.float64()))
+    ties = real.set_column(real.schema.get_field_index("tie"), "tie", pa.array([True] * real.num_rows))
+    weights = options.get("augment_weight")
+    if isinstance(weights, dict):
+        weights = {k: v * share for k, v in weights.items()}
+    elif weights is not None:
+        weights *= share
+    opts = {k: v for k, v in options.items() if k != "val_on"} | {"augment_weight": weights}
+    return SummedModel(base, fit_model(concat([ties, generated]), "residual", home, work, opts))
+
+
 def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[str, Any],
               work: Path) -> list[dict[str, Any]]:
     runs: dict[str, tuple[list[str], dict[str, Any]]] = {"base (real pairs)": ([], options)}
     runs |= {f"+ {g}": ([g], options) for g in GENERATORS if g in args.runs}
     if "all" in args.runs:
         runs["+ all four"] = (list(GENERATORS), options)
+    if "residual" in args.runs:
+        runs[RESIDUAL] = (list(GENERATORS), options)
     if "ref" in args.runs:
         # the noise floor: the base again with other training seeds (the same data and folds)
         runs["ref: base, other training seeds"] = ([], options | {"seed": options.get("seed", 0) + args.train_seeds})
@@ -447,8 +493,11 @@ def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[
             # several training seeds per fold: a head's accuracy moves by a point or two with
             # its seed alone, more than the effects measured here; every metric pools them
             for k in range(args.train_seeds):
-                model = fit_model(table, f"{suite.name}-{len(gens)}", home, work,
-                                  opts | {"seed": opts.get("seed", 0) + k})
+                seeded = opts | {"seed": opts.get("seed", 0) + k}
+                if label == RESIDUAL:
+                    model = fit_residual(fold_training(suite, fold, []), table, home, work, seeded, args.residual_share)
+                else:
+                    model = fit_model(table, f"{suite.name}-{len(gens)}", home, work, seeded)
                 score_fold(model, suite, fold, args, scores)
         scores.seconds = time.perf_counter() - started
         row = {"run": label, **summarise(scores, suite)}
@@ -501,7 +550,7 @@ def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
 
 def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     """Each target checked on the run it concerns and on all four generators together."""
-    rows = [r for r in rows if not r["run"].startswith("ref:")]
+    rows = [r for r in rows if not r["run"].startswith("ref:") and r["run"] != RESIDUAL]
     by = {r["run"]: r for r in rows}
     if not all(f"+ {g}" in by for g in (*GENERATORS, "all four")):
         return [f"{title}: targets are checked when every run is made (--runs {','.join(RUNS)})"]
@@ -511,17 +560,26 @@ def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     def line(name: str, ok: bool, detail: str) -> None:
         out.append(f"{title}: {name} ({TARGETS[name.split()[0]]}): {'MET' if ok else 'NOT MET'} - {detail}")
 
+    def measured(name: str, *runs: dict[str, Any], key: str) -> bool:
+        if all(r[key] is not None for r in (base, *runs)):
+            return True
+        out.append(f"{title}: {name} ({TARGETS[name]}): NOT MEASURED - no probes in this slice of the data")
+        return False
+
     for key in ("mk_listed", "mk_unseen"):
         limit = 0.02 if key == "mk_listed" else 0.05
-        got = [by["+ master_keys"][key], both[key]]
-        line(f"{key}", all(v < limit for v in got),
-             f"base {pct(base[key])}%, +master_keys {pct(got[0])}%, all {pct(got[1])}%")
-    got = [by["+ hard_negatives"]["ci"] - base["ci"], both["ci"] - base["ci"]]
-    line("ci", all(v >= 0.10 for v in got), f"base {pct(base['ci'])}%, +hard_negatives {pct(got[0], True)} pts, "
-         f"all {pct(got[1], True)} pts")
-    got = [by["+ neutral"]["tie_ratio"] / base["tie_ratio"], both["tie_ratio"] / base["tie_ratio"]]
-    line("tie_ratio", all(v <= 0.5 for v in got), f"base {base['tie_ratio']:.2f}, +neutral x{got[0]:.2f}, "
-         f"all x{got[1]:.2f}")
+        if measured(key, by["+ master_keys"], both, key=key):
+            got = [by["+ master_keys"][key], both[key]]
+            line(f"{key}", all(v < limit for v in got),
+                 f"base {pct(base[key])}%, +master_keys {pct(got[0])}%, all {pct(got[1])}%")
+    if measured("ci", by["+ hard_negatives"], both, key="ci"):
+        got = [by["+ hard_negatives"]["ci"] - base["ci"], both["ci"] - base["ci"]]
+        line("ci", all(v >= 0.10 for v in got), f"base {pct(base['ci'])}%, +hard_negatives {pct(got[0], True)} "
+             f"pts, all {pct(got[1], True)} pts")
+    if measured("tie_ratio", by["+ neutral"], both, key="tie_ratio"):
+        got = [by["+ neutral"]["tie_ratio"] / base["tie_ratio"], both["tie_ratio"] / base["tie_ratio"]]
+        line("tie_ratio", all(v <= 0.5 for v in got), f"base {base['tie_ratio']:.2f}, +neutral x{got[0]:.2f}, "
+             f"all x{got[1]:.2f}")
     line("acc", all(r["acc_diff"] >= -0.01 for r in rows[1:]),
          ", ".join(f"{r['run'].lstrip('+ ')} {pct(r['acc_diff'], True)}±{pct(r['acc_diff_se'])}" for r in rows[1:])
          + " pts vs base (± paired standard error)")
@@ -542,6 +600,7 @@ def main() -> None:
     ap.add_argument("--aug-fraction", type=float, default=None,
                     help="share of each generator's output used (default 0.5; quick 0.3)")
     ap.add_argument("--pool-pairs", type=int, default=None, help="cap on real pairs per suite (default all; quick 1000)")
+    ap.add_argument("--ood-pairs", type=int, default=None, help="cap on pairs per OOD set (default all)")
     ap.add_argument("--keys-per-pair", type=int, default=1, help="master keys drawn per seed pair")
     ap.add_argument("--first-sentence", choices=["auto", "on", "off"], default="auto",
                     help="master_keys' first-sentence negatives (auto: off on HH, on elsewhere)")
@@ -554,6 +613,8 @@ def main() -> None:
     ap.add_argument("--ci-pairs", type=int, default=None, help="Contrast-Instructions probes (default 300)")
     ap.add_argument("--ci-min-sim", type=float, default=0.6,
                     help="lowest instruction cosine of a contrast pair, in training (hard_negatives) and probes")
+    ap.add_argument("--residual-share", type=float, default=1.0,
+                    help="the residual-head experiment's generated-pair weights, as a multiple of the recipe's")
     ap.add_argument("--train-seeds", type=int, default=None,
                     help="heads trained per fold with different seeds, metrics pooled (default 3; quick 1)")
     ap.add_argument("--only-folds", type=int, default=None,

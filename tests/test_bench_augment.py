@@ -14,13 +14,14 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 @pytest.mark.realdata
+@pytest.mark.timeout(600)
 def test_augment_benchmark_runs_on_a_small_slice(shared_data, tmp_path) -> None:
     out = tmp_path / "augment.json"
     command = [sys.executable, str(REPO / "benchmarks" / "augment.py"), "--suites", "shared,trajectories",
-               "--home", str(tmp_path / "home"), "--pool-pairs", "120", "--folds", "2", "--probe-prompts", "10",
+               "--home", str(tmp_path / "home"), "--pool-pairs", "120", "--ood-pairs", "40", "--folds", "2", "--probe-prompts", "10",
                "--ood-probe-prompts", "4", "--rewrite-pairs", "30", "--ci-pairs", "10", "--traj-folds", "2",
-               "--traj-repeats", "1", "--runs", "master_keys,causal,neutral,hard_negatives,all", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
+               "--traj-repeats", "1", "--runs", "master_keys,causal,neutral,hard_negatives,all,residual", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=560)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| + all four |" in done.stdout and "| real + all corruptions |" in done.stdout
     verdicts = [line for line in done.stdout.splitlines() if " MET - " in line]
@@ -28,7 +29,7 @@ def test_augment_benchmark_runs_on_a_small_slice(shared_data, tmp_path) -> None:
     results = json.loads(out.read_text())
     runs = {row["run"]: row for row in results["shared"]}
     assert set(runs) == {"base (real pairs)", "+ master_keys", "+ causal", "+ neutral", "+ hard_negatives",
-                         "+ all four"}
+                         "+ all four", "+ all four, residual head (experiment)"}
     base, keys = runs["base (real pairs)"], runs["+ master_keys"]
     assert keys["train_pairs"] > base["train_pairs"] and base["acc_diff"] == 0.0
     assert base["held_out_pairs"] > 60  # every real pair is held out once
