@@ -28,9 +28,9 @@ effects measured. Metrics, pooled over the folds' held-out shares and the seeds:
 Suites: HH-RLHF harmless, and the non-HH shared sets (PandaLM + LLMBar FairEval +
 LLMEval²; Natural and MT-Bench stay out of training). Every run uses ``RECIPE`` below (the
 base too); reference rows repeat the base with other training seeds (the noise floor) and
-base and all-four with the old default "pair" features. One more row is an experiment
-that is not a trainer option yet: a *residual head* (the base, plus a second head trained
-on the generated pairs with margin -Δ_base and on the real pairs as ties, summed). A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
+base and all-four with the old default "pair" features. One more row trains all four
+with ``--residual-of`` the base (reward = base + a residual head fitted to the generated
+pairs with the real pairs as its ties; see factory/trainer/residual.py). A last table trains a trajectory RM on τ-bench airline runs, k-fold by task_id
 over several fold seeds: the training tasks' real success-vs-failure pairs alone, against
 the same plus UI-Genie corruptions of their successful runs, scored on the held-out tasks'
 real pairs.
@@ -427,45 +427,25 @@ def fit_model(table: pa.Table, name: str, home: Path, work: Path, options: dict[
     return result.model
 
 
-RESIDUAL = "+ all four, residual head (experiment)"
-
-
-class SummedModel:
-    """Two reward models read as one: r = base + residual (what scoring in this file needs)."""
-
-    def __init__(self, base: RewardModel, residual: RewardModel):
-        self.base, self.residual = base, residual
-
-    def score(self, prompts: list[Any], responses: list[str], batch_size: int = 64, *, max_length: int | None = None,
-              progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        r_base, cut = self.base.score(prompts, responses, batch_size, max_length=max_length, progress=progress)
-        r_residual, _ = self.residual.score(prompts, responses, batch_size, max_length=max_length, progress=progress)
-        return r_base + r_residual, cut
-
-    def reward(self, prompts: list[Any], responses: list[str]) -> np.ndarray:
-        return self.base.reward(prompts, responses) + self.residual.reward(prompts, responses)
+RESIDUAL = "+ all four, residual on the base"
 
 
 def fit_residual(real: pa.Table, with_generated: pa.Table, home: Path, work: Path, options: dict[str, Any],
-                 share: float) -> SummedModel:
-    """An experiment, not a trainer option yet: the base trained on the real pairs alone, plus
-    a second head trained on the generated pairs with margin -Δ_base (so it learns only what
-    the base gets wrong; r = base + residual) and on the real pairs as ties (so it leaves
-    their order alone). ``share`` scales the recipe's per-generator weights."""
-    base = fit_model(real, "residual-base", home, work, options)
-    generated = with_generated.slice(real.num_rows)
-    data = pair_data(generated)
-    r_c, r_r = score_pairs(base, data)
-    margin = np.where(data.tie, 0.0, -(r_c - r_r))
-    generated = generated.set_column(generated.schema.get_field_index("margin"), "margin", pa.array(margin, pa.float64()))
-    ties = real.set_column(real.schema.get_field_index("tie"), "tie", pa.array([True] * real.num_rows))
+                 share: float) -> RewardModel:
+    """The trainer's residual mode: the base trained on the real pairs alone, then
+    ``--residual-of`` it on real + generated pairs (reward = base + residual; the real pairs
+    are ties for the residual). ``share`` scales the recipe's per-generator weights."""
+    base = train(real, "residual-base", home=home, out=work / f"base-{time.perf_counter_ns()}", mode="head",
+                 robustness=False, progress=False, **options)
     weights = options.get("augment_weight")
     if isinstance(weights, dict):
         weights = {k: v * share for k, v in weights.items()}
     elif weights is not None:
         weights *= share
-    opts = {k: v for k, v in options.items() if k != "val_on"} | {"augment_weight": weights}
-    return SummedModel(base, fit_model(concat([ties, generated]), "residual", home, work, opts))
+    # the real pairs are the residual's ties: their validation loss is not "real" BT any more
+    opts = {k: v for k, v in options.items() if k != "val_on"} | {"augment_weight": weights,
+                                                                 "residual_of": str(base.path)}
+    return fit_model(with_generated, "residual", home, work, opts)
 
 
 def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[str, Any],

@@ -29,7 +29,7 @@ def test_augment_benchmark_runs_on_a_small_slice(shared_data, tmp_path) -> None:
     results = json.loads(out.read_text())
     runs = {row["run"]: row for row in results["shared"]}
     assert set(runs) == {"base (real pairs)", "+ master_keys", "+ causal", "+ neutral", "+ hard_negatives",
-                         "+ all four", "+ all four, residual head (experiment)"}
+                         "+ all four", "+ all four, residual on the base"}
     base, keys = runs["base (real pairs)"], runs["+ master_keys"]
     assert keys["train_pairs"] > base["train_pairs"] and base["acc_diff"] == 0.0
     assert base["held_out_pairs"] > 60  # every real pair is held out once

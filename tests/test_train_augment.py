@@ -152,3 +152,43 @@ def test_new_settings_are_checked_before_training():
         TrainConfig(augment_weight={"gen_a": -1.0}).resolved()
     with pytest.raises(PrefabError, match="augment weight"):
         TrainConfig(augment_weight=float("nan")).resolved()
+
+
+def _keyed(table: pa.Table, key: str) -> pa.Table:
+    """Generated pairs whose rejected answer is a content-free key (master_keys-like)."""
+    made = _generated(table, "master_keys")
+    field = made.schema.field("rejected")
+    return made.set_column(made.schema.get_field_index("rejected"), field, pa.array([key] * made.num_rows, field.type))
+
+
+def test_residual_training_keeps_the_real_order_and_fixes_what_the_base_gets_wrong(tmp_path):
+    from factory.trainer.api import train
+
+    opts = {"mode": "head", "epochs": 8, "batch_size": 16, "max_length": 128, "progress": False, "seed": 0,
+            "val_fraction": 0.2, "home": tmp_path / "home", "robustness": False}
+    real = toy_pairs(40, seed=0)
+    base = train(real, "base", out=tmp_path / "base", **opts)
+    keys = _keyed(toy_pairs(40, seed=1), ":")
+    both = pa.concat_tables([real, keys])
+    result = train(both, "res", out=tmp_path / "res", residual_of=str(tmp_path / "base"), **opts)
+    model = result.model
+    assert model.spec.extra["residual_of"] == str(tmp_path / "base")
+
+    real_data, key_data = pair_data(toy_pairs(30, seed=5)), pair_data(_keyed(toy_pairs(30, seed=6), ":"))
+    b_c, b_r = score_pairs(base.model, real_data)
+    m_c, m_r = score_pairs(model, real_data)
+    assert np.mean((b_c > b_r) == (m_c > m_r)) >= 0.9  # unseen real pairs keep the base's order
+    kb_c, kb_r = score_pairs(base.model, key_data)
+    km_c, km_r = score_pairs(model, key_data)
+    assert np.mean(km_c > km_r) == 1.0 and np.mean(km_c > km_r) > np.mean(kb_c > kb_r) - 1e-9
+    assert np.mean(km_c - km_r) > np.mean(kb_c - kb_r)  # the key now loses by more
+    assert result.metrics["val_accuracy"] is not None
+
+    loaded = load_reward_model(result.path, cache_root=tmp_path / "home" / "embeddings")
+    l_c, _ = score_pairs(loaded, real_data)
+    np.testing.assert_allclose(l_c, m_c, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(PrefabError, match="generated preference pairs"):
+        train(real, "res2", out=tmp_path / "res2", residual_of=str(tmp_path / "base"), **opts)
+    with pytest.raises(PrefabError, match="features"):
+        train(both, "res3", out=tmp_path / "res3", residual_of=str(tmp_path / "base"), features="pair+parts", **opts)

@@ -56,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     train.add_argument("--augment-weight", type=augment_weight, default=None, metavar="W|GEN=W,…",
                        help="generated pairs (by provenance step) together weigh W times the real pairs, "
                             "balanced by generator; or per generator, e.g. master_keys=0.25,neutral=10")
+    train.add_argument("--residual-of", default=None, metavar="MODEL",
+                       help="head mode: train a residual on top of this model (trained on the real pairs): "
+                            "reward = base + residual, fitted to the generated pairs while the real pairs "
+                            "count as ties for it, so their order stays the base's")
     train.add_argument("--val-on", choices=["all", "real"], default=None,
                        help="validation loss (best epoch, early stopping) on all validation pairs or only "
                             "the real, not generated, ones (default all)")
@@ -132,7 +136,7 @@ def run_train(args: argparse.Namespace) -> CommandResult:
             center_coef=args.center_rewards, checkpoint_steps=args.checkpoint_steps,
             max_pairs=args.max_pairs, device=args.device, patience=args.patience,
             features=args.features, head_hidden=args.head_hidden, augment_weight=args.augment_weight,
-            val_on=args.val_on, progress=_progress(args),
+            val_on=args.val_on, residual_of=args.residual_of, progress=_progress(args),
         )
     except TrainingInterrupted as exc:
         print(f"prefab: training stopped at step {exc.step}; checkpoint kept at {exc.checkpoint}; "

@@ -25,6 +25,7 @@ from factory.trainer.data import PairData, kfold_by_prompt, pair_data
 from factory.trainer.evaluate import evaluate_model, score_pairs, score_pairs_truncated
 from factory.trainer.loop import RESUME_KEYS, TrainConfig, fit, read_checkpoint_params
 from factory.trainer.model import META_FILE, HeadFeaturizer, RewardModel, load_reward_model
+from factory.trainer.residual import check_base, combine, residual_data
 from schemas.errors import PrefabError
 
 MODEL_CACHE_SIZE = 4
@@ -32,7 +33,8 @@ MODEL_CACHE_SIZE = 4
 FLAG_OF = {"center_coef": "--center-rewards", "val_fraction": "--val-fraction",
            "batch_size": "--batch-size", "max_length": "--max-length", "max_pairs": "--max-pairs",
            "weight_decay": "--weight-decay", "head_hidden": "--head-hidden",
-           "augment_weight": "--augment-weight", "val_on": "--val-on", "features": "--features"}
+           "augment_weight": "--augment-weight", "val_on": "--val-on", "features": "--features",
+           "residual_of": "--residual-of"}
 
 
 @dataclass
@@ -184,9 +186,14 @@ def train(
     cat = _catalog(home) if data_ref is not None else None
 
     pairs = pair_data(table)
-    result = fit(pairs, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
-                 cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
-    result.model.save(work)
+    base_model = None
+    if cfg.residual_of:
+        base_model = load_model(cfg.residual_of, home)
+        check_base(base_model, cfg.mode, cfg.base, cfg.features)
+    result = fit(residual_data(pairs, base_model) if base_model else pairs, cfg, checkpoint_dir=checkpoint_dir,
+                 resume=resume, cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
+    model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
+    model.save(work)
     folder = work
     if out is None:
         taken = [int(p.name[1:]) for p in work.parent.glob("v*") if p.name[1:].isdigit()]
@@ -209,7 +216,8 @@ def train(
         "pairs_per_second": round(result.pairs_per_second, 3),
         "train_loss": kept.get("train_loss"),
         "val_loss": kept.get("val_loss"),
-        "val_accuracy": kept.get("val_accuracy"),
+        "val_accuracy": (kept.get("val_accuracy") if base_model is None
+                         else _accuracy(model, pairs.subset(result.val_idx))),
         "max_length": cfg.max_length,
         "truncated_pairs": result.stats["truncated_pairs"],
         "truncated_share": round(result.stats["truncated_share"], 6),
@@ -222,14 +230,23 @@ def train(
         for item in evals:
             eval_table, eval_ref = _load_data(item, home)
             key = eval_ref or f"table{len(metrics['eval'])}"
-            metrics["eval"][key] = evaluate_model(result.model, pair_data(eval_table),
+            metrics["eval"][key] = evaluate_model(model, pair_data(eval_table),
                                                   robustness=robustness, seed=cfg.seed, home=home,
                                                   progress=cfg.progress)
     params = {**cfg.as_params(), "resume": resume}
     registered = None
     if cat is not None and data_ref is not None:
         registered = cat.register_model(name, folder, data_ref, metrics, params)
-    return TrainResult(name, folder, data_ref, metrics, params, result.model, registered)
+    return TrainResult(name, folder, data_ref, metrics, params, model, registered)
+
+
+def _accuracy(model: RewardModel, data: PairData) -> float | None:
+    """Pairwise accuracy of ``model`` over the preference pairs of ``data`` (None: none)."""
+    keep = ~data.tie
+    if len(data) == 0 or not keep.any():
+        return None
+    r_c, r_r = score_pairs(model, data)
+    return float((r_c[keep] > r_r[keep]).mean())
 
 
 def with_rewards(table: pa.Table, r_chosen: np.ndarray, r_rejected: np.ndarray) -> pa.Table:

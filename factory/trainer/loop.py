@@ -48,6 +48,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 # Settings a checkpoint records: --resume takes them from there, and they must not change.
 RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "weight_decay", "max_length", "seed",
                "val_fraction", "center_coef", "head_hidden", "max_pairs", "patience", "augment_weight",
+               "residual_of",
                "val_on", "features")
 
 
@@ -85,6 +86,9 @@ class TrainConfig:
     # the validation prompts, or only the "real" ones (no generated pair), so augmentation
     # cannot trade the real pairs' fit for easy generated ones unnoticed.
     val_on: str = "all"
+    # Head mode: train a residual on top of this base model (name, name@N or folder): reward =
+    # base + residual, fitted to the generated pairs with the real pairs' order kept.
+    residual_of: str | None = None
     max_pairs: int | None = None  # cap on training pairs (benchmarks, smoke runs)
     device: str | None = None  # None: CUDA when present, else CPU
     bf16: bool | None = None  # None: on CUDA with bf16 support

@@ -61,6 +61,20 @@ class RewardHead(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+class SummedHead(nn.Module):
+    """A base head and a residual head over the same features: reward = base + residual.
+
+    The base is frozen (trained on real pairs); the residual was trained on what the base
+    gets wrong (see :mod:`factory.trainer.residual`)."""
+
+    def __init__(self, base: RewardHead, residual: RewardHead):
+        super().__init__()
+        self.base, self.residual = base, residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.residual(x)
+
+
 class HeadFeaturizer:
     """Embeds (prompt, response) with the frozen encoder of the shared embedding service.
 
@@ -145,7 +159,7 @@ class RewardModel:
         self,
         spec: ModelSpec,
         *,
-        head: RewardHead | None = None,
+        head: nn.Module | None = None,
         featurizer: HeadFeaturizer | None = None,
         hf_model: Any = None,
         tokenizer: Any = None,
@@ -253,7 +267,10 @@ def load_reward_model(
     dev = backbones.pick_device(str(device) if device is not None else None)
     if spec.mode == "head":
         featurizer = HeadFeaturizer(spec.base, spec.max_length, cache_root, dev, features=spec.features)
-        head = RewardHead(spec.feature_dim, spec.head_hidden).to(dev)
+        head: nn.Module = RewardHead(spec.feature_dim, spec.head_hidden)
+        if "residual_of" in spec.extra:
+            head = SummedHead(RewardHead(spec.feature_dim, spec.extra["base_head_hidden"]), head)
+        head = head.to(dev)
         head.load_state_dict(torch.load(folder / "head.pt", map_location=dev, weights_only=True))
         return RewardModel(spec, head=head, featurizer=featurizer, device=dev)
     hf_dir = str(folder / "hf")

@@ -1,0 +1,55 @@
+"""Residual training: robustness from generated pairs without moving the real pairs' order.
+
+A base head-mode model is trained on real pairs. The residual head is trained on the same
+features with the base's rewards as an offset: each generated preference pair gets the
+margin ``margin - Δ_base`` (so Bradley–Terry on the residual is Bradley–Terry on base +
+residual: it learns only what the base gets wrong), and every real pair becomes a tie (so
+the residual stays flat where the base's order came from). The saved model is one head,
+base + residual (:class:`~factory.trainer.model.SummedHead`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from factory.trainer.data import PairData
+from factory.trainer.evaluate import score_pairs
+from factory.trainer.model import RewardHead, RewardModel, SummedHead
+from schemas.errors import PrefabError
+
+
+def check_base(base: RewardModel, mode: str, encoder: str, features: str) -> None:
+    """The residual reads the base's features: the same head mode, encoder and features."""
+    if base.spec.mode != "head" or mode != "head":
+        raise PrefabError("residual training is for head-mode models (base and new)")
+    if "residual_of" in base.spec.extra:
+        raise PrefabError("the base model is itself residual: train the residual on its own base")
+    if (base.spec.base, base.spec.features) != (encoder, features):
+        raise PrefabError(f"the base model reads {base.spec.features!r} features of {base.spec.base!r}; "
+                          f"the residual must too (got {features!r} of {encoder!r})")
+
+
+def residual_data(data: PairData, base: RewardModel) -> PairData:
+    """``data`` relabelled for the residual: generated preference pairs offset by the base's
+    reward gap, real pairs as ties. Generated ties stay ties."""
+    generated = data.generated
+    preference = generated & ~data.tie
+    if not preference.any():
+        raise PrefabError("residual training needs generated preference pairs (from a generator) in the data")
+    r_c, r_r = score_pairs(base, data)
+    margin = np.where(preference, data.margin - (r_c - r_r), data.margin).astype(np.float32)
+    return replace(data, margin=margin, tie=data.tie | ~generated)
+
+
+def combine(base: RewardModel, residual: RewardModel, base_ref: str) -> RewardModel:
+    """One model whose reward is base + residual."""
+    assert isinstance(base.head, RewardHead) and isinstance(residual.head, RewardHead)
+    extra = {**residual.spec.extra, "residual_of": base_ref, "base_head_hidden": base.spec.head_hidden}
+    spec = replace(residual.spec, extra=extra)
+    head = SummedHead(base.head, residual.head).to(residual.device).eval()
+    return RewardModel(spec, head=head, featurizer=residual.featurizer, device=residual.device)
+
+
+__all__ = ["check_base", "combine", "residual_data"]
