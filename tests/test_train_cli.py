@@ -193,6 +193,10 @@ def test_cli_training_options_for_augmented_sets(home, capsys):
     code, _, err = _run(capsys, ["train", "--data", "toy", "--name", "rm-w", "--home", str(home),
                                  "--augment-weight", "master_key=0.25", *FAST])
     assert code != 0 and "'master_key': not a generator" in err and "master_keys" in err
+    # --residual-of reaches the trainer: toy has no generated pairs for a residual to learn from
+    code, _, err = _run(capsys, ["train", "--data", "toy", "--name", "rm-r", "--home", str(home),
+                                 "--residual-of", "rm-parts", "--features", "pair+parts", *FAST])
+    assert code != 0 and "needs generated preference pairs" in err
     with pytest.raises(SystemExit):
         main(["train", "--data", "toy", "--name", "rm-x", "--home", str(home), "--augment-weight", "keys=lots"])
     assert "expected W or GEN=W" in capsys.readouterr().err

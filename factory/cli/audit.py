@@ -48,24 +48,13 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     apply.set_defaults(handler=run_review_apply)
 
 
-def _settings(pairs: list[str]) -> dict[str, str]:
-    from schemas.errors import PrefabError
-
-    out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PrefabError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = value
-    return out
-
-
 def run_audit(args: argparse.Namespace) -> CommandResult:
     from factory.audit import audit, summary_text
+    from factory.steps.params import parse_settings
 
     progress = False if (args.no_progress or args.json) else None
     summary = audit(args.ref, home=home_from(args), model=args.model, html=args.html, compute=not args.no_compute,
-                    top=args.top, settings=_settings(args.set), seed=args.seed, progress=progress)
+                    top=args.top, settings=parse_settings(args.set), seed=args.seed, progress=progress)
     return CommandResult(summary, summary_text(summary))
 
 
