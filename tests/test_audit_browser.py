@@ -79,3 +79,44 @@ def test_report_renders_and_its_decisions_apply(home: Path, tmp_path: Path, cli)
     fixed = {row["pair_id"]: row for row in Catalog(home).read_table(r["ref"]).to_pylist()}
     original = toy_pairs(40, ties=4).to_pylist()[PLANTED[0]]
     assert fixed[original["pair_id"]]["chosen"] == original["chosen"]  # the planted flip is undone
+
+
+# Appended to a copy of the report: measures where the suspects' cells and the plots land.
+_MEASURE = """<script>
+const vw = document.documentElement.clientWidth, out = {vw, page: document.documentElement.scrollWidth, cells: []};
+document.querySelectorAll('tr.suspect').forEach(tr => [5, 6, 7].forEach(i => {
+  const r = tr.children[i].getBoundingClientRect();
+  out.cells.push({column: i, left: r.left, right: r.right, width: r.width});
+}));
+out.plots = [...document.querySelectorAll('figure.plot svg')].map(s => s.getBoundingClientRect().right);
+const pre = document.createElement('pre'); pre.id = 'measure'; pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>"""
+
+
+def test_narrow_window_keeps_suspects_and_plots_on_screen(home: Path, tmp_path: Path) -> None:
+    """At 500 px the prompt, chosen, rejected and decision cells of every suspect, and every
+    plot, lie inside the viewport without scrolling sideways."""
+    import factory.audit
+    from factory.catalog import Catalog
+
+    table = _flip_rows(toy_pairs(40, ties=4), PLANTED)
+    for name, column in _fake_noise(table, PLANTED).items():
+        table = table.append_column(name, column)
+    ref = Catalog(home).commit("noisy", table).ref
+    page = tmp_path / "audit.html"
+    factory.audit(ref, compute=False, html=page, top=8)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _MEASURE + "</body>"))
+
+    dom = _chromium("--window-size=500,900", "--dump-dom", probe.as_uri(), cwd=tmp_path).stdout
+    start = dom.index('<pre id="measure">') + len('<pre id="measure">')
+    got = json.loads(dom[start:dom.index("</pre>", start)].replace("&quot;", '"').replace("&amp;", "&"))
+    vw = got["vw"]
+    assert 400 <= vw <= 500, got  # the window really is narrow
+    assert len(got["cells"]) == 8 * 3
+    for cell in got["cells"]:
+        assert cell["left"] >= 0 and cell["right"] <= vw + 0.5, cell
+        assert cell["width"] >= 0.6 * vw or cell["column"] == 7, cell  # text gets the full width
+    assert all(right <= vw + 0.5 for right in got["plots"]), got["plots"]
+    assert got["page"] <= vw, got  # nothing scrolls the page sideways
