@@ -116,7 +116,8 @@ def svg_histogram(series: Sequence[tuple[str, np.ndarray, str]], title: str, xla
     if zero_line and lo < 0 < hi:
         x = left + (0 - lo) / (hi - lo) * width
         parts.append(f'<line class="zero" x1="{x:.1f}" y1="{plot_t - 4}" x2="{x:.1f}" y2="{axis_y}" stroke="#333" '
-                     f'stroke-dasharray="4 3"><title>0: no preference</title></line>')
+                     f'stroke-dasharray="4 3"><title>0: no preference</title></line>'
+                     f'<text x="{x:.1f}" y="{plot_t - 8}" text-anchor="middle">0</text>')
     if log:
         ticks: list[tuple[float, str]] = [(float(t), str(t)) for t in _log_ticks(top)]
         if ticks and scaled(top) - scaled(ticks[-1][0]) > 12:
@@ -246,14 +247,15 @@ def plots(summary: dict[str, Any], frame: pl.DataFrame, margins: np.ndarray | No
 _CSS = """
 *{box-sizing:border-box}
 body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 16px;max-width:1200px;color:#222;
-overflow-wrap:anywhere}
+overflow-wrap:break-word}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px}
 .card b{display:block;font-size:18px}figure{margin:12px 0;max-width:640px}
 figure svg{display:block;width:100%;height:auto}figcaption{font-size:13px;color:#555}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;text-align:left}
-.text{white-space:pre-wrap;max-width:340px;max-height:220px;overflow:auto}
+.text{white-space:pre-wrap;max-width:340px;max-height:220px;overflow:auto;overflow-wrap:anywhere}
+td.decision{white-space:nowrap}
 tr.flip{background:#fff4d6}tr.drop{background:#fde2e2}tr.keep{background:#e6f4ea}
 #save{font-size:14px;padding:6px 14px}pre{white-space:pre-wrap}.warn{color:#8a4b00}
 @media (max-width:760px){
@@ -263,8 +265,12 @@ body{margin:12px auto;padding:0 8px}
 #suspects tr.suspect{border:1px solid #bbb;border-radius:6px;margin:0 0 12px;padding:4px}
 #suspects td{border:0;border-bottom:1px solid #eee}
 #suspects td::before{content:attr(data-label);display:block;font-weight:600;color:#555}
+#suspects td.index,#suspects td.suspicion{display:inline-block;width:auto;border:0;margin-right:24px}
+#suspects td.index::before,#suspects td.suspicion::before{display:inline;margin-right:6px}
+#suspects td.index br,#suspects td.suspicion br,#suspects td.decision br{display:none}
+#suspects td small,#suspects td.suspicion b{margin-left:6px}
 #suspects .text{max-width:none}
-#suspects td.decision br{display:none}#suspects td.decision label{margin-right:18px}
+#suspects td.decision label{margin-right:18px}
 }
 """
 
@@ -439,7 +445,7 @@ def _suspect_row(i: int, s: dict[str, Any]) -> str:
     shown = f"{suspicion:.3f}" if isinstance(suspicion, int | float) else _e(suspicion)
     row_attr = f' data-row="{_e(row)}"' if row is not None else ""
     cells = [
-        ("#", f"{i + 1}" + (f"<br><small>row {_e(row)}</small>" if row is not None else "")),
+        ("index", f"{i + 1}" + (f"<br><small>row {_e(row)}</small>" if row is not None else "")),
         ("suspicion", shown + ("<br><b>flagged</b>" if s.get("flagged") else "")),
         ("signals", _signals_cell(s)),
         ("group", "<br>".join(_e(s.get(k)) for k in ("source", "step", "attribute", "task"))),
@@ -448,7 +454,8 @@ def _suspect_row(i: int, s: dict[str, Any]) -> str:
         ("rejected", f'<div class="text">{_e(s.get("rejected"))}</div>'),
         ("decision", radios),
     ]
-    tds = "".join(f'<td class="{name}" data-label="{name}">{content}</td>' for name, content in cells)
+    tds = "".join(f'<td class="{name}" data-label="{"#" if name == "index" else name}">{content}</td>'
+                  for name, content in cells)
     return f'<tr class="suspect"{row_attr} data-pair-id="{_e(s.get("pair_id"))}">{tds}</tr>'
 
 
