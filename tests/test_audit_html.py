@@ -300,3 +300,23 @@ def test_margin_plot_without_generated_pairs_has_one_series(home: Path) -> None:
     frame = frame.drop("provenance")
     svg = _figure(render_html(summary, frame), "margin")
     assert "real (40)" in svg and "generated" not in svg
+
+
+def test_a_part_the_report_does_not_know_gets_its_own_section(home: Path) -> None:
+    """What a filtered version's filter removed (a part added to the summary after this
+    report was written) shows as a table rather than only in the JSON dump."""
+    from factory.audit.report import render_html
+
+    frame, summary = _frame_and_summary(home)
+    summary["removed"] = {"by": "noise@2", "rows_removed": 2,
+                          "pairs": [{"pair_id": "a1", "reason": "suspicion 0.91"},
+                                    {"pair_id": "b2", "reason": "suspicion 0.88", "action": "drop"}]}
+    summary["empty_part"] = None
+    page = render_html(summary, frame)
+    section = page.split('<section class="part" data-part="removed">', 1)[1].split("</section>", 1)[0]
+    assert section.startswith("<h2>Removed by the filter</h2>")
+    assert "<th>rows_removed</th><td>2</td>" in section
+    assert "<tr><th>pair_id</th><th>reason</th><th>action</th></tr>" in section
+    assert "<td>b2</td><td>suspicion 0.88</td><td>drop</td>" in section
+    assert "<td>a1</td><td>suspicion 0.91</td><td>n/a</td>" in section
+    assert 'data-part="empty_part"' not in page
