@@ -381,8 +381,7 @@ def _value_html(value: Any, depth: int = 0) -> str:
     """Any JSON-like summary part as escaped tables: a dict as key/value rows, a list of dicts
     as one row each (the first 100), anything deeper as JSON text."""
     if depth >= 3:
-        return _scalar(value if isinstance(value, str | int | float | bool) or value is None
-                       else json.dumps(value, default=str))
+        return _scalar(value)
     if isinstance(value, dict):
         rows = "".join(f"<tr><th>{_e(k)}</th><td>{_value_html(v, depth + 1)}</td></tr>" for k, v in value.items())
         return f'<div class="scroll"><table class="kv">{rows}</table></div>'
