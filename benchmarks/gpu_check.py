@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import factory  # noqa: E402
-from factory.trainer import backbones  # noqa: E402
+from factory.trainer import backbones, loop  # noqa: E402
 from factory.trainer.data import PairData, pair_data, split_by_prompt  # noqa: E402
 
 DEMO_PAIRS = ROOT / "examples" / "seeds" / "demo_pairs.jsonl"
@@ -97,6 +97,7 @@ class Probe:
     module: torch.nn.Module | None = None
     linear_dtypes: tuple[str, ...] = ()
     layer_forwards: int = 0
+    checkpoint_seconds: float = 0.0  # the trainer's resume checkpoints, written in its loop
 
 
 def _first_layer_linear(model: torch.nn.Module) -> torch.nn.Module:
@@ -123,19 +124,26 @@ def _attach(model: torch.nn.Module, probe: Probe) -> None:
 
 @contextmanager
 def observed(probe: Probe) -> Iterator[None]:
-    """Hook the model the trainer loads (backbones.load_seqcls) for the length of a run."""
-    original: Callable[..., Any] = backbones.load_seqcls
+    """Hook the model the trainer loads (backbones.load_seqcls) and time its checkpoint
+    writes (TRL's runs here write none) for the length of a run."""
+    load: Callable[..., Any] = backbones.load_seqcls
+    save: Callable[..., Any] = loop._save_checkpoint
 
     def load_and_attach(path: str, device: torch.device) -> Any:
-        model = original(path, device)
+        model = load(path, device)
         _attach(model, probe)
         return model
 
-    backbones.load_seqcls = load_and_attach
+    def timed_save(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        save(*args, **kwargs)
+        probe.checkpoint_seconds += time.perf_counter() - started
+
+    backbones.load_seqcls, loop._save_checkpoint = load_and_attach, timed_save
     try:
         yield
     finally:
-        backbones.load_seqcls = original
+        backbones.load_seqcls, loop._save_checkpoint = load, save
 
 
 @contextmanager
@@ -166,8 +174,9 @@ class Row:
     pairs: str = ""
     epochs: int = 0
     wall_s: float | None = None  # the whole train() call: load, tokenise, loop, save
-    loop_s: float | None = None  # the optimisation loop (with validation)
-    pairs_s: float | None = None  # training pairs per second of the loop
+    loop_s: float | None = None  # the optimisation loop (with validation and checkpoints)
+    ckpt_write_s: float | None = None  # of which writing resume checkpoints
+    pairs_s: float | None = None  # training pairs per second of the loop, checkpoints apart
     peak_gib: float | None = None
     loss_first: float | None = None
     loss_last: float | None = None
@@ -195,8 +204,9 @@ def prefab_row(label: str, table: pa.Table, base: str, work: Path, *, epochs: in
     losses = [h["train_loss"] for h in m["history"]]
     row = Row(model=label, params_m=sum(p.numel() for p in probe.module.parameters()) / 1e6,
               pairs=f"{m['train_pairs']}/{m['val_pairs']}", epochs=m["epochs_run"], wall_s=wall,
-              loop_s=m["train_seconds"], pairs_s=m["train_seconds"] and
-              m["train_pairs"] * m["epochs_run"] / m["train_seconds"],
+              loop_s=m["train_seconds"], ckpt_write_s=probe.checkpoint_seconds,
+              pairs_s=m["train_pairs"] * m["epochs_run"]
+              / max(m["train_seconds"] - probe.checkpoint_seconds, 1e-9),
               peak_gib=peak["peak_gib"], loss_first=losses[0], loss_last=losses[-1],
               val_acc=m["val_accuracy"], bf16="/".join(probe.linear_dtypes),
               fwd_per_step=probe.layer_forwards / m["steps"] if m["steps"] else None,
@@ -253,6 +263,7 @@ def trl_row(label: str, data: PairData, base: str, *, epochs: int, batch_size: i
     steps = output.global_step
     row = Row(model=label, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
               pairs=f"{len(train)}/{len(val)}", epochs=epochs, wall_s=None, loop_s=seconds,
+              ckpt_write_s=0.0,
               pairs_s=len(train) * epochs / seconds, peak_gib=peak["peak_gib"],
               loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
               val_acc=float((r_c[keep] > r_r[keep]).mean()) if keep.any() else None,
@@ -274,7 +285,8 @@ def _cell(value: Any, digits: int = 1) -> str:
 
 
 def table_text(rows: list[Row]) -> str:
-    header = ("model", "params M", "pairs train/val", "epochs", "wall s", "loop s", "pairs/s",
+    header = ("model", "params M", "pairs train/val", "epochs", "wall s", "loop s",
+              "ckpt write s", "pairs/s",
               "peak GPU GiB", "train loss first→last", "val acc %", "bf16 (observed)",
               "grad ckpt (fwd/step)", "note")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -284,7 +296,7 @@ def table_text(rows: list[Row]) -> str:
         ckpt = "n/a" if r.fwd_per_step is None else (
             f"{'on' if r.fwd_per_step >= 1.5 else 'off'} ({r.fwd_per_step:.1f})")
         cells = [r.model, _cell(r.params_m), r.pairs or "n/a", _cell(r.epochs or None),
-                 _cell(r.wall_s), _cell(r.loop_s), _cell(r.pairs_s), _cell(r.peak_gib, 2), loss,
+                 _cell(r.wall_s), _cell(r.loop_s), _cell(r.ckpt_write_s), _cell(r.pairs_s), _cell(r.peak_gib, 2), loss,
                  _cell(None if r.val_acc is None else 100 * r.val_acc), r.bf16 or "n/a", ckpt,
                  r.note]
         lines.append("| " + " | ".join(cells) + " |")
@@ -330,24 +342,36 @@ def run(args: argparse.Namespace) -> list[Row]:
                 rows.append(row)
                 print(f"  {label}: wall {row.wall_s:.1f}s, loop {row.loop_s:.1f}s", flush=True)
 
+        # The trainer's defaults (or --bf16/--grad-ckpt) first, then, off the tiny run, each
+        # switch alone and both off: what bf16 and checkpointing cost or save on each model.
+        # The tiny decoder goes first: it also warms CUDA up for the rows that compare.
         decoder = random_backbone(tmp / "tiny-llama", "llama", minilm, "tiny")
         add("tiny Llama (random)", decoder, args.epochs, bf16, ckpt)
         encoder = (random_backbone(tmp / "tiny-bert", "bert", minilm, "tiny") if args.tiny
                    else minilm)
         name = "tiny BERT (random)" if args.tiny else "MiniLM-L6"
+        ablations = [(", fp32, no ckpt", False, False)]
+        if not args.tiny:
+            ablations += [(", bf16, no ckpt", True, False), (", fp32, ckpt", False, True)]
+        for suffix, b, c in ablations:
+            add(name + suffix, encoder, args.epochs, b, c)
         add(name, encoder, args.epochs, bf16, ckpt)
-        add(f"{name}, fp32, no ckpt", encoder, args.epochs, False, False)
         if not args.tiny and not args.skip_large:
             large = random_backbone(tmp / "llama-200m", "llama", minilm, "200m")
+            add("Llama ~200M (random), fp32, no ckpt", large, args.large_epochs, False, False)
             add("Llama ~200M (random)", large, args.large_epochs, bf16, ckpt)
         if not args.skip_trl:
-            label = f"{name} via TRL RewardTrainer"
-            with reported(rows, label):
-                rows.append(trl_row(label, data, encoder, epochs=args.epochs,
-                                    batch_size=args.batch_size, max_length=args.max_length,
-                                    lr=args.lr, val_fraction=args.val_fraction,
-                                    bf16=bf16 is not False, grad_ckpt=ckpt is not False))
-                print(f"  TRL: loop {rows[-1].loop_s or 0:.1f}s; {rows[-1].note}", flush=True)
+            trl_runs = [("", bf16 is not False, ckpt is not False)]
+            if not args.tiny:
+                trl_runs.append((", fp32, no ckpt", False, False))
+            for suffix, b, c in trl_runs:
+                label = f"{name} via TRL RewardTrainer{suffix}"
+                with reported(rows, label):
+                    rows.append(trl_row(label, data, encoder, epochs=args.epochs,
+                                        batch_size=args.batch_size, max_length=args.max_length,
+                                        lr=args.lr, val_fraction=args.val_fraction,
+                                        bf16=b, grad_ckpt=c))
+                    print(f"  {label}: loop {rows[-1].loop_s:.1f}s", flush=True)
     return rows
 
 
