@@ -241,8 +241,9 @@ def last_user_text(prompt: Sequence[dict[str, str]] | None) -> str:
 CHUNK_ROWS = 4096
 
 
-def chunks(n: int, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive chunks covering ``range(n)``."""
+def chunks(n: int, rows: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of ``rows`` (default :data:`CHUNK_ROWS`) covering ``range(n)``."""
+    rows = rows or CHUNK_ROWS
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
@@ -290,7 +291,7 @@ def row_mask(table: pa.Table, columns: Sequence[str], test: Callable[[dict[str, 
 
 def pick_donors(positions: np.ndarray, rows: np.ndarray, candidates: np.ndarray,
                 features: Callable[[np.ndarray], Sequence[Any]], score: Callable[[Any, Any], float | None], *,
-                take: int = 8, window: int = 256, block: int = CHUNK_ROWS) -> np.ndarray:
+                take: int = 8, window: int = 256, block: int | None = None) -> np.ndarray:
     """For each of ``rows``, the best of the first ``take`` acceptable candidates after it on a ring.
 
     ``positions`` are per-row hashes in [0, 1) (``ctx.row_uniform`` of the pair ids), so a
@@ -311,7 +312,7 @@ def pick_donors(positions: np.ndarray, rows: np.ndarray, candidates: np.ndarray,
     steps = min(window, size)
     starts = np.searchsorted(positions[ring], positions[rows], side="right") % size
     order = np.argsort(starts, kind="stable")
-    for members in _ring_blocks(starts, order, steps, block, size):
+    for members in _ring_blocks(starts, order, block or CHUNK_ROWS):
         first, last = int(starts[members[0]]), int(starts[members[-1]])
         span = np.arange(first, last + steps) % size if last + steps - first < size else np.arange(size)
         needed = np.unique(np.concatenate([rows[members], ring[span]]))
@@ -336,8 +337,7 @@ def pick_donors(positions: np.ndarray, rows: np.ndarray, candidates: np.ndarray,
     return out
 
 
-def _ring_blocks(starts: np.ndarray, order: np.ndarray, steps: int, block: int,
-                 size: int) -> Iterator[np.ndarray]:
+def _ring_blocks(starts: np.ndarray, order: np.ndarray, block: int) -> Iterator[np.ndarray]:
     """Rows in ring order, cut so a block spans at most ``block`` rows and ring positions."""
     begin = 0
     for end in range(1, len(order) + 1):
