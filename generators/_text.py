@@ -4,7 +4,9 @@ Rule-based rewrites must touch exactly what they mean to touch, so everything he
 about finding spans reliably: code (never rewritten), list blocks (items, markers and
 the gaps between them, so a list can be reassembled byte for byte), sentence and line
 boundaries, numbers, and the content words a neutral rewrite has to keep. Donor picking
-(another seed's prompt or answer) lives here too because both generators need it.
+(another seed's prompt or answer) and output assembly (merging the pairs repeated seeds
+make) live here too: they span the whole seed table, reading texts a chunk at a time, so
+a generator's output depends neither on row order nor on how the table is split.
 """
 
 from __future__ import annotations
@@ -224,16 +226,6 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b)
 
 
-def last_user_text(prompt: Sequence[dict[str, str]] | None) -> str:
-    """The instruction the answer responds to: the last user message (else the last one)."""
-    if not prompt:
-        return ""
-    for message in reversed(prompt):
-        if message.get("role") == "user":
-            return message.get("content") or ""
-    return prompt[-1].get("content") or ""
-
-
 # ---- table-wide work in bounded memory ---------------------------------------------------------
 
 # Rows held as Python objects at once. The steps read the whole table (cross-row work must
@@ -351,7 +343,8 @@ def _ring_blocks(starts: np.ndarray, order: np.ndarray, block: int) -> Iterator[
 
 @dataclass
 class Made:
-    """One generated pair before assembly; rows index the whole seed table."""
+    """One generated pair before assembly; rows index the seed table (or a chunk of it, which
+    :func:`made_table` shifts to table positions)."""
 
     row: int  # the seed it came from
     prompt_row: int  # the seed whose prompt it is asked under (another seed's for a re-pairing)
@@ -439,7 +432,6 @@ def skipped_ties(table: pa.Table) -> int:
     """Tie-labelled seeds with a chosen answer (left out unless ``include_ties``)."""
     has_answer = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(table.column("chosen"), ""))), 0)
     return int(pc.sum(pc.and_(pc.fill_null(table.column("tie"), False), has_answer)).as_py() or 0)
-
 
 
 def value_counts(values: pa.ChunkedArray | pa.Array) -> dict[str, int]:

@@ -62,7 +62,6 @@ from factory.steps.llm import (
     merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
 from generators._text import (
     NUMBER,
@@ -74,7 +73,6 @@ from generators._text import (
     content_tokens,
     find_lists,
     jaccard,
-    last_user_text,
     made_table,
     mask_code,
     number_rules,
@@ -88,6 +86,7 @@ from generators._text import (
     value_counts,
     word_set,
 )
+from schemas.prompts import last_user_text, prompt_text
 
 ATTRIBUTES: tuple[str, ...] = ("correctness", "completeness", "relevance", "coherence")
 
@@ -410,7 +409,7 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
     if params.mode != "llm":
         return []
     _, usable, chosen, rejected = _llm_seeds(table, params)
-    prompts = [text_of(p) for p in table.column("prompt").to_pylist()]
+    prompts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
     first = [Call(i, {"prompt": prompts[i], "answer": chosen[i]}) for i in usable]
     stand_in = {"attribute": "(an attribute from the listing)", "description": "(its one-sentence description)"}
     rewrites = [Call(i, {"prompt": prompts[i], "answer": chosen[i], **stand_in})
@@ -452,7 +451,7 @@ def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
     llm = LLMMap(ctx, what="an LLM (causal mode=llm)")
     empty, usable, chosen, rejected = _llm_seeds(table, params)
     n = table.num_rows
-    prompt_text = [text_of(p) for p in table.column("prompt").to_pylist()]
+    prompt_texts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
     tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * n
 
     def check_listing(value: dict, call: Call) -> str | None:
@@ -461,7 +460,7 @@ def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
             return "the LLM listed no attribute"
         return None
 
-    listed = llm.run(LIST_ATTRIBUTES, [Call(i, {"prompt": prompt_text[i], "answer": chosen[i]}) for i in usable],
+    listed = llm.run(LIST_ATTRIBUTES, [Call(i, {"prompt": prompt_texts[i], "answer": chosen[i]}) for i in usable],
                      check=check_listing, temperature=params.temperature)
     picked: dict[int, list[tuple[str, str]]] = {}
     for reply in listed:
@@ -483,7 +482,7 @@ def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
             return f"rewrite for {call.tag} is the unchanged answer"
         return None
 
-    rewrite_calls = [Call(i, {"prompt": prompt_text[i], "answer": chosen[i], "attribute": key,
+    rewrite_calls = [Call(i, {"prompt": prompt_texts[i], "answer": chosen[i], "attribute": key,
                               "description": description}, tag=key)
                      for i in usable if i in picked for key, description in picked[i]]
     degraded = llm.run(DEGRADE, rewrite_calls, check=check_rewrite, temperature=params.temperature,

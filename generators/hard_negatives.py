@@ -36,6 +36,7 @@ import pyarrow as pa
 from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
 from schemas.errors import PrefabError
 from schemas.pairs import MESSAGE_TYPE, prompt_id_of
+from schemas.prompts import last_user_text
 
 Scorer = Callable[[pa.Table], tuple[np.ndarray, np.ndarray]]
 
@@ -70,15 +71,6 @@ class HardNegativesParams:
                              f"({self.max_similarity})")
         if self.mode != "contrast" and not self.model:
             raise ValueError(f"parameter 'model' is required with mode={self.mode} (--set model=NAME)")
-
-
-def instruction_of(prompt: list[dict[str, Any]] | None) -> str:
-    """What a prompt asks: its last user turn (the whole prompt when it has none)."""
-    messages = prompt or []
-    for message in reversed(messages):
-        if message.get("role") == "user" and (message.get("content") or "").strip():
-            return message["content"]
-    return "\n".join(m.get("content") or "" for m in messages)
 
 
 def _normalise(text: str) -> str:
@@ -155,7 +147,7 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
         if not (chosen[row] or "").strip():
             failed.append((row, "chosen answer is empty: nothing to contrast"))
             continue
-        if not instruction_of(prompts[row]).strip():
+        if not last_user_text(prompts[row]).strip():
             failed.append((row, "prompt has no text to embed"))
             continue
         answers.setdefault(prompt_ids[row], set()).add(chosen[row].strip())
@@ -166,12 +158,12 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
     rows = list(first.values())
     stats["prompts"] = len(rows)
     seeds_of_prompt = Counter(prompt_ids[r] for r in range(table.num_rows)
-                              if not ties[r] and (chosen[r] or "").strip() and instruction_of(prompts[r]).strip())
+                              if not ties[r] and (chosen[r] or "").strip() and last_user_text(prompts[r]).strip())
     if len(rows) < 2:
         stats["prompts_without_look_alike"] = len(rows)
         stats["seeds_without_look_alike"] = sum(seeds_of_prompt.values())
         return _empty(), failed, stats
-    instructions = [instruction_of(prompts[r]) for r in rows]
+    instructions = [last_user_text(prompts[r]) for r in rows]
     vectors = ctx.embed(instructions)
     from factory.embed import top_k_neighbours
 

@@ -62,7 +62,6 @@ from factory.steps.llm import (
     merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
 from generators._text import (
     Made,
@@ -75,7 +74,6 @@ from generators._text import (
     is_code_only,
     jaccard,
     keeps_content,
-    last_user_text,
     made_table,
     mask_code,
     number_rules,
@@ -92,6 +90,7 @@ from generators._text import (
     value_counts,
     word_set,
 )
+from schemas.prompts import last_user_text, prompt_text
 
 TRANSFORMS: dict[str, str] = {
     "list_to_prose": "neutral:format",
@@ -356,7 +355,7 @@ def _llm_calls(table: pa.Table, params: NeutralParams) -> tuple[list[Call], list
         instruction = last_user_text(prompts[i])
         for style in params.styles:
             if _style_applies(style, instruction, chosen[i]):
-                calls.append(Call(i, {"prompt": text_of(prompts[i]), "answer": chosen[i],
+                calls.append(Call(i, {"prompt": prompt_text(prompts[i]), "answer": chosen[i],
                                       "instruction": LLM_STYLES[style][1]}, tag=style))
             else:
                 not_applicable[style] += 1

@@ -49,9 +49,9 @@ from factory.steps.llm import (
     merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
 from generators._text import chunks, prompt_ids_of
+from schemas.prompts import prompt_text
 from schemas.rows import RUBRIC_ITEM_TYPE, RUBRIC_SCHEMA, Rubric, RubricItem
 
 RUBRIC_TYPE = pa.list_(RUBRIC_ITEM_TYPE)
@@ -178,7 +178,7 @@ def _write_calls(table: pa.Table, rows: list[int]) -> list[Call]:
     prompts = table.column("prompt").to_pylist()
     chosen = table.column("chosen").to_pylist()
     rejected = table.column("rejected").to_pylist()
-    return [Call(i, {"prompt": text_of(prompts[i]), "chosen": chosen[i], "rejected": rejected[i]}) for i in rows]
+    return [Call(i, {"prompt": prompt_text(prompts[i]), "chosen": chosen[i], "rejected": rejected[i]}) for i in rows]
 
 
 def _judge_calls(table: pa.Table, rubrics: dict[int, list[dict[str, Any]]], samples: int) -> list[Call]:
@@ -191,7 +191,7 @@ def _judge_calls(table: pa.Table, rubrics: dict[int, list[dict[str, Any]]], samp
         for k in range(samples):
             swapped = ab_swapped(pair_ids[i], k)
             a, b = (rejected[i], chosen[i]) if swapped else (chosen[i], rejected[i])
-            calls.append(Call(i, {"prompt": text_of(prompts[i]), "rubric": render_rubric(items), "a": a, "b": b},
+            calls.append(Call(i, {"prompt": prompt_text(prompts[i]), "rubric": render_rubric(items), "a": a, "b": b},
                               sample=k, tag=swapped))
     return calls
 
@@ -279,7 +279,7 @@ def _rubrics_chunk(table: pa.Table, ctx: StepContext[RubricsParams]
     rejected = table.column("rejected").to_pylist()
     stripped: Counter[str] = Counter()
 
-    terms = {i: (distinctive_terms(text_of(prompts[i])), distinctive_terms(f"{chosen[i]}\n{rejected[i]}"))
+    terms = {i: (distinctive_terms(prompt_text(prompts[i])), distinctive_terms(f"{chosen[i]}\n{rejected[i]}"))
              for i in usable}
     kept_items: dict[int, list[dict[str, Any]]] = {}
 

@@ -16,6 +16,7 @@ import generators.hard_negatives as hn
 from factory.steps import ParamError, StepContext
 from factory.steps.runner import execute, prepare, stamp_generated, with_ids
 from schemas.pairs import Message, Pair, pairs_to_table, prompt_id_of
+from schemas.prompts import last_user_text
 from tests.conftest import DEMO_SEEDS
 
 DIM = 512
@@ -64,7 +65,7 @@ def _run(table: pa.Table, settings: dict | None = None, seed: int = 0, embed=fak
 
 
 def _instruction(prompt: list[dict]) -> str:
-    return hn.instruction_of(prompt)
+    return last_user_text(prompt)
 
 
 def _content(rows: list[dict]) -> set[tuple[str, str, str]]:
