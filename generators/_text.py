@@ -269,9 +269,10 @@ def uniforms(ids: pa.ChunkedArray | pa.Array, row_uniform: Callable[[Sequence[st
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float64)
 
 
-def row_mask(table: pa.Table, columns: Sequence[str], test: Callable[[dict[str, Any]], bool]) -> np.ndarray:
+def row_mask(table: pa.Table, columns: Sequence[str], test: Callable[[dict[str, Any]], Any],
+             dtype: type = bool) -> np.ndarray:
     """``test(row)`` for every row (a dict of ``columns``), a chunk at a time."""
-    out = np.zeros(table.num_rows, dtype=bool)
+    out = np.zeros(table.num_rows, dtype=dtype)
     for a, b in chunks(table.num_rows):
         values = rows_at(table, np.arange(a, b), columns)
         out[a:b] = [test(dict(zip(columns, row, strict=True))) for row in zip(*values.values(), strict=True)]

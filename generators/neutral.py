@@ -574,15 +574,16 @@ def _unrelated_prompt_pairs(table: pa.Table, ctx: StepContext[NeutralParams],
     skip = tuple(s.lower() for s in params.skip_tasks)
     columns = ["chosen", "rejected", "tie", "task", "attribute", "provenance"]
 
-    def eligible(row: dict[str, Any]) -> bool | None:
+    def eligible(row: dict[str, Any]) -> int:
+        """-1: not a usable seed (counted elsewhere); 0: not applicable; 1: re-pair it."""
         chosen, rejected = (row["chosen"] or "").strip(), (row["rejected"] or "").strip()
         if not chosen or (row["tie"] and not params.include_ties):
-            return None  # not a usable seed: counted elsewhere
-        return bool(rejected) and rejected != chosen and not differs_in_safety(row, skip)
+            return -1
+        return int(bool(rejected) and rejected != chosen and not differs_in_safety(row, skip))
 
-    usable = row_mask(table, columns, lambda r: eligible(r) is not None)
-    rows = np.flatnonzero(row_mask(table, columns, lambda r: bool(eligible(r))))
-    not_applicable["unrelated_prompt"] += int(usable.sum()) - len(rows)
+    verdict = row_mask(table, columns, eligible, dtype=np.int8)
+    rows = np.flatnonzero(verdict == 1)
+    not_applicable["unrelated_prompt"] += int((verdict == 0).sum())
 
     def features(indices: np.ndarray) -> list[tuple[str, str | None, frozenset[str]]]:
         values = rows_at(table, indices, ["prompt", "task"])
