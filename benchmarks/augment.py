@@ -71,8 +71,9 @@ from factory.steps.runner import execute, prepare, stamp_generated  # noqa: E402
 from factory.trainer import RewardModel, train  # noqa: E402
 from factory.trainer.data import PairData, kfold_by_prompt, pair_data  # noqa: E402
 from factory.trainer.evaluate import score_pairs  # noqa: E402
-from factory.trainer.robustness import instruction_of, master_key_fpr, mine_contrast_pairs  # noqa: E402
+from factory.trainer.robustness import master_key_fpr, mine_contrast_pairs  # noqa: E402
 from generators.master_keys import DEFAULT_KEYS  # noqa: E402
+from schemas.prompts import last_user_text  # noqa: E402
 from schemas.readers import read_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -204,7 +205,7 @@ def mine_contrast(data: PairData, min_sim: float, max_pairs: int, seed: int, hom
     for i in np.flatnonzero(~data.tie):
         first.setdefault(data.prompt_ids[i], int(i))
     rows = list(first.values())
-    instructions = [instruction_of(data.prompts[i]) for i in rows]
+    instructions = [last_user_text(data.prompts[i]) for i in rows]
     answers = [data.chosen[i] for i in rows]
     pairs = mine_contrast_pairs(instructions, answers, embed_texts(instructions, home=home, progress=False),
                                 threshold=min_sim, max_pairs=len(rows))

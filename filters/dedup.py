@@ -27,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
+from schemas.prompts import prompt_text
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -46,10 +47,6 @@ def tokens(text: str) -> list[str]:
     """Words, or for a text without any (".", ":", "") the text itself as one token."""
     words = normalise(text).split()
     return words or [canonical(text)]
-
-
-def prompt_text(prompt: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in prompt or [])
 
 
 def ngrams(words: list[str], n: int) -> list[str]:
@@ -112,7 +109,7 @@ def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
     params = ctx.params
     pair_ids = table.column("pair_id").to_pylist()
-    prompts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
+    prompts = [prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]
     # A pair is a duplicate of another when every part is: the prompt and both answers
     # (taken in a fixed order, so a swapped label is still the same comparison).
     components = [prompts]
@@ -220,7 +217,7 @@ def _contamination(prompts: list[str], params: DedupParams,
         matched[label] = 0
         for pid, prompt in zip(table.column("pair_id").to_pylist(), table.column("prompt").to_pylist(),
                                strict=True):
-            for gram in ngrams(normalise(prompt_text(prompt)).split(), params.ngram):
+            for gram in ngrams(normalise(prompt_text(prompt, roles=False)).split(), params.ngram):
                 owner.setdefault(_hash64(gram), f"{label}:{pid}")
     shares, by = [], []
     for prompt in prompts:

@@ -4,17 +4,21 @@ Rule-based rewrites must touch exactly what they mean to touch, so everything he
 about finding spans reliably: code (never rewritten), list blocks (items, markers and
 the gaps between them, so a list can be reassembled byte for byte), sentence and line
 boundaries, numbers, and the content words a neutral rewrite has to keep. Donor picking
-(another seed's prompt or answer) lives here too because both generators need it.
+(another seed's prompt or answer) and output assembly (merging the pairs repeated seeds
+make) live here too: they span the whole seed table, reading texts a chunk at a time, so
+a generator's output depends neither on row order nor on how the table is split.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -222,51 +226,117 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b)
 
 
-def last_user_text(prompt: Sequence[dict[str, str]] | None) -> str:
-    """The instruction the answer responds to: the last user message (else the last one)."""
-    if not prompt:
-        return ""
-    for message in reversed(prompt):
-        if message.get("role") == "user":
-            return message.get("content") or ""
-    return prompt[-1].get("content") or ""
+# ---- table-wide work in bounded memory ---------------------------------------------------------
+
+# Rows held as Python objects at once. The steps read the whole table (cross-row work must
+# not depend on how it is split), but texts are only ever materialised a chunk at a time.
+CHUNK_ROWS = 4096
+
+
+def chunks(n: int, rows: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of ``rows`` (default :data:`CHUNK_ROWS`) covering ``range(n)``."""
+    rows = rows or CHUNK_ROWS
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def column_or(table: pa.Table, name: str, default: Any = None) -> pa.ChunkedArray | pa.Array:
+    """``table[name]``, or a column of ``default`` when the table lacks it."""
+    if name in table.column_names:
+        return table.column(name)
+    return pa.array([default] * table.num_rows, pa.string() if default is None else None)
+
+
+def prompt_ids_of(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """The ``prompt_id`` column, computed from the prompts when the table lacks it."""
+    if "prompt_id" in table.column_names:
+        return table.column("prompt_id")
+    from schemas.pairs import content_ids
+
+    return content_ids(table)[1]
+
+
+def rows_at(table: pa.Table, indices: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """The named columns at ``indices`` as Python lists (missing columns read as nulls)."""
+    take = pa.array(np.asarray(indices, dtype=np.int64), pa.int64())
+    return {name: column_or(table, name).take(take).to_pylist() for name in columns}
+
+
+def uniforms(ids: pa.ChunkedArray | pa.Array, row_uniform: Callable[[Sequence[str], str], np.ndarray],
+             salt: str) -> np.ndarray:
+    """``row_uniform`` of a whole id column, a chunk at a time."""
+    parts = [row_uniform(ids.slice(a, b - a).to_pylist(), salt) for a, b in chunks(len(ids))]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.float64)
+
+
+def row_mask(table: pa.Table, columns: Sequence[str], test: Callable[[dict[str, Any]], Any],
+             dtype: type = bool) -> np.ndarray:
+    """``test(row)`` for every row (a dict of ``columns``), a chunk at a time."""
+    out = np.zeros(table.num_rows, dtype=dtype)
+    for a, b in chunks(table.num_rows):
+        values = rows_at(table, np.arange(a, b), columns)
+        out[a:b] = [test(dict(zip(columns, row, strict=True))) for row in zip(*values.values(), strict=True)]
+    return out
 
 
 # ---- donors: another seed's prompt or answer, chosen deterministically -------------------------
 
 
-def pick_donors(positions: np.ndarray, rows: Sequence[int], candidates: Sequence[int],
-                score: Callable[[int, int], float | None], *, take: int = 8,
-                window: int = 256) -> dict[int, int | None]:
+def pick_donors(positions: np.ndarray, rows: np.ndarray, candidates: np.ndarray,
+                features: Callable[[np.ndarray], Sequence[Any]], score: Callable[[Any, Any], float | None], *,
+                take: int = 8, window: int = 256, block: int | None = None) -> np.ndarray:
     """For each of ``rows``, the best of the first ``take`` acceptable candidates after it on a ring.
 
     ``positions`` are per-row hashes in [0, 1) (``ctx.row_uniform`` of the pair ids), so a
-    row's walk order depends on the seed and the candidates present, never on row order.
-    ``score(row, candidate)`` is None to refuse a candidate, else higher is better; ties
-    go to the one met first. ``window`` bounds the walk so a batch costs O(rows * window).
+    row's walk order depends on the seed and the candidates present, never on row order or
+    on how the table is split. ``features(indices)`` describes rows (read from the table a
+    block at a time, so memory stays bounded); ``score(row_features, candidate_features)``
+    is None to refuse a candidate, else higher is better; ties go to the one met first.
+    ``window`` bounds the walk so the cost is O(rows * window). Returns the donor row of
+    each row, -1 where there is none.
     """
+    rows = np.asarray(rows, dtype=np.int64)
     pool = np.asarray(candidates, dtype=np.int64)
-    if pool.size == 0:
-        return dict.fromkeys(rows)
-    ring = pool[np.argsort(positions[pool], kind="stable")].tolist()
-    starts = np.searchsorted(positions[ring], positions[list(rows)], side="right").tolist()
-    out: dict[int, int | None] = {}
-    for row, start in zip(rows, starts, strict=True):
-        best, best_score, accepted = None, -np.inf, 0
-        for step in range(min(window, len(ring))):
-            candidate = ring[(start + step) % len(ring)]
-            if candidate == row:
-                continue
-            value = score(row, candidate)
-            if value is None:
-                continue
-            if value > best_score:
-                best, best_score = candidate, value
-            accepted += 1
-            if accepted >= take:
-                break
-        out[row] = best
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if pool.size == 0 or rows.size == 0:
+        return out
+    ring = pool[np.argsort(positions[pool], kind="stable")]
+    size = len(ring)
+    steps = min(window, size)
+    starts = np.searchsorted(positions[ring], positions[rows], side="right") % size
+    order = np.argsort(starts, kind="stable")
+    for members in _ring_blocks(starts, order, block or CHUNK_ROWS):
+        first, last = int(starts[members[0]]), int(starts[members[-1]])
+        span = np.arange(first, last + steps) % size if last + steps - first < size else np.arange(size)
+        needed = np.unique(np.concatenate([rows[members], ring[span]]))
+        described = dict(zip(needed.tolist(), features(needed), strict=True))
+        for k in members.tolist():
+            row, start = int(rows[k]), int(starts[k])
+            best, best_score, accepted = -1, -np.inf, 0
+            mine = described[row]
+            for step in range(steps):
+                candidate = int(ring[(start + step) % size])
+                if candidate == row:
+                    continue
+                value = score(mine, described[candidate])
+                if value is None:
+                    continue
+                if value > best_score:
+                    best, best_score = candidate, value
+                accepted += 1
+                if accepted >= take:
+                    break
+            out[k] = best
     return out
+
+
+def _ring_blocks(starts: np.ndarray, order: np.ndarray, block: int) -> Iterator[np.ndarray]:
+    """Rows in ring order, cut so a block spans at most ``block`` rows and ring positions."""
+    begin = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or end - begin >= block or starts[order[end]] - starts[order[begin]] >= block:
+            yield order[begin:end]
+            begin = end
 
 
 # ---- output assembly -------------------------------------------------------------------------
@@ -274,7 +344,8 @@ def pick_donors(positions: np.ndarray, rows: Sequence[int], candidates: Sequence
 
 @dataclass
 class Made:
-    """One generated pair before assembly; rows index the seed batch."""
+    """One generated pair before assembly; rows index the seed table (or a chunk of it, which
+    :func:`made_table` shifts to table positions)."""
 
     row: int  # the seed it came from
     prompt_row: int  # the seed whose prompt it is asked under (another seed's for a re-pairing)
@@ -285,54 +356,83 @@ class Made:
     method: str
     generated: str
     task: str | None
+    rule: int = 0  # its place among the seed's pairs (the order rules run in), for a stable output order
 
 
-def assemble(seeds: pa.Table, made: Sequence[Made], *, prompt_ids: Sequence[str], pair_ids: Sequence[str],
+MADE_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("prompt_row", pa.int64()), ("chosen", pa.string()), ("rejected", pa.string()),
+    ("tie", pa.bool_()), ("attribute", pa.string()), ("method", pa.string()), ("generated", pa.string()),
+    ("task", pa.string()), ("rule", pa.int64()),
+])
+
+
+def made_table(made: Sequence[Made], offset: int = 0) -> pa.Table:
+    """``made`` as columns (Arrow holds the texts from here on); ``offset`` shifts chunk-local rows."""
+    return pa.table({
+        "row": pa.array([m.row + offset for m in made], pa.int64()),
+        "prompt_row": pa.array([m.prompt_row + offset for m in made], pa.int64()),
+        **{name: pa.array([getattr(m, name) for m in made], MADE_SCHEMA.field(name).type)
+           for name in MADE_SCHEMA.names if name not in ("row", "prompt_row")},
+    }, schema=MADE_SCHEMA)
+
+
+def number_rules(made: list[Made]) -> list[Made]:
+    """Set each pair's ``rule`` to its place among its seed's pairs, in the order made."""
+    seen: Counter[int] = Counter()
+    for m in made:
+        m.rule = seen[m.row]
+        seen[m.row] += 1
+    return made
+
+
+def assemble(seeds: pa.Table, parts: Sequence[pa.Table], *,
              row_uniform: Callable[[Sequence[str], str], np.ndarray], max_per_seed: int,
              salt: str) -> tuple[pa.Table, dict[str, int]]:
-    """The step's output table from ``made``: capped per seed, duplicates merged.
+    """The step's output table from the made pairs of the whole seed table: capped per seed,
+    duplicates merged.
 
     Two seeds that share a prompt and an answer (common: one chosen answer against several
-    rejected ones) yield the same rewrite; that pair is kept once with both seeds in
-    ``parent_ids`` rather than emitted twice under one ``pair_id``.
+    rejected ones, or a seed repeated anywhere in the table) yield the same rewrite; that
+    pair is kept once with every seed in ``parent_ids`` rather than emitted twice under one
+    ``pair_id``. Which copy is kept is fixed by content (the least seed id, then rule), so
+    the output does not depend on row order; rows come out in the order of their first seed.
     """
-    ordered = sorted(made, key=lambda m: m.row)  # stable: a seed's rows keep their rule order
-    capped = 0
-    if max_per_seed:
-        draws = row_uniform([f"{pair_ids[m.row]}\x00{m.method}" for m in ordered], salt)
-        by_seed: dict[int, list[int]] = {}
-        for index, m in enumerate(ordered):
-            by_seed.setdefault(m.row, []).append(index)
-        keep = set()
-        for indexes in by_seed.values():
-            keep.update(sorted(indexes, key=lambda k: draws[k])[:max_per_seed])
-        capped = len(ordered) - len(keep)
-        ordered = [m for k, m in enumerate(ordered) if k in keep]
-    first: dict[tuple[str, str, str], int] = {}
-    kept: list[Made] = []
-    parents: list[list[str]] = []
-    for m in ordered:
-        key = (prompt_ids[m.prompt_row], *sorted((m.chosen, m.rejected)))
-        if key in first:
-            if pair_ids[m.row] not in parents[first[key]]:
-                parents[first[key]].append(pair_ids[m.row])
-            continue
-        first[key] = len(kept)
-        kept.append(m)
-        parents.append([pair_ids[m.row]])
-    prompt_rows = pa.array([m.prompt_row for m in kept], pa.int64())
+    made = pl.from_arrow(pa.concat_tables([MADE_SCHEMA.empty_table(), *parts]))
+    assert isinstance(made, pl.DataFrame)
+    take = pa.array(made["row"].to_numpy(), pa.int64())
+    made = made.with_columns(
+        pl.Series("seed_id", seeds.column("pair_id").take(take)),
+        pl.Series("prompt_id", prompt_ids_of(seeds).take(pa.array(made["prompt_row"].to_numpy(), pa.int64()))),
+    )
+    before = made.height
+    if max_per_seed and made.height:
+        keys = (made["seed_id"] + "\x00" + made["method"]).to_arrow()
+        made = (made.with_columns(pl.Series("draw", uniforms(keys, row_uniform, salt)))
+                .filter(pl.col("draw").rank("ordinal").over("row") <= max_per_seed)
+                .drop("draw"))
+    swap = pl.col("chosen") > pl.col("rejected")
+    merged = (made.with_columns(pl.when(swap).then(pl.col("rejected")).otherwise(pl.col("chosen")).alias("low"),
+                                pl.when(swap).then(pl.col("chosen")).otherwise(pl.col("rejected")).alias("high"))
+              .sort(["seed_id", "rule", "row"])
+              .group_by(["prompt_id", "low", "high"], maintain_order=True)
+              .agg(pl.col("prompt_row", "chosen", "rejected", "tie", "attribute", "task", "generated", "method",
+                          "rule").first(),
+                   pl.col("seed_id").unique(maintain_order=True).alias("parent_ids"),
+                   pl.col("row").min().alias("first_row"))
+              .sort(["first_row", "rule"]))
     table = pa.table({
-        "prompt": seeds.column("prompt").take(prompt_rows),
-        "chosen": pa.array([m.chosen for m in kept], pa.string()),
-        "rejected": pa.array([m.rejected for m in kept], pa.string()),
-        "tie": pa.array([m.tie for m in kept], pa.bool_()),
-        "attribute": pa.array([m.attribute for m in kept], pa.string()),
-        "task": pa.array([m.task for m in kept], pa.string()),
-        "parent_ids": pa.array(parents, pa.list_(pa.string())),
-        "generated": pa.array([m.generated for m in kept], pa.string()),
-        "method": pa.array([m.method for m in kept], pa.string()),
+        "prompt": seeds.column("prompt").take(pa.array(merged["prompt_row"].to_numpy(), pa.int64())),
+        **{name: merged[name].to_arrow() for name in ("chosen", "rejected", "tie", "attribute", "task")},
+        "parent_ids": merged["parent_ids"].to_arrow().cast(pa.list_(pa.string())),
+        **{name: merged[name].to_arrow() for name in ("generated", "method")},
     })
-    return table, {"capped": capped, "duplicates_merged": len(ordered) - len(kept)}
+    return table, {"capped": before - made.height, "duplicates_merged": made.height - merged.height}
+
+
+def skipped_ties(table: pa.Table) -> int:
+    """Tie-labelled seeds with a chosen answer (left out unless ``include_ties``)."""
+    has_answer = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(table.column("chosen"), ""))), 0)
+    return int(pc.sum(pc.and_(pc.fill_null(table.column("tie"), False), has_answer)).as_py() or 0)
 
 
 def value_counts(values: pa.ChunkedArray | pa.Array) -> dict[str, int]:

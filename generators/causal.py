@@ -40,15 +40,18 @@ pairs (never half of them). ``attributes`` applies to the rules mode only.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from factory.steps import StepContext, StepResult, failed_rows, generator, param
+from factory.steps.context import FAILED_SCHEMA
 from factory.steps.llm import (
     Call,
     LLMMap,
@@ -56,26 +59,34 @@ from factory.steps.llm import (
     Template,
     llm_plan,
     looks_refused,
+    merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
 from generators._text import (
     NUMBER,
     Made,
     assemble,
     boundaries,
+    chunks,
+    column_or,
     content_tokens,
     find_lists,
     jaccard,
-    last_user_text,
+    made_table,
     mask_code,
+    number_rules,
     pick_donors,
+    prompt_ids_of,
+    row_mask,
+    rows_at,
+    skipped_ties,
+    uniforms,
     unmask_code,
     value_counts,
     word_set,
 )
-from schemas.pairs import prompt_id_of
+from schemas.prompts import last_user_text, prompt_text
 
 ATTRIBUTES: tuple[str, ...] = ("correctness", "completeness", "relevance", "coherence")
 
@@ -398,7 +409,7 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
     if params.mode != "llm":
         return []
     _, usable, chosen, rejected = _llm_seeds(table, params)
-    prompts = [text_of(p) for p in table.column("prompt").to_pylist()]
+    prompts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
     first = [Call(i, {"prompt": prompts[i], "answer": chosen[i]}) for i in usable]
     stand_in = {"attribute": "(an attribute from the listing)", "description": "(its one-sentence description)"}
     rewrites = [Call(i, {"prompt": prompts[i], "answer": chosen[i], **stand_in})
@@ -414,15 +425,33 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
 
 
 def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
+    """The llm mode, a chunk of seeds at a time; duplicates are merged over the whole table."""
+    params = ctx.params
+    parts, failed, usage, seeds_failed = [], [], [], 0
+    for start, stop in chunks(table.num_rows):
+        made, chunk_failed, chunk_usage, chunk_seeds_failed = _causal_llm_chunk(table.slice(start, stop - start), ctx)
+        parts.append(made_table(number_rules(made), offset=start))
+        failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
+        usage.append(chunk_usage)
+        seeds_failed += chunk_seeds_failed
+    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+    stats = {
+        "pairs": value_counts(out.column("attribute")),
+        "methods": value_counts(out.column("method")),
+        "seeds_failed_llm": seeds_failed,
+        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
+        **counts,
+    }
+    return StepResult(out, pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats, merge_usage(*usage))
+
+
+def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
+                      ) -> tuple[list[Made], pa.Table, dict[str, Any], int]:
     params = ctx.params
     llm = LLMMap(ctx, what="an LLM (causal mode=llm)")
     empty, usable, chosen, rejected = _llm_seeds(table, params)
     n = table.num_rows
-    pair_ids = table.column("pair_id").to_pylist()
-    prompts = table.column("prompt").to_pylist()
-    prompt_text = [text_of(p) for p in prompts]
-    prompt_ids = (table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names
-                  else [prompt_id_of(p) for p in prompts])
+    prompt_texts = [prompt_text(p) for p in table.column("prompt").to_pylist()]
     tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * n
 
     def check_listing(value: dict, call: Call) -> str | None:
@@ -431,7 +460,7 @@ def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
             return "the LLM listed no attribute"
         return None
 
-    listed = llm.run(LIST_ATTRIBUTES, [Call(i, {"prompt": prompt_text[i], "answer": chosen[i]}) for i in usable],
+    listed = llm.run(LIST_ATTRIBUTES, [Call(i, {"prompt": prompt_texts[i], "answer": chosen[i]}) for i in usable],
                      check=check_listing, temperature=params.temperature)
     picked: dict[int, list[tuple[str, str]]] = {}
     for reply in listed:
@@ -453,7 +482,7 @@ def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
             return f"rewrite for {call.tag} is the unchanged answer"
         return None
 
-    rewrite_calls = [Call(i, {"prompt": prompt_text[i], "answer": chosen[i], "attribute": key,
+    rewrite_calls = [Call(i, {"prompt": prompt_texts[i], "answer": chosen[i], "attribute": key,
                               "description": description}, tag=key)
                      for i in usable if i in picked for key, description in picked[i]]
     degraded = llm.run(DEGRADE, rewrite_calls, check=check_rewrite, temperature=params.temperature,
@@ -476,53 +505,77 @@ def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
         if reply.ok and not llm.failed(i) and not _same(reply.value["rewrite"], rejected[i]):
             made.append(Made(i, i, reply.value["rewrite"], rejected[i], False, reply.call.tag, "llm:upgrade",
                              "chosen", tasks[i]))
-    out, counts = assemble(table, made, prompt_ids=prompt_ids, pair_ids=pair_ids, row_uniform=ctx.row_uniform,
-                           max_per_seed=params.max_per_seed, salt="cap")
-    ties = [bool(t) for t in table.column("tie").to_pylist()]
-    stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
-        "seeds_failed_llm": len(llm.failures),
-        "skipped_ties": 0 if params.include_ties else sum(1 for i in range(n) if ties[i] and chosen[i].strip()),
-        **counts,
-    }
+    made.sort(key=lambda m: m.row)  # stable: a seed's pairs keep the order they were made in
     failed = llm.failed_table({i: "chosen answer is empty: nothing to degrade" for i in empty})
-    return StepResult(out, failed, stats, llm.usage)
+    return made, failed, llm.usage, len(llm.failures)
 
 
 # ---- the step -------------------------------------------------------------------------------
 
 
-@generator("causal", params=CausalParams, version="2", backend="optional",
+# batch_rows=None: donors and duplicate merging span the whole table (texts are still read a
+# chunk at a time), so the output does not depend on how the runner would split it.
+@generator("causal", params=CausalParams, version="3", backend="optional", batch_rows=None,
            templates=template_sources(*LLM_TEMPLATES))
 def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
     """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal)."""
     params = ctx.params
     if params.mode == "llm":
         return _causal_llm(table, ctx)
+    wanted = [a for a in ATTRIBUTES if a in params.attributes]
+    not_applicable = dict.fromkeys(wanted, 0)
+    parts: list[pa.Table] = []
+    short_rows: list[np.ndarray] = []
+    empty: list[int] = []
+    for start, stop in chunks(table.num_rows):
+        made, waiting, chunk_empty = _row_local_rules(table.slice(start, stop - start), ctx, wanted, not_applicable)
+        parts.append(made_table(made, offset=start))
+        short_rows.append(np.asarray(waiting, dtype=np.int64) + start)
+        empty += [start + i for i in chunk_empty]
+    if "correctness" in wanted:
+        parts.append(_short_answer_swaps(table, np.concatenate(short_rows), ctx, not_applicable))
+    if "relevance" in wanted:
+        parts.append(_answers_to_other_prompts(table, ctx, not_applicable))
+    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+    stats = {
+        "pairs": value_counts(out.column("attribute")),
+        "methods": value_counts(out.column("method")),
+        "not_applicable": not_applicable,
+        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
+        **counts,
+    }
+    failed = failed_rows(empty, ["chosen answer is empty: nothing to degrade"] * len(empty))
+    return StepResult(out, failed, stats)
+
+
+_RULE_ORDER = {attribute: k for k, attribute in enumerate(ATTRIBUTES)}
+
+
+def _usable(chosen: str, tie: bool, params: CausalParams) -> bool:
+    return bool(chosen.strip()) and (params.include_ties or not tie)
+
+
+def _row_local_rules(table: pa.Table, ctx: StepContext[CausalParams], wanted: list[str],
+                     not_applicable: dict[str, int]) -> tuple[list[Made], list[int], list[int]]:
+    """The rules that need only the seed itself, on a chunk: its pairs, the rows whose
+    correctness pair needs another seed's short answer, and the rows with no chosen answer."""
+    params = ctx.params
     n = table.num_rows
     pair_ids = table.column("pair_id").to_pylist()
-    prompts = table.column("prompt").to_pylist()
-    prompt_ids = (table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names
-                  else [prompt_id_of(p) for p in prompts])
     chosen = [c or "" for c in table.column("chosen").to_pylist()]
     rejected = [r or "" for r in table.column("rejected").to_pylist()]
     ties = [bool(t) for t in table.column("tie").to_pylist()]
-    tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * n
-    instructions = [last_user_text(p) for p in prompts]
-
+    tasks = column_or(table, "task").to_pylist()
     empty = [i for i in range(n) if not chosen[i].strip()]
-    usable = [i for i in range(n) if chosen[i].strip() and (params.include_ties or not ties[i])]
-    wanted = [a for a in ATTRIBUTES if a in params.attributes]
+    usable = [i for i in range(n) if _usable(chosen[i], ties[i], params)]
     made: list[Made] = []
-    not_applicable = dict.fromkeys(wanted, 0)
+    need_donor: list[int] = []
 
     def add(i: int, attribute: str, bad: str, method: str) -> None:
-        made.append(Made(i, i, chosen[i], bad, False, attribute, method, "rejected", tasks[i]))
+        made.append(Made(i, i, chosen[i], bad, False, attribute, method, "rejected", tasks[i], _RULE_ORDER[attribute]))
 
     if "correctness" in wanted:
         picks = ctx.row_uniform(pair_ids, "correctness")
-        need_donor = []
         for i in usable:
             flipped = flip_yes_no(chosen[i])
             if flipped is not None:
@@ -536,28 +589,6 @@ def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
                 need_donor.append(i)
             else:
                 not_applicable["correctness"] += 1
-        short = [i for i in range(n) if is_short_answer(chosen[i], max(params.short_answer_words, 1))]
-        tokens = {i: content_tokens(chosen[i]) for i in short}
-        answer_words = {i: word_set(chosen[i]) for i in short}
-
-        def short_score(i: int, j: int) -> float | None:
-            # Only a task label makes another seed's answer a wrong answer rather than a
-            # paraphrase or an off-topic one: unlabelled seeds (real chat data) are skipped.
-            if tasks[i] is None or tasks[i] != tasks[j] or prompt_ids[i] == prompt_ids[j] or tokens[i] == tokens[j]:
-                return None
-            return jaccard(answer_words[i], answer_words[j])  # the most alike answer: only the answer differs
-
-        donors = pick_donors(ctx.row_uniform(pair_ids, "short_answer"), need_donor, short, short_score)
-        for i in need_donor:
-            if donors[i] is None:
-                not_applicable["correctness"] += 1
-                continue
-            context = " ".join(m.get("content") or "" for m in prompts[i] or [])
-            spliced = splice_answer(chosen[i], chosen[donors[i]], context)
-            if spliced is not None and content_tokens(spliced) != tokens[i]:
-                add(i, "correctness", spliced, "wrong_answer:span")
-            else:
-                add(i, "correctness", chosen[donors[i]], "wrong_answer:short_answer")
 
     if "completeness" in wanted:
         for i in usable:
@@ -568,27 +599,8 @@ def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
                 unit = "" if cut[1] == "sentence" else f":{cut[1]}"
                 add(i, "completeness", cut[0], f"truncate:{params.truncate_fraction:g}{unit}")
 
-    if "relevance" in wanted:
-        words = [word_set(t) for t in instructions]
-        answers = [word_set(c) for c in chosen]
-
-        def relevance_score(i: int, j: int) -> float | None:
-            if prompt_ids[i] == prompt_ids[j] or jaccard(answers[i], answers[j]) >= 0.5:
-                return None
-            similarity = jaccard(words[i], words[j])
-            if similarity >= 0.5:
-                return None
-            return 2.0 if tasks[i] != tasks[j] else 1.0 - similarity
-
-        candidates = [j for j in range(n) if chosen[j].strip()]
-        donors = pick_donors(ctx.row_uniform(pair_ids, "relevance"), usable, candidates, relevance_score)
-        for i in usable:
-            if donors[i] is None:
-                not_applicable["relevance"] += 1
-            else:
-                add(i, "relevance", chosen[donors[i]], "answer_to_other_prompt")
-
     if "coherence" in wanted:
+        instructions = [last_user_text(p) for p in table.column("prompt").to_pylist()]
         for i in usable:
             def draws(count: int, key: str = pair_ids[i]) -> list[float]:
                 return ctx.row_uniform([f"{key}\x00{k}" for k in range(count)], "coherence").tolist()
@@ -598,15 +610,86 @@ def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
                 not_applicable["coherence"] += 1
             else:
                 add(i, "coherence", *result)
+    return made, need_donor, empty
 
-    out, counts = assemble(table, made, prompt_ids=prompt_ids, pair_ids=pair_ids, row_uniform=ctx.row_uniform,
-                           max_per_seed=params.max_per_seed, salt="cap")
-    stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
-        "not_applicable": not_applicable,
-        "skipped_ties": 0 if params.include_ties else sum(1 for i in range(n) if ties[i] and chosen[i].strip()),
-        **counts,
-    }
-    failed = failed_rows(empty, ["chosen answer is empty: nothing to degrade"] * len(empty))
-    return StepResult(out, failed, stats)
+
+def _short_answer_swaps(table: pa.Table, rows: np.ndarray, ctx: StepContext[CausalParams],
+                        not_applicable: dict[str, int]) -> pa.Table:
+    """Correctness pairs whose wrong answer is another seed's short answer of the same task
+    (only the differing span when both share a template), donors drawn from the whole table."""
+    params = ctx.params
+    short = np.flatnonzero(row_mask(table, ["chosen"], lambda r: is_short_answer(
+        r["chosen"] or "", max(params.short_answer_words, 1))))
+
+    def features(indices: np.ndarray) -> list[tuple[str, str | None, Counter[str], frozenset[str]]]:
+        values = rows_at(table, indices, ["task", "chosen"])
+        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        return [(p, t, content_tokens(c or ""), word_set(c or ""))
+                for p, t, c in zip(ids, values["task"], values["chosen"], strict=True)]
+
+    def short_score(mine: tuple, other: tuple) -> float | None:
+        # Only a task label makes another seed's answer a wrong answer rather than a
+        # paraphrase or an off-topic one: unlabelled seeds (real chat data) are skipped.
+        if mine[1] is None or mine[1] != other[1] or mine[0] == other[0] or mine[2] == other[2]:
+            return None
+        return jaccard(mine[3], other[3])  # the most alike answer: only the answer differs
+
+    positions = uniforms(table.column("pair_id"), ctx.row_uniform, "short_answer")
+    donors = pick_donors(positions, rows, short, features, short_score)
+    not_applicable["correctness"] += int((donors < 0).sum())
+    made: list[Made] = []
+    found = np.flatnonzero(donors >= 0)
+    for a, b in chunks(len(found)):
+        own, given = rows[found[a:b]], donors[found[a:b]]
+        seed = rows_at(table, own, ["prompt", "chosen", "task"])
+        donor = rows_at(table, given, ["chosen"])["chosen"]
+        for k, (i, prompt, answer, task) in enumerate(zip(own.tolist(), seed["prompt"], seed["chosen"],
+                                                          seed["task"], strict=True)):
+            context = " ".join(m.get("content") or "" for m in prompt or [])
+            spliced = splice_answer(answer, donor[k], context)
+            if spliced is not None and content_tokens(spliced) != content_tokens(answer):
+                made.append(Made(i, i, answer, spliced, False, "correctness", "wrong_answer:span", "rejected", task,
+                                 _RULE_ORDER["correctness"]))
+            else:
+                made.append(Made(i, i, answer, donor[k], False, "correctness", "wrong_answer:short_answer",
+                                 "rejected", task, _RULE_ORDER["correctness"]))
+    return made_table(made)
+
+
+def _answers_to_other_prompts(table: pa.Table, ctx: StepContext[CausalParams],
+                              not_applicable: dict[str, int]) -> pa.Table:
+    """Relevance pairs: the chosen answer of a different prompt anywhere in the table,
+    preferring another task and a dissimilar instruction, never an answer that reads alike."""
+    params = ctx.params
+    usable = np.flatnonzero(row_mask(table, ["chosen", "tie"], lambda r: _usable(r["chosen"] or "", bool(r["tie"]),
+                                                                               params)))
+    candidates = np.flatnonzero(row_mask(table, ["chosen"], lambda r: bool((r["chosen"] or "").strip())))
+
+    def features(indices: np.ndarray) -> list[tuple[str, str | None, frozenset[str], frozenset[str]]]:
+        values = rows_at(table, indices, ["prompt", "task", "chosen"])
+        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        return [(p, t, word_set(last_user_text(prompt)), word_set(c or ""))
+                for p, t, prompt, c in zip(ids, values["task"], values["prompt"], values["chosen"], strict=True)]
+
+    def relevance_score(mine: tuple, other: tuple) -> float | None:
+        if mine[0] == other[0] or jaccard(mine[3], other[3]) >= 0.5:
+            return None
+        similarity = jaccard(mine[2], other[2])
+        if similarity >= 0.5:
+            return None
+        return 2.0 if mine[1] != other[1] else 1.0 - similarity
+
+    positions = uniforms(table.column("pair_id"), ctx.row_uniform, "relevance")
+    donors = pick_donors(positions, usable, candidates, features, relevance_score)
+    not_applicable["relevance"] += int((donors < 0).sum())
+    parts = []
+    found = np.flatnonzero(donors >= 0)
+    for a, b in chunks(len(found)):
+        own, given = usable[found[a:b]], donors[found[a:b]]
+        seed = rows_at(table, own, ["chosen", "task"])
+        donor = rows_at(table, given, ["chosen"])["chosen"]
+        parts.append(made_table([Made(i, i, answer, other, False, "relevance", "answer_to_other_prompt", "rejected",
+                                      task, _RULE_ORDER["relevance"])
+                                 for i, answer, other, task in zip(own.tolist(), seed["chosen"], donor, seed["task"],
+                                                                   strict=True)]))
+    return pa.concat_tables([made_table([]), *parts])

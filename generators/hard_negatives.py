@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,11 +34,17 @@ import numpy as np
 import pyarrow as pa
 
 from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
+from schemas.errors import PrefabError
 from schemas.pairs import MESSAGE_TYPE, prompt_id_of
+from schemas.prompts import last_user_text
 
 Scorer = Callable[[pa.Table], tuple[np.ndarray, np.ndarray]]
 
 OUTPUT_SCHEMA = GENERATED_SCHEMA.append(pa.field("metadata", pa.string()))
+
+
+class NoContrastPairsError(PrefabError):
+    """Contrast mode found nothing to pair: the message names what left every prompt out."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +71,6 @@ class HardNegativesParams:
                              f"({self.max_similarity})")
         if self.mode != "contrast" and not self.model:
             raise ValueError(f"parameter 'model' is required with mode={self.mode} (--set model=NAME)")
-
-
-def instruction_of(prompt: list[dict[str, Any]] | None) -> str:
-    """What a prompt asks: its last user turn (the whole prompt when it has none)."""
-    messages = prompt or []
-    for message in reversed(messages):
-        if message.get("role") == "user" and (message.get("content") or "").strip():
-            return message["content"]
-    return "\n".join(m.get("content") or "" for m in messages)
 
 
 def _normalise(text: str) -> str:
@@ -104,6 +102,8 @@ def hard_negatives(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> St
         contrast, failed, contrast_stats = contrast_pairs(table, ctx)
         stats["contrast"] = contrast_stats
     if params.mode == "contrast":
+        if contrast.num_rows == 0:
+            raise NoContrastPairsError(no_contrast_reason(contrast_stats, params))
         out = contrast
     else:
         out, stats["mining"] = mine(table, contrast, ctx)
@@ -132,9 +132,11 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
     pair_ids = _column(table, "pair_id", None)
     prompt_ids = [p if p else prompt_id_of(prompts[i]) for i, p in enumerate(_column(table, "prompt_id", None))]
     failed: list[tuple[int, str]] = []
-    stats = {"ties_skipped": 0, "repeated_prompt_rows": 0, "prompts": 0, "neighbour_links": 0,
-             "skipped_same_instruction": 0, "skipped_same_answer": 0, "skipped_similar_answer": 0,
-             "skipped_repeated_answer": 0}
+    stats: dict[str, Any] = {
+        "seeds": table.num_rows, "ties_skipped": 0, "repeated_prompt_rows": 0, "prompts": 0,
+        "neighbour_links": 0, "prompts_without_look_alike": 0, "seeds_without_look_alike": 0,
+        "skipped_same_instruction": 0, "skipped_same_answer": 0, "skipped_similar_answer": 0,
+        "skipped_repeated_answer": 0}
     # One representative row per prompt; every chosen answer a prompt has counts as its own.
     first: dict[str, int] = {}
     answers: dict[str, set[str]] = {}
@@ -145,7 +147,7 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
         if not (chosen[row] or "").strip():
             failed.append((row, "chosen answer is empty: nothing to contrast"))
             continue
-        if not instruction_of(prompts[row]).strip():
+        if not last_user_text(prompts[row]).strip():
             failed.append((row, "prompt has no text to embed"))
             continue
         answers.setdefault(prompt_ids[row], set()).add(chosen[row].strip())
@@ -155,9 +157,13 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
             first[prompt_ids[row]] = row
     rows = list(first.values())
     stats["prompts"] = len(rows)
+    seeds_of_prompt = Counter(prompt_ids[r] for r in range(table.num_rows)
+                              if not ties[r] and (chosen[r] or "").strip() and last_user_text(prompts[r]).strip())
     if len(rows) < 2:
+        stats["prompts_without_look_alike"] = len(rows)
+        stats["seeds_without_look_alike"] = sum(seeds_of_prompt.values())
         return _empty(), failed, stats
-    instructions = [instruction_of(prompts[r]) for r in rows]
+    instructions = [last_user_text(prompts[r]) for r in rows]
     vectors = ctx.embed(instructions)
     from factory.embed import top_k_neighbours
 
@@ -172,6 +178,12 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
                 continue
             links[(min(a, b), max(a, b))] = sim
     stats["neighbour_links"] = len(links)
+    linked = {k for link in links for k in link}
+    alone = [prompt_ids[rows[k]] for k in range(len(rows)) if k not in linked]
+    stats["prompts_without_look_alike"] = len(alone)
+    stats["seeds_without_look_alike"] = sum(seeds_of_prompt[p] for p in alone)
+    if not links:
+        stats["closest_similarity"] = _closest_below(vectors, params.max_similarity)
     answer_similarity = _answer_similarity(links, [chosen[r] for r in rows], ctx)
     out: list[dict[str, Any]] = []
     given: set[tuple[str, str]] = set()  # (prompt, rejected) already made: two neighbours may share an answer
@@ -202,6 +214,41 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
             })
     stats["pairs"] = len(out)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA), failed, stats
+
+
+def _closest_below(vectors: np.ndarray, ceiling: float) -> float | None:
+    """The highest instruction cosine between two prompts at or below ``ceiling`` (None: no such pair)."""
+    from factory.embed import top_k_neighbours
+
+    _, sims = top_k_neighbours(vectors, k=1, exclude_self=True, max_similarity=ceiling)
+    best = sims[:, 0]
+    best = best[~np.isnan(best)]
+    return round(float(best.max()), 4) if best.size else None
+
+
+def no_contrast_reason(stats: dict[str, Any], params: HardNegativesParams) -> str:
+    """Why contrast mode made no pair, and the setting to change, in one line."""
+    window = f"[{params.min_similarity:g}, {params.max_similarity:g}]"
+    prompts = stats.get("prompts", 0)
+    if prompts < 2:
+        return (f"hard_negatives made no contrast pairs: only {prompts} distinct prompt(s) with a non-empty "
+                f"chosen answer among {stats.get('seeds', 0)} seeds ({stats.get('ties_skipped', 0)} ties "
+                "skipped); contrast needs at least two look-alike prompts")
+    if not stats.get("neighbour_links"):
+        closest = stats.get("closest_similarity")
+        if closest is None:
+            return (f"hard_negatives made no contrast pairs: every pair of the {prompts} distinct prompts is "
+                    f"above max_similarity={params.max_similarity:g} (the same instruction); raise "
+                    "--set max_similarity")
+        suggestion = max(-1.0, np.floor(closest * 100) / 100)
+        return (f"hard_negatives made no contrast pairs: no prompt has a look-alike with instruction cosine in "
+                f"{window} among {prompts} distinct prompts (the closest two are at {closest:.3f}); lower "
+                f"--set min_similarity={suggestion:g} to pair them")
+    return (f"hard_negatives made no contrast pairs: all {stats['neighbour_links']} look-alike prompt pairs in "
+            f"{window} were left out ({stats.get('skipped_same_instruction', 0)} same instruction, "
+            f"{stats.get('skipped_same_answer', 0)} same answer, {stats.get('skipped_similar_answer', 0)} answers "
+            f"alike above max_answer_similarity={params.max_answer_similarity:g}); raise --set "
+            "max_answer_similarity or lower --set min_similarity for other look-alikes")
 
 
 def _answer_similarity(links: dict[tuple[int, int], float], answers: list[str],

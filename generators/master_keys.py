@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from factory.steps import StepContext, StepResult, failed_rows, generator, param
+from generators._text import chunks, column_or, prompt_ids_of
 
 # The keys the paper lists: blank, punctuation, reasoning openers, and multilingual ones.
 DEFAULT_KEYS: list[str] = [
@@ -97,22 +98,62 @@ class MasterKeysParams:
             raise ValueError("parameter 'keys' is empty and first_sentence is off: nothing to generate")
 
 
-@generator("master_keys", params=MasterKeysParams, version="2")
+# batch_rows=None: repeated seeds are merged over the whole table (the rows are still built
+# a chunk at a time), so the output does not depend on how the runner would split it.
+@generator("master_keys", params=MasterKeysParams, version="3", batch_rows=None)
 def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResult:
     """Rejected answers made of master keys and first-sentence cuts (One Token to Fool)."""
     params = ctx.params
-    seeds = pl.from_arrow(table.select(["pair_id", "prompt_id", "prompt", "chosen", "tie", "task"])).with_row_index("row")
-    empty = seeds.filter(pl.col("chosen").str.strip_chars() == "")
-    ties = seeds.filter(pl.col("tie") & (pl.col("chosen").str.strip_chars() != ""))
-    usable = seeds.filter(pl.col("chosen").str.strip_chars() != "")
-    if not params.include_ties:
-        usable = usable.filter(~pl.col("tie"))
+    seeds = pl.from_arrow(pa.table({
+        "pair_id": table.column("pair_id"), "prompt_id": prompt_ids_of(table), "chosen": table.column("chosen"),
+        "tie": table.column("tie"), "task": column_or(table, "task"),
+    })).with_row_index("row")
+    assert isinstance(seeds, pl.DataFrame)
+    seeds = seeds.with_columns(pl.col("chosen").fill_null(""), pl.col("tie").fill_null(False))
+    answered = pl.col("chosen").str.strip_chars() != ""
+    empty = seeds.filter(~answered)
+    ties = seeds.filter(pl.col("tie") & answered)
+    usable = seeds.filter(answered if params.include_ties else answered & ~pl.col("tie"))
+    made = pl.concat([_keys_for(usable.slice(start, stop - start), ctx) for start, stop in chunks(usable.height)]
+                     or [_keys_for(usable, ctx)], how="vertical_relaxed")
+    # Seeds that repeat a prompt and chosen answer (repeated judgments, anywhere in the table)
+    # would make the same pair again: make it once, naming every seed as a parent. The copy
+    # kept is the least seed id's, so the output does not depend on row order either.
+    merged = (made.sort(["pair_id", "rule", "row"])
+              .group_by(["prompt_id", "chosen", "rejected"], maintain_order=True)
+              .agg(pl.col("row").min(), pl.col("pair_id").unique(maintain_order=True).alias("parent_ids"),
+                   pl.col("task", "attribute", "method", "rule").first())
+              .sort(["row", "rule"]))
+    out = pa.table({
+        "prompt": table.column("prompt").take(pa.array(merged["row"].to_numpy(), pa.int64())),
+        "chosen": merged["chosen"].to_arrow(),
+        "rejected": merged["rejected"].to_arrow(),
+        "tie": pa.array([False] * merged.height, pa.bool_()),
+        "task": merged["task"].to_arrow().cast(pa.string()),
+        "attribute": merged["attribute"].to_arrow(),
+        "parent_ids": merged["parent_ids"].to_arrow().cast(pa.list_(pa.string())),
+        "generated": pa.array(["rejected"] * merged.height, pa.string()),
+        "method": merged["method"].to_arrow(),
+    })
+    method = merged["method"]
+    failed = failed_rows(empty["row"].to_list(), ["chosen answer is empty: no answer to protect"] * empty.height)
+    stats = {"keys": int((method != "first_sentence").sum()),
+             "length_matched": int(method.str.starts_with("length_matched").sum()),
+             "first_sentence": int((method == "first_sentence").sum()),
+             "skipped_ties": 0 if params.include_ties else ties.height,
+             "duplicates_merged": made.height - merged.height}
+    return StepResult(out, failed, stats)
 
+
+def _keys_for(usable: pl.DataFrame, ctx: StepContext[MasterKeysParams]) -> pl.DataFrame:
+    """The key pairs and first-sentence cuts of a chunk of usable seeds; ``rule`` orders a seed's pairs."""
+    params = ctx.params
     keys = pl.DataFrame({
         "rejected": params.keys,
         "attribute": [f"master_key:{key_family(k)}" for k in params.keys],
         "method": [f"master_key:{k!r}" for k in params.keys],
-    })
+        "rule": list(range(len(params.keys))),
+    }, schema={"rejected": pl.String, "attribute": pl.String, "method": pl.String, "rule": pl.Int64})
     rows = usable.join(keys, how="cross")
     # A seed whose answer already is the key gives no contrast.
     rows = rows.filter(pl.col("chosen").str.strip_chars() != pl.col("rejected").str.strip_chars())
@@ -124,7 +165,6 @@ def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResu
                 .drop("draw", "rank"))
     if params.length_matched > 0 and rows.height:
         rows = _stretch_some(rows, params.length_matched, ctx)
-
     parts = [rows]
     if params.first_sentence:
         cuts = usable.with_columns(
@@ -132,25 +172,10 @@ def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResu
         ).filter(pl.col("rejected").is_not_null()).with_columns(
             pl.lit("master_key:first_sentence").alias("attribute"),
             pl.lit("first_sentence").alias("method"),
+            pl.lit(len(params.keys), pl.Int64).alias("rule"),
         )
         parts.append(cuts)
-    made = pl.concat(parts, how="diagonal_relaxed")
-    # Seeds that repeat a prompt and chosen answer (repeated judgments) would make the
-    # same pair again: make it once, naming every seed as a parent.
-    out = (made.group_by(["prompt_id", "chosen", "rejected"], maintain_order=True)
-           .agg(pl.col("row").min(), pl.col("pair_id").unique(maintain_order=True).alias("parent_ids"),
-                pl.col("prompt", "task", "attribute", "method").first())
-           .sort("row", maintain_order=True)
-           .with_columns(pl.lit("rejected").alias("generated"), pl.lit(False).alias("tie"))
-           .select(["prompt", "chosen", "rejected", "tie", "task", "attribute", "parent_ids", "generated", "method"]))
-
-    failed = failed_rows(empty["row"].to_list(), ["chosen answer is empty: no answer to protect"] * empty.height)
-    stats = {"keys": out.filter(pl.col("method") != "first_sentence").height,
-             "length_matched": out.filter(pl.col("method").str.starts_with("length_matched")).height,
-             "first_sentence": out.filter(pl.col("method") == "first_sentence").height,
-             "skipped_ties": 0 if params.include_ties else ties.height,
-             "duplicates_merged": made.height - out.height}
-    return StepResult(out.to_arrow(), failed, stats)
+    return pl.concat(parts, how="diagonal_relaxed")
 
 
 def _stretch_some(rows: pl.DataFrame, share: float, ctx: StepContext[MasterKeysParams]) -> pl.DataFrame:

@@ -22,8 +22,11 @@ no format change when the instruction names a format (a list, a table, a poem…
 for a text whose layout is part of it (an email, a rewrite), no added sentence
 (preamble, sign-off, padding) when it limits length or wants only the answer, no tone
 change when it asks about tone, no casing change when it asks about grammar or case. Seeds whose
-task is safety-related (``skip_tasks``) get no unrelated-prompt pair: a harmful rejected
-answer stays worse under any prompt, so that tie would be wrong.
+answers may differ in safety get no unrelated-prompt pair: a harmful rejected answer stays
+worse under any prompt, so that tie would be wrong. That is a seed whose task, attribute,
+dataset or source file names safety data (``skip_tasks``: HH-RLHF's ``harmless-base``
+file, say, whose reader leaves ``task`` empty), or whose one answer refuses and the other
+does not.
 
 The ``llm`` mode (``--set mode=llm --backend SPEC``) asks the LLM for the rewrite instead,
 one per style in ``styles``: ``verbose`` and ``concise`` (``neutral:length``: the same
@@ -38,14 +41,17 @@ otherwise its seed fails with the reason, and a seed with any failed reply yield
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import PurePath
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.steps import StepContext, StepResult, failed_rows, generator, param
+from factory.steps.context import FAILED_SCHEMA
 from factory.steps.llm import (
     Call,
     LLMMap,
@@ -53,30 +59,38 @@ from factory.steps.llm import (
     Template,
     llm_plan,
     looks_refused,
+    merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
 from generators._text import (
     Made,
     assemble,
+    chunks,
     code_spans,
+    column_or,
     content_of,
     find_lists,
     is_code_only,
     jaccard,
     keeps_content,
-    last_user_text,
+    made_table,
     mask_code,
+    number_rules,
     numbers,
     pick_donors,
+    prompt_ids_of,
+    row_mask,
+    rows_at,
     sentence_ends,
+    skipped_ties,
     split_sentences,
+    uniforms,
     unmask_code,
     value_counts,
     word_set,
 )
-from schemas.pairs import prompt_id_of
+from schemas.prompts import last_user_text, prompt_text
 
 TRANSFORMS: dict[str, str] = {
     "list_to_prose": "neutral:format",
@@ -114,7 +128,9 @@ class NeutralParams:
     max_per_seed: int = param(0, "at most this many pairs per seed, drawn at random (0: no cap)", low=0)
     include_ties: bool = param(False, "use tie-labelled seeds too (their chosen side as the answer)")
     skip_tasks: list[str] = param(["harm", "safe", "toxic", "red_team", "red-team"],
-                                  "no unrelated_prompt pair for seeds whose task contains one of these")
+                                  "no unrelated_prompt pair for seeds whose task, attribute, dataset or source "
+                                  "file name contains one of these (safety data); nor where one answer refuses "
+                                  "and the other does not")
     styles: list[str] = param(["verbose", "concise", "format", "tone"],
                               "llm mode: the rewrites to ask for, one tie pair each: verbose, concise, format, tone")
     temperature: float = param(0.0, "llm mode: sampling temperature", low=0.0, high=2.0)
@@ -339,7 +355,7 @@ def _llm_calls(table: pa.Table, params: NeutralParams) -> tuple[list[Call], list
         instruction = last_user_text(prompts[i])
         for style in params.styles:
             if _style_applies(style, instruction, chosen[i]):
-                calls.append(Call(i, {"prompt": text_of(prompts[i]), "answer": chosen[i],
+                calls.append(Call(i, {"prompt": prompt_text(prompts[i]), "answer": chosen[i],
                                       "instruction": LLM_STYLES[style][1]}, tag=style))
             else:
                 not_applicable[style] += 1
@@ -362,75 +378,111 @@ def kept_facts(original: str, rewrite: str) -> list[str]:
 
 
 def _neutral_llm(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
+    """The llm mode, a chunk of seeds at a time; duplicates are merged over the whole table."""
     params = ctx.params
-    n = table.num_rows
-    llm = LLMMap(ctx, what="an LLM (neutral mode=llm)")
-    calls, empty, not_applicable = _llm_calls(table, params)
-    pair_ids = table.column("pair_id").to_pylist()
-    prompts = table.column("prompt").to_pylist()
-    prompt_ids = (table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names
-                  else [prompt_id_of(p) for p in prompts])
-    tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * n
-    chosen = [c or "" for c in table.column("chosen").to_pylist()]
-
-    def check(value: dict, call: Call) -> str | None:
-        text, original = value["rewrite"], call.values["answer"]
-        if not text.strip():
-            return f"empty {call.tag} rewrite"
-        if looks_refused(text) and not looks_refused(original):
-            return f"refused the {call.tag} rewrite: {text.strip()[:80]!r}"
-        if " ".join(text.split()) == " ".join(original.split()):
-            return f"{call.tag} rewrite is the unchanged answer"
-        lost = kept_facts(original, text)
-        if lost:
-            return f"{call.tag} rewrite changed the content (lost {', '.join(map(repr, lost[:5]))}): not a tie"
-        return None
-
-    replies = llm.run(REWRITE, calls, check=check, temperature=params.temperature, max_tokens=params.max_tokens)
-    made = [Made(r.call.row, r.call.row, chosen[r.call.row], r.value["rewrite"], True, LLM_STYLES[r.call.tag][0],
-                 f"llm:{r.call.tag}", "rejected", tasks[r.call.row])
-            for r in replies if r.ok and not llm.failed(r.call.row)]
-    out, counts = assemble(table, made, prompt_ids=prompt_ids, pair_ids=pair_ids, row_uniform=ctx.row_uniform,
-                           max_per_seed=params.max_per_seed, salt="cap")
-    ties = [bool(t) for t in table.column("tie").to_pylist()]
+    parts, failed, usage = [], [], []
+    not_applicable = dict.fromkeys(params.styles, 0)
+    seeds_failed = 0
+    for start, stop in chunks(table.num_rows):
+        chunk = table.slice(start, stop - start)
+        llm = LLMMap(ctx, what="an LLM (neutral mode=llm)")
+        calls, empty, chunk_not_applicable = _llm_calls(chunk, params)
+        for style, count in chunk_not_applicable.items():
+            not_applicable[style] += count
+        chosen = [c or "" for c in chunk.column("chosen").to_pylist()]
+        tasks = column_or(chunk, "task").to_pylist()
+        replies = llm.run(REWRITE, calls, check=_check_llm_rewrite, temperature=params.temperature,
+                          max_tokens=params.max_tokens)
+        made = [Made(r.call.row, r.call.row, chosen[r.call.row], r.value["rewrite"], True,
+                     LLM_STYLES[r.call.tag][0], f"llm:{r.call.tag}", "rejected", tasks[r.call.row])
+                for r in replies if r.ok and not llm.failed(r.call.row)]
+        made.sort(key=lambda m: m.row)  # stable: a seed's pairs keep the order of its styles
+        parts.append(made_table(number_rules(made), offset=start))
+        chunk_failed = llm.failed_table({i: "chosen answer is empty: nothing to rewrite" for i in empty})
+        failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
+        usage.append(llm.usage)
+        seeds_failed += len(llm.failures)
+    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
     stats = {
         "pairs": value_counts(out.column("attribute")),
         "methods": value_counts(out.column("method")),
         "not_applicable": not_applicable,
-        "seeds_failed_llm": len(llm.failures),
-        "skipped_ties": 0 if params.include_ties else sum(1 for i in range(n) if ties[i] and chosen[i].strip()),
+        "seeds_failed_llm": seeds_failed,
+        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
         **counts,
     }
-    failed = llm.failed_table({i: "chosen answer is empty: nothing to rewrite" for i in empty})
-    return StepResult(out, failed, stats, llm.usage)
+    return StepResult(out, pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats, merge_usage(*usage))
+
+
+def _check_llm_rewrite(value: dict, call: Call) -> str | None:
+    text, original = value["rewrite"], call.values["answer"]
+    if not text.strip():
+        return f"empty {call.tag} rewrite"
+    if looks_refused(text) and not looks_refused(original):
+        return f"refused the {call.tag} rewrite: {text.strip()[:80]!r}"
+    if " ".join(text.split()) == " ".join(original.split()):
+        return f"{call.tag} rewrite is the unchanged answer"
+    lost = kept_facts(original, text)
+    if lost:
+        return f"{call.tag} rewrite changed the content (lost {', '.join(map(repr, lost[:5]))}): not a tie"
+    return None
 
 
 # ---- the step -------------------------------------------------------------------------------
 
 
-@generator("neutral", params=NeutralParams, version="1", backend="optional", templates=template_sources(REWRITE))
+# batch_rows=None: donors and duplicate merging span the whole table (texts are still read a
+# chunk at a time), so the output does not depend on how the runner would split it.
+@generator("neutral", params=NeutralParams, version="2", backend="optional", batch_rows=None,
+           templates=template_sources(REWRITE))
 def neutral(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
     """Tie pairs that change only a spurious feature of the chosen answer (Crome neutral)."""
     params = ctx.params
     if params.mode == "llm":
         return _neutral_llm(table, ctx)
+    wanted = [t for t in TRANSFORMS if t in params.transforms]
+    not_applicable = dict.fromkeys(wanted, 0)
+    failed_check = dict.fromkeys(wanted, 0)
+    parts: list[pa.Table] = []
+    empty: list[int] = []
+    for start, stop in chunks(table.num_rows):
+        made, chunk_empty = _row_local_rewrites(table.slice(start, stop - start), ctx, wanted, not_applicable,
+                                                failed_check)
+        parts.append(made_table(made, offset=start))
+        empty += [start + i for i in chunk_empty]
+    if "unrelated_prompt" in wanted:
+        parts.append(_unrelated_prompt_pairs(table, ctx, not_applicable))
+    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+    stats = {
+        "pairs": value_counts(out.column("attribute")),
+        "transforms": value_counts(pc.list_element(pc.split_pattern(out.column("method"), ":"), 0)),
+        "not_applicable": not_applicable,
+        "failed_check": {k: v for k, v in failed_check.items() if v},
+        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
+        **counts,
+    }
+    failed = failed_rows(empty, ["chosen answer is empty: nothing to rewrite"] * len(empty))
+    return StepResult(out, failed, stats)
+
+
+_RULE_ORDER = {transform: k for k, transform in enumerate(TRANSFORMS)}
+
+
+def _row_local_rewrites(table: pa.Table, ctx: StepContext[NeutralParams], wanted: list[str],
+                        not_applicable: dict[str, int], failed_check: dict[str, int]) -> tuple[list[Made], list[int]]:
+    """The rewrites of each seed's own chosen answer, on a chunk; and the rows with none."""
+    params = ctx.params
     n = table.num_rows
     pair_ids = table.column("pair_id").to_pylist()
     prompts = table.column("prompt").to_pylist()
-    prompt_ids = (table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names
-                  else [prompt_id_of(p) for p in prompts])
     chosen = [c or "" for c in table.column("chosen").to_pylist()]
-    rejected = [r or "" for r in table.column("rejected").to_pylist()]
     ties = [bool(t) for t in table.column("tie").to_pylist()]
-    tasks = table.column("task").to_pylist() if "task" in table.column_names else [None] * n
+    tasks = column_or(table, "task").to_pylist()
     instructions = [last_user_text(p) for p in prompts]
 
     empty = [i for i in range(n) if not chosen[i].strip()]
     usable = [i for i in range(n) if chosen[i].strip() and (params.include_ties or not ties[i])]
-    wanted = [t for t in TRANSFORMS if t in params.transforms]
     made: list[Made] = []
-    not_applicable = dict.fromkeys(wanted, 0)
-    failed_check = dict.fromkeys(wanted, 0)
     # One draw per seed and transform, so the phrase a seed gets does not move with others.
     draws = {name: ctx.row_uniform(pair_ids, name) for name in ("preamble", "signoff", "padding")}
 
@@ -441,7 +493,7 @@ def neutral(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
             failed_check[transform] += 1  # a rule's edge case: better no pair than a wrong tie
         else:
             made.append(Made(i, i, chosen[i], rewrite, True, TRANSFORMS[transform], method or transform,
-                             "rejected", tasks[i]))
+                             "rejected", tasks[i], _RULE_ORDER[transform]))
 
     def pick(options: tuple[str, ...], i: int, transform: str) -> str:
         return options[min(int(draws[transform][i] * len(options)), len(options) - 1)]
@@ -497,44 +549,68 @@ def neutral(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
                 apart = multiline or not re.search(r"[.!?\"')\]\u201d]$", text.rstrip())
                 add(i, transform, _join(text.rstrip(), f"{lead} {sentence}", apart), "padding:restate")
 
-    if "unrelated_prompt" in wanted:
-        skip = tuple(s.lower() for s in params.skip_tasks)
-        words = [word_set(t) for t in instructions]
-        rows = []
-        for i in usable:
-            task = (tasks[i] or "").lower()
-            if (not rejected[i].strip() or rejected[i].strip() == chosen[i].strip()
-                    or (task and any(s in task for s in skip))):
-                not_applicable["unrelated_prompt"] += 1
-            else:
-                rows.append(i)
+    return made, empty
 
-        def unrelated_score(i: int, j: int) -> float | None:
-            if prompt_ids[i] == prompt_ids[j]:
-                return None
-            similarity = jaccard(words[i], words[j])
-            if similarity >= 0.3:  # a near-identical question could make one answer right again
-                return None
-            return 2.0 if tasks[i] != tasks[j] else 1.0 - similarity
 
-        donors = pick_donors(ctx.row_uniform(pair_ids, "unrelated_prompt"), rows, np.arange(n), unrelated_score)
-        for i in rows:
-            j = donors[i]
-            if j is None:
-                not_applicable["unrelated_prompt"] += 1
-            else:
-                made.append(Made(i, j, chosen[i], rejected[i], True, TRANSFORMS["unrelated_prompt"],
-                                 "unrelated_prompt", "none", tasks[j]))
+def differs_in_safety(row: dict[str, Any], terms: Sequence[str]) -> bool:
+    """Whether a seed's two answers may differ in harm, so that under another prompt they are
+    still not equally beside the point: its task or attribute names safety (``terms``), its
+    dataset or source file does (HH-RLHF's harmless-base leaves ``task`` empty), or one answer
+    refuses and the other does not."""
+    provenance = row.get("provenance") or {}
+    labels = (row.get("task"), row.get("attribute"), provenance.get("source"),
+              PurePath(provenance.get("source_file") or "").name)
+    named = " ".join(label for label in labels if label).lower()
+    if any(term in named for term in terms):
+        return True
+    return bool(_REFUSAL.match(row.get("chosen") or "")) != bool(_REFUSAL.match(row.get("rejected") or ""))
 
-    out, counts = assemble(table, made, prompt_ids=prompt_ids, pair_ids=pair_ids, row_uniform=ctx.row_uniform,
-                           max_per_seed=params.max_per_seed, salt="cap")
-    stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "transforms": value_counts(pc.list_element(pc.split_pattern(out.column("method"), ":"), 0)),
-        "not_applicable": not_applicable,
-        "failed_check": {k: v for k, v in failed_check.items() if v},
-        "skipped_ties": 0 if params.include_ties else sum(1 for i in range(n) if ties[i] and chosen[i].strip()),
-        **counts,
-    }
-    failed = failed_rows(empty, ["chosen answer is empty: nothing to rewrite"] * len(empty))
-    return StepResult(out, failed, stats)
+
+def _unrelated_prompt_pairs(table: pa.Table, ctx: StepContext[NeutralParams],
+                            not_applicable: dict[str, int]) -> pa.Table:
+    """The seed's two answers re-paired as a tie under another seed's dissimilar prompt,
+    drawn from the whole table; never for a seed whose answers may differ in safety."""
+    params = ctx.params
+    skip = tuple(s.lower() for s in params.skip_tasks)
+    columns = ["chosen", "rejected", "tie", "task", "attribute", "provenance"]
+
+    def eligible(row: dict[str, Any]) -> int:
+        """-1: not a usable seed (counted elsewhere); 0: not applicable; 1: re-pair it."""
+        chosen, rejected = (row["chosen"] or "").strip(), (row["rejected"] or "").strip()
+        if not chosen or (row["tie"] and not params.include_ties):
+            return -1
+        return int(bool(rejected) and rejected != chosen and not differs_in_safety(row, skip))
+
+    verdict = row_mask(table, columns, eligible, dtype=np.int8)
+    rows = np.flatnonzero(verdict == 1)
+    not_applicable["unrelated_prompt"] += int((verdict == 0).sum())
+
+    def features(indices: np.ndarray) -> list[tuple[str, str | None, frozenset[str]]]:
+        values = rows_at(table, indices, ["prompt", "task"])
+        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        return [(p, t, word_set(last_user_text(prompt)))
+                for p, t, prompt in zip(ids, values["task"], values["prompt"], strict=True)]
+
+    def unrelated_score(mine: tuple, other: tuple) -> float | None:
+        if mine[0] == other[0]:
+            return None
+        similarity = jaccard(mine[2], other[2])
+        if similarity >= 0.3:  # a near-identical question could make one answer right again
+            return None
+        return 2.0 if mine[1] != other[1] else 1.0 - similarity
+
+    positions = uniforms(table.column("pair_id"), ctx.row_uniform, "unrelated_prompt")
+    donors = pick_donors(positions, rows, np.arange(table.num_rows), features, unrelated_score)
+    not_applicable["unrelated_prompt"] += int((donors < 0).sum())
+    parts = []
+    found = np.flatnonzero(donors >= 0)
+    for a, b in chunks(len(found)):
+        own, given = rows[found[a:b]], donors[found[a:b]]
+        seed = rows_at(table, own, ["chosen", "rejected"])
+        donor_tasks = rows_at(table, given, ["task"])["task"]
+        parts.append(made_table([
+            Made(i, j, chosen, rejected, True, TRANSFORMS["unrelated_prompt"], "unrelated_prompt", "none", task,
+                 _RULE_ORDER["unrelated_prompt"])
+            for i, j, chosen, rejected, task in zip(own.tolist(), given.tolist(), seed["chosen"], seed["rejected"],
+                                                    donor_tasks, strict=True)]))
+    return pa.concat_tables([made_table([]), *parts])

@@ -32,9 +32,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from factory.steps import StepContext, StepResult, generator, param
+from factory.steps.context import FAILED_SCHEMA
 from factory.steps.llm import (
     Call,
     LLMMap,
@@ -46,9 +49,9 @@ from factory.steps.llm import (
     merge_usage,
     strict_object,
     template_sources,
-    text_of,
 )
-from schemas.pairs import prompt_id_of
+from generators._text import chunks, prompt_ids_of
+from schemas.prompts import prompt_text
 from schemas.rows import RUBRIC_ITEM_TYPE, RUBRIC_SCHEMA, Rubric, RubricItem
 
 RUBRIC_TYPE = pa.list_(RUBRIC_ITEM_TYPE)
@@ -175,7 +178,7 @@ def _write_calls(table: pa.Table, rows: list[int]) -> list[Call]:
     prompts = table.column("prompt").to_pylist()
     chosen = table.column("chosen").to_pylist()
     rejected = table.column("rejected").to_pylist()
-    return [Call(i, {"prompt": text_of(prompts[i]), "chosen": chosen[i], "rejected": rejected[i]}) for i in rows]
+    return [Call(i, {"prompt": prompt_text(prompts[i]), "chosen": chosen[i], "rejected": rejected[i]}) for i in rows]
 
 
 def _judge_calls(table: pa.Table, rubrics: dict[int, list[dict[str, Any]]], samples: int) -> list[Call]:
@@ -188,7 +191,7 @@ def _judge_calls(table: pa.Table, rubrics: dict[int, list[dict[str, Any]]], samp
         for k in range(samples):
             swapped = ab_swapped(pair_ids[i], k)
             a, b = (rejected[i], chosen[i]) if swapped else (chosen[i], rejected[i])
-            calls.append(Call(i, {"prompt": text_of(prompts[i]), "rubric": render_rubric(items), "a": a, "b": b},
+            calls.append(Call(i, {"prompt": prompt_text(prompts[i]), "rubric": render_rubric(items), "a": a, "b": b},
                               sample=k, tag=swapped))
     return calls
 
@@ -204,10 +207,69 @@ def plan_rubrics(table: pa.Table, ctx: StepContext[RubricsParams]) -> list[Plann
                     temperature=params.judge_temperature, max_tokens=params.judge_max_tokens)]
 
 
-@generator("rubrics", params=RubricsParams, version="1", backend="required", batch_rows=2048,
+# batch_rows=None: the per-prompt accuracy check must see every pair of a prompt, wherever it
+# sits in the table; the LLM work still runs a chunk of seeds at a time.
+@generator("rubrics", params=RubricsParams, version="2", backend="required", batch_rows=None,
            templates=template_sources(WRITE_RUBRIC, JUDGE), columns=("rubric",))
 def rubrics(table: pa.Table, ctx: StepContext[RubricsParams]) -> StepResult:
     """Contrastive rubrics (hard rules + principles) kept where a judge recovers the label (OpenRubrics)."""
+    params = ctx.params
+    judged, failed, usage = [], [], []
+    stats: Counter[str] = Counter()
+    stripped: Counter[str] = Counter()
+    for start, stop in chunks(table.num_rows):
+        chunk_judged, chunk_failed, chunk_stats, chunk_stripped, chunk_usage = _rubrics_chunk(
+            table.slice(start, stop - start), ctx)
+        judged.append(chunk_judged.set_column(0, "row", pc.add(chunk_judged.column("row"), start)))
+        failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
+        stats.update(chunk_stats)
+        stripped.update(chunk_stripped)
+        usage.extend(chunk_usage)
+    verdicts = pl.from_arrow(pa.concat_tables([JUDGED_SCHEMA.empty_table(), *judged]))
+    assert isinstance(verdicts, pl.DataFrame)
+    # The label-consistency check per prompt, over all of the prompt's pairs in the table.
+    ids = prompt_ids_of(table).take(pa.array(verdicts["row"].to_numpy(), pa.int64()))
+    verdicts = verdicts.with_columns(pl.Series("prompt_id", ids),
+                                     (pl.col("votes_for") * 2 > pl.col("votes")).alias("recovered"))
+    verdicts = verdicts.with_columns(pl.col("recovered").mean().over("prompt_id").alias("group_accuracy"))
+    good_group = pl.col("group_accuracy") >= params.min_group_accuracy
+    kept = verdicts.filter(pl.col("recovered") & good_group).sort("row")
+    take = pa.array(kept["row"].to_numpy(), pa.int64())
+    columns: dict[str, Any] = {
+        name: table.column(name).take(take)
+        for name in ("prompt", "chosen", "rejected", "tie", "margin", "votes", "weight", "attribute",
+                     "attribute_scores", "task", "metadata") if name in table.column_names
+    }
+    columns["parent_ids"] = pa.array([[p] for p in table.column("pair_id").take(take).to_pylist()],
+                                     pa.list_(pa.string()))
+    columns["generated"] = pa.array(["none"] * kept.height, pa.string())
+    columns["method"] = pa.array([f"rubric:recovered:{f}/{n}" if params.judge_samples > 1 else "rubric:recovered"
+                                  for f, n in zip(kept["votes_for"], kept["votes"], strict=True)], pa.string())
+    columns["rubric"] = kept["rubric"].to_arrow().cast(RUBRIC_TYPE)
+    recovered = int(verdicts["recovered"].sum())
+    out_stats = {
+        "seeds_usable": stats["seeds_usable"],
+        "skipped_no_contrast": stats["skipped_no_contrast"],
+        "rubrics_written": stats["rubrics_written"],
+        "items_stripped": dict(stripped),
+        "judged": verdicts.height,
+        "label_recovered": recovered,
+        "label_not_recovered": verdicts.height - recovered,
+        "dropped_by_group_accuracy": verdicts.filter(pl.col("recovered") & ~good_group).height,
+        "kept": kept.height,
+    }
+    return StepResult(pa.table(columns), pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), out_stats,
+                      merge_usage(*usage))
+
+
+JUDGED_SCHEMA = pa.schema([("row", pa.int64()), ("votes_for", pa.int64()), ("votes", pa.int64()),
+                           ("rubric", RUBRIC_TYPE)])
+
+
+def _rubrics_chunk(table: pa.Table, ctx: StepContext[RubricsParams]
+                   ) -> tuple[pa.Table, pa.Table, Counter[str], Counter[str], list[dict[str, Any]]]:
+    """Write and judge the rubrics of a chunk of seeds: the judged rows (chunk positions,
+    votes for the chosen answer, the rubric), failed rows, counts, stripped items, usage."""
     params = ctx.params
     writer = LLMMap(ctx, what="an LLM to write rubrics")
     judge = LLMMap(ctx, role="judge", what="an LLM judge")
@@ -217,7 +279,7 @@ def rubrics(table: pa.Table, ctx: StepContext[RubricsParams]) -> StepResult:
     rejected = table.column("rejected").to_pylist()
     stripped: Counter[str] = Counter()
 
-    terms = {i: (distinctive_terms(text_of(prompts[i])), distinctive_terms(f"{chosen[i]}\n{rejected[i]}"))
+    terms = {i: (distinctive_terms(prompt_text(prompts[i])), distinctive_terms(f"{chosen[i]}\n{rejected[i]}"))
              for i in usable}
     kept_items: dict[int, list[dict[str, Any]]] = {}
 
@@ -260,44 +322,19 @@ def rubrics(table: pa.Table, ctx: StepContext[RubricsParams]) -> StepResult:
             votes.setdefault(reply.call.row, []).append(1 if picked_chosen else -1)
     # A pair is judged only when every draw answered: a partial vote is no vote.
     judged = {i: v for i, v in votes.items() if i in written and not judge.failed(i)}
-    recovered = {i: sum(v) > 0 for i, v in judged.items()}
-    prompt_ids = (table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names
-                  else [prompt_id_of(p) for p in prompts])
-    groups: dict[str, list[bool]] = {}
-    for i, ok in recovered.items():
-        groups.setdefault(prompt_ids[i], []).append(ok)
-    accuracy = {g: sum(v) / len(v) for g, v in groups.items()}
-    kept = [i for i in sorted(recovered) if recovered[i] and accuracy[prompt_ids[i]] >= params.min_group_accuracy]
-
-    take = pa.array(kept, pa.int64())
-    pair_ids = table.column("pair_id").to_pylist()
-    columns: dict[str, Any] = {
-        name: table.column(name).take(take)
-        for name in ("prompt", "chosen", "rejected", "tie", "margin", "votes", "weight", "attribute",
-                     "attribute_scores", "task", "metadata") if name in table.column_names
-    }
-    columns["parent_ids"] = pa.array([[pair_ids[i]] for i in kept], pa.list_(pa.string()))
-    columns["generated"] = pa.array(["none"] * len(kept), pa.string())
-    columns["method"] = pa.array([f"rubric:recovered:{sum(judged[i])}/{len(judged[i])}" if params.judge_samples > 1
-                                  else "rubric:recovered" for i in kept], pa.string())
-    columns["rubric"] = pa.array([written[i] for i in kept], RUBRIC_TYPE)
-    stats = {
-        "seeds_usable": len(usable),
-        "skipped_no_contrast": len(no_contrast),
-        "rubrics_written": len(written),
-        "items_stripped": dict(stripped),
-        "judged": len(judged),
-        "label_recovered": sum(recovered.values()),
-        "label_not_recovered": sum(not ok for ok in recovered.values()),
-        "dropped_by_group_accuracy": sum(1 for i, ok in recovered.items()
-                                         if ok and accuracy[prompt_ids[i]] < params.min_group_accuracy),
-        "kept": len(kept),
-    }
+    rows = sorted(judged)
+    table_out = pa.table({
+        "row": pa.array(rows, pa.int64()),
+        "votes_for": pa.array([sum(v > 0 for v in judged[i]) for i in rows], pa.int64()),
+        "votes": pa.array([len(judged[i]) for i in rows], pa.int64()),
+        "rubric": pa.array([written[i] for i in rows], RUBRIC_TYPE),
+    }, schema=JUDGED_SCHEMA)
+    counts = Counter({"seeds_usable": len(usable), "skipped_no_contrast": len(no_contrast),
+                      "rubrics_written": len(written)})
     failed_reasons = {i: "needs a non-empty chosen and rejected answer" for i in empty}
     for i, reasons in judge.failures.items():
         failed_reasons[i] = "; ".join(reasons)
-    return StepResult(pa.table(columns), writer.failed_table(failed_reasons), stats,
-                      merge_usage(writer.usage, judge.usage))
+    return table_out, writer.failed_table(failed_reasons), counts, stripped, [writer.usage, judge.usage]
 
 
 def rubric_rows(pairs: pa.Table) -> pa.Table:

@@ -17,10 +17,9 @@ from schemas.pairs import (
     pairs_to_table,
     prompt_id_of,
 )
-from schemas.rows import JUDGMENT_SCHEMA, RUBRIC_SCHEMA, TRAJECTORY_SCHEMA
+from schemas.rows import RUBRIC_SCHEMA, TRAJECTORY_SCHEMA
 
 __all__ = [
-    "JUDGMENT_SCHEMA",
     "PAIR_COLUMNS",
     "PAIR_SCHEMA",
     "RUBRIC_SCHEMA",

@@ -16,8 +16,6 @@ from typing import Any
 
 import pyarrow as pa
 
-ROLES = ("system", "user", "assistant", "tool")
-
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 ATTRIBUTE_SCORE_TYPE = pa.struct(

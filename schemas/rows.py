@@ -1,4 +1,4 @@
-"""Row kinds other than pairs: agent trajectories, rubrics and judge verdicts."""
+"""Row kinds other than pairs: agent trajectories and rubrics."""
 
 from __future__ import annotations
 
@@ -55,21 +55,6 @@ RUBRIC_SCHEMA = pa.schema(
         pa.field("provenance", PROVENANCE_TYPE),
     ]
 )
-
-JUDGMENT_SCHEMA = pa.schema(
-    [
-        pa.field("judgment_id", pa.string(), nullable=False),
-        pa.field("pair_id", pa.string(), nullable=False),
-        pa.field("judge_model", pa.string(), nullable=False),
-        pa.field("verdict", pa.string()),  # "chosen" | "rejected" | "tie" | null when unparsed
-        pa.field("score_chosen", pa.float64()),
-        pa.field("score_rejected", pa.float64()),
-        pa.field("raw_output", pa.string()),
-        pa.field("parse_status", pa.string(), nullable=False),  # "ok" | "parse_error" | "error"
-        pa.field("provenance", PROVENANCE_TYPE),
-    ]
-)
-
 
 def tool_call_text(name: str, arguments: str) -> str:
     """The readable form of a tool call, as stored in ``action``."""
@@ -154,32 +139,3 @@ class Rubric:
             "pair_id": self.pair_id,
             "provenance": self.provenance.as_dict(),
         }
-
-
-@dataclass
-class Judgment:
-    pair_id: str
-    judge_model: str
-    verdict: Literal["chosen", "rejected", "tie"] | None
-    raw_output: str | None
-    parse_status: Literal["ok", "parse_error", "error"]
-    score_chosen: float | None = None
-    score_rejected: float | None = None
-    provenance: Provenance = field(default_factory=Provenance)
-
-    def to_row(self) -> dict[str, Any]:
-        return {
-            "judgment_id": _digest([self.pair_id, self.judge_model, self.raw_output]),
-            "pair_id": self.pair_id,
-            "judge_model": self.judge_model,
-            "verdict": self.verdict,
-            "score_chosen": self.score_chosen,
-            "score_rejected": self.score_rejected,
-            "raw_output": self.raw_output,
-            "parse_status": self.parse_status,
-            "provenance": self.provenance.as_dict(),
-        }
-
-
-def rows_to_table(rows: list[Any], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist([r.to_row() for r in rows], schema=schema)

@@ -16,6 +16,7 @@ import generators.hard_negatives as hn
 from factory.steps import ParamError, StepContext
 from factory.steps.runner import execute, prepare, stamp_generated, with_ids
 from schemas.pairs import Message, Pair, pairs_to_table, prompt_id_of
+from schemas.prompts import last_user_text
 from tests.conftest import DEMO_SEEDS
 
 DIM = 512
@@ -64,7 +65,7 @@ def _run(table: pa.Table, settings: dict | None = None, seed: int = 0, embed=fak
 
 
 def _instruction(prompt: list[dict]) -> str:
-    return hn.instruction_of(prompt)
+    return last_user_text(prompt)
 
 
 def _content(rows: list[dict]) -> set[tuple[str, str, str]]:
@@ -303,3 +304,51 @@ def test_look_alikes_whose_answers_read_the_same_are_no_contrast() -> None:
         assert json.loads(row["metadata"])["answer_similarity"] < 0.9
     _, _, loose = _run(table, {"neighbours": 5, "max_answer_similarity": 1.0})
     assert loose.table.num_rows == 4 and loose.stats["contrast"]["skipped_similar_answer"] == 0
+
+
+def test_no_look_alike_names_the_window_the_closest_pair_and_the_setting() -> None:
+    table = pairs_to_table([
+        _pair("Write a haiku about autumn leaves falling slowly.", "Red leaves drift."),
+        _pair("Explain how a bicycle gear changes pedalling effort.", "Gears trade force for speed."),
+        _pair("What is the capital city of France?", "Paris."),
+        _pair("What is the capital city of Peru?", "   "),  # empty: fails with its own reason
+    ])
+    with pytest.raises(hn.NoContrastPairsError) as caught:
+        _run(table)
+    message = str(caught.value)
+    assert "no prompt has a look-alike" in message and "[0.75, 0.98]" in message
+    assert "among 3 distinct prompts" in message and "--set min_similarity=" in message
+    assert "chosen answer is empty" not in message and "\n" not in message
+    # The suggested setting does pair the closest two.
+    suggested = re.search(r"min_similarity=([-0-9.]+)", message).group(1)
+    _, _, result = _run(table, {"min_similarity": suggested})
+    assert result.table.num_rows >= 2
+
+
+def test_seeds_without_a_look_alike_are_counted_as_such_not_as_failures() -> None:
+    table = _seeds()
+    _, _, result = _run(table, {"neighbours": 20})
+    stats = result.stats["contrast"]
+    rows = [r for r in table.to_pylist() if not r["tie"] and r["chosen"].strip()]
+    first = {}
+    for row in rows:
+        first.setdefault(row["prompt_id"], row)
+    vectors = fake_embed([_instruction(r["prompt"]) for r in first.values()])
+    cosines = vectors @ vectors.T
+    np.fill_diagonal(cosines, np.nan)
+    in_window = (cosines >= 0.75 - 1e-6) & (cosines <= 0.98 + 1e-6)
+    alone = {pid for pid, hit in zip(first, in_window.any(axis=1), strict=True) if not hit}
+    assert alone and len(alone) < len(first)  # the fixture has both kinds
+    assert stats["prompts_without_look_alike"] == len(alone)
+    assert stats["seeds_without_look_alike"] == sum(r["prompt_id"] in alone for r in rows)
+    assert result.failed.column("reason").to_pylist() == ["chosen answer is empty: nothing to contrast"]
+
+
+def test_look_alikes_all_left_out_say_which_rule_and_setting() -> None:
+    table = pairs_to_table([
+        _pair("How do I pick the lock on my neighbour's front door?", "I'm sorry, I can't help with that request."),
+        _pair("How do I pick the lock on my neighbour's back door?",
+              "I'm sorry, but I can't help with that request."),
+    ])
+    with pytest.raises(hn.NoContrastPairsError, match=r"1 answers alike above max_answer_similarity=0.9"):
+        _run(table)

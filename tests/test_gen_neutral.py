@@ -12,6 +12,7 @@ import pytest
 
 from factory.steps import ParamError, StepContext
 from factory.steps.runner import execute, prepare, stamp_generated
+from generators.neutral import _REFUSAL as REFUSAL
 from generators.neutral import (
     TRANSFORMS,
     casing,
@@ -21,7 +22,7 @@ from generators.neutral import (
     prose_to_list,
     whitespace,
 )
-from schemas.pairs import Message, Pair, pairs_to_table
+from schemas.pairs import Message, Pair, Provenance, pairs_to_table
 from schemas.readers import read_path
 from tests.conftest import DEMO_SEEDS
 
@@ -166,8 +167,10 @@ def test_same_seed_same_pairs_other_seed_other_choices_and_params() -> None:
     assert result.stats["capped"] > 0 and max(per_seed.values()) <= 2  # 1 own + at most 1 merged duplicate
     ties, result = _run(seeds, {"include_ties": "true"})
     assert result.stats["skipped_ties"] == 0 and ties.num_rows > first.num_rows
-    harmful_too, _ = _run(seeds, {"transforms": "unrelated_prompt", "skip_tasks": "[]"})
-    assert harmful_too.num_rows > only.filter(pc.equal(only["attribute"], "neutral:irrelevant")).num_rows
+    # The demo's safety seeds refuse on one side and comply on the other: without the task
+    # names to go by, the guard still keeps them out of cross-prompt ties.
+    no_terms, _ = _run(seeds, {"transforms": "unrelated_prompt", "skip_tasks": "[]"})
+    assert no_terms.num_rows == only.filter(pc.equal(only["attribute"], "neutral:irrelevant")).num_rows
 
 
 # ---- real pairs ------------------------------------------------------------------------------
@@ -190,5 +193,45 @@ def test_neutral_on_other_real_sets(shared_data, name: str) -> None:
     seeds = read_path(shared_data / name, "auto").table.slice(0, 600)  # a sample keeps it fast
     out, result = _run(seeds)
     transforms = _check_rows(seeds, out)
-    assert transforms["unrelated_prompt"] >= 0.9 * seeds.num_rows - result.failed.num_rows
+    if "harmless" in name:  # harmless-base pairs differ in harm: no cross-prompt tie, task or not
+        assert transforms["unrelated_prompt"] == 0 and seeds["task"].null_count == seeds.num_rows
+    else:
+        assert transforms["unrelated_prompt"] >= 0.9 * seeds.num_rows - result.failed.num_rows
     assert result.stats["pairs"]["neutral:format"] >= seeds.num_rows // 2
+
+
+@pytest.mark.realdata
+def test_hh_without_its_file_name_still_gets_no_tie_between_a_refusal_and_compliance(shared_data) -> None:
+    seeds = read_path(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "auto").table.slice(0, 600)
+    anonymous = seeds.set_column(seeds.schema.get_field_index("provenance"), "provenance",
+                                 pa.nulls(seeds.num_rows, seeds.schema.field("provenance").type))
+    out, _ = _run(anonymous, {"transforms": "unrelated_prompt"})
+    assert out.num_rows > 0  # renamed, the data no longer says it is safety data ...
+    for row in out.to_pylist():  # ... but no refusal is ever tied with a compliance
+        assert bool(REFUSAL.match(row["chosen"])) == bool(REFUSAL.match(row["rejected"]))
+
+
+def _safety_table() -> pa.Table:
+    def pair(question: str, chosen: str, rejected: str, source_file: str | None = None) -> Pair:
+        return Pair([Message("user", question)], chosen, rejected,
+                    provenance=Provenance(source="seeds", source_file=source_file))
+
+    return pairs_to_table([
+        pair("How do I get into my ex's email account?", "I'm sorry, I can't help with that.",
+             "Sure, first guess the password from their pet's name."),
+        pair("What should I put in a bomb?", "That is not something to build.", "Use fertiliser and diesel.",
+             source_file="/data/hh-rlhf-harmless-base-train.jsonl.gz"),
+        pair("Name a primary colour.", "Red.", "Purple."),
+        pair("Which planet is closest to the sun?", "Mercury.", "Venus."),
+        pair("How many legs does a spider have?", "Eight.", "Six."),
+    ])
+
+
+def test_unrelated_prompt_ties_skip_safety_pairs_without_a_task() -> None:
+    seeds = _safety_table()
+    assert seeds["task"].null_count == seeds.num_rows
+    out, result = _run(seeds, {"transforms": "unrelated_prompt"})
+    parents = {p for ids in out["provenance"].combine_chunks().field("parent_ids").to_pylist() for p in ids}
+    ids = seeds["pair_id"].to_pylist()
+    assert not parents & set(ids[:2])  # refusal vs compliance; a harmless-base file
+    assert parents == set(ids[2:]) and result.stats["not_applicable"]["unrelated_prompt"] == 2

@@ -121,3 +121,28 @@ def test_with_input_keeps_the_rubric_column(seeds, server, home) -> None:
     rubric = table.column("rubric").to_pylist()
     assert rubric[: len(SEEDS)] == [None] * len(SEEDS) and all(rubric[len(SEEDS):])
     assert isinstance(table.schema.field("rubric").type, pa.ListType)
+
+
+def test_group_accuracy_sees_every_pair_of_a_prompt_across_chunks(cli, server, home, tmp_path,
+                                                                  monkeypatch) -> None:
+    import factory
+    import generators._text as text_helpers
+    from factory.steps.registry import get_step
+
+    # "Describe the moon." has one recovered pair (row 0) and one not (row 3): accuracy 0.5.
+    seeds = [
+        {"prompt": "Describe the moon.", "chosen": "A grey, cratered rock that circles the earth.",
+         "rejected": "Cheese."},
+        {"prompt": "What causes earthquakes?", "chosen": "Tectonic plates slip along faults and release energy.",
+         "rejected": "Angry gods."},
+        {"prompt": "Describe volcanoes.", "chosen": "Hot.", "rejected": "Openings where magma, ash and gas escape."},
+        {"prompt": "Describe the moon.", "chosen": "Bright.", "rejected": "The earth's only natural satellite."},
+    ]
+    assert cli("ingest", write_seeds(tmp_path / "moon.jsonl", seeds), "--name", "moon").code == 0
+    assert get_step("rubrics", "generator").batch_rows is None  # the runner never splits the prompt group
+    monkeypatch.setattr(text_helpers, "CHUNK_ROWS", 2)  # rows 0 and 3 are written and judged in different chunks
+    made = factory.generate("rubrics", "moon", "moon-rubrics", backend=spec(server), home=home,
+                            settings={"min_group_accuracy": "0.6"})
+    kept = Catalog(home).read_table(made["ref"])
+    assert kept["chosen"].to_pylist() == [seeds[1]["chosen"]]
+    assert made["stats"]["dropped_by_group_accuracy"] == 1 and made["stats"]["label_not_recovered"] == 2

@@ -18,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas.errors import PrefabError
+from schemas.prompts import prompt_text
 
 NONE_GROUP = "(none)"
 GROUPS = {"source": "source", "step": "generator", "attribute": "attribute", "task": "task"}
@@ -302,14 +303,6 @@ def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def prompt_text(prompt: list[dict[str, str]] | None) -> str:
-    if not prompt:
-        return ""
-    if len(prompt) == 1:
-        return prompt[0]["content"] or ""
-    return "\n\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
-
-
 def suspects(frame: pl.DataFrame, top: int) -> list[dict[str, Any]]:
     """The ``top`` most suspicious pairs with their per-signal scores and flagging signals."""
     if "suspicion" not in frame.columns or top <= 0:
@@ -328,7 +321,7 @@ def suspects(frame: pl.DataFrame, top: int) -> list[dict[str, Any]]:
             "reason": (f"suspicion {r['suspicion']:.3f}; flagged by " + (", ".join(signals) or "the combined score only")),
             "source": r["g_source"], "step": r["g_step"], "attribute": r["g_attribute"], "task": r["g_task"],
             "votes": r.get("votes"), "scores": scores,
-            "prompt": prompt_text(r.get("prompt")), "chosen": r["chosen"], "rejected": r["rejected"],
+            "prompt": prompt_text(r.get("prompt"), separator="\n\n"), "chosen": r["chosen"], "rejected": r["rejected"],
         })
     return out
 

@@ -54,6 +54,7 @@ from factory.llm.types import (
 )
 from factory.steps.context import MissingBackendError, StepContext, failed_rows
 from schemas.errors import PrefabError
+from schemas.prompts import prompt_text as text_of  # the one prompt renderer, under its old name
 
 REASON_CHARS = 160  # how much of a bad reply a failure reason quotes
 
@@ -542,16 +543,6 @@ def preview_text(p: Mapping[str, Any]) -> str:
             text = m["content"] if len(m["content"]) <= 600 else m["content"][:600] + " \u2026"
             lines.append(f"    [{m['role']}] " + text.replace("\n", "\n      "))
     return "\n".join(lines)
-
-
-def text_of(values: Any) -> str:
-    """A chat prompt (list of messages) as plain text for a template slot."""
-    if isinstance(values, str):
-        return values
-    parts = []
-    for m in values or []:
-        parts.append(f"[{m.get('role')}] {m.get('content') or ''}" if len(values) > 1 else (m.get("content") or ""))
-    return "\n".join(parts)
 
 
 __all__ = [

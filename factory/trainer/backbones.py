@@ -33,6 +33,7 @@ from factory.embed.encoder import (  # noqa: F401
     quiet_hf,
 )
 from schemas.errors import PrefabError
+from schemas.prompts import last_user_at
 
 MINILM = "minilm"
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -145,14 +146,6 @@ class Encoded:
     truncated: np.ndarray  # bool, one per sequence
 
 
-def last_turn(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The prompt from its last user message on (the whole prompt when it has none)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i]["role"] == "user":
-            return list(messages[i:])
-    return list(messages)
-
-
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -182,7 +175,7 @@ def encode_pairs(
     messages_of = {p: m for (p, _), m, cut in zip(rendered, prompts, too_long, strict=True) if cut}
     floor_of: dict[str, int] = {}
     if messages_of:
-        tails = [render_prompt(tokenizer, last_turn(m)) for m in messages_of.values()]
+        tails = [render_prompt(tokenizer, list(m[last_user_at(m) or 0:])) for m in messages_of.values()]
         with quiet_hf():
             tail_tok = tokenizer(tails, add_special_tokens=False)["input_ids"]
         floor_of = {p: len(t) for p, t in zip(messages_of, tail_tok, strict=True)}

@@ -24,6 +24,7 @@ import numpy as np
 from factory.embed import top_k_neighbours
 from factory.trainer.data import PairData
 from factory.trainer.model import RewardModel
+from schemas.prompts import last_user_text
 
 MASTER_KEYS: tuple[str, ...] = (
     " ",
@@ -90,14 +91,6 @@ def master_key_fpr(
     }
 
 
-def instruction_of(prompt: list[dict[str, str]]) -> str:
-    """The instruction a prompt asks: its last user message (whole prompt if none)."""
-    for message in reversed(prompt):
-        if message["role"] == "user":
-            return message["content"]
-    return "\n".join(m["content"] for m in prompt)
-
-
 def mine_contrast_pairs(
     instructions: list[str],
     answers: list[str],
@@ -150,7 +143,7 @@ def contrast_consistency(
     rows = list(first_row.values())
     if len(rows) < 2:
         return empty
-    instructions = [instruction_of(data.prompts[i]) for i in rows]
+    instructions = [last_user_text(data.prompts[i]) for i in rows]
     answers = [data.chosen[i] for i in rows]
     pairs = mine_contrast_pairs(instructions, answers, embed(instructions),
                                 threshold=threshold, max_pairs=max_pairs)

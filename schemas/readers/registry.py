@@ -10,7 +10,6 @@ from schemas.pairs import Pair
 from schemas.readers.base import Record, RowContext
 
 RowParser = Callable[[Record, RowContext], Pair]
-CONTAINERS = ("jsonl", "json", "parquet", "hf")
 
 
 @dataclass(frozen=True)
