@@ -85,6 +85,18 @@ CREATE TABLE IF NOT EXISTS failures (
     reason VARCHAR NOT NULL,
     raw VARCHAR  -- the input row as JSON
 );
+-- A commit whose rows equal the version's (an "unchanged" commit) is a later run of it:
+-- its lineage, failures, quarantine and attachments are kept under the run's number so a
+-- step keyed by its lineage finds the version; run 0 is the commit that made the version.
+CREATE TABLE IF NOT EXISTS runs (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    message VARCHAR,
+    lineage VARCHAR NOT NULL,
+    PRIMARY KEY (dataset, version, run)
+);
 CREATE TABLE IF NOT EXISTS models (
     name VARCHAR NOT NULL,
     version INTEGER NOT NULL,
@@ -127,8 +139,17 @@ def connect(path: Path, *, read_only: bool = False, timeout: float | None = None
         connection.close()
 
 
+# Columns added after catalogs existed: older catalogs gain them (their rows are run 0).
+MIGRATIONS = """
+ALTER TABLE version_files ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+ALTER TABLE failures ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+"""
+
+
 def initialise(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute(DDL)
+    connection.execute(MIGRATIONS)
     connection.execute(
         "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
         [SCHEMA_VERSION],

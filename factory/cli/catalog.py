@@ -147,10 +147,14 @@ def run_show(args: argparse.Namespace) -> CommandResult:
     info = catalog.resolve(args.ref)
     sample = catalog.head(info, max(args.sample, 0)).to_pylist()
     history = catalog.tag_history(info.name, info.version)
-    payload = {**info.as_dict(), "tag_history": history, "sample": sample}
+    reruns = catalog.runs(info)[1:]
+    payload = {**info.as_dict(), "tag_history": history, "sample": sample,
+               "reruns": [{"run": r.run, "lineage": r.lineage} for r in reruns]}
     lines = [f"{info.ref}  {info.rows} rows  created {info.created_at:%Y-%m-%d %H:%M:%S}"
              + (f"  tags: {', '.join(info.tags)}" if info.tags else ""),
              f"  message: {info.message}", "  lineage:", *_lineage_lines(info.lineage)]
+    for rerun in reruns:  # later commits whose rows equalled this version's
+        lines += [f"  run {rerun.run} (same rows):", *_lineage_lines(rerun.lineage)]
     if history:
         lines += ["  tag history:", *_tag_history_lines(history)]
     for row in sample:
