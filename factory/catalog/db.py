@@ -2,7 +2,8 @@
 
 DuckDB lets one process hold a database file at a time, so every catalog operation opens a
 short-lived connection; another process waiting for it retries until ``lock_timeout`` and
-then fails with :class:`CatalogBusy`. The SQL stays portable (no extensions beyond core).
+then fails with :class:`CatalogBusy`. Inside one process, threads share one connection
+(:func:`factory.dbwait.shared_connection`), so readers and writers never clash there. The SQL stays portable (no extensions beyond core).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from factory.dbwait import connect_waiting, parse_lock_timeout
+from factory.dbwait import parse_lock_timeout, shared_connection
 from schemas.errors import PrefabError
 
 SCHEMA_VERSION = "1"
@@ -126,17 +127,14 @@ def connect(path: Path, *, read_only: bool = False, timeout: float | None = None
     timeout = lock_timeout_seconds() if timeout is None else timeout
     if read_only and not path.exists():
         read_only = False  # the first reader creates the database
-    connection = connect_waiting(
+    with shared_connection(
         path, timeout=timeout, read_only=read_only,
         on_timeout=lambda: CatalogBusy(
-            f"catalog busy: {path} is held by another prefab process for over "
-            f"{timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
+            f"catalog busy: {path} is held by another prefab process (or another connection of "
+            f"this one) for over {timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
         ),
-    )
-    try:
+    ) as connection:
         yield connection
-    finally:
-        connection.close()
 
 
 # Columns added after catalogs existed: older catalogs gain them (their rows are run 0).
