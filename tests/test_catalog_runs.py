@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from factory.catalog import Catalog, gc, verify
+from factory.catalog import Catalog, diff, gc, verify
 from tests.test_catalog import make_pairs
 
 
@@ -48,3 +48,40 @@ def test_an_unchanged_commit_keeps_its_lineage_failures_and_attachments(catalog)
     assert verify(catalog)["ok"]
     assert gc(catalog, dry_run=False, grace_seconds=0)["files"] == []
     assert catalog.find_scores("s2").column("x").to_pylist() == [3, 4]
+
+
+# ---- merge and diff count only real label changes as conflicts / relabellings ------------------
+
+
+def _with(table: pa.Table, name: str, values: list) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    return table.set_column(index, table.schema.field(name), pa.array(values, table.schema.field(name).type))
+
+
+def _swapped(table: pa.Table, rows: set[int]) -> pa.Table:
+    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
+    for i in rows:
+        chosen[i], rejected[i] = rejected[i], chosen[i]
+    return _with(_with(table, "chosen", chosen), "rejected", rejected)
+
+
+def test_merge_counts_an_attribute_only_difference_apart_from_label_conflicts(catalog):
+    base = make_pairs(4)
+    catalog.commit("a", base)
+    # pair 0: same label, another attribute; pair 1: the other side won; pair 2: became a tie
+    other = _with(_swapped(base, {1}), "attribute", ["factuality", None, None, None])
+    catalog.commit("b", _with(other, "tie", [False, False, True, False]))
+    lineage = catalog.merge(["a", "b"], "m").lineage
+    assert (lineage["duplicates_dropped"], lineage["label_conflicts"], lineage["annotation_conflicts"]) == (4, 2, 1)
+
+
+def test_diff_after_dropping_repeated_judgments_reports_no_relabelling(catalog):
+    base = make_pairs(5)
+    catalog.commit("d", pa.concat_tables([base, base.slice(0, 3)]))  # pairs 0-2 judged twice, alike
+    catalog.commit("d", base)  # a dedup dropped the copies
+    result = diff(catalog, "d@1", "d@2")
+    assert (result["relabelled"], result["reannotated"], result["changed"]) == (0, 0, 0)
+    assert (result["repeats_changed"], result["unchanged"]) == (3, 2)
+    catalog.commit("d", _swapped(base, {4}))
+    swapped = diff(catalog, "d@2", "d@3")
+    assert (swapped["relabelled"], swapped["changed"], swapped["unchanged"]) == (1, 1, 4)

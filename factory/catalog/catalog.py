@@ -383,9 +383,11 @@ class Catalog:
 
         Policy for a ``pair_id`` found in several inputs: the first input (in the order
         given) that has it keeps all its rows; the later inputs' rows for it are dropped
-        and counted (``duplicates_dropped``; ``label_conflicts`` counts those whose labels
-        differ from every kept row's). Repeats within one input are separate judgments
-        and stay. Counts reconcile: ``rows_in == rows_out + duplicates_dropped``.
+        and counted (``duplicates_dropped``; ``label_conflicts`` counts those whose label
+        -- the side that won, or a tie -- differs from every kept row's, and
+        ``annotation_conflicts`` those with a kept row's label but another margin, votes,
+        weight or attribute). Repeats within one input are separate judgments and stay.
+        Counts reconcile: ``rows_in == rows_out + duplicates_dropped``.
         """
         if len(refs) < 2:
             raise PrefabError("merge needs at least two versions")
@@ -395,8 +397,8 @@ class Catalog:
         schema = _merged_schema([self.schema(info) for info in infos])
         per_input: list[dict[str, Any]] = []
         keys = IndexBuilder()
-        kept_keys: list[pa.Array] = []
-        dropped_keys: list[pa.Array] = []
+        kept_keys: dict[str, list[pa.Array]] = {"label": [], "verdict": []}
+        dropped_keys: dict[str, list[pa.Array]] = {"label": [], "verdict": []}
 
         def rows() -> Iterator[pa.Table]:
             seen = pa.array([], pa.string())
@@ -409,9 +411,10 @@ class Catalog:
                     mask = keep.slice(offset, batch.num_rows)
                     offset += batch.num_rows
                     index = keys.batch(batch)
-                    key = pc.binary_join_element_wise(index["pair_id"], index["verdict"].cast(pa.string()), ":")
-                    kept_keys.append(key.filter(mask).combine_chunks())
-                    dropped_keys.append(key.filter(pc.invert(mask)).combine_chunks())
+                    for kind in ("label", "verdict"):
+                        key = pc.binary_join_element_wise(index["pair_id"], index[kind].cast(pa.string()), ":")
+                        kept_keys[kind].append(key.filter(mask).combine_chunks())
+                        dropped_keys[kind].append(key.filter(pc.invert(mask)).combine_chunks())
                     yield _aligned(conform(batch, extra=True).filter(mask), schema, 0)
                 kept_here = int(pc.sum(keep).as_py() or 0)
                 per_input.append({"ref": info.ref, "rows": info.rows, "kept": kept_here,
@@ -422,9 +425,9 @@ class Catalog:
             staged = self.stage(rows())
         finally:
             keys.close()
-        kept_set = pa.concat_arrays(kept_keys) if kept_keys else pa.array([], pa.string())
-        dropped = pa.concat_arrays(dropped_keys) if dropped_keys else pa.array([], pa.string())
-        conflicts = int(pc.sum(pc.invert(pc.is_in(dropped, value_set=kept_set))).as_py() or 0) if len(dropped) else 0
+        differs = {kind: _unmatched(dropped_keys[kind], kept_keys[kind]) for kind in ("label", "verdict")}
+        conflicts = int(pc.sum(differs["label"]).as_py() or 0)
+        annotation_conflicts = int(pc.sum(pc.and_(differs["verdict"], pc.invert(differs["label"]))).as_py() or 0)
         rows_in = sum(info.rows for info in infos)
         duplicates = sum(item["duplicates_dropped"] for item in per_input)
         if rows_in != staged.rows + duplicates:  # the policy's own invariant; never expected to fire
@@ -435,6 +438,7 @@ class Catalog:
             "rows_in": rows_in,
             "duplicates_dropped": duplicates,
             "label_conflicts": conflicts,
+            "annotation_conflicts": annotation_conflicts,
             "inputs": per_input,
             "wall_seconds": round(time.monotonic() - started, 3),
         }
@@ -876,6 +880,13 @@ def _aligned(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
         raise PrefabError(f"column(s) {', '.join(map(repr, extra))} appear at row {offset + 1} but not in "
                           "the first batch; every batch needs the same columns")
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _unmatched(dropped: list[pa.Array], kept: list[pa.Array]) -> pa.BooleanArray:
+    """For each dropped key, whether no kept row has it."""
+    dropped_keys = pa.concat_arrays(dropped) if dropped else pa.array([], pa.string())
+    kept_keys = pa.concat_arrays(kept) if kept else pa.array([], pa.string())
+    return pc.invert(pc.is_in(dropped_keys, value_set=kept_keys))
 
 
 def _merged_schema(schemas: list[pa.Schema]) -> pa.Schema:

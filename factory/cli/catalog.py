@@ -102,7 +102,7 @@ def run_list(args: argparse.Namespace) -> CommandResult:
 def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
     keys = ("command", "parents", "rows_in", "rows_out", "rows_generated", "rows_filtered", "rows_quarantined",
             "rows_failed", "rows_flipped", "rows_reweighted", "seeds_used", "seeds_without_output",
-            "duplicates_dropped", "label_conflicts", "scores_reused", "seed", "run_id", "code_version",
+            "duplicates_dropped", "label_conflicts", "annotation_conflicts", "scores_reused", "seed", "run_id", "code_version",
             "wall_seconds")
     lines = []
     if isinstance(lineage.get("step"), dict):
@@ -197,7 +197,9 @@ def run_merge(args: argparse.Namespace) -> CommandResult:
         return CommandResult({**info.as_dict(), "unchanged": True}, text)
     lines = [f"merged {', '.join(lineage['parents'])} into {info.ref}: {lineage['rows_in']} rows in = "
              f"{lineage['rows_out']} kept + {lineage['duplicates_dropped']} duplicates dropped"
-             f" (first input wins; {lineage['label_conflicts']} dropped rows had other labels)"]
+             f" (first input wins; {lineage['label_conflicts']} dropped rows had another label"
+             f", {lineage.get('annotation_conflicts', 0)} the same label with another margin, votes,"
+             " weight or attribute)"]
     lines += [f"  {item['ref']}: {item['kept']} of {item['rows']} kept" for item in lineage["inputs"]]
     return CommandResult({**info.as_dict(), "unchanged": False}, "\n".join(lines))
 
@@ -232,8 +234,9 @@ def run_diff(args: argparse.Namespace) -> CommandResult:
     lines = [
         f"{result['a']} ({result['rows_a']} rows) -> {result['b']} ({result['rows_b']} rows)",
         f"  added {result['added']}, removed {result['removed']}, changed {result['changed']}"
-        f" ({result['relabelled']} relabelled, {result['responses_changed']} with new responses),"
-        f" unchanged {result['unchanged']}",
+        f" ({result['relabelled']} relabelled, {result['reannotated']} re-annotated,"
+        f" {result['responses_changed']} with new responses), unchanged {result['unchanged']}"
+        + (f", {result['repeats_changed']} judged another number of times" if result["repeats_changed"] else ""),
     ]
     for kind, ids in result["sample"].items():
         if ids:
