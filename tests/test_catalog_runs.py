@@ -85,3 +85,7 @@ def test_diff_after_dropping_repeated_judgments_reports_no_relabelling(catalog):
     catalog.commit("d", _swapped(base, {4}))
     swapped = diff(catalog, "d@2", "d@3")
     assert (swapped["relabelled"], swapped["changed"], swapped["unchanged"]) == (1, 1, 4)
+    tie = _with(base, "tie", [True] + [False] * 4)
+    catalog.commit("t", tie)
+    catalog.commit("t", _swapped(tie, {0}))  # a tie's sides swapped: the same judgment
+    assert diff(catalog, "t@1", "t@2")["unchanged"] == 5

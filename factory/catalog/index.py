@@ -18,7 +18,8 @@ HASHER_KEY = b"prefab.verdict_hash"
 # votes, weight, the attribute a causal augmentation changed and the per-attribute
 # scores). Shared with the diff's fallback over data files so both paths hash identically.
 VERDICT_COLUMNS = ("chosen", "tie", "margin", "votes", "weight", "attribute", "attribute_scores")
-VERDICT_SQL = f"hash({', '.join(VERDICT_COLUMNS)})"
+# A tie's sides are interchangeable: which one is stored as "chosen" is no part of its verdict.
+VERDICT_SQL = f"hash(CASE WHEN tie THEN NULL ELSE chosen END, {', '.join(VERDICT_COLUMNS[1:])})"
 # The label alone: which side won, or a tie (whose sides are interchangeable). Two rows of a
 # pair with equal labels but another margin or attribute are not a relabelling.
 LABEL_SQL = "hash(tie, CASE WHEN tie THEN NULL ELSE chosen END)"
