@@ -918,8 +918,12 @@ def _conform_failures(failures: pa.Table | None) -> pa.Table | None:
     return pa.Table.from_arrays(columns, schema=FAILURE_SCHEMA)
 
 
-def load(ref: str, home: str | Path | None = None) -> Any:
-    """A catalog version as a `datasets.Dataset` (memory-mapped, not copied into RAM)."""
+def load(ref: str, home: str | Path | None = None, *, progress: bool = False) -> Any:
+    """A catalog version as a `datasets.Dataset` (memory-mapped, not copied into RAM).
+
+    Its Arrow copy lives under the home (``cache/datasets``, cleaned by ``catalog gc``),
+    never in the `datasets` cache; ``progress`` shows a bar while that copy is first made.
+    """
     from factory.catalog.exporters import to_hf_dataset
 
-    return to_hf_dataset(Catalog(home), ref)
+    return to_hf_dataset(Catalog(home), ref, progress=progress)
