@@ -51,10 +51,18 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     commands.add_parser("verify", parents=parents, help="re-hash every data file; name broken versions") \
         .set_defaults(handler=run_verify)
 
-    gc = commands.add_parser("gc", parents=parents, help="delete data files no version needs (dry run unless --yes)")
+    gc = commands.add_parser("gc", parents=parents,
+                             help="delete data files no version needs and caches no recent run used "
+                                  "(dry run unless --yes)")
     gc.add_argument("--yes", action="store_true", help="really delete (default: only print what would go)")
-    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+    gc.add_argument("--grace", type=_seconds, default=3600.0, metavar="SECONDS",
                     help="keep unreferenced files younger than this (protects in-flight commits; default 3600)")
+    gc.add_argument("--cache-grace", type=_seconds, default=7 * 24 * 3600.0, metavar="SECONDS",
+                    help="keep steps/, noise/, embeddings/ and cache/datasets/ entries used within this "
+                         "(default 604800, a week)")
+    gc.add_argument("--llm-cache-grace", type=_seconds, default=None, metavar="SECONDS",
+                    help="also delete LLM cache entries made longer ago than this (default: keep them all; "
+                         "they are paid answers)")
     gc.set_defaults(handler=run_gc)
 
     quarantine = commands.add_parser("quarantine", parents=parents,
@@ -255,15 +263,39 @@ def run_verify(args: argparse.Namespace) -> CommandResult:
     return CommandResult(result, f"ok: {result['files_checked']} files verified")
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def run_gc(args: argparse.Namespace) -> CommandResult:
     from factory.catalog import gc
 
-    result = gc(_catalog(args), dry_run=not args.yes, grace_seconds=args.grace)
+    result = gc(_catalog(args), dry_run=not args.yes, grace_seconds=args.grace,
+                cache_grace_seconds=args.cache_grace, llm_cache_grace_seconds=args.llm_cache_grace)
     verb = "would delete" if result["dry_run"] else "deleted"
     lines = [f"{verb} {len(result['files'])} files ({result['bytes']} bytes)"]
-    lines += [f"  {f}" for f in result["files"]]
+    for area, report in result["areas"].items():
+        if report["removed"] or report["kept"]:
+            lines.append(f"  {area}: {verb} {len(report['removed'])} ({report['bytes']} bytes), "
+                         f"kept {report['kept']} ({report['kept_bytes']} bytes)")
+            lines += [f"    {f}" for f in report["removed"]]
     if result["skipped_younger_than_grace"]:
         lines.append(f"  kept {result['skipped_younger_than_grace']} unreferenced files younger than {args.grace:.0f} s")
-    if result["dry_run"] and result["files"]:
+    lines += _llm_cache_lines(result["llm_cache"], verb, args.llm_cache_grace)
+    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"]):
         lines.append("  run again with --yes to delete them")
     return CommandResult(result, "\n".join(lines))
+
+
+def _llm_cache_lines(llm: dict[str, Any], verb: str, grace: float | None) -> list[str]:
+    if not llm["exists"]:
+        return []
+    line = f"  llm cache: {llm['entries']} entries ({llm['bytes']} bytes)"
+    if grace is None:
+        return [line + "; kept (--llm-cache-grace SECONDS deletes entries made longer ago; "
+                       f"or delete {llm['path']} to clear it)"]
+    freed = "" if verb == "would delete" else f", {llm['bytes_freed']} bytes freed"
+    return [line + f"; {verb} {llm['removed_entries']} made over {grace:.0f} s ago{freed}"]
