@@ -52,3 +52,18 @@ def test_a_thread_pool_reads_and_writes_one_catalog(catalog):
         results = list(pool.map(work, range(12)))
     assert results == [(5, 3)] * 12
     assert len(catalog.datasets()) == 13 and verify(catalog)["ok"]
+
+
+def test_a_foreign_connection_in_another_mode_is_waited_for_then_named(catalog):
+    import duckdb
+
+    from factory.catalog import CatalogBusy
+    from factory.catalog.db import connect
+
+    notebook = duckdb.connect(str(catalog.db_path), read_only=True)  # a user's own SQL session
+    try:
+        with pytest.raises(CatalogBusy, match="PREFAB_LOCK_TIMEOUT"), connect(catalog.db_path, timeout=0.2):
+            pass
+    finally:
+        notebook.close()
+    assert catalog.commit("d", make_pairs(2)).version == 1  # free again once it is closed

@@ -33,14 +33,6 @@ from factory.catalog.catalog import Catalog
 
 DEFAULT_CACHE_GRACE_SECONDS = 7 * 24 * 3600.0
 
-# area -> what its units are, for the report
-AREAS = {
-    "steps": "resume folders of interrupted step runs",
-    "noise": "noise filter caches",
-    "embeddings": "embedding caches (one folder per encoder)",
-    "datasets": "Arrow copies made by factory.catalog.load",
-}
-
 
 @dataclass
 class AreaReport:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from factory.catalog import Catalog
+from factory.catalog.housekeeping import DEFAULT_CACHE_GRACE_SECONDS
 from factory.cli import CommandResult, home_from
 
 
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     gc.add_argument("--yes", action="store_true", help="really delete (default: only print what would go)")
     gc.add_argument("--grace", type=_seconds, default=3600.0, metavar="SECONDS",
                     help="keep unreferenced files younger than this (protects in-flight commits; default 3600)")
-    gc.add_argument("--cache-grace", type=_seconds, default=7 * 24 * 3600.0, metavar="SECONDS",
+    gc.add_argument("--cache-grace", type=_seconds, default=DEFAULT_CACHE_GRACE_SECONDS, metavar="SECONDS",
                     help="keep steps/, noise/, embeddings/ and cache/datasets/ entries used within this "
                          "(default 604800, a week)")
     gc.add_argument("--llm-cache-grace", type=_seconds, default=None, metavar="SECONDS",
