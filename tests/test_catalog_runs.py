@@ -42,7 +42,7 @@ def test_an_unchanged_commit_keeps_its_lineage_failures_and_attachments(catalog)
     assert catalog.find_scores("s2").column("x").to_pylist() == [3, 4]
     assert catalog.find_scores("s1").column("x").to_pylist() == [1, 2]
     assert catalog.resolve("d@1").lineage["recipe_step_key"] == "k1"  # the version as it was made
-    assert [r.lineage["recipe_step_key"] for r in catalog.runs("d@1")] == ["k1", "k2"]
+    assert [(r.lineage["recipe_step_key"], r.message) for r in catalog.runs("d@1")] == [("k1", ""), ("k2", "rerun")]
 
     # A run's attachment is a file the catalog needs: verify checks it and gc keeps it.
     assert verify(catalog)["ok"]
@@ -89,3 +89,13 @@ def test_diff_after_dropping_repeated_judgments_reports_no_relabelling(catalog):
     catalog.commit("t", tie)
     catalog.commit("t", _swapped(tie, {0}))  # a tie's sides swapped: the same judgment
     assert diff(catalog, "t@1", "t@2")["unchanged"] == 5
+
+
+def test_show_lists_the_runs_of_unchanged_ingests(cli):
+    from tests.conftest import DEMO_SEEDS
+
+    cli("ingest", DEMO_SEEDS, "--name", "demo")
+    cli("ingest", DEMO_SEEDS, "--name", "demo", "-m", "again")
+    shown = cli("catalog", "show", "demo", "--json").json()
+    assert shown["ref"] == "demo@1" and [r["run"] for r in shown["reruns"]] == [1]
+    assert "run 1 (same rows):" in cli("catalog", "show", "demo").stdout

@@ -520,14 +520,15 @@ class Catalog:
             if known is None:
                 raise RefError(f"no dataset named {ref.name!r} in the catalog")
             raise RefError(f"dataset {ref.name!r} has no version {version} (latest is {known})")
-        lineage = row[3]
+        created_at, message, lineage = row[1], row[2], row[3]
         if run:
             run_row = connection.execute(
-                "SELECT lineage FROM runs WHERE dataset = ? AND version = ? AND run = ?", [ref.name, version, run]
+                "SELECT created_at, message, lineage FROM runs WHERE dataset = ? AND version = ? AND run = ?",
+                [ref.name, version, run],
             ).fetchone()
             if run_row is None:
                 raise RefError(f"{ref.name}@{version} has no run {run}")
-            lineage = run_row[0]
+            created_at, message, lineage = run_row
         files: dict[str, list[str]] = {"data": [], "index": []}
         hashes: dict[str, list[str]] = {"data": [], "index": []}
         attachments: dict[str, tuple[str, str]] = {}
@@ -548,7 +549,7 @@ class Catalog:
                 [ref.name, version],
             ).fetchall()
         ]
-        return VersionInfo(ref.name, version, row[0], row[1], row[2] or "", json.loads(lineage),
+        return VersionInfo(ref.name, version, row[0], created_at, message or "", json.loads(lineage),
                            files["data"], tags, files["index"], hashes["data"], hashes["index"],
                            attachments=attachments, run=run)
 
