@@ -3,14 +3,25 @@
 DuckDB lets one process hold a database file at a time (a second gets an IOException
 about the lock), so every prefab database is opened briefly and retried with jittered
 backoff until ``timeout``; then ``on_timeout()`` supplies the error the user sees.
+
+Inside one process DuckDB shares one database instance per file and refuses a second
+connection with another configuration (a read-only one beside a read-write one raises
+``ConnectionException``). :func:`shared_connection` therefore hands every user of a file
+in this process a cursor of one shared connection: a reader joins whatever is open, a
+writer waits (boundedly, like a lock) for read-only users to finish and then opens the
+file read-write. Writers of one file in one process take turns, as processes do.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -33,6 +44,15 @@ def parse_lock_timeout(text: str | None, variable: str = "PREFAB_LOCK_TIMEOUT") 
     return seconds
 
 
+def _is_contention(exc: duckdb.Error) -> bool:
+    """Another process holds the file's lock, or this process holds it in another mode
+    outside :func:`shared_connection` (a user's own ``duckdb.connect`` in a notebook)."""
+    text = str(exc).lower()
+    if isinstance(exc, duckdb.IOException):
+        return "lock" in text
+    return isinstance(exc, duckdb.ConnectionException) and "different configuration" in text
+
+
 def connect_waiting(
     path: Path,
     *,
@@ -45,10 +65,122 @@ def connect_waiting(
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if not _is_contention(exc):
                 raise
             if time.monotonic() >= deadline:
                 raise on_timeout() from None
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.5)
+
+
+@dataclass
+class _Shared:
+    """This process's connections to one database file."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    writer: threading.RLock = field(default_factory=threading.RLock)
+    connection: duckdb.DuckDBPyConnection | None = None
+    read_only: bool = False
+    users: int = 0
+    writers_waiting: int = 0
+    readers: dict[int, int] = field(default_factory=dict)  # thread id -> read-only cursors it holds
+
+
+_SHARED: dict[str, _Shared] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """A forked child must not use its parent's connections (nor locks held at the fork)."""
+    global _SHARED_LOCK
+    _SHARED.clear()
+    _SHARED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _shared_for(path: Path) -> _Shared:
+    key = str(path.resolve())
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, _Shared())
+
+
+@contextmanager
+def shared_connection(
+    path: Path,
+    *,
+    timeout: float,
+    on_timeout: Callable[[], Exception],
+    read_only: bool = False,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor on this process's one connection to ``path``, opened (waiting) if none is open.
+
+    A read-only request joins a read-write connection already open; a read-write request
+    waits until the read-only users are done (then reopens read-write), up to ``timeout``.
+    """
+    shared = _shared_for(path)
+    deadline = time.monotonic() + timeout
+    if not read_only and not shared.writer.acquire(timeout=max(timeout, 0)):
+        raise on_timeout()
+    me = threading.get_ident()
+    try:
+        with shared.changed:
+            cursor = _join(shared, path, read_only, me, deadline, on_timeout)
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+            with shared.changed:
+                _leave(shared, read_only, me)
+    finally:
+        if not read_only:
+            shared.writer.release()
+
+
+def _join(shared: _Shared, path: Path, read_only: bool, me: int, deadline: float,
+          on_timeout: Callable[[], Exception]) -> duckdb.DuckDBPyConnection:
+    """Take a cursor, opening the connection first if needed (caller holds ``shared.changed``)."""
+    if not read_only:
+        shared.writers_waiting += 1
+    try:
+        while True:
+            if shared.connection is None and (not read_only or not shared.writers_waiting):
+                shared.connection = connect_waiting(path, timeout=max(deadline - time.monotonic(), 0),
+                                                    on_timeout=on_timeout, read_only=read_only)
+                shared.read_only = read_only
+            if shared.connection is not None:
+                # A reader joins what is open, but lets a waiting writer go first (unless this
+                # thread already reads: it would wait for itself); a writer needs read-write.
+                if read_only and (not shared.read_only or not shared.writers_waiting or shared.readers.get(me)):
+                    break
+                if not read_only and not shared.read_only:
+                    break
+            if not read_only and shared.readers.get(me):
+                raise PrefabError(f"{path}: this thread asked to write while it holds a read-only "
+                                  "connection to it (a prefab bug: finish the read first)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise on_timeout()
+            shared.changed.wait(remaining)
+    finally:
+        if not read_only:
+            shared.writers_waiting -= 1
+    shared.users += 1
+    if read_only:
+        shared.readers[me] = shared.readers.get(me, 0) + 1
+    return shared.connection.cursor()
+
+
+def _leave(shared: _Shared, read_only: bool, me: int) -> None:
+    shared.users -= 1
+    if read_only:
+        shared.readers[me] -= 1
+        if not shared.readers[me]:
+            del shared.readers[me]
+    if shared.users == 0 and shared.connection is not None:
+        # Closed when unused, so other processes can take the file between our operations.
+        shared.connection.close()
+        shared.connection = None
+    shared.changed.notify_all()

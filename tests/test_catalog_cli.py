@@ -10,9 +10,12 @@ from tests.conftest import DEMO_SEEDS
 def test_tag_diff_verify_gc(cli, tmp_path):
     cli("ingest", DEMO_SEEDS, "--name", "demo")
     rows = [json.loads(line) for line in DEMO_SEEDS.read_text().splitlines()]
-    flipped = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"]}
+    # Swap the sides of a decided pair (a relabelling; for a tie it would be no change).
+    k = next(i for i, r in enumerate(rows) if not r.get("tie"))
+    flipped = {**rows[k], "chosen": rows[k]["rejected"], "rejected": rows[k]["chosen"]}
+    kept = [r for i, r in enumerate(rows) if i != k]
     edited = tmp_path / "v2.jsonl"
-    edited.write_text("\n".join(json.dumps(r) for r in [flipped, *rows[2:]]) + "\n")
+    edited.write_text("\n".join(json.dumps(r) for r in [flipped, *kept[1:]]) + "\n")
     cli("ingest", edited, "--name", "demo")
 
     assert cli("catalog", "tag", "demo@1", "seed").code == 0

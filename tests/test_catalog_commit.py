@@ -91,14 +91,14 @@ def test_code_version_names_the_git_commit_and_never_fails_without_git(monkeypat
     assert module._git_state(Path("/")) is None
 
 
-def test_diff_sees_a_changed_weight_or_attribute_as_relabelled(catalog):
+def test_diff_sees_a_changed_weight_or_attribute_as_reannotated_not_relabelled(catalog):
     table = make_pairs(4)
     catalog.commit("d", table)
     catalog.commit("d", _replace(table, "weight", [None, 0.5, None, None]))
     catalog.commit("d", _replace(table, "attribute", [None, None, "factuality", None]))
-    assert diff(catalog, "d@1", "d@2")["relabelled"] == 1
-    assert diff(catalog, "d@1", "d@3")["relabelled"] == 1
-    assert diff(catalog, "d@2", "d@3")["relabelled"] == 2
+    for a, b, changed in (("d@1", "d@2", 1), ("d@1", "d@3", 1), ("d@2", "d@3", 2)):
+        result = diff(catalog, a, b)
+        assert (result["relabelled"], result["reannotated"], result["changed"]) == (0, changed, changed)
 
 
 # ---- 6. empty and unchanged commits ------------------------------------------------------------

@@ -124,6 +124,9 @@ class VersionInfo:
     unchanged: bool = False
     # Tables stored beside the data, by role (e.g. a filter's "scores"): role -> (relpath, sha256)
     attachments: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Which run of the version ``lineage`` and ``attachments`` describe: 0 is the commit that
+    # made it, N > 0 a later commit of equal rows (see ``Catalog.runs``).
+    run: int = 0
 
     @property
     def ref(self) -> str:
@@ -141,6 +144,7 @@ class VersionInfo:
             "files": self.files,
             "attachments": {role: relpath for role, (relpath, _) in self.attachments.items()},
             "lineage": self.lineage,
+            **({"run": self.run} if self.run else {}),
         }
 
 
@@ -301,8 +305,16 @@ class Catalog:
                     "SELECT max(version) FROM versions WHERE dataset = ?", [name]
                 ).fetchone()[0]
                 if latest is not None and self._data_sha256(connection, name, latest) == [staged.data.sha256]:
-                    info = self._resolve(connection, Ref(name, version=latest))
-                    connection.execute("ROLLBACK")
+                    # Same rows: no new version, but this run's record is kept under the
+                    # version, so a step keyed by its lineage finds it and reruns nothing.
+                    run = self._next_run(connection, name, latest)
+                    record.setdefault("commit_seconds", round(time.monotonic() - started, 3))
+                    connection.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                                       [name, latest, run, now, message, json.dumps(record, default=str)])
+                    self._record_side_tables(connection, name, latest, run, attached, quarantine, failed, now)
+                    _crash_point("in_transaction")
+                    connection.execute("COMMIT")
+                    info = self._resolve(connection, Ref(name, version=latest), run=run)
                     info.unchanged = True
                     return info
                 version = (latest or 0) + 1
@@ -310,14 +322,9 @@ class Catalog:
                 connection.execute(
                     "INSERT INTO datasets VALUES (?, ?) ON CONFLICT (name) DO NOTHING", [name, now]
                 )
-                for role, obj in (("data", staged.data), ("index", staged.index), *attached.items()):
-                    connection.execute(
-                        "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                        [obj.sha256, str(obj.path.relative_to(self.home)), obj.bytes, obj.rows, now],
-                    )
-                    connection.execute(
-                        "INSERT INTO version_files VALUES (?, ?, ?, 0, ?)", [name, version, role, obj.sha256]
-                    )
+                self._record_side_tables(connection, name, version, 0,
+                                         {"data": staged.data, "index": staged.index, **attached},
+                                         quarantine, failed, now)
                 connection.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
                     [name, version, now, message, staged.rows, json.dumps(record, default=str)],
@@ -327,23 +334,43 @@ class Catalog:
                         "INSERT INTO version_parents VALUES (?, ?, ?, ?)",
                         [name, version, parent.name, parent.version],
                     )
-                if quarantine is not None and quarantine.num_rows:
-                    bad = quarantine.select(QUARANTINE_SCHEMA.names)  # noqa: F841 - read by SQL
-                    connection.execute(
-                        "INSERT INTO quarantine SELECT ?, ?, file, line, field, reason, raw FROM bad",
-                        [name, version],
-                    )
-                if failed is not None and failed.num_rows:
-                    connection.execute(
-                        "INSERT INTO failures SELECT ?, ?, step, pair_id, reason, raw FROM failed",
-                        [name, version],
-                    )
                 _crash_point("in_transaction")
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
         return self.resolve(Ref(name, version=version))
+
+    def _record_side_tables(self, connection: duckdb.DuckDBPyConnection, name: str, version: int, run: int,
+                            files: dict[str, StoredObject], quarantine: pa.Table | None,
+                            failed: pa.Table | None, now: datetime) -> None:
+        """A run's files (by role), quarantined rows and failed rows, inside the caller's transaction."""
+        for role, obj in files.items():
+            connection.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                [obj.sha256, str(obj.path.relative_to(self.home)), obj.bytes, obj.rows, now],
+            )
+            connection.execute(
+                "INSERT INTO version_files (dataset, version, role, ordinal, sha256, run) "
+                "VALUES (?, ?, ?, 0, ?, ?)", [name, version, role, obj.sha256, run]
+            )
+        if quarantine is not None and quarantine.num_rows:
+            bad = quarantine.select(QUARANTINE_SCHEMA.names)  # noqa: F841 - read by SQL
+            connection.execute(
+                "INSERT INTO quarantine (dataset, version, file, line, field, reason, raw, run) "
+                "SELECT ?, ?, file, line, field, reason, raw, ? FROM bad", [name, version, run],
+            )
+        if failed is not None and failed.num_rows:
+            connection.execute(
+                "INSERT INTO failures (dataset, version, step, pair_id, reason, raw, run) "
+                "SELECT ?, ?, step, pair_id, reason, raw, ? FROM failed", [name, version, run],
+            )
+
+    @staticmethod
+    def _next_run(connection: duckdb.DuckDBPyConnection, name: str, version: int) -> int:
+        return connection.execute(
+            "SELECT coalesce(max(run), 0) + 1 FROM runs WHERE dataset = ? AND version = ?", [name, version]
+        ).fetchone()[0]
 
     @staticmethod
     def _data_sha256(connection: duckdb.DuckDBPyConnection, name: str, version: int) -> list[str]:
@@ -356,9 +383,11 @@ class Catalog:
 
         Policy for a ``pair_id`` found in several inputs: the first input (in the order
         given) that has it keeps all its rows; the later inputs' rows for it are dropped
-        and counted (``duplicates_dropped``; ``label_conflicts`` counts those whose labels
-        differ from every kept row's). Repeats within one input are separate judgments
-        and stay. Counts reconcile: ``rows_in == rows_out + duplicates_dropped``.
+        and counted (``duplicates_dropped``; ``label_conflicts`` counts those whose label
+        -- the side that won, or a tie -- differs from every kept row's, and
+        ``annotation_conflicts`` those with a kept row's label but another margin, votes,
+        weight or attribute). Repeats within one input are separate judgments and stay.
+        Counts reconcile: ``rows_in == rows_out + duplicates_dropped``.
         """
         if len(refs) < 2:
             raise PrefabError("merge needs at least two versions")
@@ -368,8 +397,8 @@ class Catalog:
         schema = _merged_schema([self.schema(info) for info in infos])
         per_input: list[dict[str, Any]] = []
         keys = IndexBuilder()
-        kept_keys: list[pa.Array] = []
-        dropped_keys: list[pa.Array] = []
+        kept_keys: dict[str, list[pa.Array]] = {"label": [], "verdict": []}
+        dropped_keys: dict[str, list[pa.Array]] = {"label": [], "verdict": []}
 
         def rows() -> Iterator[pa.Table]:
             seen = pa.array([], pa.string())
@@ -382,9 +411,10 @@ class Catalog:
                     mask = keep.slice(offset, batch.num_rows)
                     offset += batch.num_rows
                     index = keys.batch(batch)
-                    key = pc.binary_join_element_wise(index["pair_id"], index["verdict"].cast(pa.string()), ":")
-                    kept_keys.append(key.filter(mask).combine_chunks())
-                    dropped_keys.append(key.filter(pc.invert(mask)).combine_chunks())
+                    for kind in ("label", "verdict"):
+                        key = pc.binary_join_element_wise(index["pair_id"], index[kind].cast(pa.string()), ":")
+                        kept_keys[kind].append(key.filter(mask).combine_chunks())
+                        dropped_keys[kind].append(key.filter(pc.invert(mask)).combine_chunks())
                     yield _aligned(conform(batch, extra=True).filter(mask), schema, 0)
                 kept_here = int(pc.sum(keep).as_py() or 0)
                 per_input.append({"ref": info.ref, "rows": info.rows, "kept": kept_here,
@@ -395,9 +425,9 @@ class Catalog:
             staged = self.stage(rows())
         finally:
             keys.close()
-        kept_set = pa.concat_arrays(kept_keys) if kept_keys else pa.array([], pa.string())
-        dropped = pa.concat_arrays(dropped_keys) if dropped_keys else pa.array([], pa.string())
-        conflicts = int(pc.sum(pc.invert(pc.is_in(dropped, value_set=kept_set))).as_py() or 0) if len(dropped) else 0
+        differs = {kind: _unmatched(dropped_keys[kind], kept_keys[kind]) for kind in ("label", "verdict")}
+        conflicts = int(pc.sum(differs["label"]).as_py() or 0)
+        annotation_conflicts = int(pc.sum(pc.and_(differs["verdict"], pc.invert(differs["label"]))).as_py() or 0)
         rows_in = sum(info.rows for info in infos)
         duplicates = sum(item["duplicates_dropped"] for item in per_input)
         if rows_in != staged.rows + duplicates:  # the policy's own invariant; never expected to fire
@@ -408,6 +438,7 @@ class Catalog:
             "rows_in": rows_in,
             "duplicates_dropped": duplicates,
             "label_conflicts": conflicts,
+            "annotation_conflicts": annotation_conflicts,
             "inputs": per_input,
             "wall_seconds": round(time.monotonic() - started, 3),
         }
@@ -460,7 +491,8 @@ class Catalog:
         with self._connect(read_only=True) as connection:
             return self._resolve(connection, parsed)
 
-    def _resolve(self, connection: duckdb.DuckDBPyConnection, ref: Ref) -> VersionInfo:
+    def _resolve(self, connection: duckdb.DuckDBPyConnection, ref: Ref, run: int = 0) -> VersionInfo:
+        """The version ``ref`` names, with the lineage and attachments of its run ``run``."""
         if ref.tag is not None:
             row = connection.execute(
                 "SELECT version FROM tags WHERE dataset = ? AND tag = ?", [ref.name, ref.tag]
@@ -488,18 +520,27 @@ class Catalog:
             if known is None:
                 raise RefError(f"no dataset named {ref.name!r} in the catalog")
             raise RefError(f"dataset {ref.name!r} has no version {version} (latest is {known})")
+        created_at, message, lineage = row[1], row[2], row[3]
+        if run:
+            run_row = connection.execute(
+                "SELECT created_at, message, lineage FROM runs WHERE dataset = ? AND version = ? AND run = ?",
+                [ref.name, version, run],
+            ).fetchone()
+            if run_row is None:
+                raise RefError(f"{ref.name}@{version} has no run {run}")
+            created_at, message, lineage = run_row
         files: dict[str, list[str]] = {"data": [], "index": []}
         hashes: dict[str, list[str]] = {"data": [], "index": []}
         attachments: dict[str, tuple[str, str]] = {}
-        for role, relpath, sha256 in connection.execute(
-            "SELECT v.role, f.relpath, f.sha256 FROM version_files v JOIN files f USING (sha256) "
-            "WHERE v.dataset = ? AND v.version = ? ORDER BY v.ordinal",
-            [ref.name, version],
+        for role, relpath, sha256, file_run in connection.execute(
+            "SELECT v.role, f.relpath, f.sha256, v.run FROM version_files v JOIN files f USING (sha256) "
+            "WHERE v.dataset = ? AND v.version = ? AND v.run IN (0, ?) ORDER BY v.ordinal",
+            [ref.name, version, run],
         ).fetchall():
             if role in files:
                 files[role].append(relpath)
                 hashes[role].append(sha256)
-            else:
+            elif file_run == run:  # attachments belong to the run that stored them
                 attachments[role] = (relpath, sha256)
         tags = [
             r[0]
@@ -508,9 +549,9 @@ class Catalog:
                 [ref.name, version],
             ).fetchall()
         ]
-        return VersionInfo(ref.name, version, row[0], row[1], row[2] or "", json.loads(row[3]),
+        return VersionInfo(ref.name, version, row[0], created_at, message or "", json.loads(lineage),
                            files["data"], tags, files["index"], hashes["data"], hashes["index"],
-                           attachments=attachments)
+                           attachments=attachments, run=run)
 
     def paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
@@ -589,28 +630,38 @@ class Catalog:
         return pq.read_table(path)
 
     def find_by_lineage(self, key: str, value: str, name: str | None = None) -> VersionInfo | None:
-        """The latest version (of ``name``, or any) whose lineage has ``key`` equal to ``value``."""
+        """The latest run (of a version of ``name``, or any) whose lineage has ``key`` equal to ``value``.
+
+        Runs include commits that found their rows equal to an existing version: the
+        version comes back with that run's lineage and attachments (``run`` says which).
+        """
         with self._connect(read_only=True) as connection:
-            row = connection.execute(
-                "SELECT dataset, version FROM versions WHERE json_extract_string(lineage, '$.' || ?) = ? "
-                "AND (?::VARCHAR IS NULL OR dataset = ?) ORDER BY created_at DESC, version DESC LIMIT 1",
-                [key, value, name, name],
-            ).fetchone()
-            return None if row is None else self._resolve(connection, Ref(row[0], version=row[1]))
+            found = self._runs_with(connection, key, value, name)
+            return None if not found else self._resolve(connection, Ref(found[0][0], version=found[0][1]),
+                                                        run=found[0][2])
+
+    @staticmethod
+    def _runs_with(connection: duckdb.DuckDBPyConnection, key: str, value: str,
+                   name: str | None) -> list[tuple[str, int, int]]:
+        """(dataset, version, run) of every run whose lineage has ``key`` = ``value``, newest first."""
+        return connection.execute(
+            "SELECT dataset, version, run FROM ("
+            "  SELECT dataset, version, 0 AS run, created_at, lineage FROM versions"
+            "  UNION ALL SELECT dataset, version, run, created_at, lineage FROM runs) "
+            "WHERE json_extract_string(lineage, '$.' || ?) = ? AND (?::VARCHAR IS NULL OR dataset = ?) "
+            "ORDER BY created_at DESC, version DESC, run DESC",
+            [key, value, name, name],
+        ).fetchall()
 
     def find_scores(self, score_key: str) -> pa.Table | None:
-        """The stored scores of the latest version whose lineage carries ``score_key``.
+        """The stored scores of the latest run whose lineage carries ``score_key``.
 
         A filter run records the key of (inputs, step, scoring parameters); a later run with
         only new thresholds finds its scores here instead of recomputing them.
         """
         with self._connect(read_only=True) as connection:
-            rows = connection.execute(
-                "SELECT dataset, version FROM versions "
-                "WHERE json_extract_string(lineage, '$.score_key') = ? ORDER BY created_at DESC",
-                [score_key],
-            ).fetchall()
-            infos = [self._resolve(connection, Ref(name, version=version)) for name, version in rows]
+            infos = [self._resolve(connection, Ref(name, version=version), run=run)
+                     for name, version, run in self._runs_with(connection, "score_key", score_key, None)]
         for info in infos:
             if "scores" in info.attachments:
                 try:
@@ -618,6 +669,15 @@ class Catalog:
                 except DataFileError:
                     continue  # a damaged copy is only lost work: recompute
         return None
+
+    def runs(self, ref: str | VersionInfo) -> list[VersionInfo]:
+        """Every run of a version, oldest first: the commit that made it, then each commit of equal rows."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        with self._connect(read_only=True) as connection:
+            numbers = [r[0] for r in connection.execute(
+                "SELECT run FROM runs WHERE dataset = ? AND version = ? ORDER BY run", [info.name, info.version]
+            ).fetchall()]
+            return [self._resolve(connection, Ref(info.name, version=info.version), run=n) for n in (0, *numbers)]
 
     def head(self, ref: str | VersionInfo, rows: int) -> pa.Table:
         """The first ``rows`` rows, reading no more than one batch of them."""
@@ -630,23 +690,27 @@ class Catalog:
             count += taken[-1].num_rows
         return pa.Table.from_batches(taken) if taken else self.schema(ref).empty_table()
 
-    def failures(self, ref: str) -> pa.Table:
-        """Rows a step could not process for this version: step, pair_id, reason, raw."""
-        info = self.resolve(ref)
+    def failures(self, ref: str | VersionInfo, run: int | None = None) -> pa.Table:
+        """Rows a step could not process for this version: step, pair_id, reason, raw.
+
+        Every run's failures (see :meth:`runs`), or only run ``run``'s.
+        """
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
         with self._connect(read_only=True) as connection:
             return connection.sql(
-                "SELECT step, pair_id, reason, raw FROM failures "
-                "WHERE dataset = ? AND version = ? ORDER BY step, pair_id",
-                params=[info.name, info.version],
+                "SELECT step, pair_id, reason, raw FROM failures WHERE dataset = ? AND version = ? "
+                "AND (?::INTEGER IS NULL OR run = ?) ORDER BY run, step, pair_id",
+                params=[info.name, info.version, run, run],
             ).to_arrow_table().cast(FAILURE_SCHEMA)
 
-    def quarantined(self, ref: str) -> pa.Table:
-        info = self.resolve(ref)
+    def quarantined(self, ref: str | VersionInfo, run: int | None = None) -> pa.Table:
+        """Rows an ingest quarantined for this version, of every run or only run ``run``."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
         with self._connect(read_only=True) as connection:
             return connection.sql(
-                "SELECT file, line, field, reason, raw FROM quarantine "
-                "WHERE dataset = ? AND version = ? ORDER BY file, line",
-                params=[info.name, info.version],
+                "SELECT file, line, field, reason, raw FROM quarantine WHERE dataset = ? AND version = ? "
+                "AND (?::INTEGER IS NULL OR run = ?) ORDER BY run, file, line",
+                params=[info.name, info.version, run, run],
             ).to_arrow_table()
 
     def datasets(self) -> list[dict[str, Any]]:
@@ -819,6 +883,13 @@ def _aligned(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _unmatched(dropped: list[pa.Array], kept: list[pa.Array]) -> pa.BooleanArray:
+    """For each dropped key, whether no kept row has it."""
+    dropped_keys = pa.concat_arrays(dropped) if dropped else pa.array([], pa.string())
+    kept_keys = pa.concat_arrays(kept) if kept else pa.array([], pa.string())
+    return pc.invert(pc.is_in(dropped_keys, value_set=kept_keys))
+
+
 def _merged_schema(schemas: list[pa.Schema]) -> pa.Schema:
     """Canonical columns, then every input's extra columns (first-seen order)."""
     try:
@@ -848,8 +919,12 @@ def _conform_failures(failures: pa.Table | None) -> pa.Table | None:
     return pa.Table.from_arrays(columns, schema=FAILURE_SCHEMA)
 
 
-def load(ref: str, home: str | Path | None = None) -> Any:
-    """A catalog version as a `datasets.Dataset` (memory-mapped, not copied into RAM)."""
+def load(ref: str, home: str | Path | None = None, *, progress: bool = False) -> Any:
+    """A catalog version as a `datasets.Dataset` (memory-mapped, not copied into RAM).
+
+    Its Arrow copy lives under the home (``cache/datasets``, cleaned by ``catalog gc``),
+    never in the `datasets` cache; ``progress`` shows a bar while that copy is first made.
+    """
     from factory.catalog.exporters import to_hf_dataset
 
-    return to_hf_dataset(Catalog(home), ref)
+    return to_hf_dataset(Catalog(home), ref, progress=progress)

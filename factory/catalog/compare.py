@@ -1,11 +1,13 @@
 """Diff two versions by pair_id, in SQL over their Parquet files (no Python loops).
 
 - added / removed: comparisons (pair_ids) only one side has;
-- changed: the same comparison with a different verdict (chosen side, tie, margin, votes,
-  weight, attribute, attribute scores),
+- changed: the same comparison relabelled (the other side won, or a tie appeared or went),
+  re-annotated (same label, another margin, votes, weight, attribute or attribute scores),
   or, under a prompt both sides have, a pair whose responses were replaced (a removed
   and an added pair matched up within the prompt).
-Repeated pair_ids are compared as multisets of verdicts.
+- repeats_changed: the same labels and annotations, judged another number of times (a
+  dedup that dropped repeated judgments); neither changed nor unchanged.
+A pair_id's judgments are compared as sets of distinct labels and verdicts.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 import duckdb
 
 from factory.catalog.catalog import Catalog
-from factory.catalog.index import HASHER, VERDICT_SQL, hasher_of
+from factory.catalog.index import HASHER, LABEL_SQL, VERDICT_SQL, hasher_of
 
 _VERDICTS = """
 CREATE TEMP TABLE {name} AS
 SELECT pair_id, any_value(prompt_id) AS prompt_id,
-       -- order-insensitive over repeated pair_ids, and cheaper than sorting a list
-       sum({verdict}::HUGEINT) AS verdict
+       -- the sets of distinct labels and verdicts, order-insensitive and cheaper than lists
+       sum(DISTINCT {label}::HUGEINT) AS labels, sum(DISTINCT {verdict}::HUGEINT) AS verdicts,
+       count(*) AS copies
 FROM read_parquet(?) GROUP BY pair_id
 """
 
@@ -37,13 +40,16 @@ def diff(catalog: Catalog, ref_a: str, ref_b: str, *, sample: int = 5) -> dict[s
         use_index = all(indexes) and len(hashers) == 1 and HASHER in hashers
         for name, info in (("va", a), ("vb", b)):
             paths = catalog.checked_paths(info, role="index" if use_index else "data")
-            verdict = "verdict" if use_index else VERDICT_SQL
-            connection.execute(_VERDICTS.format(name=name, verdict=verdict), [[str(p) for p in paths]])
+            verdict, label = ("verdict", "label") if use_index else (VERDICT_SQL, LABEL_SQL)
+            connection.execute(_VERDICTS.format(name=name, verdict=verdict, label=label),
+                               [[str(p) for p in paths]])
         connection.execute("""
             CREATE TEMP TABLE joined AS
             SELECT pair_id, coalesce(va.prompt_id, vb.prompt_id) AS prompt_id,
                    CASE WHEN vb.pair_id IS NULL THEN 'a' WHEN va.pair_id IS NULL THEN 'b'
-                        WHEN va.verdict <> vb.verdict THEN 'relabelled' ELSE 'same' END AS side
+                        WHEN va.labels <> vb.labels THEN 'relabelled'
+                        WHEN va.verdicts <> vb.verdicts THEN 'reannotated'
+                        WHEN va.copies <> vb.copies THEN 'repeats' ELSE 'same' END AS side
             FROM va FULL OUTER JOIN vb USING (pair_id);
             -- Within a prompt both versions have, pair up removed and added comparisons:
             -- those are edits of a response, not unrelated additions.
@@ -67,15 +73,18 @@ def diff(catalog: Catalog, ref_a: str, ref_b: str, *, sample: int = 5) -> dict[s
             "removed": ids("SELECT pair_id FROM joined WHERE side = 'a' "
                            "AND pair_id NOT IN (SELECT old_pair_id FROM edited)"),
             "relabelled": ids("SELECT pair_id FROM joined WHERE side = 'relabelled'"),
+            "reannotated": ids("SELECT pair_id FROM joined WHERE side = 'reannotated'"),
+            "repeats_changed": ids("SELECT pair_id FROM joined WHERE side = 'repeats'"),
             "responses_changed": ids("SELECT old_pair_id || ' -> ' || new_pair_id FROM edited"),
         }
     finally:
         connection.close()
-    relabelled = by_side.get("relabelled", 0)
+    relabelled, reannotated = by_side.get("relabelled", 0), by_side.get("reannotated", 0)
     return {
         "a": a.ref, "b": b.ref, "rows_a": a.rows, "rows_b": b.rows,
         "added": by_side.get("b", 0) - edited, "removed": by_side.get("a", 0) - edited,
-        "changed": relabelled + edited, "relabelled": relabelled, "responses_changed": edited,
+        "changed": relabelled + reannotated + edited, "relabelled": relabelled, "reannotated": reannotated,
+        "responses_changed": edited, "repeats_changed": by_side.get("repeats", 0),
         "unchanged": by_side.get("same", 0), "sample": samples,
     }
 

@@ -2,7 +2,8 @@
 
 DuckDB lets one process hold a database file at a time, so every catalog operation opens a
 short-lived connection; another process waiting for it retries until ``lock_timeout`` and
-then fails with :class:`CatalogBusy`. The SQL stays portable (no extensions beyond core).
+then fails with :class:`CatalogBusy`. Inside one process, threads share one connection
+(:func:`factory.dbwait.shared_connection`), so readers and writers never clash there. The SQL stays portable (no extensions beyond core).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from factory.dbwait import connect_waiting, parse_lock_timeout
+from factory.dbwait import parse_lock_timeout, shared_connection
 from schemas.errors import PrefabError
 
 SCHEMA_VERSION = "1"
@@ -85,6 +86,18 @@ CREATE TABLE IF NOT EXISTS failures (
     reason VARCHAR NOT NULL,
     raw VARCHAR  -- the input row as JSON
 );
+-- A commit whose rows equal the version's (an "unchanged" commit) is a later run of it:
+-- its lineage, failures, quarantine and attachments are kept under the run's number so a
+-- step keyed by its lineage finds the version; run 0 is the commit that made the version.
+CREATE TABLE IF NOT EXISTS runs (
+    dataset VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    message VARCHAR,
+    lineage VARCHAR NOT NULL,
+    PRIMARY KEY (dataset, version, run)
+);
 CREATE TABLE IF NOT EXISTS models (
     name VARCHAR NOT NULL,
     version INTEGER NOT NULL,
@@ -114,21 +127,27 @@ def connect(path: Path, *, read_only: bool = False, timeout: float | None = None
     timeout = lock_timeout_seconds() if timeout is None else timeout
     if read_only and not path.exists():
         read_only = False  # the first reader creates the database
-    connection = connect_waiting(
+    with shared_connection(
         path, timeout=timeout, read_only=read_only,
         on_timeout=lambda: CatalogBusy(
-            f"catalog busy: {path} is held by another prefab process for over "
-            f"{timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
+            f"catalog busy: {path} is held by another prefab process (or another connection of "
+            f"this one) for over {timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
         ),
-    )
-    try:
+    ) as connection:
         yield connection
-    finally:
-        connection.close()
+
+
+# Columns added after catalogs existed: older catalogs gain them (their rows are run 0).
+MIGRATIONS = """
+ALTER TABLE version_files ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+ALTER TABLE failures ADD COLUMN IF NOT EXISTS run INTEGER DEFAULT 0;
+"""
 
 
 def initialise(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute(DDL)
+    connection.execute(MIGRATIONS)
     connection.execute(
         "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
         [SCHEMA_VERSION],

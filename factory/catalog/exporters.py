@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,10 +88,49 @@ def _trl(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
     return result
 
 
-def to_hf_dataset(catalog: Catalog, ref: str) -> Any:
+# `load` keeps one Arrow copy per version here (memory-mapped; `catalog gc` cleans it) and
+# never writes to the `datasets` cache outside the home.
+LOAD_CACHE = Path("cache") / "datasets"
+
+
+def load_cache_path(catalog: Catalog, info: VersionInfo) -> Path:
+    """Where ``load`` keeps ``info``'s rows as Arrow: named by the version's data files' sha256."""
+    key = hashlib.sha256(" ".join(info.file_sha256).encode()).hexdigest()
+    return catalog.home / LOAD_CACHE / f"{key}.arrow"
+
+
+def to_hf_dataset(catalog: Catalog, ref: str, progress: bool = False) -> Any:
+    """A version as a memory-mapped `datasets.Dataset` over an Arrow file under the home.
+
+    The Parquet rows are streamed once into ``home/cache/datasets/<key>.arrow`` (later loads
+    of the same content reuse it); no progress bar unless ``progress``.
+    """
     import datasets
 
-    return datasets.Dataset.from_parquet([str(p) for p in catalog.checked_paths(ref)])
+    info = catalog.resolve(ref)
+    path = load_cache_path(catalog, info)
+    if path.is_file():
+        os.utime(path)  # its last use, which `catalog gc` measures the grace period from
+    else:
+        _write_arrow_stream(catalog, info, path, progress)
+    return datasets.Dataset.from_file(str(path), in_memory=False)
+
+
+def _write_arrow_stream(catalog: Catalog, info: VersionInfo, path: Path, progress: bool) -> None:
+    """The version's rows as an Arrow IPC stream (the layout `Dataset.from_file` maps), atomically."""
+    from tqdm.auto import tqdm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.arrow.tmp")
+    try:
+        with tqdm(total=info.rows, desc=f"load {info.ref}", unit="row", disable=not progress) as bar, \
+                pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, catalog.schema(info)) as writer:
+            for batch in catalog.batches(info, batch_rows=BATCH_ROWS):
+                writer.write_batch(batch)
+                bar.update(batch.num_rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _clear_hf_folder(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Per-version key index: (pair_id, prompt_id, verdict hash) beside the data file.
+"""Per-version key index: (pair_id, prompt_id, verdict hash, label hash) beside the data file.
 
 It lets a diff of million-row versions read a few narrow columns instead of every
 response text. Hash values depend on the hashing engine and on which columns make a
@@ -18,11 +18,15 @@ HASHER_KEY = b"prefab.verdict_hash"
 # votes, weight, the attribute a causal augmentation changed and the per-attribute
 # scores). Shared with the diff's fallback over data files so both paths hash identically.
 VERDICT_COLUMNS = ("chosen", "tie", "margin", "votes", "weight", "attribute", "attribute_scores")
-VERDICT_SQL = f"hash({', '.join(VERDICT_COLUMNS)})"
-HASHER = f"duckdb-{duckdb.__version__}/verdict-v2".encode()
+# A tie's sides are interchangeable: which one is stored as "chosen" is no part of its verdict.
+VERDICT_SQL = f"hash(CASE WHEN tie THEN NULL ELSE chosen END, {', '.join(VERDICT_COLUMNS[1:])})"
+# The label alone: which side won, or a tie (whose sides are interchangeable). Two rows of a
+# pair with equal labels but another margin or attribute are not a relabelling.
+LABEL_SQL = "hash(tie, CASE WHEN tie THEN NULL ELSE chosen END)"
+HASHER = f"duckdb-{duckdb.__version__}/verdict-v3".encode()
 
 INDEX_SCHEMA = pa.schema(
-    [("pair_id", pa.string()), ("prompt_id", pa.string()), ("verdict", pa.uint64())],
+    [("pair_id", pa.string()), ("prompt_id", pa.string()), ("verdict", pa.uint64()), ("label", pa.uint64())],
     metadata={HASHER_KEY: HASHER},
 )
 
@@ -37,20 +41,12 @@ class IndexBuilder:
     def batch(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
         pairs = batch.select(["pair_id", "prompt_id", *VERDICT_COLUMNS])  # noqa: F841 - read by SQL
         index = self._connection.sql(
-            f"SELECT pair_id, prompt_id, {VERDICT_SQL} AS verdict FROM pairs"
+            f"SELECT pair_id, prompt_id, {VERDICT_SQL} AS verdict, {LABEL_SQL} AS label FROM pairs"
         ).to_arrow_table()
         return index.cast(INDEX_SCHEMA)
 
     def close(self) -> None:
         self._connection.close()
-
-
-def build_index(table: pa.Table) -> pa.Table:
-    builder = IndexBuilder()
-    try:
-        return builder.batch(table)
-    finally:
-        builder.close()
 
 
 def hasher_of(path: str) -> bytes | None:

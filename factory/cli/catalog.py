@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from factory.catalog import Catalog
+from factory.catalog.housekeeping import DEFAULT_CACHE_GRACE_SECONDS
 from factory.cli import CommandResult, home_from
 
 
@@ -51,10 +52,18 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     commands.add_parser("verify", parents=parents, help="re-hash every data file; name broken versions") \
         .set_defaults(handler=run_verify)
 
-    gc = commands.add_parser("gc", parents=parents, help="delete data files no version needs (dry run unless --yes)")
+    gc = commands.add_parser("gc", parents=parents,
+                             help="delete data files no version needs and caches no recent run used "
+                                  "(dry run unless --yes)")
     gc.add_argument("--yes", action="store_true", help="really delete (default: only print what would go)")
-    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+    gc.add_argument("--grace", type=_seconds, default=3600.0, metavar="SECONDS",
                     help="keep unreferenced files younger than this (protects in-flight commits; default 3600)")
+    gc.add_argument("--cache-grace", type=_seconds, default=DEFAULT_CACHE_GRACE_SECONDS, metavar="SECONDS",
+                    help="keep steps/, noise/, embeddings/ and cache/datasets/ entries used within this "
+                         "(default 604800, a week)")
+    gc.add_argument("--llm-cache-grace", type=_seconds, default=None, metavar="SECONDS",
+                    help="also delete LLM cache entries made longer ago than this (default: keep them all; "
+                         "they are paid answers)")
     gc.set_defaults(handler=run_gc)
 
     quarantine = commands.add_parser("quarantine", parents=parents,
@@ -102,7 +111,7 @@ def run_list(args: argparse.Namespace) -> CommandResult:
 def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
     keys = ("command", "parents", "rows_in", "rows_out", "rows_generated", "rows_filtered", "rows_quarantined",
             "rows_failed", "rows_flipped", "rows_reweighted", "seeds_used", "seeds_without_output",
-            "duplicates_dropped", "label_conflicts", "scores_reused", "seed", "run_id", "code_version",
+            "duplicates_dropped", "label_conflicts", "annotation_conflicts", "scores_reused", "seed", "run_id", "code_version",
             "wall_seconds")
     lines = []
     if isinstance(lineage.get("step"), dict):
@@ -147,10 +156,14 @@ def run_show(args: argparse.Namespace) -> CommandResult:
     info = catalog.resolve(args.ref)
     sample = catalog.head(info, max(args.sample, 0)).to_pylist()
     history = catalog.tag_history(info.name, info.version)
-    payload = {**info.as_dict(), "tag_history": history, "sample": sample}
+    reruns = catalog.runs(info)[1:]
+    payload = {**info.as_dict(), "tag_history": history, "sample": sample,
+               "reruns": [{"run": r.run, "lineage": r.lineage} for r in reruns]}
     lines = [f"{info.ref}  {info.rows} rows  created {info.created_at:%Y-%m-%d %H:%M:%S}"
              + (f"  tags: {', '.join(info.tags)}" if info.tags else ""),
              f"  message: {info.message}", "  lineage:", *_lineage_lines(info.lineage)]
+    for rerun in reruns:  # later commits whose rows equalled this version's
+        lines += [f"  run {rerun.run} (same rows):", *_lineage_lines(rerun.lineage)]
     if history:
         lines += ["  tag history:", *_tag_history_lines(history)]
     for row in sample:
@@ -193,7 +206,9 @@ def run_merge(args: argparse.Namespace) -> CommandResult:
         return CommandResult({**info.as_dict(), "unchanged": True}, text)
     lines = [f"merged {', '.join(lineage['parents'])} into {info.ref}: {lineage['rows_in']} rows in = "
              f"{lineage['rows_out']} kept + {lineage['duplicates_dropped']} duplicates dropped"
-             f" (first input wins; {lineage['label_conflicts']} dropped rows had other labels)"]
+             f" (first input wins; {lineage['label_conflicts']} dropped rows had another label"
+             f", {lineage.get('annotation_conflicts', 0)} the same label with another margin, votes,"
+             " weight or attribute)"]
     lines += [f"  {item['ref']}: {item['kept']} of {item['rows']} kept" for item in lineage["inputs"]]
     return CommandResult({**info.as_dict(), "unchanged": False}, "\n".join(lines))
 
@@ -228,8 +243,9 @@ def run_diff(args: argparse.Namespace) -> CommandResult:
     lines = [
         f"{result['a']} ({result['rows_a']} rows) -> {result['b']} ({result['rows_b']} rows)",
         f"  added {result['added']}, removed {result['removed']}, changed {result['changed']}"
-        f" ({result['relabelled']} relabelled, {result['responses_changed']} with new responses),"
-        f" unchanged {result['unchanged']}",
+        f" ({result['relabelled']} relabelled, {result['reannotated']} re-annotated,"
+        f" {result['responses_changed']} with new responses), unchanged {result['unchanged']}"
+        + (f", {result['repeats_changed']} judged another number of times" if result["repeats_changed"] else ""),
     ]
     for kind, ids in result["sample"].items():
         if ids:
@@ -248,15 +264,39 @@ def run_verify(args: argparse.Namespace) -> CommandResult:
     return CommandResult(result, f"ok: {result['files_checked']} files verified")
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def run_gc(args: argparse.Namespace) -> CommandResult:
     from factory.catalog import gc
 
-    result = gc(_catalog(args), dry_run=not args.yes, grace_seconds=args.grace)
+    result = gc(_catalog(args), dry_run=not args.yes, grace_seconds=args.grace,
+                cache_grace_seconds=args.cache_grace, llm_cache_grace_seconds=args.llm_cache_grace)
     verb = "would delete" if result["dry_run"] else "deleted"
     lines = [f"{verb} {len(result['files'])} files ({result['bytes']} bytes)"]
-    lines += [f"  {f}" for f in result["files"]]
+    for area, report in result["areas"].items():
+        if report["removed"] or report["kept"]:
+            lines.append(f"  {area}: {verb} {len(report['removed'])} ({report['bytes']} bytes), "
+                         f"kept {report['kept']} ({report['kept_bytes']} bytes)")
+            lines += [f"    {f}" for f in report["removed"]]
     if result["skipped_younger_than_grace"]:
         lines.append(f"  kept {result['skipped_younger_than_grace']} unreferenced files younger than {args.grace:.0f} s")
-    if result["dry_run"] and result["files"]:
+    lines += _llm_cache_lines(result["llm_cache"], verb, args.llm_cache_grace)
+    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"]):
         lines.append("  run again with --yes to delete them")
     return CommandResult(result, "\n".join(lines))
+
+
+def _llm_cache_lines(llm: dict[str, Any], verb: str, grace: float | None) -> list[str]:
+    if not llm["exists"]:
+        return []
+    line = f"  llm cache: {llm['entries']} entries ({llm['bytes']} bytes)"
+    if grace is None:
+        return [line + "; kept (--llm-cache-grace SECONDS deletes entries made longer ago; "
+                       f"or delete {llm['path']} to clear it)"]
+    freed = "" if verb == "would delete" else f", {llm['bytes_freed']} bytes freed"
+    return [line + f"; {verb} {llm['removed_entries']} made over {grace:.0f} s ago{freed}"]

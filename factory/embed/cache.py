@@ -21,6 +21,7 @@ memory costs little to open.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 KEY_BYTES = 16
+# Marker file whose mtime is the cache's last use (what `catalog gc` measures its grace from).
+LAST_USED = "last-used"
 SHARD_ROWS = 2048
 FLUSH_SECONDS = 30.0
 
@@ -136,7 +139,15 @@ class EmbeddingCache:
         self._memory: dict[bytes, np.ndarray] = {}  # root=None only
         self.hits = 0
         self.misses = 0
+        self._marked_at = -math.inf
         self.refresh()
+
+    def _mark_used(self) -> None:
+        """Touch ``last-used``: `prefab catalog gc` keeps a cache some recent run used."""
+        if self.folder is None or time.monotonic() - self._marked_at < 60:
+            return
+        self._marked_at = time.monotonic()
+        (self.folder / LAST_USED).touch()
 
     def refresh(self) -> None:
         """Index shards written since (by this or another process): their keys only."""
@@ -202,6 +213,7 @@ class EmbeddingCache:
         if not keys:
             return out
         self.refresh()
+        self._mark_used()
         missing: dict[bytes, int] = {}  # key -> first position
         for i, k in enumerate(keys):
             if k not in self and k not in missing:

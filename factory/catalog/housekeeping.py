@@ -1,0 +1,164 @@
+"""What ``catalog gc`` cleans besides unreferenced objects: the home's caches and leftovers.
+
+Each area holds work that can be redone, so its unit (a folder or a file) goes once nothing
+has used it for ``cache_grace`` seconds; a unit used more recently belongs to a recent run
+and stays. "Used" is the newest modification time in the unit, or access time of a file in
+it (the embedding cache and ``load`` also mark each use explicitly):
+
+- ``steps/<key>/``      finished batches of an interrupted step run (a rerun resumes from
+                        them; a finished run removes its own folder);
+- ``noise/*.npz``       the noise filter's trained-head outputs, keyed by data and params;
+- ``embeddings/<model>/`` the frozen encoder's vectors, one folder per encoder;
+- ``cache/datasets/``   the Arrow copies ``factory.catalog.load`` maps, and `datasets` cache
+                        files made next to them; a copy of content no version has goes after
+                        ``grace`` like an unreferenced object.
+
+The LLM request cache (``llm_cache.duckdb``) stores paid answers whose entries record when
+they were made, not when last used, so it is only reported unless ``llm_cache_grace`` is
+given: then entries made longer ago than that are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from factory.catalog.catalog import Catalog
+
+DEFAULT_CACHE_GRACE_SECONDS = 7 * 24 * 3600.0
+
+
+@dataclass
+class AreaReport:
+    removed: list[str] = field(default_factory=list)
+    bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"removed": self.removed, "bytes": self.bytes, "kept": self.kept, "kept_bytes": self.kept_bytes}
+
+
+def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
+                 cache_grace_seconds: float) -> dict[str, AreaReport]:
+    """Remove (unless ``dry_run``) every cache unit unused for ``cache_grace_seconds``."""
+    now = time.time()
+    live_copies = _live_load_copies(catalog)
+    reports: dict[str, AreaReport] = {}
+    for area, units in (("steps", _children(catalog.home / "steps")),
+                        ("noise", _children(catalog.home / "noise")),
+                        ("embeddings", _children(catalog.home / "embeddings")),
+                        ("datasets", _children(catalog.home / "cache" / "datasets"))):
+        report = reports[area] = AreaReport()
+        for unit in units:
+            idle = now - _last_use(unit)
+            orphan = area == "datasets" and _is_load_copy(unit) and unit.stem not in live_copies
+            size = _size(unit)
+            if idle >= cache_grace_seconds or (orphan and idle >= grace_seconds):
+                report.removed.append(str(unit.relative_to(catalog.home)))
+                report.bytes += size
+                if not dry_run:
+                    _remove(unit)
+            else:
+                report.kept += 1
+                report.kept_bytes += size
+    return reports
+
+
+def _live_load_copies(catalog: Catalog) -> set[str]:
+    """Names (without ``.arrow``) of the load copies some version's content still has."""
+    with catalog._connect(read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT string_agg(sha256, ' ' ORDER BY ordinal) FROM version_files WHERE role = 'data' "
+            "GROUP BY dataset, version"
+        ).fetchall()
+    return {hashlib.sha256(row[0].encode()).hexdigest() for row in rows if row[0]}
+
+
+def _is_load_copy(path: Path) -> bool:
+    """A ``load`` copy is named by a sha256; other files there are `datasets`' own caches."""
+    return path.suffix == ".arrow" and len(path.stem) == 64 and all(c in "0123456789abcdef" for c in path.stem)
+
+
+def _children(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _walk(unit: Path) -> Iterator[Path]:
+    yield unit
+    if unit.is_dir():
+        yield from unit.rglob("*")
+
+
+def _last_use(unit: Path) -> float:
+    """The newest modification time in the unit, or access time of a file in it (a cache read).
+
+    A folder's access time is not a use: listing it (as gc itself does) sets it.
+    """
+    newest = 0.0
+    for path in _walk(unit):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile (a run finishing)
+            continue
+        newest = max(newest, stat.st_mtime, 0.0 if path.is_dir() else stat.st_atime)
+    return newest
+
+
+def _size(unit: Path) -> int:
+    total = 0
+    for path in _walk(unit):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def _remove(unit: Path) -> None:
+    if unit.is_dir():
+        shutil.rmtree(unit, ignore_errors=True)
+    else:
+        unit.unlink(missing_ok=True)
+
+
+def llm_cache_report(catalog: Catalog, *, dry_run: bool, older_than_seconds: float | None) -> dict[str, Any]:
+    """Size of the home's LLM request cache; with ``older_than_seconds``, its older entries go."""
+    from factory.catalog.db import lock_timeout_seconds
+    from factory.dbwait import connect_waiting
+    from factory.llm.cache import CACHE_FILENAME
+    from schemas.errors import PrefabError
+
+    path = catalog.home / CACHE_FILENAME
+    if not path.is_file():
+        return {"path": CACHE_FILENAME, "exists": False, "entries": 0, "bytes": 0, "removed_entries": 0,
+                "bytes_freed": 0}
+    before = path.stat().st_size
+    timeout = lock_timeout_seconds()
+    connection = connect_waiting(
+        path, timeout=timeout, read_only=dry_run or older_than_seconds is None,
+        on_timeout=lambda: PrefabError(f"LLM cache {path} is held by another process for over {timeout:.0f} s "
+                                       "(set PREFAB_LOCK_TIMEOUT to wait longer)"))
+    try:
+        entries = connection.execute("SELECT count(*) FROM llm_cache").fetchone()[0]
+        doomed = 0
+        if older_than_seconds is not None:
+            # created_at is naive UTC (factory.llm.cache writes it so)
+            cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=older_than_seconds)
+            doomed = connection.execute("SELECT count(*) FROM llm_cache WHERE created_at < ?",
+                                        [cutoff]).fetchone()[0]
+            if doomed and not dry_run:
+                connection.execute("DELETE FROM llm_cache WHERE created_at < ?", [cutoff])
+                connection.execute("CHECKPOINT")
+    finally:
+        connection.close()
+    after = path.stat().st_size
+    return {"path": CACHE_FILENAME, "exists": True, "entries": entries, "bytes": before,
+            "removed_entries": doomed, "bytes_freed": max(before - after, 0)}
