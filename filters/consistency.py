@@ -81,7 +81,8 @@ class ConsistencyParams:
     samples: int = param(2, "llm judge: draws per pair, voted (even numbers balance the A/B order)", low=1, high=64)
     swap: bool = param(True, "llm judge: show the rejected answer first in half the draws (cancels position bias)")
     rubric: bool = param(True, "llm judge: grade with the pair's `rubric` column when the input has one")
-    model: str | None = param(None, "rm judge: a reward model trained by `prefab train` (name or path)")
+    model: str | None = param(None, "rm judge: a reward model trained by `prefab train` (name or path)",
+                              model=True)
     temperature: float | None = param(None, "llm judge: sampling temperature (default 0 for verdict, 0.7 for "
                                             "generative)", low=0.0, high=2.0)
     max_tokens: int | None = param(None, "llm judge: reply token limit (default 256 for verdict, 1024 for "

@@ -1,8 +1,9 @@
 """``prefab run RECIPE.yaml``: every source, step, tag, training run and evaluation of a
 recipe, in order, each recorded in lineage and each reused when it already ran.
 
-A step's identity is (step, version, pinned parameters, exact input versions, seed,
-backend). A version whose lineage carries that key is reused instead of recomputed, so a
+A step's identity is :class:`factory.steps.identity.StepIdentity` (step, version, pinned
+parameters and models, exact input versions, seed, the backend as the request cache keys
+it, template hashes) plus what the recipe adds (``with_input``). A version whose lineage carries that key is reused instead of recomputed, so a
 second run of an unchanged recipe does no step work, a changed step reruns itself and what
 follows it (their inputs change), and a run killed anywhere resumes: committed steps are
 found again, a row-local step resumes after its kept batches, and LLM requests come from
@@ -20,8 +21,8 @@ from typing import Any
 
 from factory.catalog import Catalog
 from factory.recipe.spec import Recipe, StepSpecRecipe, load_recipe
-from factory.steps.params import params_hash
-from factory.steps.runner import pin_refs, prepare
+from factory.steps.identity import identify
+from factory.steps.runner import backend_for, exact_inputs, pin_refs, prepare
 
 
 def _say(text: str, quiet: bool) -> None:
@@ -29,18 +30,9 @@ def _say(text: str, quiet: bool) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 def _exact(ref: str, made: dict[str, str]) -> str:
     """A dataset named in the recipe -> the exact version this run made or found."""
     return ref if "@" in ref else made.get(ref, ref)
-
-
-def _file_pin(path: str) -> str:
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
 def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: bool = False,
@@ -141,14 +133,8 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
 
     from factory.steps import api
 
-    prepared = prepare(step.kind, step.step, step.settings)  # type: ignore[arg-type]
-    pins = pin_refs(prepared, catalog)
-    if prepared.spec.input_kind == "trajectories":
-        exact_inputs = [_file_pin(p) for p in inputs]
-    else:
-        exact_inputs = [catalog.resolve(ref).ref for ref in inputs]
-    key = _key(step.kind, step.step, prepared.spec.version, params_hash(prepared.params), pins, exact_inputs,
-               recipe.seed, step.backend, step.with_input)
+    backend = _backend(step.backend, catalog) if step.backend else None
+    key = step_key(step, recipe, catalog, made, backend)
     verb = "generate" if step.kind == "generator" else "filter"
     what = f"{verb} {step.step} from {', '.join(step.inputs)}"
     existing = catalog.find_by_lineage("recipe_step_key", key, step.name)
@@ -157,7 +143,6 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
         return {"kind": verb, "what": what, "ref": existing.ref, "reused": True, "rows": existing.rows}
     extra = {"recipe": recipe.name, "recipe_file": str(recipe.path), "recipe_sha256": recipe_sha,
              "recipe_step": step.index, "recipe_step_key": key}
-    backend = _backend(step.backend, catalog) if step.backend else None
     common = {"settings": step.settings, "backend": backend, "seed": recipe.seed, "home": catalog.home,
               "progress": progress, "lineage_extra": extra, "message": f"recipe {recipe.name}: {what}",
               "engine": engine, "ray_address": ray_address}
@@ -170,12 +155,21 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
             "report": result, "seconds": time.monotonic() - t0}
 
 
-def _backend(spec: str, catalog: Catalog) -> Any:
-    from factory.llm import backend_from_spec, parse_spec
+def step_key(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str],
+             backend: Any = None) -> str:
+    """The key a finished generate/filter step of a recipe is found again by: its
+    :class:`~factory.steps.identity.StepIdentity` plus ``with_input``."""
+    if backend is None and step.backend:
+        backend = _backend(step.backend, catalog)
+    prepared = prepare(step.kind, step.step, step.settings, backend, home=catalog.home)  # type: ignore[arg-type]
+    pin_refs(prepared, catalog)
+    inputs = [_exact(ref, made) for ref in step.inputs]
+    identity = identify(prepared, exact_inputs(prepared, inputs, catalog), recipe.seed)
+    return identity.key("recipe", with_input=step.with_input)
 
-    _, _, options = parse_spec(spec)
-    overrides = {} if "cache" in options else {"cache": catalog.home / "llm_cache.duckdb"}
-    return backend_from_spec(spec, **overrides)
+
+def _backend(spec: str, catalog: Catalog) -> Any:
+    return backend_for(spec, catalog.home)
 
 
 def _train(recipe: Recipe, catalog: Catalog, made: dict[str, str], progress: bool | None) -> dict[str, Any]:
