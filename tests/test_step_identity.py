@@ -26,8 +26,8 @@ def short_judge(a: str, b: str) -> str:
     return "B" if len(a) >= len(b) else "A"
 
 
-def _seeds(cli, tmp_path: Path, name: str = "pairs") -> str:
-    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in CLEAR]
+def _seeds(cli, tmp_path: Path, name: str = "pairs", suffix: str = "") -> str:
+    rows = [{"prompt": p + suffix, "chosen": c + suffix, "rejected": r + suffix} for p, c, r in CLEAR]
     assert cli("ingest", write_seeds(tmp_path / f"{name}.jsonl", rows), "--name", name).code == 0
     return name
 
@@ -163,3 +163,24 @@ def test_identity_key_ingredients() -> None:
                   StepIdentity("filter", "f", "1", {"k": 1}, frozenset({"k"}), ("a@1",), 0, template_hash="t")):
         assert other.key("scores") != base.key("scores")
     assert json.dumps(base.lineage())  # plain data for lineage
+
+
+def test_a_local_folder_named_like_a_catalog_dataset_is_ambiguous(cli, home, tmp_path, monkeypatch) -> None:
+    from factory.steps.sources import AmbiguousSourceError, resolve_source
+
+    ref = _seeds(cli, tmp_path, "eval")
+    _seeds(cli, tmp_path, "train", suffix=" Different words entirely, about cooking pasta and sauces.")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval").mkdir()  # a folder that happens to share the dataset's name
+    result = cli("filter", "dedup", "--from", "train", "--name", "clean", "--set", "against=eval")
+    assert result.code != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "'eval' is both a local path" in result.stderr and "./eval" in result.stderr and "eval@N" in result.stderr
+    catalog = Catalog(home)
+    with pytest.raises(AmbiguousSourceError):
+        resolve_source("eval", catalog)
+    assert resolve_source("./eval", catalog).path == Path("eval")
+    assert resolve_source("eval@1", catalog).ref == f"{ref}@1"
+    assert resolve_source("train", catalog).ref == "train@1"  # no such folder: the catalog
+    ok = cli("filter", "dedup", "--from", "train", "--name", "clean", "--set", "against=eval@1", "--json")
+    assert ok.code == 0, ok.stderr
+    assert Catalog(home).resolve("clean").lineage["params"]["against"] == ["eval@1"]

@@ -223,13 +223,9 @@ def as_dict(params: Any) -> dict[str, Any]:
     return dataclasses.asdict(params)
 
 
-def params_hash(params: Any, *, only_scoring: bool = False) -> str:
-    """A stable hash of the parameter values (scoring ones only, when asked)."""
-    values = as_dict(params)
-    if only_scoring:
-        decision = {f.name for f in dataclasses.fields(params) if f.metadata.get("decision")}
-        values = {k: v for k, v in values.items() if k not in decision}
-    text = json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+def params_hash(params: Any) -> str:
+    """A stable hash of the parameter values (provenance; step keys use :mod:`factory.steps.identity`)."""
+    text = json.dumps(as_dict(params), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
