@@ -43,7 +43,6 @@ from factory.steps.llm import (
     Planned,
     Template,
     ab_swapped,
-    llm_plan,
     strict_object,
     template_sources,
     text_of,
@@ -149,8 +148,6 @@ def agreement_of(votes: list[int], tie: bool) -> float:
     return 1.0 - abs(mean) if tie else (mean + 1.0) / 2.0
 
 
-@llm_plan("filter", "consistency", needs="a chat model with JSON-schema structured outputs as the judge; "
-                                         "or judge with a reward model: --set judge=rm --set model=NAME")
 def plan_consistency(table: pa.Table, ctx: StepContext[ConsistencyParams]) -> list[Planned]:
     params = ctx.params
     if params.judge != "llm":
@@ -207,7 +204,10 @@ def decide_consistency(scores: pa.Table, params: ConsistencyParams) -> Decision:
 
 
 @filter_step("consistency", params=ConsistencyParams, decide=decide_consistency, version="1", backend="optional",
-             batch_rows=4096, templates=template_sources(JUDGE, GENERATIVE))
+             batch_rows=4096, templates=template_sources(JUDGE, GENERATIVE), plan=plan_consistency,
+             needs="a chat model with JSON-schema structured outputs as the judge; "
+                   "or judge with a reward model: --set judge=rm --set model=NAME",
+             reads=("prompt", "chosen", "rejected", "tie"))
 def consistency(table: pa.Table, ctx: StepContext[ConsistencyParams]) -> StepResult:
     """Judge agreement with each pair's label, k order-swapped draws voted; keep above a threshold."""
     params = ctx.params

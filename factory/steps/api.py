@@ -100,6 +100,21 @@ def _refuse_overwriting_an_input(name: str, refs: Sequence[str], verb: str) -> N
                               f"{verb} output alone; choose another --name (e.g. --name {name}-{verb})")
 
 
+class MissingColumnError(PrefabError):
+    """An input lacks a column the step declares it reads."""
+
+
+def check_reads(spec: Any, columns: Sequence[str], refs: Sequence[str]) -> None:
+    """Refuse, before any work, an input without a column the step reads (``reads=``)."""
+    from factory.steps.registry import missing_columns
+
+    missing = missing_columns(spec, list(columns))
+    if missing:
+        verb = "generate" if spec.kind == "generator" else "filter"
+        raise MissingColumnError(f"{verb} {spec.name} reads column {missing[0]!r}, which {', '.join(refs)} "
+                                 f"lacks (its columns: {', '.join(columns)}); give it an input that has it")
+
+
 def _step_identity(prepared: Any, catalog: Any, refs: Sequence[str], seed: int) -> StepIdentity:
     return identify(prepared, exact_inputs(prepared, refs, catalog), seed)
 
@@ -157,6 +172,8 @@ def plan(kind: str, step: str, from_: str | Sequence[str], *, settings: dict[str
         infos, _, _ = _read_trajectory_files(_refs(from_))
     else:
         infos = [catalog.resolve(ref) for ref in _refs(from_)]
+        for info in infos:
+            check_reads(prepared.spec, catalog.schema(info).names, [info.ref])
     return {"step": step, "kind": kind, "step_version": prepared.spec.version,
             "inputs": [{"ref": i.ref, "rows": i.rows} for i in infos],
             "rows_in": sum(i.rows for i in infos), "params": as_dict(prepared.params),
@@ -196,6 +213,7 @@ def generate(
     identity = _step_identity(prepared, catalog, _refs(from_), seed)
     infos, inputs, sources = _read_inputs(catalog, _refs(from_), prepared.spec.input_kind)
     refs = [i.ref for i in infos]
+    check_reads(prepared.spec, inputs.column_names, refs)
     file_inputs = [{"file": i.ref, "sha256": i.sha256, "rows": i.rows} for i in infos if isinstance(i, FileInput)]
     parents = [i.ref for i in infos if not isinstance(i, FileInput)]
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
@@ -287,6 +305,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     identity = _step_identity(prepared, catalog, _refs(from_), seed)
     infos, inputs, _ = _read_inputs(catalog, _refs(from_))
     refs = [i.ref for i in infos]
+    check_reads(spec, inputs.column_names, refs)
     score_key = identity.key("scores")
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)

@@ -374,33 +374,31 @@ class Planned:
 Planner = Callable[[pa.Table, StepContext], list[Planned]]
 
 
-@dataclass(frozen=True)
-class _PlanEntry:
-    plan: Planner
-    needs: str
-
-
-_PLANNERS: dict[tuple[str, str], _PlanEntry] = {}
-
-
 def llm_plan(kind: str, step: str, *, needs: str) -> Callable[[Planner], Planner]:
-    """Register what ``step`` will ask its LLM for a given input table and parameters.
+    """Declare, ahead of the step itself, what ``step`` will ask its LLM for a given input
+    table and parameters (the same as the decorator's ``plan=`` and ``needs=``).
 
     ``plan(table, ctx)`` returns the :class:`Planned` stages (empty when the parameters
-    need no LLM, e.g. a rules mode). ``needs`` says which backend the step needs, for the
-    error when none is given.
+    need no LLM, e.g. a rules mode). An LLM step with no planner fails to register.
     """
+    from factory.steps.registry import _PLANNERS
 
     def wrap(fn: Planner) -> Planner:
-        _PLANNERS[(kind, step)] = _PlanEntry(fn, needs)
+        _PLANNERS[(kind, step)] = (fn, needs)
         return fn
 
     return wrap
 
 
+def _spec(kind: str, step: str) -> Any:
+    from factory.steps.registry import get_step
+
+    return get_step(step, kind)  # type: ignore[arg-type]
+
+
 def backend_hint(kind: str, step: str) -> str:
-    entry = _PLANNERS.get((kind, step))
-    return f" ({entry.needs})" if entry else ""
+    needs = _spec(kind, step).needs
+    return f" ({needs})" if needs else ""
 
 
 def missing_backend_message(kind: str, step: str, params: Any = None) -> str:
@@ -412,8 +410,8 @@ def missing_backend_message(kind: str, step: str, params: Any = None) -> str:
 
 
 def _plan(kind: str, step: str, table: pa.Table, ctx: StepContext) -> list[Planned]:
-    entry = _PLANNERS.get((kind, step))
-    return entry.plan(table, ctx) if entry else []
+    plan = _spec(kind, step).plan
+    return plan(table, ctx) if plan is not None else []
 
 
 def estimate(planned: Sequence[Planned], ctx: StepContext) -> dict[str, Any]:
