@@ -79,7 +79,7 @@ def test_a_step_needing_a_backend_fails_before_anything_runs(tmp_path, home) -> 
     class NoParams:
         pass
 
-    @generator("test_needs_llm", params=NoParams, backend="required")
+    @generator("test_needs_llm", params=NoParams, backend="required", plan=lambda table, ctx: [])
     def needs_llm(table, ctx: StepContext) -> StepResult:
         """A step that needs an LLM."""
         raise AssertionError("must not run")
@@ -211,3 +211,33 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path, home) -> None:
     path = _write(tmp_path, "recipe: lol\n" + "\n".join(laughs) + "\n")
     with pytest.raises(RecipeError, match=r"line 2: YAML anchors and aliases \(&a / \*a\) are not allowed"):
         load_recipe(path)
+
+
+def test_llm_recipe_dry_run_in_a_fresh_home_estimates_what_it_can(cli, home, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    recipe = REPO / "examples" / "llm_judges.yaml"
+    text = cli("run", str(recipe), "--dry-run")
+    assert text.code == 0, text.stderr
+    lines = text.stdout.splitlines()
+    rubrics = lines[lines.index(next(x for x in lines if "generator rubrics" in x)) + 1]
+    assert "LLM openai:Qwen/Qwen2.5-7B-Instruct:" in rubrics and " requests (0 cached" in rubrics
+    assert "estimated cost unknown (no price for this model" in rubrics
+    assert "not estimated: its input demo-rubrics is made by an earlier step" in text.stdout
+    assert "None" not in text.stdout and "{'" not in text.stdout  # no raw dicts for people
+    steps = cli("run", str(recipe), "--dry-run", "--json").json()["steps"]
+    estimates = [s["estimate"] for s in steps if s.get("backend")]
+    assert len({tuple(sorted(e)) for e in estimates}) == 1  # the same keys, estimated or not
+    assert estimates[0]["estimated"] is True and estimates[0]["requests"] > 0
+    assert estimates[1]["estimated"] is False and estimates[1]["requests"] is None
+
+
+def test_generate_dry_run_needs_no_api_key(cli, home, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert cli("ingest", str(DEMO_SEEDS), "--name", "demo").code == 0
+    dry = cli("generate", "causal", "--from", "demo", "--name", "x", "--set", "mode=llm",
+              "--backend", "openai:gpt-4o-mini", "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert "LLM openai:gpt-4o-mini:" in dry.stdout and "nothing was run, sent or committed" in dry.stdout
+    run = cli("generate", "causal", "--from", "demo", "--name", "x", "--set", "mode=llm",
+              "--backend", "openai:gpt-4o-mini")
+    assert run.code != 0 and "no API key: set the environment variable OPENAI_API_KEY" in run.stderr

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from factory.catalog import Catalog
 from factory.recipe.spec import Recipe, StepSpecRecipe, load_recipe
 from factory.steps.identity import identify
@@ -237,23 +239,50 @@ def plan(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
                                  "settings": step.settings}
         if step.backend:
             entry["backend"] = step.backend
-            entry["estimate"] = _estimate(step, catalog)
+            entry["estimate"] = _estimate(step, recipe, catalog)
         steps.append(entry)
     return {"recipe": recipe.name, "file": str(recipe.path), "dry_run": True, "steps": steps,
             "tag": recipe.tag, "train": recipe.train, "audit": recipe.audit}
 
 
-def _estimate(step: StepSpecRecipe, catalog: Catalog) -> Any:
-    """An LLM step's request/cost estimate when its inputs already exist in the catalog."""
-    try:
-        for ref in step.inputs:
-            catalog.resolve(ref)
-    except Exception:  # noqa: BLE001 - made by an earlier step of this recipe
-        return "inputs are made by earlier steps: estimated when they exist (run, then --dry-run again)"
-    try:
-        from factory.steps.llm import preview
-    except ImportError:
-        return None
+# The keys of every step estimate in a dry run's JSON, present whether or not it was made.
+ESTIMATE_KEYS = ("requests", "cached", "to_send", "estimated_prompt_tokens", "max_completion_tokens",
+                 "estimated_cost_usd", "price_known", "model", "max_cost")
+
+
+def _estimate(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
+    """An LLM step's request and cost estimate: ``estimated`` says whether one was made,
+    ``reason`` why not, ``text`` one line for people; the numbers are None when not made."""
+    empty: dict[str, Any] = dict.fromkeys(ESTIMATE_KEYS)
+    tables = []
+    for ref in step.inputs:
+        table, why = _input_for_estimate(ref, recipe, catalog)
+        if table is None:
+            return {"estimated": False, "reason": why, **empty, "text": f"not estimated: {why}"}
+        tables.append(table)
+    from factory.steps.llm import estimate_line, preview_table
+
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     backend = _backend(step.backend, catalog) if step.backend else None
-    return preview(step.kind, step.step, step.inputs, settings=step.settings, backend=backend,
-                   home=catalog.home, show=1)
+    found = preview_table(step.kind, step.step, table, settings=step.settings, backend=backend, home=catalog.home,
+                          seed=recipe.seed, show=0)
+    if not found["llm"]:
+        why = "these parameters need no LLM"
+        return {"estimated": False, "reason": why, **empty, "text": why}
+    return {"estimated": True, "reason": None, **{k: found.get(k) for k in ESTIMATE_KEYS},
+            "text": estimate_line(found)}
+
+
+def _input_for_estimate(ref: str, recipe: Recipe, catalog: Catalog) -> tuple[pa.Table | None, str]:
+    """The rows a step will read, when they exist before the run: a source file is read as
+    it will be ingested, a catalog version as it is; an earlier step's output cannot be."""
+    name = ref.split("@", 1)[0]
+    for source in recipe.sources:
+        if source.name == name and source.path is not None:
+            from schemas.readers import read_path
+
+            return read_path(source.path, source.format).table, ""
+    if any(step.name == name for step in recipe.steps):
+        return None, (f"its input {ref} is made by an earlier step of this recipe (run the recipe, then "
+                      "--dry-run again for an exact estimate)")
+    return catalog.read_table(catalog.resolve(ref)), ""
