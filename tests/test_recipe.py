@@ -241,3 +241,10 @@ def test_generate_dry_run_needs_no_api_key(cli, home, monkeypatch) -> None:
     run = cli("generate", "causal", "--from", "demo", "--name", "x", "--set", "mode=llm",
               "--backend", "openai:gpt-4o-mini")
     assert run.code != 0 and "no API key: set the environment variable OPENAI_API_KEY" in run.stderr
+
+
+def test_a_step_named_like_its_input_is_refused_at_load(tmp_path, home) -> None:
+    path = _write(tmp_path, RECIPE.replace("    name: clean\n", "    name: all\n").replace("dataset: clean", "dataset: all"))
+    with pytest.raises(RecipeError, match=r"line 19, key 'steps\[3\].name': 'all' is also this step's input.*"
+                                          r"choose another name \(e.g. all-filter\)"):
+        load_recipe(path)

@@ -238,6 +238,10 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
             reads_files = spec.input_kind == "trajectories"
             if reads_files:  # trajectory steps read files, relative to the recipe
                 inputs = [str((path.parent / i).resolve()) for i in inputs]
+        if not reads_files and out_name in {ref.split("@", 1)[0] for ref in inputs}:
+            raise fail(entry["name"].line, f"steps[{index}].name",
+                       f"{out_name!r} is also this step's input: its latest version would become this step's "
+                       f"output alone; choose another name (e.g. {out_name}-{verb})")
         if not reads_files:
             for ref in inputs:
                 line = entry["from" if verb != "merge" else "merge"].line
