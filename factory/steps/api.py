@@ -210,8 +210,8 @@ def generate(
     if prepared.spec.input_kind != "trajectories":
         _refuse_overwriting_an_input(name, _refs(from_), "generate")
     pin_refs(prepared, catalog)
-    identity = _step_identity(prepared, catalog, _refs(from_), seed)
     infos, inputs, sources = _read_inputs(catalog, _refs(from_), prepared.spec.input_kind)
+    identity = _step_identity(prepared, catalog, _refs(from_), seed)
     refs = [i.ref for i in infos]
     check_reads(prepared.spec, inputs.column_names, refs)
     file_inputs = [{"file": i.ref, "sha256": i.sha256, "rows": i.rows} for i in infos if isinstance(i, FileInput)]

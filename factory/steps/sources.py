@@ -5,7 +5,8 @@ beside the command. When both exist the text is ambiguous, and picking either si
 gives a wrong result with rc 0; so the rules are:
 
 * text that looks like a path (``./eval``, ``../x``, ``/abs``, ``~/x``) is a path;
-* text with ``@`` (``eval@3``, ``eval@tag``) is a catalog ref;
+* text with ``@`` (``eval@3``, ``eval@tag``) is a catalog ref (a file of that name only when
+  the catalog has no such version);
 * otherwise the one that exists wins, and when both exist it is an error naming both and
   how to choose.
 """
@@ -44,8 +45,13 @@ def _looks_like_path(text: str) -> bool:
 def _resolve(text: str, what: str, exact: Callable[[str], str], hint: str) -> Source:
     if _looks_like_path(text):
         return Source(text, path=Path(text).expanduser())
-    if "@" in text:
-        return Source(text, ref=exact(text))
+    if "@" in text:  # the catalog's syntax: a file named like it must be written ./NAME
+        try:
+            return Source(text, ref=exact(text))
+        except PrefabError:
+            if Path(text).exists():
+                return Source(text, path=Path(text))
+            raise
     if not Path(text).exists():
         return Source(text, ref=exact(text))
     try:
@@ -75,6 +81,8 @@ def resolve_model(text: str, catalog: Any) -> Source:
 def file_pin(path: str | Path) -> str:
     """A file or folder pinned by its resolved path, total size and newest mtime."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise PrefabError(f"{path}: no such file or folder")
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     stats = [p.stat() for p in files]
     size = sum(s.st_size for s in stats)
