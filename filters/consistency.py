@@ -43,7 +43,6 @@ from factory.steps.llm import (
     Planned,
     Template,
     ab_swapped,
-    llm_plan,
     strict_object,
     template_sources,
     text_of,
@@ -81,7 +80,8 @@ class ConsistencyParams:
     samples: int = param(2, "llm judge: draws per pair, voted (even numbers balance the A/B order)", low=1, high=64)
     swap: bool = param(True, "llm judge: show the rejected answer first in half the draws (cancels position bias)")
     rubric: bool = param(True, "llm judge: grade with the pair's `rubric` column when the input has one")
-    model: str | None = param(None, "rm judge: a reward model trained by `prefab train` (name or path)")
+    model: str | None = param(None, "rm judge: a reward model trained by `prefab train` (name or path)",
+                              model=True)
     temperature: float | None = param(None, "llm judge: sampling temperature (default 0 for verdict, 0.7 for "
                                             "generative)", low=0.0, high=2.0)
     max_tokens: int | None = param(None, "llm judge: reply token limit (default 256 for verdict, 1024 for "
@@ -148,8 +148,6 @@ def agreement_of(votes: list[int], tie: bool) -> float:
     return 1.0 - abs(mean) if tie else (mean + 1.0) / 2.0
 
 
-@llm_plan("filter", "consistency", needs="a chat model with JSON-schema structured outputs as the judge; "
-                                         "or judge with a reward model: --set judge=rm --set model=NAME")
 def plan_consistency(table: pa.Table, ctx: StepContext[ConsistencyParams]) -> list[Planned]:
     params = ctx.params
     if params.judge != "llm":
@@ -206,7 +204,10 @@ def decide_consistency(scores: pa.Table, params: ConsistencyParams) -> Decision:
 
 
 @filter_step("consistency", params=ConsistencyParams, decide=decide_consistency, version="1", backend="optional",
-             batch_rows=4096, templates=template_sources(JUDGE, GENERATIVE))
+             batch_rows=4096, templates=template_sources(JUDGE, GENERATIVE), plan=plan_consistency,
+             needs="a chat model with JSON-schema structured outputs as the judge; "
+                   "or judge with a reward model: --set judge=rm --set model=NAME",
+             reads=("prompt", "chosen", "rejected", "tie"))
 def consistency(table: pa.Table, ctx: StepContext[ConsistencyParams]) -> StepResult:
     """Judge agreement with each pair's label, k order-swapped draws voted; keep above a threshold."""
     params = ctx.params

@@ -59,7 +59,8 @@ class HardNegativesParams:
     max_answer_similarity: float = param(0.9, "highest cosine between the two prompts' answers (above: a "
                                               "generic answer that fits both, no contrast)", low=-1.0, high=1.0)
     neighbours: int = param(3, "nearest look-alike prompts searched per prompt", low=1)
-    model: str | None = param(None, "reward model for mining: a registered name, name@N or a model folder")
+    model: str | None = param(None, "reward model for mining: a registered name, name@N or a model folder",
+                              model=True)
     candidates: list[str] = param([], "more candidate pairs for mining: catalog refs or files (e.g. another "
                                       "generator's output)", ref=True)
     seed_candidates: bool = param(True, "mine the seeds' own pairs too")

@@ -132,8 +132,10 @@ def test_length_bias_exact(home: Path) -> None:
 def test_stored_scores_of_an_earlier_noise_run_are_reused(home: Path) -> None:
     """`prefab filter noise --from REF` stored its scores: the audit of REF finds them."""
     import factory.audit
-    from factory.audit.compute import _noise_score_key
     from factory.catalog import Catalog
+    from factory.steps.api import find_stored_scores
+    from factory.steps.identity import identify
+    from factory.steps.runner import pin_refs, prepare
 
     catalog = Catalog(home)
     table = _flip_rows(toy_pairs(40), PLANTED)
@@ -141,9 +143,15 @@ def test_stored_scores_of_an_earlier_noise_run_are_reused(home: Path) -> None:
     fake = _fake_noise(table, PLANTED)
     scores = pa.table({"row": pa.array(range(40), pa.int64()), "pair_id": table.column("pair_id"),
                        "failed_reason": pa.nulls(40, pa.string()), **fake})
+    prepared = prepare("filter", "noise", {})
+    pin_refs(prepared, catalog)
+    score_key = identify(prepared, [ref], 0).key("scores")  # what `prefab filter noise --from REF` stores under
     catalog.commit("base-clean", table.slice(0, 30), parents=[ref], attachments={"scores": scores},
-                   lineage={"score_key": _noise_score_key(ref, {}, 0), "step": {"name": "noise"},
-                            "stats": {"noise_rate": 0.075}})
+                   lineage={"score_key": score_key, "step": {"name": "noise"}, "stats": {"noise_rate": 0.075}})
+    stored = find_stored_scores("noise", ref, home=home)
+    assert stored is not None and stored.version == "base-clean@1" and stored.stats == {"noise_rate": 0.075}
+    assert stored.table["row"].to_pylist() == list(range(40))
+    assert find_stored_scores("noise", ref, seed=1, home=home) is None  # another seed: other scores
     summary = factory.audit(ref, compute=False)
     assert summary["noise"]["scores_from"] == "stored_scores"
     assert summary["noise"]["stored_with"] == "base-clean@1"

@@ -171,18 +171,53 @@ def test_a_reward_model_can_be_the_judge(ingest, home, monkeypatch) -> None:
     import factory.trainer
 
     ref = ingest("rm", _rows(CLEAR) + _rows(AMBIGUOUS[:1]))
+    catalog = Catalog(home)
+    catalog.register_model("my-rm", home / "models" / "my-rm" / "v1", ref, {}, {})
+    scored_with = []
 
     def fake_score(model, table, *, home=None, **_):
-        assert model == "my-rm"
+        scored_with.append(model)
         rewards = [float(len(c)) / 10 for c in table["chosen"].to_pylist()]
         return table.append_column("reward_chosen", pa.array(rewards)).append_column(
             "reward_rejected", pa.array([float(len(r)) / 10 for r in table["rejected"].to_pylist()]))
 
     monkeypatch.setattr(factory.trainer, "score", fake_score)
-    result = factory.filter("consistency", ref, "rm-judged", settings={"judge": "rm", "model": "my-rm",
-                                                                       "threshold": 0.6}, home=home)
+    settings = {"judge": "rm", "model": "my-rm", "threshold": 0.6}
+    result = factory.filter("consistency", ref, "rm-judged", settings=settings, home=home)
     assert result["rows_kept"] == 2 and result["rows_dropped"] == 1
-    assert Catalog(home).resolve("rm-judged").lineage["judges"] == ["rm:my-rm"]
+    assert scored_with == ["my-rm@1"]  # the name is pinned to the version it meant
+    lineage = Catalog(home).resolve("rm-judged").lineage
+    assert lineage["judges"] == ["rm:my-rm@1"] and lineage["models"] == []
+    again = factory.filter("consistency", ref, "rm-judged-again", settings=settings, home=home)
+    assert again["scores_reused"]  # the same model version: its scores are reused
+    assert scored_with == ["my-rm@1"]
+
+
+def test_a_new_version_of_the_judge_model_recomputes_the_scores(ingest, home, monkeypatch) -> None:
+    import factory
+    import factory.trainer
+
+    ref = ingest("rm2", _rows(CLEAR))
+    catalog = Catalog(home)
+    catalog.register_model("my-rm", home / "models" / "my-rm" / "v1", ref, {}, {})
+    scored_with = []
+
+    def fake_score(model, table, *, home=None, **_):
+        scored_with.append(model)
+        sign = 1.0 if model == "my-rm@1" else -1.0  # version 2 prefers the rejected answers
+        rewards = [sign * len(c) for c in table["chosen"].to_pylist()]
+        return table.append_column("reward_chosen", pa.array(rewards)).append_column(
+            "reward_rejected", pa.array([sign * len(r) for r in table["rejected"].to_pylist()]))
+
+    monkeypatch.setattr(factory.trainer, "score", fake_score)
+    settings = {"judge": "rm", "model": "my-rm", "flip_below": 0.4}
+    first = factory.filter("consistency", ref, "by-rm", settings=settings, home=home)
+    assert first["rows_kept"] == 2 and first["rows_flipped"] == 0
+    catalog.register_model("my-rm", home / "models" / "my-rm" / "v2", ref, {}, {})  # retrained
+    second = factory.filter("consistency", ref, "by-rm", settings=settings, home=home)
+    assert not second["scores_reused"] and scored_with == ["my-rm@1", "my-rm@2"]
+    assert second["rows_flipped"] == 2  # version 2's verdicts, not version 1's
+    assert Catalog(home).resolve("by-rm").lineage["judges"] == ["rm:my-rm@2"]
 
 
 def test_agreement_of_labels_and_ties() -> None:

@@ -343,12 +343,13 @@ def test_api_key_from_env_only_and_never_stored(server, tmp_path):
         assert SECRET.encode() not in p.read_bytes(), p
 
 
-def test_missing_key_for_openai_is_a_clear_error(monkeypatch):
+def test_missing_key_for_openai_is_a_clear_error_when_a_request_is_to_be_sent(monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY")
+    backend = OpenAIBackend("gpt-4o-mini", cache=tmp_path / "cache.duckdb")  # a dry run needs no key
     with pytest.raises(LLMError, match="OPENAI_API_KEY"):
-        OpenAIBackend("gpt-4o-mini")
+        backend.run_batch([user("hello")])
     monkeypatch.setenv("MY_KEY", "x")
-    assert OpenAIBackend("gpt-4o-mini", api_key_env="MY_KEY").model == "gpt-4o-mini"
+    OpenAIBackend("gpt-4o-mini", api_key_env="MY_KEY").require_key()
 
 
 def test_first_ctrl_c_drains_in_flight_requests_into_the_cache(server, capsys):

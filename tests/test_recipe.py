@@ -79,7 +79,7 @@ def test_a_step_needing_a_backend_fails_before_anything_runs(tmp_path, home) -> 
     class NoParams:
         pass
 
-    @generator("test_needs_llm", params=NoParams, backend="required")
+    @generator("test_needs_llm", params=NoParams, backend="required", plan=lambda table, ctx: [])
     def needs_llm(table, ctx: StepContext) -> StepResult:
         """A step that needs an LLM."""
         raise AssertionError("must not run")
@@ -164,3 +164,87 @@ def test_ray_engine_gives_the_same_result_as_in_process(tmp_path) -> None:
         assert left["pair_id"].to_pylist() == right["pair_id"].to_pylist(), name
         assert left["tie"].to_pylist() == right["tie"].to_pylist(), name
     assert b.resolve("keys").lineage["engine"] == "ray"
+
+
+TRAINED = RECIPE + "train:\n  data: clean\n  name: rm\n  KEY: VALUE\n"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("epochs", '"ten"', "expects an integer, got 'ten'"),
+    ("epochs", "2.5", "expects an integer, got 2.5"),
+    ("lr", "fast", "expects a number, got 'fast'"),
+    ("mode", "headd", "expects one of head, full, got 'headd'"),
+    ("features", "foo", "expects one of pair, pair+parts, got 'foo'"),
+    ("val_on", "some", "expects one of all, real"),
+    ("augment_weight", "{master_keys: lots}", "expects a number or a mapping generator: weight"),
+])
+def test_train_values_are_checked_at_load_against_the_train_command(tmp_path, home, key, value, message) -> None:
+    path = _write(tmp_path, TRAINED.replace("KEY", key).replace("VALUE", value))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}, line 24, key 'train.{key}': ") and message in text
+    assert "\n" not in text
+
+
+def test_valid_train_values_load(tmp_path, home) -> None:
+    text = RECIPE + ("train:\n  data: clean\n  name: rm\n  mode: full\n  epochs: 2\n  lr: 1\n  features: pair\n"
+                     "  augment_weight: {master_keys: 0.25}\n  center_coef: 0.01\n  eval: [seeds]\n")
+    recipe = load_recipe(_write(tmp_path, text))
+    assert recipe.train["epochs"] == 2 and recipe.train["mode"] == "full"
+
+
+@pytest.mark.parametrize("value", ["!!python/object/apply:os.system ['echo pwned']",
+                                   "!!python/name:os.system ''", "!custom 3"])
+def test_unsafe_yaml_tags_are_a_one_line_error(tmp_path, home, value) -> None:
+    path = _write(tmp_path, RECIPE.replace("seed: 1", f"seed: {value}"))
+    with pytest.raises(RecipeError, match=r"line 2: YAML tag .* is not allowed in a recipe") as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, home) -> None:
+    laughs = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        laughs.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = _write(tmp_path, "recipe: lol\n" + "\n".join(laughs) + "\n")
+    with pytest.raises(RecipeError, match=r"line 2: YAML anchors and aliases \(&a / \*a\) are not allowed"):
+        load_recipe(path)
+
+
+def test_llm_recipe_dry_run_in_a_fresh_home_estimates_what_it_can(cli, home, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    recipe = REPO / "examples" / "llm_judges.yaml"
+    text = cli("run", str(recipe), "--dry-run")
+    assert text.code == 0, text.stderr
+    lines = text.stdout.splitlines()
+    rubrics = lines[lines.index(next(x for x in lines if "generator rubrics" in x)) + 1]
+    assert "LLM openai:Qwen/Qwen2.5-7B-Instruct:" in rubrics and " requests (0 cached" in rubrics
+    assert "estimated cost unknown (no price for this model" in rubrics
+    assert "not estimated: its input demo-rubrics is made by an earlier step" in text.stdout
+    assert "None" not in text.stdout and "{'" not in text.stdout  # no raw dicts for people
+    steps = cli("run", str(recipe), "--dry-run", "--json").json()["steps"]
+    estimates = [s["estimate"] for s in steps if s.get("backend")]
+    assert len({tuple(sorted(e)) for e in estimates}) == 1  # the same keys, estimated or not
+    assert estimates[0]["estimated"] is True and estimates[0]["requests"] > 0
+    assert estimates[1]["estimated"] is False and estimates[1]["requests"] is None
+
+
+def test_generate_dry_run_needs_no_api_key(cli, home, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert cli("ingest", str(DEMO_SEEDS), "--name", "demo").code == 0
+    dry = cli("generate", "causal", "--from", "demo", "--name", "x", "--set", "mode=llm",
+              "--backend", "openai:gpt-4o-mini", "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert "LLM openai:gpt-4o-mini:" in dry.stdout and "nothing was run, sent or committed" in dry.stdout
+    run = cli("generate", "causal", "--from", "demo", "--name", "x", "--set", "mode=llm",
+              "--backend", "openai:gpt-4o-mini")
+    assert run.code != 0 and "no API key: set the environment variable OPENAI_API_KEY" in run.stderr
+
+
+def test_a_step_named_like_its_input_is_refused_at_load(tmp_path, home) -> None:
+    path = _write(tmp_path, RECIPE.replace("    name: clean\n", "    name: all\n").replace("dataset: clean", "dataset: all"))
+    with pytest.raises(RecipeError, match=r"line 19, key 'steps\[3\].name': 'all' is also this step's input.*"
+                                          r"choose another name \(e.g. all-filter\)"):
+        load_recipe(path)

@@ -73,18 +73,6 @@ def _from_prefixed(frame: pl.DataFrame, scores_from: str, stats: dict[str, Any])
                        extra={"annotator_accuracy": stats.get("annotator_accuracy")})
 
 
-def _noise_score_key(ref: str, settings: dict[str, Any], seed: int) -> str:
-    # The key `factory.filter("noise", ref, ...)` stores its scores under: reusing it finds
-    # a noise run on exactly this version without recomputing anything.
-    from factory.steps.api import _key
-    from factory.steps.params import params_hash
-    from factory.steps.runner import prepare
-
-    prepared = prepare("filter", "noise", settings)
-    return _key("scores", "noise", prepared.spec.version, params_hash(prepared.params, only_scoring=True),
-                [ref], seed, {})
-
-
 def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, *, compute: bool = True,
                  settings: dict[str, Any] | None = None, seed: int = 0,
                  progress: bool | None = None) -> NoiseScores:
@@ -105,16 +93,16 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
         if stats:  # the rate was estimated on the filter's input, before it dropped or flipped
             scores.extra["rate_estimated_on"] = lineage.get("parents")
         return scores
+    from factory.steps.api import find_stored_scores
+
     try:
-        stored = catalog.find_scores(_noise_score_key(info.ref, settings, seed))
+        stored = find_stored_scores("noise", info.ref, settings=settings, seed=seed, home=catalog.home)
     except PrefabError:
         stored = None
-    if stored is not None and stored.num_rows == table.num_rows and "noise_suspicion" in stored.column_names:
-        aligned = pl.from_arrow(stored).sort("row")
-        found = catalog.find_by_lineage("score_key", _noise_score_key(info.ref, settings, seed))
-        found_stats = (found.lineage.get("stats") or {}) if found is not None else {}
-        scores = _from_prefixed(aligned, "stored_scores", found_stats)
-        scores.extra["stored_with"] = found.ref if found is not None else None
+    if (stored is not None and stored.table.num_rows == table.num_rows
+            and "noise_suspicion" in stored.table.column_names):
+        scores = _from_prefixed(pl.from_arrow(stored.table), "stored_scores", stored.stats)
+        scores.extra["stored_with"] = stored.version
         return scores
     if not compute:
         return NoiseScores("none", reason="no noise scores are stored with this version (run without "

@@ -56,9 +56,10 @@ def _plan_text(plan: dict[str, Any]) -> str:
             lines.append(f"  {step['kind']} {step['input']} as {step['name']}")
         else:
             lines.append(f"  {step['kind']} {step['step']} from {', '.join(step['inputs'])} -> {step['name']}"
-                         + (f" with {step['settings']}" if step["settings"] else ""))
+                         + (" with " + ", ".join(f"{k}={v}" for k, v in step["settings"].items())
+                            if step["settings"] else ""))
             if step.get("estimate") is not None:
-                lines.append(f"      estimate: {step['estimate']}")
+                lines.append(f"      {step['estimate']['text']}")
     if plan["tag"]:
         lines.append(f"  tag {plan['tag']['dataset']} as {plan['tag']['tag']}")
     if plan["train"]:

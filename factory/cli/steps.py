@@ -108,19 +108,16 @@ def _backend(args: argparse.Namespace) -> Any:
         if args.max_cost is not None:
             raise PrefabError("--max-cost needs --backend: it is the budget of an LLM backend")
         return None
-    from pathlib import Path
+    from factory.llm import parse_spec
+    from factory.steps.runner import backend_for
 
-    from factory.llm import backend_from_spec, parse_spec
-
-    kind, _, options = parse_spec(args.backend)
+    kind, _, _ = parse_spec(args.backend)
     overrides: dict[str, Any] = {}
-    if "cache" not in options:
-        overrides["cache"] = Path(home_from(args)) / "llm_cache.duckdb"
     if args.max_cost is not None:
         if kind != "openai":
             raise PrefabError(f"--max-cost needs a priced API backend (openai:...), not {kind}:")
         overrides["max_cost"] = args.max_cost
-    return backend_from_spec(args.backend, **overrides)
+    return backend_for(args.backend, home_from(args), **overrides)
 
 
 def _generator_text(r: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ See :mod:`factory.llm.spec` for the spec syntax and :mod:`factory.llm.testing` f
 loopback server used by tests and benchmarks.
 """
 
-from .base import Backend, BaseBackend
+from .base import Backend, BaseBackend, backend_identity
 from .cache import RequestCache, default_cache_path
 from .pricing import DEFAULT_PRICES, Price, PriceTable
 from .spec import backend_from_spec, parse_spec
@@ -58,6 +58,6 @@ __all__ = [
     "TIMEOUT", "TRUNCATED", "Backend", "BaseBackend", "BudgetExceededError", "CacheLockedError", "Choice",
     "LLMError", "Message", "MissingDependencyError", "OpenAIBackend", "Price", "PriceTable",
     "Request", "RequestCache", "Response", "SamplingParams", "StopRequest", "VLLMBackend",
-    "backend_from_spec",
+    "backend_from_spec", "backend_identity",
     "default_cache_path", "parse_spec",
 ]

@@ -75,6 +75,17 @@ def classify_reply(choices: list[Choice], json_schema: dict[str, Any] | None) ->
     return status, error
 
 
+def backend_identity(backend: Any) -> dict[str, Any] | None:
+    """What makes two backends give different answers to one request, exactly as the
+    request cache keys it (model name plus :meth:`BaseBackend.cache_identity`); ``None``
+    for no backend. Results made with an LLM are keyed by this, never by the spec text."""
+    if backend is None:
+        return None
+    identity = getattr(backend, "cache_identity", None)
+    fields = identity() if callable(identity) else {"kind": getattr(backend, "kind", type(backend).__name__)}
+    return {"model": getattr(backend, "model", None), **fields}
+
+
 def _resolve_cache(cache: RequestCache | str | os.PathLike[str] | bool | None) -> RequestCache | None:
     if cache is None or cache is False:
         return None

@@ -109,13 +109,6 @@ class OpenAIBackend(BaseBackend):
             raise ValueError("concurrency must be >= 1")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self.api_key_env = api_key_env
-        if not os.environ.get(api_key_env) and (
-            self.base_url is None or "api.openai.com" in self.base_url
-        ):
-            raise LLMError(
-                f"no API key: set the environment variable {api_key_env} "
-                "(keys are read from the environment only, never from specs or files)"
-            )
         self.concurrency = concurrency
         self.rpm = rpm
         self.tpm = tpm
@@ -157,7 +150,20 @@ class OpenAIBackend(BaseBackend):
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return self.price.cost(prompt_tokens, completion_tokens) if self.price else 0.0
 
+    def require_key(self) -> None:
+        """The hosted API needs a key; checked when a request is about to be sent, so that a
+        dry run, a cost estimate or a rerun served from the cache work without one."""
+        if not os.environ.get(self.api_key_env) and (
+            self.base_url is None or "api.openai.com" in self.base_url
+        ):
+            raise LLMError(
+                f"no API key: set the environment variable {self.api_key_env} "
+                "(keys are read from the environment only, never from specs or files)"
+            )
+
     def _before_run(self, requests: list[Request]) -> None:
+        if requests:
+            self.require_key()
         if self.budget.max_cost is None or not requests:
             return
         est = estimate_cost(requests, self.price, self.model)

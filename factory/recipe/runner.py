@@ -1,8 +1,9 @@
 """``prefab run RECIPE.yaml``: every source, step, tag, training run and evaluation of a
 recipe, in order, each recorded in lineage and each reused when it already ran.
 
-A step's identity is (step, version, pinned parameters, exact input versions, seed,
-backend). A version whose lineage carries that key is reused instead of recomputed, so a
+A step's identity is :class:`factory.steps.identity.StepIdentity` (step, version, pinned
+parameters and models, exact input versions, seed, the backend as the request cache keys
+it, template hashes) plus what the recipe adds (``with_input``). A version whose lineage carries that key is reused instead of recomputed, so a
 second run of an unchanged recipe does no step work, a changed step reruns itself and what
 follows it (their inputs change), and a run killed anywhere resumes: committed steps are
 found again, a row-local step resumes after its kept batches, and LLM requests come from
@@ -18,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from factory.catalog import Catalog
 from factory.recipe.spec import Recipe, StepSpecRecipe, load_recipe
-from factory.steps.params import params_hash
-from factory.steps.runner import pin_refs, prepare
+from factory.steps.identity import identify
+from factory.steps.runner import backend_for, exact_inputs, pin_refs, prepare
 
 
 def _say(text: str, quiet: bool) -> None:
@@ -29,18 +32,9 @@ def _say(text: str, quiet: bool) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 def _exact(ref: str, made: dict[str, str]) -> str:
     """A dataset named in the recipe -> the exact version this run made or found."""
     return ref if "@" in ref else made.get(ref, ref)
-
-
-def _file_pin(path: str) -> str:
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
 def run_recipe(path: str | Path, *, home: str | Path | None = None, dry_run: bool = False,
@@ -141,14 +135,8 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
 
     from factory.steps import api
 
-    prepared = prepare(step.kind, step.step, step.settings)  # type: ignore[arg-type]
-    pins = pin_refs(prepared, catalog)
-    if prepared.spec.input_kind == "trajectories":
-        exact_inputs = [_file_pin(p) for p in inputs]
-    else:
-        exact_inputs = [catalog.resolve(ref).ref for ref in inputs]
-    key = _key(step.kind, step.step, prepared.spec.version, params_hash(prepared.params), pins, exact_inputs,
-               recipe.seed, step.backend, step.with_input)
+    backend = _backend(step.backend, catalog) if step.backend else None
+    key = step_key(step, recipe, catalog, made, backend)
     verb = "generate" if step.kind == "generator" else "filter"
     what = f"{verb} {step.step} from {', '.join(step.inputs)}"
     existing = catalog.find_by_lineage("recipe_step_key", key, step.name)
@@ -157,7 +145,6 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
         return {"kind": verb, "what": what, "ref": existing.ref, "reused": True, "rows": existing.rows}
     extra = {"recipe": recipe.name, "recipe_file": str(recipe.path), "recipe_sha256": recipe_sha,
              "recipe_step": step.index, "recipe_step_key": key}
-    backend = _backend(step.backend, catalog) if step.backend else None
     common = {"settings": step.settings, "backend": backend, "seed": recipe.seed, "home": catalog.home,
               "progress": progress, "lineage_extra": extra, "message": f"recipe {recipe.name}: {what}",
               "engine": engine, "ray_address": ray_address}
@@ -170,12 +157,21 @@ def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict
             "report": result, "seconds": time.monotonic() - t0}
 
 
-def _backend(spec: str, catalog: Catalog) -> Any:
-    from factory.llm import backend_from_spec, parse_spec
+def step_key(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str],
+             backend: Any = None) -> str:
+    """The key a finished generate/filter step of a recipe is found again by: its
+    :class:`~factory.steps.identity.StepIdentity` plus ``with_input``."""
+    if backend is None and step.backend:
+        backend = _backend(step.backend, catalog)
+    prepared = prepare(step.kind, step.step, step.settings, backend, home=catalog.home)  # type: ignore[arg-type]
+    pin_refs(prepared, catalog)
+    inputs = [_exact(ref, made) for ref in step.inputs]
+    identity = identify(prepared, exact_inputs(prepared, inputs, catalog), recipe.seed)
+    return identity.key("recipe", with_input=step.with_input)
 
-    _, _, options = parse_spec(spec)
-    overrides = {} if "cache" in options else {"cache": catalog.home / "llm_cache.duckdb"}
-    return backend_from_spec(spec, **overrides)
+
+def _backend(spec: str, catalog: Catalog) -> Any:
+    return backend_for(spec, catalog.home)
 
 
 def _train(recipe: Recipe, catalog: Catalog, made: dict[str, str], progress: bool | None) -> dict[str, Any]:
@@ -243,23 +239,50 @@ def plan(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
                                  "settings": step.settings}
         if step.backend:
             entry["backend"] = step.backend
-            entry["estimate"] = _estimate(step, catalog)
+            entry["estimate"] = _estimate(step, recipe, catalog)
         steps.append(entry)
     return {"recipe": recipe.name, "file": str(recipe.path), "dry_run": True, "steps": steps,
             "tag": recipe.tag, "train": recipe.train, "audit": recipe.audit}
 
 
-def _estimate(step: StepSpecRecipe, catalog: Catalog) -> Any:
-    """An LLM step's request/cost estimate when its inputs already exist in the catalog."""
-    try:
-        for ref in step.inputs:
-            catalog.resolve(ref)
-    except Exception:  # noqa: BLE001 - made by an earlier step of this recipe
-        return "inputs are made by earlier steps: estimated when they exist (run, then --dry-run again)"
-    try:
-        from factory.steps.llm import preview
-    except ImportError:
-        return None
+# The keys of every step estimate in a dry run's JSON, present whether or not it was made.
+ESTIMATE_KEYS = ("requests", "cached", "to_send", "estimated_prompt_tokens", "max_completion_tokens",
+                 "estimated_cost_usd", "price_known", "model", "max_cost")
+
+
+def _estimate(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
+    """An LLM step's request and cost estimate: ``estimated`` says whether one was made,
+    ``reason`` why not, ``text`` one line for people; the numbers are None when not made."""
+    empty: dict[str, Any] = dict.fromkeys(ESTIMATE_KEYS)
+    tables = []
+    for ref in step.inputs:
+        table, why = _input_for_estimate(ref, recipe, catalog)
+        if table is None:
+            return {"estimated": False, "reason": why, **empty, "text": f"not estimated: {why}"}
+        tables.append(table)
+    from factory.steps.llm import estimate_line, preview_table
+
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     backend = _backend(step.backend, catalog) if step.backend else None
-    return preview(step.kind, step.step, step.inputs, settings=step.settings, backend=backend,
-                   home=catalog.home, show=1)
+    found = preview_table(step.kind, step.step, table, settings=step.settings, backend=backend, home=catalog.home,
+                          seed=recipe.seed, show=0)
+    if not found["llm"]:
+        why = "these parameters need no LLM"
+        return {"estimated": False, "reason": why, **empty, "text": why}
+    return {"estimated": True, "reason": None, **{k: found.get(k) for k in ESTIMATE_KEYS},
+            "text": estimate_line(found)}
+
+
+def _input_for_estimate(ref: str, recipe: Recipe, catalog: Catalog) -> tuple[pa.Table | None, str]:
+    """The rows a step will read, when they exist before the run: a source file is read as
+    it will be ingested, a catalog version as it is; an earlier step's output cannot be."""
+    name = ref.split("@", 1)[0]
+    for source in recipe.sources:
+        if source.name == name and source.path is not None:
+            from schemas.readers import read_path
+
+            return read_path(source.path, source.format).table, ""
+    if any(step.name == name for step in recipe.steps):
+        return None, (f"its input {ref} is made by an earlier step of this recipe (run the recipe, then "
+                      "--dry-run again for an exact estimate)")
+    return catalog.read_table(catalog.resolve(ref)), ""

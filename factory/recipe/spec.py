@@ -84,13 +84,38 @@ class Recipe:
     text: str = ""
 
 
-def _plain(node: yaml.Node) -> Any:
+# The plain-data tags a recipe may use (implicit or written as !!str, !!int...). Any other
+# tag (!!python/object/apply:..., a custom !tag) is refused: a recipe is data, never code.
+SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+
+
+def _refuse_references(text: str, path: Path) -> None:
+    """Anchors and aliases are refused before anything is built: a recipe never needs them,
+    and nested aliases expand exponentially (the "billion laughs")."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                name = event.anchor
+                raise RecipeError(f"{path}, line {event.start_mark.line + 1}: YAML anchors and aliases "
+                                  f"(&{name} / *{name}) are not allowed in a recipe; write the value out")
+    except yaml.YAMLError:
+        return  # compose reports the syntax error with its line
+
+
+def _plain(node: yaml.Node, path: Path) -> Any:
     """A node as plain Python with Located wrappers on mappings' values."""
+    if node.tag not in SAFE_TAGS:
+        raise RecipeError(f"{path}, line {node.start_mark.line + 1}: YAML tag {node.tag!r} is not allowed in a "
+                          "recipe (only plain strings, numbers, booleans, lists and mappings)")
     if isinstance(node, yaml.MappingNode):
-        return {key.value: Located(_plain(value), value.start_mark.line + 1) for key, value in node.value}
+        return {key.value: Located(_plain(value, path), value.start_mark.line + 1) for key, value in node.value}
     if isinstance(node, yaml.SequenceNode):
-        return [Located(_plain(item), item.start_mark.line + 1) for item in node.value]
-    return yaml.safe_load(yaml.serialize(node))
+        return [Located(_plain(item, path), item.start_mark.line + 1) for item in node.value]
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}, line {node.start_mark.line + 1}: not a valid value "
+                          f"({getattr(exc, 'problem', None) or exc})") from None
 
 
 def _unwrap(value: Any) -> Any:
@@ -121,15 +146,16 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
     def fail(line: int, key: str, message: str) -> RecipeError:
         return RecipeError(f"{path}, line {line}, key {key!r}: {message}")
 
+    _refuse_references(text, path)
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{path}, line 1: a recipe is a mapping with sources and steps")
-    top = _plain(root)
+    top = _plain(root, path)
     for key, value in top.items():
         if key not in TOP_KEYS:
             raise fail(value.line, key, f"unknown key (known: {', '.join(sorted(TOP_KEYS))})")
@@ -212,6 +238,10 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
             reads_files = spec.input_kind == "trajectories"
             if reads_files:  # trajectory steps read files, relative to the recipe
                 inputs = [str((path.parent / i).resolve()) for i in inputs]
+        if not reads_files and out_name in {ref.split("@", 1)[0] for ref in inputs}:
+            raise fail(entry["name"].line, f"steps[{index}].name",
+                       f"{out_name!r} is also this step's input: its latest version would become this step's "
+                       f"output alone; choose another name (e.g. {out_name}-{verb})")
         if not reads_files:
             for ref in inputs:
                 line = entry["from" if verb != "merge" else "merge"].line
@@ -238,6 +268,10 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
         for required in ("data", "name"):
             if required not in train:
                 raise fail(top["train"].line, f"train.{required}", "required")
+        for key, value in train.items():
+            problem = _train_value_problem(key, value)
+            if problem:
+                raise fail(top["train"].value[key].line, f"train.{key}", problem)
         _check_ref(str(train["data"]), known, catalog, fail, top["train"].value["data"].line, "train.data")
         for ref in _as_list(train.get("eval", [])):
             _check_ref(str(ref), known, catalog, fail, top["train"].value["eval"].line, "train.eval")
@@ -252,6 +286,52 @@ def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
                            f"unknown key (known: {', '.join(sorted(AUDIT_KEYS))})")
         _check_ref(str(audit["dataset"]), known, catalog, fail, top["audit"].value["dataset"].line, "audit.dataset")
     return Recipe(path, name, seed_value, sources, steps, tag, train, audit, backend=default_backend, text=text)
+
+
+# recipe train key -> the `prefab train` option that defines it, when the names differ
+_TRAIN_DEST = {"center_coef": "center_rewards"}
+
+
+def _train_actions() -> dict[str, Any]:
+    """``prefab train``'s own option definitions (types, choices), by destination: the
+    recipe's train block is checked against exactly what the command accepts."""
+    import argparse
+
+    from factory.cli.train import register
+
+    root = argparse.ArgumentParser(add_help=False)
+    register(root.add_subparsers(), [])
+    train = root._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    return {action.dest: action for action in train._actions}
+
+
+def _train_value_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``train.<key>`` (None when it is), without importing torch."""
+    if key in ("data", "name", "base", "residual_of"):
+        return None if isinstance(value, str) else f"expects a string, got {value!r}"
+    if key == "eval":
+        items = value if isinstance(value, list) else [value]
+        return None if all(isinstance(i, str) for i in items) else f"expects a ref or a list of refs, got {value!r}"
+    if key == "augment_weight":
+        number = (int, float)
+        if isinstance(value, bool):
+            return f"expects a number or a mapping generator: weight, got {value!r}"
+        if isinstance(value, number) or (isinstance(value, dict) and all(
+                isinstance(v, number) and not isinstance(v, bool) for v in value.values())):
+            return None
+        return f"expects a number or a mapping generator: weight (e.g. {{master_keys: 0.25}}), got {value!r}"
+    action = _train_actions().get(_TRAIN_DEST.get(key, key))
+    if action is None:
+        return None
+    if action.choices is not None:
+        if value not in action.choices:
+            return f"expects one of {', '.join(map(str, action.choices))}, got {value!r}"
+        return None
+    if action.type is int and (not isinstance(value, int) or isinstance(value, bool)):
+        return f"expects an integer, got {value!r}"
+    if action.type is float and (not isinstance(value, int | float) or isinstance(value, bool)):
+        return f"expects a number, got {value!r}"
+    return None
 
 
 def _check_ref(ref: str, known: dict[str, int], catalog: Any, fail: Any, line: int, key: str) -> None:

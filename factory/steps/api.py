@@ -8,22 +8,22 @@ parents, the step with its parameters, the run id and the reconciled counts.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from factory.steps.context import FAILED_SCHEMA, StepContext
-from factory.steps.params import as_dict, params_hash
+from factory.steps.identity import StepIdentity, identify
+from factory.steps.params import as_dict
 from factory.steps.runner import (
-    Prepared,
     apply_decision,
     check_decision,
     clear_work_dir,
+    exact_inputs,
     execute,
     failed_side_table,
     new_run_id,
@@ -84,15 +84,80 @@ def _id_column(table: pa.Table) -> str:
     return "pair_id" if "pair_id" in table.column_names else "trajectory_id"
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _usage_lineage(prepared: Prepared, usage: dict[str, Any]) -> dict[str, Any]:
-    model = getattr(prepared.backend, "model", None)
-    models = sorted(set(usage.get("models", [])) | ({f"{prepared.backend.kind}:{model}"} if model else set()))
-    return {"models": models, "judges": sorted(set(usage.get("judges", []))),
+def _usage_lineage(usage: dict[str, Any]) -> dict[str, Any]:
+    # Each model is listed by the role it played, as the step's LLM maps (or its reward-model
+    # judge) reported it: a judge's verdicts are not generated text.
+    return {"models": sorted(set(usage.get("models", []))), "judges": sorted(set(usage.get("judges", []))),
             "usage": {k: v for k, v in usage.items() if k not in ("models", "judges")}}
+
+
+def _refuse_overwriting_an_input(name: str, refs: Sequence[str], verb: str) -> None:
+    """``--name`` equal to an input's dataset would make that input's latest version this
+    step's output alone (the seeds would silently drop out of ``name``)."""
+    for ref in refs:
+        if ref.split("@", 1)[0] == name:
+            raise PrefabError(f"--name {name} is also an input ({ref}): its latest version would become the "
+                              f"{verb} output alone; choose another --name (e.g. --name {name}-{verb})")
+
+
+class MissingColumnError(PrefabError):
+    """An input lacks a column the step declares it reads."""
+
+
+def check_reads(spec: Any, columns: Sequence[str], refs: Sequence[str]) -> None:
+    """Refuse, before any work, an input without a column the step reads (``reads=``)."""
+    from factory.steps.registry import missing_columns
+
+    missing = missing_columns(spec, list(columns))
+    if missing:
+        verb = "generate" if spec.kind == "generator" else "filter"
+        raise MissingColumnError(f"{verb} {spec.name} reads column {missing[0]!r}, which {', '.join(refs)} "
+                                 f"lacks (its columns: {', '.join(columns)}); give it an input that has it")
+
+
+def _step_identity(prepared: Any, catalog: Any, refs: Sequence[str], seed: int) -> StepIdentity:
+    return identify(prepared, exact_inputs(prepared, refs, catalog), seed)
+
+
+@dataclass
+class StoredScores:
+    """A filter's stored scores for one input version."""
+
+    table: pa.Table  # one row per input row, sorted by "row", the step's columns prefixed "<step>_"
+    version: str  # the ref of the version that stored them
+    stats: dict  # that version's lineage "stats"
+    lineage: dict = field(default_factory=dict, repr=False)  # that version's whole lineage
+
+
+def _stored_under(catalog: Any, key: str) -> StoredScores | None:
+    from factory.catalog.catalog import DataFileError
+
+    info = catalog.find_by_lineage("score_key", key)
+    if info is None or "scores" not in info.attachments:
+        return None
+    try:
+        table = catalog.read_attachment(info, "scores")
+    except DataFileError:
+        return None  # a damaged copy is only lost work: recompute
+    order = pa.compute.sort_indices(table, [("row", "ascending")])
+    lineage = info.lineage or {}
+    return StoredScores(table.take(order), info.ref, dict(lineage.get("stats") or {}), dict(lineage))
+
+
+def find_stored_scores(step: str, ref: str, *, settings: dict | None = None, seed: int = 0,
+                       backend: Any = None, home: str | Path | None = None) -> StoredScores | None:
+    """The scores a run of filter ``step`` with these settings, seed and backend stored for
+    exactly ``ref`` (found by the run's :class:`~factory.steps.identity.StepIdentity`), or None.
+
+    Nothing is computed or sent; ``backend`` (an object or a spec) only names the judge.
+    """
+    from factory.catalog import Catalog
+
+    catalog = Catalog(home)
+    prepared = prepare("filter", step, settings, backend, home=catalog.home)
+    pin_refs(prepared, catalog)
+    identity = _step_identity(prepared, catalog, [ref], seed)
+    return _stored_under(catalog, identity.key("scores"))
 
 
 def plan(kind: str, step: str, from_: str | Sequence[str], *, settings: dict[str, Any] | None = None,
@@ -100,13 +165,15 @@ def plan(kind: str, step: str, from_: str | Sequence[str], *, settings: dict[str
     """What a run would do, validated, without running it (``--dry-run``)."""
     from factory.catalog import Catalog
 
-    prepared = prepare(kind, step, settings, backend)  # type: ignore[arg-type]
     catalog = Catalog(home)
+    prepared = prepare(kind, step, settings, backend, home=catalog.home)  # type: ignore[arg-type]
     pin_refs(prepared, catalog)
     if prepared.spec.input_kind == "trajectories":
         infos, _, _ = _read_trajectory_files(_refs(from_))
     else:
         infos = [catalog.resolve(ref) for ref in _refs(from_)]
+        for info in infos:
+            check_reads(prepared.spec, catalog.schema(info).names, [info.ref])
     return {"step": step, "kind": kind, "step_version": prepared.spec.version,
             "inputs": [{"ref": i.ref, "rows": i.rows} for i in infos],
             "rows_in": sum(i.rows for i in infos), "params": as_dict(prepared.params),
@@ -138,17 +205,20 @@ def generate(
     from factory.catalog import Catalog
 
     started = time.monotonic()
-    prepared = prepare("generator", step, settings, backend)
     catalog = Catalog(home)
-    pins = pin_refs(prepared, catalog)
+    prepared = prepare("generator", step, settings, backend, home=catalog.home)
+    if prepared.spec.input_kind != "trajectories":
+        _refuse_overwriting_an_input(name, _refs(from_), "generate")
+    pin_refs(prepared, catalog)
     infos, inputs, sources = _read_inputs(catalog, _refs(from_), prepared.spec.input_kind)
+    identity = _step_identity(prepared, catalog, _refs(from_), seed)
     refs = [i.ref for i in infos]
+    check_reads(prepared.spec, inputs.column_names, refs)
     file_inputs = [{"file": i.ref, "sha256": i.sha256, "rows": i.rows} for i in infos if isinstance(i, FileInput)]
     parents = [i.ref for i in infos if not isinstance(i, FileInput)]
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
-    work = step_work_dir(catalog.home, _key("generate", step, prepared.spec.version, prepared.params_hash,
-                                            refs, seed, pins))
+    work = step_work_dir(catalog.home, identity.key("run"))
     result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
     generated = stamp_generated(result.table, inputs, sources, prepared, ctx, used_llm=bool(result.usage))
     failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
@@ -187,10 +257,12 @@ def generate(
         "seed": seed,
         "engine": engine,
         "with_input": with_input,
+        "step_key": identity.key("run"),
+        "step_identity": identity.lineage(),
         **({"input_files": file_inputs} if file_inputs else {}),
         **counts,
         "stats": result.stats,
-        **_usage_lineage(prepared, result.usage),
+        **_usage_lineage(result.usage),
         "wall_seconds": round(time.monotonic() - started, 3),
         **(lineage_extra or {}),
     }
@@ -225,26 +297,34 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     from factory.catalog import Catalog
 
     started = time.monotonic()
-    prepared = prepare("filter", step, settings, backend)
-    spec = prepared.spec
     catalog = Catalog(home)
-    pins = pin_refs(prepared, catalog)
+    prepared = prepare("filter", step, settings, backend, home=catalog.home)
+    spec = prepared.spec
+    _refuse_overwriting_an_input(name, _refs(from_), "filter")
+    pin_refs(prepared, catalog)
+    identity = _step_identity(prepared, catalog, _refs(from_), seed)
     infos, inputs, _ = _read_inputs(catalog, _refs(from_))
     refs = [i.ref for i in infos]
-    scoring_hash = params_hash(prepared.params, only_scoring=True)
-    score_key = _key("scores", step, spec.version, scoring_hash, refs, seed, pins)
+    check_reads(spec, inputs.column_names, refs)
+    score_key = identity.key("scores")
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
-    stored = catalog.find_scores(score_key)
+    stored = _stored_under(catalog, score_key)
     work = step_work_dir(catalog.home, score_key)
     usage: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     # Stored scores with failed rows are not reused: a failure may have been transient (a
     # timeout), and recomputing through the request cache re-sends only those requests.
-    if stored is not None and stored.num_rows == inputs.num_rows and stored.column("failed_reason").null_count == stored.num_rows:
+    if (stored is not None and stored.table.num_rows == inputs.num_rows
+            and stored.table.column("failed_reason").null_count == stored.table.num_rows):
+        table = stored.table
         bookkeeping = {"row", "pair_id", "failed_reason", f"{step}_action", f"{step}_reason"}
-        scores = stored.drop_columns([c for c in stored.column_names if c in bookkeeping])
-        failed_reason = stored.column("failed_reason")
+        scores = table.drop_columns([c for c in table.column_names if c in bookkeeping])
+        failed_reason = table.column("failed_reason")
+        # the models that made the scores are those of the run that stored them
+        usage = {"models": stored.lineage.get("models", []), "judges": stored.lineage.get("judges", []),
+                 "reused_from": stored.version}
+        stats = stored.stats
         reused = True
     else:
         result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
@@ -293,11 +373,12 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         "seed": seed,
         "engine": engine,
         "score_key": score_key,
+        "step_identity": identity.lineage(),
         "scores_reused": reused,
         "rows_filtered": counts["rows_dropped"],
         **counts,
         "stats": stats,
-        **_usage_lineage(prepared, usage),
+        **_usage_lineage(usage),
         "wall_seconds": round(time.monotonic() - started, 3),
         **(lineage_extra or {}),
     }

@@ -51,15 +51,19 @@ class StepContext(Generic[P]):
         return embed_texts(list(texts), home=self.home, progress=self.progress)
 
     def read_pairs(self, source: str) -> tuple[pa.Table, str]:
-        """Pairs from a catalog ref (``name@N``) or a file any reader knows, and their label."""
-        if Path(source).exists():
-            from schemas.readers import read_path
+        """Pairs from a catalog ref (``name@N``) or a file any reader knows, and their label.
 
-            return read_path(source, "auto").table, source
+        A name that is both a local path and a catalog dataset is refused, naming both."""
         from factory.catalog import Catalog
+        from factory.steps.sources import resolve_source
 
         catalog = Catalog(self.home)
-        info = catalog.resolve(source)
+        resolved = resolve_source(source, catalog)
+        if resolved.path is not None:
+            from schemas.readers import read_path
+
+            return read_path(str(resolved.path), "auto").table, source
+        info = catalog.resolve(resolved.ref)
         return catalog.read_table(info), info.ref
 
     def row_uniform(self, keys: Sequence[str], salt: str = "") -> np.ndarray:

@@ -375,33 +375,31 @@ class Planned:
 Planner = Callable[[pa.Table, StepContext], list[Planned]]
 
 
-@dataclass(frozen=True)
-class _PlanEntry:
-    plan: Planner
-    needs: str
-
-
-_PLANNERS: dict[tuple[str, str], _PlanEntry] = {}
-
-
 def llm_plan(kind: str, step: str, *, needs: str) -> Callable[[Planner], Planner]:
-    """Register what ``step`` will ask its LLM for a given input table and parameters.
+    """Declare, ahead of the step itself, what ``step`` will ask its LLM for a given input
+    table and parameters (the same as the decorator's ``plan=`` and ``needs=``).
 
     ``plan(table, ctx)`` returns the :class:`Planned` stages (empty when the parameters
-    need no LLM, e.g. a rules mode). ``needs`` says which backend the step needs, for the
-    error when none is given.
+    need no LLM, e.g. a rules mode). An LLM step with no planner fails to register.
     """
+    from factory.steps.registry import _PLANNERS
 
     def wrap(fn: Planner) -> Planner:
-        _PLANNERS[(kind, step)] = _PlanEntry(fn, needs)
+        _PLANNERS[(kind, step)] = (fn, needs)
         return fn
 
     return wrap
 
 
+def _spec(kind: str, step: str) -> Any:
+    from factory.steps.registry import get_step
+
+    return get_step(step, kind)  # type: ignore[arg-type]
+
+
 def backend_hint(kind: str, step: str) -> str:
-    entry = _PLANNERS.get((kind, step))
-    return f" ({entry.needs})" if entry else ""
+    needs = _spec(kind, step).needs
+    return f" ({needs})" if needs else ""
 
 
 def missing_backend_message(kind: str, step: str, params: Any = None) -> str:
@@ -413,8 +411,8 @@ def missing_backend_message(kind: str, step: str, params: Any = None) -> str:
 
 
 def _plan(kind: str, step: str, table: pa.Table, ctx: StepContext) -> list[Planned]:
-    entry = _PLANNERS.get((kind, step))
-    return entry.plan(table, ctx) if entry else []
+    plan = _spec(kind, step).plan
+    return plan(table, ctx) if plan is not None else []
 
 
 def estimate(planned: Sequence[Planned], ctx: StepContext) -> dict[str, Any]:
@@ -501,15 +499,22 @@ def preview(kind: str, step: str, from_: str | Sequence[str], *, settings: Mappi
     """What an LLM step would send (``--dry-run``): templates and schemas validated, the
     request count, estimated tokens and cost (cached requests free) and the first ``show``
     requests rendered. Nothing is sent."""
+    refs = [from_] if isinstance(from_, str) else list(from_)
+    _, table = _read(refs, home)
+    return preview_table(kind, step, table, settings=settings, backend=backend, home=home, seed=seed, show=show)
+
+
+def preview_table(kind: str, step: str, table: pa.Table, *, settings: Mapping[str, Any] | None = None,
+                  backend: Any = None, home: str | Path | None = None, seed: int = 0,
+                  show: int = 2) -> dict[str, Any]:
+    """:func:`preview` of ``table`` (read from the catalog or straight from a file)."""
     from factory.catalog import Catalog
     from factory.steps.runner import pin_refs, prepare
 
-    prepared = prepare(kind, step, dict(settings or {}), backend)  # type: ignore[arg-type]
-    pin_refs(prepared, Catalog(home))
-    refs = [from_] if isinstance(from_, str) else list(from_)
-    _, table = _read(refs, home)
-    ctx = StepContext(step, prepared.params, seed=seed, home=Path(home) if home else None,
-                      backend=prepared.backend, progress=False)
+    catalog = Catalog(home)
+    prepared = prepare(kind, step, dict(settings or {}), backend, home=catalog.home)  # type: ignore[arg-type]
+    pin_refs(prepared, catalog)
+    ctx = StepContext(step, prepared.params, seed=seed, home=catalog.home, backend=prepared.backend, progress=False)
     planned = _plan(kind, step, table, ctx)
     if not planned:
         return {"llm": False}
@@ -524,15 +529,20 @@ def preview(kind: str, step: str, from_: str | Sequence[str], *, settings: Mappi
     return {"llm": True, **est, "first_requests": shown}
 
 
+def estimate_line(p: Mapping[str, Any]) -> str:
+    """One line for an estimate: requests, tokens and cost (or why the cost is unknown)."""
+    cost = ("unknown (no price for this model: add price_in/price_out to the spec)"
+            if p["estimated_cost_usd"] is None else f"${p['estimated_cost_usd']:.4f} at most")
+    return (f"LLM {p['model']}: {p['requests']} requests ({p['cached']} cached, {p['to_send']} to send), "
+            f"~{p['estimated_prompt_tokens']} prompt tokens + up to {p['max_completion_tokens']} completion tokens, "
+            f"estimated cost {cost}" + (f", --max-cost ${p['max_cost']:.4f}" if p.get("max_cost") is not None else ""))
+
+
 def preview_text(p: Mapping[str, Any]) -> str:
     """``--dry-run`` lines for :func:`preview`'s result."""
     if not p.get("llm"):
         return "  LLM: none needed with these parameters"
-    cost = ("unknown (no price for this model: add price_in/price_out to the spec)"
-            if p["estimated_cost_usd"] is None else f"${p['estimated_cost_usd']:.4f} at most")
-    lines = [f"  LLM {p['model']}: {p['requests']} requests ({p['cached']} cached, {p['to_send']} to send), "
-             f"~{p['estimated_prompt_tokens']} prompt tokens + up to {p['max_completion_tokens']} completion tokens, "
-             f"estimated cost {cost}" + (f", --max-cost ${p['max_cost']:.4f}" if p.get("max_cost") is not None else "")]
+    lines = ["  " + estimate_line(p)]
     for s in p["stages"]:
         known = "" if s["known_before_run"] else " (estimated: built from the previous stage's replies)"
         lines.append(f"    {s['template']} [{s['template_hash']}]: {s['requests']} requests, max_tokens "
@@ -548,6 +558,6 @@ def preview_text(p: Mapping[str, Any]) -> str:
 __all__ = [
     "BudgetReachedError", "Call", "LLMMap", "Planned", "Reply", "Template", "TemplateError", "ab_swapped",
     "backend_hint", "estimate", "failure_reason", "llm_plan", "looks_refused", "merge_usage",
-    "missing_backend_message", "preflight", "preview", "preview_text", "strict_object", "template_sources",
+    "estimate_line", "missing_backend_message", "preflight", "preview", "preview_table", "preview_text", "strict_object", "template_sources",
     "text_of",
 ]

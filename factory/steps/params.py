@@ -41,15 +41,20 @@ def param(
     high: float | None = None,
     decision: bool = False,
     ref: bool = False,
+    model: bool = False,
 ) -> Any:
     """A dataclass field with the metadata that ``--help`` and validation read.
 
     ``ref=True`` marks dataset refs or file paths (a string or a list of them): the runner
     pins them (``name`` -> ``name@N``, a file -> its path, size and mtime) before hashing,
     so a new version of a referenced set never reuses scores made against the old one.
+    ``model=True`` marks a reward model (a registered ``name``, ``name@N`` or a model
+    folder): it is pinned the same way (``rm`` -> ``rm@3``, a folder -> its files' size and
+    mtime), so a retrained model never reuses results of the old one.
     Mutable defaults (lists, dicts) are copied per instance.
     """
-    metadata = {"help": help, "low": low, "high": high, "decision": decision, "ref": ref}
+    metadata = {"help": help, "low": low, "high": high, "decision": decision, "ref": ref,
+                "model": model}
     if isinstance(default, list | dict | set):
         frozen = json.loads(json.dumps(default)) if not isinstance(default, set) else sorted(default)
         return dataclasses.field(default_factory=lambda: type(default)(frozen), metadata=metadata)
@@ -210,17 +215,17 @@ def ref_fields(params: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(params) if f.metadata.get("ref")]
 
 
+def model_fields(params: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(params) if f.metadata.get("model")]
+
+
 def as_dict(params: Any) -> dict[str, Any]:
     return dataclasses.asdict(params)
 
 
-def params_hash(params: Any, *, only_scoring: bool = False) -> str:
-    """A stable hash of the parameter values (scoring ones only, when asked)."""
-    values = as_dict(params)
-    if only_scoring:
-        decision = {f.name for f in dataclasses.fields(params) if f.metadata.get("decision")}
-        values = {k: v for k, v in values.items() if k not in decision}
-    text = json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+def params_hash(params: Any) -> str:
+    """A stable hash of the parameter values (provenance; step keys use :mod:`factory.steps.identity`)."""
+    text = json.dumps(as_dict(params), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

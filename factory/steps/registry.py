@@ -47,6 +47,12 @@ class StepSpec:
     input_kind: str = "pairs"
     # generators only: extra (non-canonical) output columns committed with the pairs, e.g. rubrics' "rubric"
     columns: tuple[str, ...] = ()
+    # LLM steps: plan(table, ctx) -> the requests a run will make (factory.steps.llm.Planned), for
+    # --dry-run estimates and the --max-cost check; ``needs`` says which backend, for errors.
+    plan: Callable[..., Any] | None = None
+    needs: str = ""
+    # input columns the step reads: a missing one is refused before any work
+    reads: tuple[str, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -61,11 +67,29 @@ class StepSpec:
 
 
 _STEPS: dict[tuple[StepKind, str], StepSpec] = {}
+# Planners declared with factory.steps.llm.llm_plan ahead of their step: (kind, name) -> (plan, needs)
+_PLANNERS: dict[tuple[str, str], tuple[Callable[..., Any], str]] = {}
+
+# What a pair step reads unless it says otherwise.
+PAIR_READS = ("prompt", "chosen", "rejected")
+
+
+def _with_planner(spec: StepSpec) -> StepSpec:
+    """An LLM step without a planner would skip --dry-run estimates and the --max-cost check
+    unnoticed: declaring one is part of declaring the step."""
+    if spec.backend == "none" or spec.plan is not None:
+        return spec
+    declared = _PLANNERS.get((spec.kind, spec.name))
+    if declared is None:
+        raise TypeError(f"{spec.kind} {spec.name!r} calls an LLM (backend={spec.backend!r}) but declares no "
+                        "planner: pass plan=FN (what it will ask, for --dry-run and --max-cost) to its decorator")
+    return dataclasses.replace(spec, plan=declared[0], needs=spec.needs or declared[1])
 
 
 def _register(spec: StepSpec) -> None:
     if not dataclasses.is_dataclass(spec.params):
         raise TypeError(f"step {spec.name}: params must be a dataclass, got {spec.params!r}")
+    spec = _with_planner(spec)
     existing = _STEPS.get((spec.kind, spec.name))
     if existing is not None and existing.fn.__module__ != spec.fn.__module__:
         raise ValueError(f"{spec.kind} {spec.name!r} is registered twice "
@@ -76,18 +100,24 @@ def _register(spec: StepSpec) -> None:
 def generator(
     name: str, *, params: type, version: str = "1", batch_rows: int | None = 4096,
     backend: str = "none", templates: dict[str, str] | None = None, input_kind: str = "pairs",
-    columns: tuple[str, ...] = (),
+    columns: tuple[str, ...] = (), plan: Callable[..., Any] | None = None, needs: str = "",
+    reads: tuple[str, ...] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(table, ctx) -> StepResult`` as a generator: seed pairs in, new pairs out.
 
     ``input_kind="trajectories"`` makes ``--from`` read trajectory files instead of pair
     versions, and ``table`` is then in :data:`schemas.rows.TRAJECTORY_SCHEMA`.
     ``columns`` names extra output columns to commit with the pairs (others are dropped).
+    A step with ``backend`` other than ``"none"`` declares ``plan(table, ctx) -> [Planned]``
+    (built from the same calls the step makes) and ``needs`` (the backend it needs).
+    ``reads``: the input columns it needs (default: prompt, chosen, rejected for pair steps).
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        default_reads = PAIR_READS if input_kind == "pairs" else ()
         _register(StepSpec(name, "generator", fn, params, version, fn.__doc__ or "",
-                           batch_rows, None, backend, dict(templates or {}), input_kind, tuple(columns)))
+                           batch_rows, None, backend, dict(templates or {}), input_kind, tuple(columns),
+                           plan, needs, tuple(default_reads if reads is None else reads)))
         return fn
 
     return wrap
@@ -96,20 +126,27 @@ def generator(
 def filter_step(
     name: str, *, params: type, decide: Callable[..., Any], version: str = "1",
     batch_rows: int | None = None, backend: str = "none", templates: dict[str, str] | None = None,
+    plan: Callable[..., Any] | None = None, needs: str = "", reads: tuple[str, ...] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(table, ctx) -> StepResult`` as a filter.
 
     ``fn`` returns per-row scores (one row per input row, in order); ``decide(scores,
     params)`` turns them into keep / drop / flip / weight. Only ``decide`` reads the
     parameters marked ``decision=True``, so a new threshold never recomputes scores.
+    ``plan``, ``needs`` and ``reads`` as for :func:`generator`.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(StepSpec(name, "filter", fn, params, version, fn.__doc__ or "",
-                           batch_rows, decide, backend, dict(templates or {})))
+                           batch_rows, decide, backend, dict(templates or {}), plan=plan, needs=needs,
+                           reads=tuple(PAIR_READS if reads is None else reads)))
         return fn
 
     return wrap
+
+
+def missing_columns(spec: StepSpec, columns: list[str]) -> list[str]:
+    return [c for c in spec.reads if c not in columns]
 
 
 _loaded = False

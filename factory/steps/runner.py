@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,11 @@ import pyarrow.parquet as pq
 
 from factory.home import resolve_home
 from factory.steps.context import FAILED_SCHEMA, Decision, StepContext, StepResult
-from factory.steps.params import as_dict, build_params, params_hash, ref_fields
+from factory.steps.params import build_params, model_fields, params_hash, ref_fields
 from factory.steps.registry import StepKind, StepSpec, get_step
+from factory.steps.sources import file_pin, resolve_model, resolve_source
 from schemas.errors import PrefabError
 from schemas.pairs import PAIR_COLUMNS, PAIR_SCHEMA, PROVENANCE_TYPE, content_ids
-
-LINEAGE_COLUMNS = ("parent_ids", "generated", "method")
 
 
 class StepOutputError(PrefabError):
@@ -49,6 +48,8 @@ class Prepared:
     spec: StepSpec
     params: Any
     backend: Any
+    # files and model folders the parameters name -> their pin (set by pin_refs)
+    pins: dict[str, str] = field(default_factory=dict)
 
     @property
     def params_hash(self) -> str:
@@ -56,14 +57,15 @@ class Prepared:
 
 
 def prepare(kind: StepKind, name: str, settings: dict[str, Any] | None = None,
-            backend: Any = None) -> Prepared:
-    """Resolve the step and validate its settings; fails in one line before any work."""
+            backend: Any = None, home: str | Path | None = None) -> Prepared:
+    """Resolve the step and validate its settings; fails in one line before any work.
+
+    A backend given as a spec string caches its requests under ``home`` (as the CLI and
+    recipes do), unless the spec names a ``cache`` itself."""
     spec = get_step(name, kind)
     params = build_params(spec.params, settings or {}, step=name)
     if isinstance(backend, str):
-        from factory.llm import backend_from_spec
-
-        backend = backend_from_spec(backend)
+        backend = backend_for(backend, home)
     if spec.backend == "required" and backend is None:
         from factory.steps.context import MissingBackendError
         from factory.steps.llm import missing_backend_message
@@ -72,33 +74,54 @@ def prepare(kind: StepKind, name: str, settings: dict[str, Any] | None = None,
     return Prepared(spec, params, backend)
 
 
-def pin_refs(prepared: Prepared, catalog: Any) -> dict[str, Any]:
-    """Resolve ``ref=True`` parameters to exact versions (files to path, size and mtime).
+def backend_for(spec: str, home: str | Path | None, **overrides: Any) -> Any:
+    """A backend from its spec, its request cache under ``home`` unless the spec sets ``cache``."""
+    from factory.llm import backend_from_spec, parse_spec
 
-    Catalog refs are rewritten in place (``eval`` -> ``eval@3``) so the parameter hash and
-    provenance name the exact data; file pins are returned for the cache keys.
+    _, _, options = parse_spec(spec)
+    if "cache" not in options:
+        overrides.setdefault("cache", resolve_home(home) / "llm_cache.duckdb")
+    return backend_from_spec(spec, **overrides)
+
+
+def pin_refs(prepared: Prepared, catalog: Any) -> dict[str, str]:
+    """Pin the data and models the parameters name, so the step identity names them exactly.
+
+    ``ref=True`` parameters: catalog refs are rewritten in place (``eval`` -> ``eval@3``),
+    files are pinned by path, size and mtime. ``model=True`` parameters: registered models
+    are rewritten (``rm`` -> ``rm@3``), model folders pinned like files. A name that is both
+    a local path and in the catalog is refused (see :mod:`factory.steps.sources`).
+    Returns (and keeps on ``prepared.pins``) the file and folder pins.
     """
-
-    pins: dict[str, Any] = {}
+    pins: dict[str, str] = {}
     changes: dict[str, Any] = {}
-    for name in ref_fields(prepared.params):
-        value = getattr(prepared.params, name)
-        if value is None:
-            continue
-        items = value if isinstance(value, list) else [value]
-        pinned = []
-        for item in items:
-            path = Path(item)
-            if path.exists():
-                stat = path.stat()
-                pins[item] = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-                pinned.append(item)
-            else:
-                pinned.append(catalog.resolve(item).ref)
-        changes[name] = pinned if isinstance(value, list) else pinned[0]
+    for names, resolve in ((ref_fields(prepared.params), resolve_source),
+                           (model_fields(prepared.params), resolve_model)):
+        for name in names:
+            value = getattr(prepared.params, name)
+            if value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            pinned = []
+            for item in items:
+                source = resolve(item, catalog)
+                if source.path is not None:
+                    pins[item] = file_pin(source.path)
+                    pinned.append(item)
+                else:
+                    pinned.append(source.ref)
+            changes[name] = pinned if isinstance(value, list) else pinned[0]
     if changes:
         prepared.params = dataclasses.replace(prepared.params, **changes)
+    prepared.pins = pins
     return pins
+
+
+def exact_inputs(prepared: Prepared, refs: Sequence[str], catalog: Any) -> list[str]:
+    """The step's inputs as its identity names them: exact versions, or pinned files."""
+    if prepared.spec.input_kind == "trajectories":
+        return [file_pin(ref) for ref in refs]
+    return [catalog.resolve(ref).ref for ref in refs]
 
 
 # ---- running a step on a table (pure: no catalog) ---------------------------------------
@@ -198,10 +221,13 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     here (LLM steps are bound by the endpoint, not this machine).
     """
     spec = prepared.spec
+    ran_on_ray = False
     if engine == "ray" and spec.batch_rows is not None and ctx.backend is None:
         if resume_dir is None:
             raise PrefabError("--engine ray needs a work folder for the workers' Parquet files")
+        say_resuming(spec, resume_dir, list(range(0, table.num_rows, spec.batch_rows)) or [0])
         fill_on_ray(prepared, table, ctx, resume_dir, ray_address)
+        ran_on_ray = True
     elif engine not in ("local", "ray"):
         raise PrefabError(f"unknown engine {engine!r} (known: local, ray)")
     if spec.backend != "none":
@@ -212,6 +238,8 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
         preflight(spec, prepared.params, table, ctx)
     batch_rows = spec.batch_rows or max(table.num_rows, 1)
     starts = list(range(0, table.num_rows, batch_rows)) or [0]
+    if resume_dir is not None and not ran_on_ray:
+        say_resuming(spec, resume_dir, starts)
     outputs, failures, stats, usage = [], [], {}, {}
     bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress)
     done = 0
@@ -240,6 +268,19 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     finally:
         bar.close()
     return StepResult(_concat(outputs), _concat(failures) if failures else None, stats, usage)
+
+
+def say_resuming(spec: StepSpec, folder: Path, starts: Sequence[int]) -> int:
+    """Tell stderr when an interrupted run's batches are found (the run then starts after
+    them); returns how many there are."""
+    kept = sum((folder / f"rows-{start:012d}").is_dir() for start in starts) if folder.is_dir() else 0
+    if kept:
+        import sys
+
+        verb = "generate" if spec.kind == "generator" else "filter"
+        print(f"prefab: resuming {verb} {spec.name}: {kept} of {len(starts)} batches kept from an interrupted "
+              "run", file=sys.stderr, flush=True)
+    return kept
 
 
 def _save_batch(folder: Path, start: int, table: pa.Table, failed: pa.Table,
@@ -419,6 +460,3 @@ def step_work_dir(home: str | Path | None, key: str) -> Path:
 def clear_work_dir(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
-
-def describe_params(prepared: Prepared) -> dict[str, Any]:
-    return as_dict(prepared.params)
