@@ -394,6 +394,7 @@ def fit(
     )
     tie_t = torch.from_numpy(data.tie).to(device)
     margin_t = torch.from_numpy(data.margin).to(device)
+    offset_t = torch.from_numpy(data.gap_offset).to(device)
     weight_t = torch.from_numpy(weights).to(device)
     # The rows the validation loss is computed on (all of them are embedded and trained apart).
     scored_val = val_idx
@@ -455,7 +456,8 @@ def fit(
                     t = torch.from_numpy(idx).to(device)
                     r_c, r_r = task.rewards(idx)
                     parts = preference_loss(r_c, r_r, tie=tie_t[t], margin=margin_t[t],
-                                            weight=weight_t[t], center_coef=cfg.center_coef)
+                                            weight=weight_t[t], offset=offset_t[t],
+                                            center_coef=cfg.center_coef)
                     parts.loss.backward()
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -477,7 +479,7 @@ def fit(
                 record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
                                           "train_loss": float(np.mean(running)) if running else None}
                 if len(scored_val):
-                    record.update(_validate(task, data, scored_val, tie_t, margin_t, weight_t, cfg))
+                    record.update(_validate(task, data, scored_val, tie_t, margin_t, offset_t, weight_t, cfg))
                 history.append(record)
                 epoch, batch_in_epoch = epoch + 1, 0
                 stopped_early = end_of_epoch(record) and epoch < cfg.epochs
@@ -517,10 +519,12 @@ def fit(
 
 @torch.no_grad()
 def _validate(task: _Task, data: PairData, val_idx: np.ndarray, tie_t: torch.Tensor,
-              margin_t: torch.Tensor, weight_t: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+              margin_t: torch.Tensor, offset_t: torch.Tensor, weight_t: torch.Tensor,
+              cfg: TrainConfig) -> dict[str, float]:
     r_c, r_r = task.eval_rewards(val_idx)
     t = torch.from_numpy(val_idx).to(tie_t.device)
     parts = preference_loss(torch.from_numpy(r_c), torch.from_numpy(r_r), tie=tie_t[t].cpu(),
                             margin=margin_t[t].cpu().double(), weight=weight_t[t].cpu().double(),
+                            offset=offset_t[t].cpu().double(),
                             center_coef=cfg.center_coef)
     return {"val_loss": float(parts.loss), "val_accuracy": pair_accuracy(r_c, r_r, data.tie[val_idx])}

@@ -1,6 +1,7 @@
 """Pairwise reward-model losses: Bradley–Terry with margins, a tie loss, per-pair weights.
 
-For a pair with rewards r_c, r_r and d = r_c − r_r:
+For a pair with rewards r_c, r_r and d = r_c − r_r + offset (offset 0 unless the rewards
+being trained are added to fixed ones, as in residual training, where it is the fixed gap):
 - preference pairs: −log σ(d − margin) (margin null -> 0; TRL's form);
 - tie pairs: BCE(σ(d), 0.5) = −½ log σ(d) − ½ log σ(−d), minimised at d = 0 (Crome);
 - optional centering: coef · ((r_c + r_r)²) per pair (TRL's ``center_rewards_coefficient``).
@@ -31,10 +32,13 @@ def pair_losses(
     *,
     tie: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
     center_coef: float = 0.0,
 ) -> torch.Tensor:
     """Unweighted loss of each pair."""
     diff = r_chosen - r_rejected
+    if offset is not None:
+        diff = diff + offset.to(diff.dtype)
     shifted = diff - margin.to(diff.dtype) if margin is not None else diff
     bt = -F.logsigmoid(shifted)
     if tie is not None:
@@ -54,9 +58,11 @@ def preference_loss(
     tie: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
     center_coef: float = 0.0,
 ) -> LossParts:
-    per_pair = pair_losses(r_chosen, r_rejected, tie=tie, margin=margin, center_coef=center_coef)
+    per_pair = pair_losses(r_chosen, r_rejected, tie=tie, margin=margin, offset=offset,
+                           center_coef=center_coef)
     w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair.dtype)
     # clamp: an all-zero-weight batch contributes a zero loss (and zero gradients), not NaN
     loss = (w * per_pair).sum() / w.sum().clamp(min=1e-12)
