@@ -200,3 +200,18 @@ def test_keeps_the_best_epoch_and_stops_when_validation_stops_improving(featuriz
                train_idx=train_idx, val_idx=val_idx)
     assert len(full.history) == 10 and not full.stopped_early and full.best_epoch == 1
     assert torch.equal(_head_params(full), _head_params(result))
+
+
+def test_pair_weights_count_even_when_a_batch_holds_one_pair(featurizer):
+    # Flipped pairs (insult chosen) at a hundredth of the weight: with one pair per batch,
+    # a per-batch normalisation would give each of them a full step, as if unweighted.
+    good = toy_pairs(20, seed=11).to_pylist()
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "weight": 0.01}
+               for r in toy_pairs(40, seed=12).to_pylist()[20:]]
+    table = pa.Table.from_pylist(good + flipped, schema=toy_pairs(1).schema)
+    cfg = _cfg(epochs=2, batch_size=1)
+    weighted = fit(pair_data(table), cfg, featurizer=featurizer)
+    unweighted = fit(pair_data(table.drop_columns(["weight"])), cfg, featurizer=featurizer)
+    held_out = pair_data(toy_pairs(60, seed=13).slice(40))
+    accuracy = [float(np.mean(np.greater(*score_pairs(r.model, held_out)))) for r in (weighted, unweighted)]
+    assert accuracy[0] >= 0.9 and accuracy[1] <= 0.6, accuracy

@@ -393,6 +393,8 @@ def fit(
         optimizer, lambda s: max(0.0, 1.0 - s / total_steps)
     )
     tie_t = torch.from_numpy(data.tie).to(device)
+    # Weights are relative to the training set's mean, not to each batch's (see losses).
+    mean_weight = float(weights[train_idx].astype(np.float64).mean())
     margin_t = torch.from_numpy(data.margin).to(device)
     offset_t = torch.from_numpy(data.gap_offset).to(device)
     weight_t = torch.from_numpy(weights).to(device)
@@ -457,7 +459,7 @@ def fit(
                     r_c, r_r = task.rewards(idx)
                     parts = preference_loss(r_c, r_r, tie=tie_t[t], margin=margin_t[t],
                                             weight=weight_t[t], offset=offset_t[t],
-                                            center_coef=cfg.center_coef)
+                                            center_coef=cfg.center_coef, mean_weight=mean_weight)
                     parts.loss.backward()
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
