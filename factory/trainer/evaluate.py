@@ -128,8 +128,10 @@ def evaluate_model(
     metrics["truncated_pairs"] = int(cut.sum())
     metrics["truncated_share"] = float(cut.mean()) if len(cut) else 0.0
     if robustness:
+        # The probes read keys and contrast combinations at the length the answers were
+        # scored at: comparing rewards of different contexts would measure the length.
         metrics["master_key"] = master_key_fpr(model, data, r_c, r_r, max_prompts=max_probe_prompts,
-                                               seed=seed)
+                                               seed=seed, max_length=length, progress=progress)
         if embed is None:
             from factory.embed import embed_texts
 
@@ -137,7 +139,8 @@ def evaluate_model(
                 return embed_texts(texts, home=home, progress=progress)
 
         metrics["contrast_instructions"] = contrast_consistency(
-            model, data, embed=embed, threshold=contrast_threshold, max_pairs=max_probe_prompts
+            model, data, embed=embed, threshold=contrast_threshold, max_pairs=max_probe_prompts,
+            max_length=length, progress=progress,
         )
     return metrics
 

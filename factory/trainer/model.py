@@ -178,9 +178,12 @@ class RewardModel:
         prompts: Sequence[Sequence[dict[str, str]]],
         responses: Sequence[str],
         batch_size: int = 64,
+        *,
+        max_length: int | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray:
-        """Reward of each (prompt, response), float64."""
-        return self.score(prompts, responses, batch_size)[0]
+        """Reward of each (prompt, response), float64 (``max_length``: as for :meth:`score`)."""
+        return self.score(prompts, responses, batch_size, max_length=max_length, progress=progress)[0]
 
     @torch.inference_mode()
     def score(
