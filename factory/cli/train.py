@@ -123,6 +123,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def run_train(args: argparse.Namespace) -> CommandResult:
     from factory.embed import EmbeddingInterrupted
     from factory.trainer import TrainingInterrupted, train
+    from factory.trainer.api import EvaluationInterrupted
     from factory.trainer.evaluate import summary_text
 
     if args.data is None and not args.resume:
@@ -138,6 +139,9 @@ def run_train(args: argparse.Namespace) -> CommandResult:
             features=args.features, head_hidden=args.head_hidden, augment_weight=args.augment_weight,
             val_on=args.val_on, residual_of=args.residual_of, progress=_progress(args),
         )
+    except EvaluationInterrupted as exc:
+        print(f"prefab: {exc}", file=sys.stderr)
+        raise
     except TrainingInterrupted as exc:
         print(f"prefab: training stopped at step {exc.step}; checkpoint kept at {exc.checkpoint}; "
               "rerun with --resume to continue", file=sys.stderr)

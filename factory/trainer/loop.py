@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -101,7 +102,9 @@ class TrainConfig:
         if self.mode not in MODE_DEFAULTS:
             raise PrefabError(f"mode must be 'head' or 'full', got {self.mode!r}")
         filled = {k: v for k, v in MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
-        cfg = replace(self, **filled)
+        # Python numbers, not numpy ones: they reach the optimiser's and the checkpoint's state,
+        # which loads back as plain data only.
+        cfg = replace(self, **{k: plain(v) for k, v in asdict(replace(self, **filled)).items()})
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_length < 8:
             raise PrefabError("epochs, batch size and lr must be positive; max length >= 8")
         if cfg.patience < 0:
@@ -139,13 +142,39 @@ class FitResult:
     total_seconds: float = 0.0
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's payload: tensors and plain data only (``weights_only``), so a file
+    planted in the home cannot run code when a run resumes."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrefabError(f"{path} holds more than tensors and plain data, so it was not loaded "
+                          f"({first}); delete its folder and train again") from None
+
+
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """The saved state of a run (None when there is no checkpoint)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    return load_checkpoint(path) if path.is_file() else None
+
+
 def read_checkpoint_params(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """The settings a checkpoint was made with (None when there is no checkpoint)."""
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(state.get("params") or {})
+    state = read_checkpoint_state(checkpoint_dir)
+    return None if state is None else dict(state.get("params") or {})
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as Python numbers and lists, tuples as lists:
+    what ``torch.load(weights_only=True)`` reads back (tensors pass through)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
 
 
 class _Task(Protocol):
@@ -367,7 +396,7 @@ def fit(
     state: dict[str, Any] | None = None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         # Checked before the (long) embedding phase, not after it.
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         differ = sorted(k for k in params if k in state["params"] and state["params"][k] != params[k])
         # (the API's --resume takes the checkpoint's settings: this is the library's guard)
         if differ:
@@ -409,6 +438,8 @@ def fit(
     # The best epoch by validation loss: its number, loss, weights (a copy, None for the
     # last epoch) and how many epochs since failed to beat it.
     best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "weights": None, "stale": 0}
+    # finished: the last epoch ran or patience ran out (a resumed finished run only loads).
+    finished, stopped_early = False, False
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -417,16 +448,19 @@ def fit(
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         history = state["history"]
         best = state.get("best", best)
+        finished, stopped_early = state.get("finished", False), state.get("stopped_early", False)
     resumed_from = step
 
     def checkpoint() -> None:
         if ckpt_path is None:
             return
         _save_checkpoint(ckpt_path, {
-            "params": {**params, **(checkpoint_extra or {})}, "fingerprint": fingerprint, "model": module.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "step": step, "history": history, "best": best,
+            "params": plain({**params, **(checkpoint_extra or {})}), "fingerprint": fingerprint,
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": plain(scheduler.state_dict()), "rng": torch.get_rng_state(), "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "step": step, "history": plain(history),
+            "best": {**best, "val_loss": float(best["val_loss"])}, "finished": finished,
+            "stopped_early": stopped_early,
         })
 
     def end_of_epoch(record: dict[str, Any]) -> bool:
@@ -447,10 +481,10 @@ def fit(
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show,
                desc=f"train {cfg.mode}", dynamic_ncols=True)
-    pairs_seen, started, stopped_early = 0, time.perf_counter(), False
+    pairs_seen, started = 0, time.perf_counter()
     try:
         with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):
-            while epoch < cfg.epochs:
+            while epoch < cfg.epochs and not finished:
                 batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch, lengths)
                 running = []
                 while batch_in_epoch < len(batches):
@@ -485,6 +519,7 @@ def fit(
                 history.append(record)
                 epoch, batch_in_epoch = epoch + 1, 0
                 stopped_early = end_of_epoch(record) and epoch < cfg.epochs
+                finished = stopped_early or epoch >= cfg.epochs
                 checkpoint()
                 if stopped_early:
                     break
