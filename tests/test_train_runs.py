@@ -122,3 +122,44 @@ def test_a_stray_version_folder_is_named_before_training(home, capsys):
     code, _, err = _train(capsys, home, "rm-stray")
     assert code == 1 and err.count("\n") == 1 and "rm-stray@1 is not registered" in err
     assert not (stray.parent / "run").exists()
+
+
+def test_progress_shows_every_long_phase_on_stderr(home, capsys):
+    factory.train("toy", "rm-quiet", home=home, epochs=1, max_length=64, progress=False, eval="toy-eval")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(factory.trainer.TrainingInterrupted):
+        factory.train("toy", "rm-shown", home=home, epochs=2, max_length=64, progress=True,
+                      stop_after_steps=1)
+    capsys.readouterr()
+    factory.train("toy", "rm-shown", home=home, progress=True, resume=True, eval="toy-eval")
+    err = capsys.readouterr().err
+    lines = [part.strip() for part in err.replace("\r", "\n").splitlines() if part.strip()]
+
+    def said(start: str) -> bool:
+        return any(line.startswith(start) for line in lines)
+
+    # before the first step: reading, resuming, loading, tokenising, the embedding cache
+    assert said("prefab: read toy: done in") and said("prefab: resuming ") and "at step 1" in err
+    assert said("prefab: load encoder minilm: done in")
+    assert said("tokenize: 100%") and "32/32" in err and "pair/s" in err
+    assert said("prefab: embed: done in") and "32 from the cache" in err  # embedded by the first run
+    assert said("train head: 100%")
+    # the evaluation after training: its phases, counts and rates
+    assert said("prefab: evaluate on toy-eval@1 (8 pairs)") and said("prefab: score pairs: done in")
+    assert said("prefab: master-key probe: done in") and said("prefab: contrast-instructions probe: done in")
+    assert "pairs/s" in err
+
+
+def test_cli_on_a_terminal_shows_the_embedding_and_evaluation_bars(home, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    # lengths no other test uses: every pair is cut differently, so nothing is in the cache
+    code = main(["train", "--data", "toy", "--name", "rm-tty", "--home", str(home), "--epochs", "1",
+                 "--max-length", "24"])
+    err = capsys.readouterr().err
+    assert code == 0 and "tokenize: 100%" in err and "embed pairs: 100%" in err and "train head" in err
+    code = main(["eval", "rm-tty", "--data", "toy-eval", "--home", str(home), "--max-length", "20"])
+    err = capsys.readouterr().err
+    assert code == 0 and "prefab: score pairs: done in" in err and "embed pairs: 100%" in err
+    assert "prefab: master-key probe: done in" in err

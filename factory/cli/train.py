@@ -115,9 +115,10 @@ def augment_weight(text: str) -> float | dict[str, float]:
                                          f"got {text!r}") from None
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    # None: bars only on a terminal; never mixed into a --json document's run.
-    return False if (args.no_progress or args.json) else None
+def _progress(args: argparse.Namespace) -> bool:
+    # Bars and phase lines on a terminal, decided here once: a loaded model's featurizer is
+    # quiet unless told (library scoring), so "unset" must not reach it. Never with --json.
+    return not (args.no_progress or args.json) and sys.stderr.isatty()
 
 
 def run_train(args: argparse.Namespace) -> CommandResult:

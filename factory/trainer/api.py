@@ -32,6 +32,7 @@ from factory.trainer.loop import (
     read_checkpoint_params,
 )
 from factory.trainer.model import META_FILE, HeadFeaturizer, RewardModel, load_reward_model
+from factory.trainer.progress import phase
 from factory.trainer.residual import check_base, combine, residual_data
 from factory.trainer.runlock import model_folder, run_lock
 from schemas.errors import PrefabError
@@ -220,20 +221,24 @@ def _train_locked(
         raise PrefabError("no training data: pass --data")
     chosen = {**settings, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(**chosen).resolved()
-    table, data_ref = _load_data(data, home)
+    with phase(f"read {data if isinstance(data, str) else 'the pairs'}", cfg.progress) as info:
+        table, data_ref = _load_data(data, home)
+        pairs = pair_data(table)
+        info["detail"] = f"{len(pairs):,} pairs"
     cat = _catalog(home) if data_ref is not None else None
     if cat is not None and out is None:
         _version_folder(cat, name, model_dir)  # fail now, not after the training
 
-    pairs = pair_data(table)
     base_model = None
     if cfg.residual_of:
         base_model = load_model(cfg.residual_of, home)
         check_base(base_model, cfg.mode, cfg.base, cfg.features)
-    result = fit(residual_data(pairs, base_model) if base_model else pairs, cfg, checkpoint_dir=checkpoint_dir,
-                 resume=resume, cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
+    trained_on = residual_data(pairs, base_model, cfg.progress) if base_model else pairs
+    result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
+                 cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
-    model.save(work)
+    with phase(f"save the model to {work}", cfg.progress):
+        model.save(work)
     metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
     evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
     try:
@@ -242,9 +247,10 @@ def _train_locked(
             for item in evals:
                 eval_table, eval_ref = _load_data(item, home)
                 key = eval_ref or f"table{len(metrics['eval'])}"
-                metrics["eval"][key] = evaluate_model(model, pair_data(eval_table),
-                                                      robustness=robustness, seed=cfg.seed, home=home,
-                                                      progress=cfg.progress)
+                with phase(f"evaluate on {key}", cfg.progress, count=eval_table.num_rows):
+                    metrics["eval"][key] = evaluate_model(model, pair_data(eval_table),
+                                                          robustness=robustness, seed=cfg.seed,
+                                                          home=home, progress=cfg.progress)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(checkpoint_dir, result.steps) from None
     params = {**cfg.as_params(), "resume": resume}

@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from factory.trainer import backbones
 from factory.trainer.data import PairData, balanced_weights, epoch_batches, split_by_prompt
 from factory.trainer.losses import preference_loss
 from factory.trainer.model import HEAD_FEATURES, HeadFeaturizer, ModelSpec, RewardHead, RewardModel
+from factory.trainer.progress import bar as progress_bar
+from factory.trainer.progress import note, phase
 from schemas.errors import PrefabError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -195,8 +196,11 @@ class _HeadTask:
                  featurizer: HeadFeaturizer | None = None, rows: np.ndarray | None = None):
         self.cfg = cfg
         self.device = device
-        self.featurizer = featurizer or HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device,
-                                                       features=cfg.features)
+        if featurizer is None:
+            with phase(f"load encoder {cfg.base}", cfg.progress):
+                featurizer = HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device,
+                                            progress=cfg.progress, features=cfg.features)
+        self.featurizer = featurizer
         if self.featurizer.features_kind != cfg.features:
             raise PrefabError(f"the featurizer makes {self.featurizer.features_kind!r} features, the config "
                               f"asks for {cfg.features!r}")
@@ -244,8 +248,9 @@ class _FullTask:
         self.device = device
         path = backbones.resolve_base(cfg.base)
         torch.manual_seed(cfg.seed)  # the new score head is random: seed it
-        self.tokenizer = backbones.load_tokenizer(path)
-        self.module = backbones.load_seqcls(path, device)
+        with phase(f"load backbone {cfg.base}", cfg.progress):
+            self.tokenizer = backbones.load_tokenizer(path)
+            self.module = backbones.load_seqcls(path, device)
         self.module.config.pad_token_id = self.tokenizer.pad_token_id
         backbones.disable_dropout(self.module)
         on_cuda = device.type == "cuda"
@@ -256,8 +261,10 @@ class _FullTask:
         tok = self.tokenizer
         positions = getattr(self.module.config, "max_position_embeddings", 0) or 0
         backbones.check_max_length(cfg.max_length, positions, cfg.base)
-        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length)
-        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length)
+        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length,
+                                        progress=cfg.progress, desc="tokenize chosen")
+        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length,
+                                          progress=cfg.progress, desc="tokenize rejected")
         self.ids_chosen, self.ids_rejected = chosen.ids, rejected.ids
         self.truncated = chosen.truncated | rejected.truncated
         self.embed_seconds = 0.0
@@ -279,7 +286,8 @@ class _FullTask:
         from factory.trainer.model import full_rewards
 
         seqs = [self.ids_chosen[i] for i in idx] + [self.ids_rejected[i] for i in idx]
-        out = full_rewards(self.module, self.tokenizer, seqs, self.device, self.cfg.eval_batch_size)
+        out = full_rewards(self.module, self.tokenizer, seqs, self.device, self.cfg.eval_batch_size,
+                           progress=self.cfg.progress)
         self.module.train()
         return out[: len(idx)], out[len(idx) :]
 
@@ -405,6 +413,10 @@ def fit(
         if state["fingerprint"] != fingerprint:
             raise PrefabError(f"{ckpt_path}: checkpoint was made on other training pairs; "
                               "start a new model name or drop --resume")
+        # Said before the (long) embedding phase: the run continues, it does not start over.
+        note(f"resuming {ckpt_path} at step {state['step']}"
+             + (" (training had finished: nothing left to train)" if state.get("finished") else ""),
+             cfg.progress)
 
     task: _Task
     if cfg.mode == "head":
@@ -476,11 +488,7 @@ def fit(
         best["stale"] += 1
         return bool(cfg.patience) and best["stale"] >= cfg.patience
 
-    from tqdm.auto import tqdm
-
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show,
-               desc=f"train {cfg.mode}", dynamic_ncols=True)
+    bar = progress_bar(total_steps, f"train {cfg.mode}", cfg.progress, unit="step", initial=step)
     pairs_seen, started = 0, time.perf_counter()
     try:
         with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):

@@ -17,8 +17,9 @@ from dataclasses import replace
 import numpy as np
 
 from factory.trainer.data import PairData
-from factory.trainer.evaluate import score_pairs
+from factory.trainer.evaluate import score_pairs_truncated
 from factory.trainer.model import RewardHead, RewardModel, SummedHead
+from factory.trainer.progress import phase
 from schemas.errors import PrefabError
 
 
@@ -33,13 +34,14 @@ def check_base(base: RewardModel, mode: str, encoder: str, features: str) -> Non
                           f"the residual must too (got {features!r} of {encoder!r})")
 
 
-def residual_data(data: PairData, base: RewardModel) -> PairData:
+def residual_data(data: PairData, base: RewardModel, progress: bool | None = False) -> PairData:
     """``data`` relabelled for the residual: generated pairs (preferences and ties) offset by
     the base's reward gap, real pairs as ties of the residual alone."""
     generated = data.generated
     if not (generated & ~data.tie).any():
         raise PrefabError("residual training needs generated preference pairs (from a generator) in the data")
-    r_c, r_r = score_pairs(base, data)
+    with phase("score pairs with the base model", progress, count=len(data)):
+        r_c, r_r, _ = score_pairs_truncated(base, data, progress=progress)
     offset = np.where(generated, r_c - r_r, 0.0).astype(np.float32)
     return replace(data, offset=offset, tie=data.tie | ~generated)
 
