@@ -5,6 +5,8 @@ a Ctrl+C in the evaluation after training that leaves a resumable run, not a str
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,21 @@ def test_a_second_run_of_a_name_in_training_is_refused_in_one_line(home, capsys)
     assert code == 0, err
 
 
+def test_the_lock_holds_across_processes(home, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom factory.trainer.runlock import run_lock\n"
+         "with run_lock(Path(sys.argv[1]), 'rm-other'):\n    print('held', flush=True)\n    sys.stdin.read()",
+         str(home / "models" / "rm-other")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = _train(capsys, home, "rm-other")
+        assert code == 1 and f"pid {holder.pid}" in err and "being trained by another run" in err
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+
+
 def test_a_registered_version_keeps_what_scoring_needs_not_the_optimiser(home, capsys):
     code, out, err = _train(capsys, home, "rm-files")
     assert code == 0, err
@@ -90,7 +107,7 @@ def test_ctrl_c_in_the_evaluation_keeps_a_resumable_run_and_versions_agree(home,
 
     monkeypatch.setattr(api, "evaluate_model", interrupted)
     code, _, err = _train(capsys, home, "rm-ki", "--eval", "toy-eval")
-    assert code == 130 and "evaluation after it was interrupted" in err and "--resume" in err
+    assert code == 130 and "saving or evaluating the model was interrupted" in err and "--resume" in err
     models = home / "models" / "rm-ki"
     assert not (models / "v1").exists() and (models / "run" / "checkpoint").is_dir()
     assert "rm-ki" not in {m["name"] for m in Catalog(home).models()}
@@ -116,12 +133,15 @@ def test_ctrl_c_in_the_evaluation_keeps_a_resumable_run_and_versions_agree(home,
     assert code == 0 and Catalog(home).get_model("rm-ki")["version"] == 2 and f"saved to {models / 'v2'}" in out
 
 
-def test_a_stray_version_folder_is_named_before_training(home, capsys):
+def test_a_stray_version_folder_or_a_misspelt_eval_is_named_before_training(home, capsys):
     stray = home / "models" / "rm-stray" / "v1"
     stray.mkdir(parents=True)
     code, _, err = _train(capsys, home, "rm-stray")
     assert code == 1 and err.count("\n") == 1 and "rm-stray@1 is not registered" in err
     assert not (stray.parent / "run").exists()
+    code, _, err = _train(capsys, home, "rm-typo", "--eval", "toy-evl")
+    assert code == 1 and err.count("\n") == 1 and "toy-evl" in err
+    assert not (home / "models" / "rm-typo" / "run").exists()
 
 
 def test_progress_shows_every_long_phase_on_stderr(home, capsys):

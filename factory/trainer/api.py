@@ -228,6 +228,10 @@ def _train_locked(
     cat = _catalog(home) if data_ref is not None else None
     if cat is not None and out is None:
         _version_folder(cat, name, model_dir)  # fail now, not after the training
+    evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
+    for item in evals:
+        if isinstance(item, str):
+            _catalog(home).resolve(item)  # a misspelt --eval fails now, not after the training
 
     base_model = None
     if cfg.residual_of:
@@ -237,11 +241,10 @@ def _train_locked(
     result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                  cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
-    with phase(f"save the model to {work}", cfg.progress):
-        model.save(work)
     metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
-    evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
     try:
+        with phase(f"save the model to {work}", cfg.progress):
+            model.save(work)
         if evals:
             metrics["eval"] = {}
             for item in evals:
@@ -260,13 +263,13 @@ def _train_locked(
 
 
 class EvaluationInterrupted(TrainingInterrupted):
-    """Ctrl+C in the evaluation after training: the trained run is kept, resumable."""
+    """Ctrl+C while saving or evaluating after training: the trained run is kept, resumable."""
 
     def __init__(self, checkpoint: Path, step: int):
         super().__init__(checkpoint, step)
-        self.args = (f"training finished at step {step}, but the evaluation after it was interrupted; "
-                     f"the run is kept in {checkpoint.parent}: rerun with --resume to evaluate and "
-                     "register it",)
+        self.args = (f"training finished at step {step}, but saving or evaluating the model was "
+                     f"interrupted; the run is kept in {checkpoint.parent}: rerun with --resume to "
+                     "evaluate and register it",)
 
 
 def _version_folder(cat: Any, name: str, model_dir: Path) -> tuple[int, Path]:
