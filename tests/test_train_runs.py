@@ -43,7 +43,11 @@ def _train(capsys, home: Path, name: str, *extra: str) -> tuple[int, str, str]:
 
 def test_a_name_leaving_the_home_is_refused_before_anything_is_written(home, capsys):
     outside = home.parent
-    before = _files(outside)
+
+    def written_outside() -> set[str]:
+        return {f for f in _files(outside) if not f.startswith(f"{home.name}/")}
+
+    before = written_outside()
     code, _, err = _train(capsys, home, "../../x")
     assert code == 1 and err.count("\n") == 1 and "invalid model name '../../x'" in err
     with pytest.raises(PrefabError, match="invalid model name"):
@@ -55,7 +59,12 @@ def test_a_name_leaving_the_home_is_refused_before_anything_is_written(home, cap
     (home / "models" / "linked").symlink_to(elsewhere)
     code, _, err = _train(capsys, home, "linked")
     assert code == 1 and err.count("\n") == 1 and "outside the home" in err
-    assert _files(outside) == before and not any(elsewhere.iterdir())
+    # and so is a run folder planted as a symlink inside a model's folder
+    (home / "models" / "planted").mkdir()
+    (home / "models" / "planted" / "run").symlink_to(elsewhere)
+    code, _, err = _train(capsys, home, "planted")
+    assert code == 1 and err.count("\n") == 1 and "outside the home" in err
+    assert written_outside() == before and not any(elsewhere.iterdir())
 
 
 def test_a_second_run_of_a_name_in_training_is_refused_in_one_line(home, capsys):

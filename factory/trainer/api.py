@@ -34,7 +34,7 @@ from factory.trainer.loop import (
 from factory.trainer.model import META_FILE, HeadFeaturizer, RewardModel, load_reward_model
 from factory.trainer.progress import phase
 from factory.trainer.residual import check_base, combine, residual_data
-from factory.trainer.runlock import model_folder, run_lock
+from factory.trainer.runlock import inside_home, model_folder, run_lock
 from schemas.errors import PrefabError
 
 MODEL_CACHE_SIZE = 4
@@ -195,6 +195,8 @@ def _train_locked(
 ) -> TrainResult:
     work = Path(out) if out is not None else model_dir / RUN_FOLDER
     checkpoint_dir = work / "checkpoint"
+    if out is None:  # a planted symlink inside models/NAME must not lead out either
+        inside_home(_home(home), checkpoint_dir)
     if checkpoint_dir.exists() and not resume:
         raise PrefabError(f"{checkpoint_dir} holds a run that was interrupted before it was registered; "
                           "pass --resume to continue it")
@@ -276,7 +278,7 @@ def _version_folder(cat: Any, name: str, model_dir: Path) -> tuple[int, Path]:
     """The version this run registers and its folder ``models/NAME/vN`` (which must be free)."""
     version = cat.next_model_version(name)
     folder = model_dir / f"v{version}"
-    if folder.exists():
+    if folder.exists() or folder.is_symlink():
         raise PrefabError(f"{folder} exists but {name}@{version} is not registered (left by a run an older "
                           "prefab could not finish); remove that folder and train again")
     return version, folder
