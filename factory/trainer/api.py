@@ -243,8 +243,8 @@ def _train_locked(
     result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                  cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
-    metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
     try:
+        metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
         with phase(f"save the model to {work}", cfg.progress):
             model.save(work)
         if evals:
