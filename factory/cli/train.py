@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     # Settings default to None so that --resume can tell a flag given from a default.
     train.add_argument("--data", metavar="REF",
                        help="training data: name, name@N or name@tag (with --resume: the checkpoint's)")
-    train.add_argument("--name", required=True, metavar="MODEL", help="model name in the catalog")
+    train.add_argument("--name", required=True, metavar="MODEL",
+                       help="model name in the catalog (letters, digits, '_', '.', '-'); one run of a "
+                            "name at a time")
     train.add_argument("--base", default=None,
                        help="backbone: 'minilm' (embedded all-MiniLM-L6-v2, the default) or a "
                             "Hugging Face model folder")
@@ -58,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                             "balanced by generator; or per generator, e.g. master_keys=0.25,neutral=10")
     train.add_argument("--residual-of", default=None, metavar="MODEL",
                        help="head mode: train a residual on top of this model (trained on the real pairs): "
-                            "reward = base + residual, fitted to the generated pairs while the real pairs "
-                            "count as ties for it, so their order stays the base's")
+                            "reward = base + residual, fitted to the generated pairs (a generated tie "
+                            "ties in base + residual) while the real pairs count as ties of the residual, "
+                            "so their order stays the base's")
     train.add_argument("--val-on", choices=["all", "real"], default=None,
                        help="validation loss (best epoch, early stopping) on all validation pairs or only "
                             "the real, not generated, ones (default all)")
