@@ -7,10 +7,14 @@ complexity and verbosity, or any list of names. Ratings are JSON-schema constrai
 a reply that misses an attribute, repeats one or leaves the scale fails its seed.
 
 Each seed yields one pair with ``attribute_scores`` (``[{attribute, chosen, rejected}]``,
-the mean over ``samples`` draws) and a label derived from the ratings: the gap between
+the mean over ``samples`` draws) and a label derived from the ratings from the gap between
 the answers' mean rating over the ``overall`` attributes (default: all but complexity and
-verbosity, which describe an answer rather than grade it) is the ``margin``; a gap within
-``tie_margin`` makes a tie. Where the ratings prefer the seed's rejected answer, the pair
+verbosity, which describe an answer rather than grade it); a gap within ``tie_margin``
+makes a tie. The ``margin`` column, which the trainer reads as a reward gap in logits, is
+that gap as a share of the scale's range times ``max_margin``: gap / (scale − 1) ·
+max_margin, so the widest possible gap (scale − 1 points) asks for ``max_margin`` logits
+(default 1) and a 1-point gap on a 1–10 scale for 1/9 of that, whatever the scale. A raw
+rating gap would ask a 6-point gap on a 1–10 scale for a 6-logit reward gap. Where the ratings prefer the seed's rejected answer, the pair
 is flipped (``disagree=flip``, its scores swapped with it) or left out (``drop``,
 counted). The method says which: ``ratings:agree``, ``ratings:flipped`` or ``ratings:tie``.
 """
@@ -66,6 +70,8 @@ class RatingsParams:
     scale: int = param(5, "ratings run from 1 to this", low=2, high=10)
     samples: int = param(1, "rating draws per answer, averaged", low=1, high=16)
     tie_margin: float = param(0.0, "a mean-rating gap at most this makes a tie", low=0.0)
+    max_margin: float = param(1.0, "margin (reward gap in logits) of the widest rating gap, scale - 1 "
+                                   "points; smaller gaps get their share of it", low=0.0)
     disagree: Literal["flip", "drop"] = param("flip", "when the ratings prefer the rejected answer: flip the "
                                                       "pair, or leave it out")
     include_ties: bool = param(True, "rate tie-labelled seeds too (their label then comes from the ratings)")
@@ -116,6 +122,11 @@ def _calls(table: pa.Table, rows: list[int], params: RatingsParams) -> list[Call
             for i in rows for side in ("chosen", "rejected") for k in range(params.samples)]
 
 
+def _margin(gap: float, params: RatingsParams) -> float:
+    """A mean-rating gap as a reward margin: its share of the scale's range, in max_margin units."""
+    return gap / (params.scale - 1) * params.max_margin
+
+
 @llm_plan("generator", "ratings", needs="a chat model with JSON-schema structured outputs")
 def plan_ratings(table: pa.Table, ctx: StepContext[RatingsParams]) -> list[Planned]:
     usable, _ = _seeds(table, ctx.params)
@@ -123,7 +134,7 @@ def plan_ratings(table: pa.Table, ctx: StepContext[RatingsParams]) -> list[Plann
                     max_tokens=ctx.params.max_tokens)]
 
 
-@generator("ratings", params=RatingsParams, version="1", backend="required", batch_rows=2048,
+@generator("ratings", params=RatingsParams, version="2", backend="required", batch_rows=2048,
            templates=template_sources(RATE))
 def ratings(table: pa.Table, ctx: StepContext[RatingsParams]) -> StepResult:
     """Per-attribute absolute ratings of both answers, and the pair they imply (ArmoRM / UltraFeedback)."""
@@ -188,7 +199,7 @@ def ratings(table: pa.Table, ctx: StepContext[RatingsParams]) -> StepResult:
         counts[label] += 1
         take.append(i)
         rows.append({"chosen": first, "rejected": second, "tie": label == "tie",
-                     "margin": 0.0 if label == "tie" else abs(gap), "attribute_scores": attribute_scores,
+                     "margin": 0.0 if label == "tie" else _margin(abs(gap), params), "attribute_scores": attribute_scores,
                      "task": tasks[i], "parent_ids": [pair_ids[i]], "generated": "none",
                      "method": f"ratings:{label}"})
     out = pa.table({

@@ -51,7 +51,8 @@ def test_ratings_give_attribute_scores_margins_ties_and_flips(cli, seeds, server
     scores = {s["attribute"]: (s["chosen"], s["rejected"]) for s in agree["attribute_scores"]}
     assert list(scores) == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
     assert scores["helpfulness"] == (5.0, 2.0) and scores["complexity"] == (2.0, 2.0)
-    assert agree["margin"] == pytest.approx(3.0)  # mean gap over helpfulness, correctness, coherence
+    # mean gap over helpfulness, correctness, coherence (3 points) as a share of the 1..5 range
+    assert agree["margin"] == pytest.approx(3.0 / 4)
     assert agree["provenance"]["method"] == "ratings:agree"
 
     flipped = rows["Q2?"]
@@ -82,6 +83,14 @@ def test_custom_attributes_drop_disagreements_and_average_samples(cli, seeds, se
     asked = server.script.bodies[0]["messages"][-1]["content"]
     assert "- harmlessness: the response’s harmlessness" in asked and "verbosity" not in asked
     assert sorted({b["seed"] for b in server.script.bodies}) == [0, 1]
+
+
+def test_margins_are_the_rating_gap_as_a_share_of_the_scale(cli, seeds, server, home) -> None:
+    # a 3-point gap on a 1..10 scale, and the widest gap scaled to 2 logits
+    result = cli("generate", "ratings", "--from", seeds, "--name", "ten", "--backend", spec(server),
+                 "--set", "scale=10", "--set", "max_margin=2", "--json")
+    assert result.code == 0, result.stderr
+    assert _by_prompt(home, "ten")["Q1?"]["margin"] == pytest.approx(3.0 / 9 * 2)
 
 
 def test_parameters_are_checked_before_any_work() -> None:

@@ -192,3 +192,36 @@ def test_residual_training_keeps_the_real_order_and_fixes_what_the_base_gets_wro
         train(real, "res2", out=tmp_path / "res2", residual_of=str(tmp_path / "base"), **opts)
     with pytest.raises(PrefabError, match="features"):
         train(both, "res3", out=tmp_path / "res3", residual_of=str(tmp_path / "base"), features="pair+parts", **opts)
+
+
+def _markdown(table: pa.Table, *, tie: bool) -> pa.Table:
+    """Pairs of each chosen answer against its markdown rewrite: the rewrite preferred by a
+    margin of 2 (``tie=False``, as real pairs), or the two as a generated tie (``tie=True``)."""
+    rows = []
+    for row in table.to_pylist():
+        rewrite = f"## Answer\n\n- **{row['chosen']}**\n- _see above_"
+        if tie:
+            row["provenance"] = {**row["provenance"], "step": "neutral", "parent_ids": [row["pair_id"]]}
+            row["rejected"], row["tie"] = rewrite, True
+        else:
+            row["chosen"], row["rejected"], row["margin"] = rewrite, row["chosen"], 2.0
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def test_residual_training_makes_generated_ties_tie_in_the_combined_reward(tmp_path):
+    from factory.trainer.api import train
+
+    opts = {"mode": "head", "epochs": 20, "lr": 5e-3, "batch_size": 16, "max_length": 64, "progress": False, "seed": 0,
+            "val_fraction": 0.0, "home": tmp_path / "home", "robustness": False}
+    real = toy_pairs(20, seed=0)
+    base = train(pa.concat_tables([real, _markdown(toy_pairs(20, seed=7), tie=False)]), "base",
+                 out=tmp_path / "base", **opts)
+    ties = _markdown(toy_pairs(20, seed=8), tie=True)
+    gap_of = lambda model: float(np.mean(np.subtract(*score_pairs(model, pair_data(ties)))))  # noqa: E731
+    before = gap_of(base.model)
+    assert before < -1.0  # the base prefers the rewrite of a tie by a wide margin
+    data = pa.concat_tables([real, ties, _keyed(toy_pairs(20, seed=1), ":")])
+    result = train(data, "res", out=tmp_path / "res", residual_of=str(tmp_path / "base"), **opts)
+    after = gap_of(result.model)
+    assert abs(after) < 0.25 * abs(before), (before, after)

@@ -71,7 +71,7 @@ class _LengthModel:
     device = torch.device("cpu")
     featurizer = None
 
-    def reward(self, prompts, responses, batch_size: int = 64) -> np.ndarray:
+    def reward(self, prompts, responses, batch_size: int = 64, **_) -> np.ndarray:
         return np.array([len(r) / 10 for r in responses], dtype=np.float64)
 
 
@@ -107,7 +107,7 @@ class _ScriptedModel:
         self.rewards = rewards
         self.asked: list[tuple[str, str]] = []
 
-    def reward(self, prompts, responses, batch_size: int = 64) -> np.ndarray:
+    def reward(self, prompts, responses, batch_size: int = 64, **_) -> np.ndarray:
         keys = [(p[-1]["content"], r) for p, r in zip(prompts, responses, strict=True)]
         self.asked += keys
         return np.array([self.rewards[k] for k in keys], dtype=np.float64)
@@ -166,3 +166,34 @@ def test_contrast_mining_takes_the_best_qualifying_neighbour_blockwise():
     finally:
         tracemalloc.stop()
     assert peak < (n * n * 4) / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+class _LengthRecordingModel(_ScriptedModel):
+    """Stub that records the max length of every scoring call (None: the training length)."""
+
+    spec = type("Spec", (), {"max_length": 256})()
+
+    def __init__(self, rewards: dict[tuple[str, str], float]):
+        super().__init__(rewards)
+        self.lengths: list[int | None] = []
+
+    def score(self, prompts, responses, batch_size: int = 64, *, max_length=None, progress=None):
+        self.lengths.append(max_length)
+        return super().reward(prompts, responses), np.zeros(len(responses), dtype=bool)
+
+    def reward(self, prompts, responses, batch_size: int = 64, *, max_length=None, progress=None):
+        return self.score(prompts, responses, max_length=max_length)[0]
+
+
+def test_eval_at_another_length_scores_answers_keys_and_contrasts_at_that_length():
+    from factory.trainer.evaluate import evaluate_model
+
+    rice, pasta = "how to cook rice", "how to cook pasta"
+    data = pair_data(_table([(rice, "boil rice", "no", "s", False, None),
+                             (pasta, "boil pasta", "no", "s", False, None)]))
+    rewards = {(q, a): 1.0 for q in (rice, pasta) for a in ("boil rice", "boil pasta", "no", *MASTER_KEYS)}
+    model = _LengthRecordingModel(rewards)
+    out = evaluate_model(model, data, max_length=40, embed=_bag_of_words, contrast_threshold=0.6)
+    assert out["max_length"] == 40 and out["contrast_instructions"]["contrast_pairs"] == 1
+    assert out["master_key"]["comparisons"] == 2 * len(MASTER_KEYS)
+    assert len(model.lengths) == 3 and set(model.lengths) == {40}  # answers, keys, contrasts

@@ -3,6 +3,8 @@ Ctrl+C while embedding, best epoch and early stopping."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -115,7 +117,7 @@ def test_ctrl_c_finishes_the_step_and_keeps_a_checkpoint(featurizer, tmp_path, m
     with pytest.raises(TrainingInterrupted) as stop:
         fit(data, _cfg(epochs=3), featurizer=featurizer, checkpoint_dir=tmp_path)
     assert stop.value.step == 2  # the interrupted step completed, then training stopped
-    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["step"] == 2
     assert signal.getsignal(signal.SIGINT) is before  # our handler is removed again
 
 
@@ -200,3 +202,54 @@ def test_keeps_the_best_epoch_and_stops_when_validation_stops_improving(featuriz
                train_idx=train_idx, val_idx=val_idx)
     assert len(full.history) == 10 and not full.stopped_early and full.best_epoch == 1
     assert torch.equal(_head_params(full), _head_params(result))
+
+
+def test_pair_weights_count_even_when_a_batch_holds_one_pair(featurizer):
+    # Flipped pairs (insult chosen) at a hundredth of the weight: with one pair per batch,
+    # a per-batch normalisation would give each of them a full step, as if unweighted.
+    good = toy_pairs(20, seed=11).to_pylist()
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "weight": 0.01}
+               for r in toy_pairs(40, seed=12).to_pylist()[20:]]
+    table = pa.Table.from_pylist(good + flipped, schema=toy_pairs(1).schema)
+    cfg = _cfg(epochs=2, batch_size=1)
+    weighted = fit(pair_data(table), cfg, featurizer=featurizer)
+    unweighted = fit(pair_data(table.drop_columns(["weight"])), cfg, featurizer=featurizer)
+    held_out = pair_data(toy_pairs(60, seed=13).slice(40))
+    accuracy = [float(np.mean(np.greater(*score_pairs(r.model, held_out)))) for r in (weighted, unweighted)]
+    assert accuracy[0] >= 0.9 and accuracy[1] <= 0.6, accuracy
+
+
+class _OpensAFile:
+    """Pickles as a call to open(): what a planted checkpoint could run when loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_round_trip_as_tensors_and_plain_data_only(featurizer, tmp_path):
+    from factory.trainer.loop import read_checkpoint_params
+    from schemas.errors import PrefabError
+
+    data = pair_data(toy_pairs(40, seed=8))
+    cfg = _cfg(epochs=2, seed=np.int64(3), lr=np.float64(2e-3))  # numpy values from a caller
+    with pytest.raises(TrainingInterrupted):
+        fit(data, replace(cfg, stop_after_steps=2), featurizer=featurizer, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["step"] == 2 and state["params"]["seed"] == 3 and "optimizer" in state
+    resumed = fit(data, cfg, featurizer=featurizer, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.resumed_from_step == 2 and resumed.steps == 6
+
+    # a checkpoint that would run code when unpickled is refused, in one line, and runs nothing
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    state["params"]["note"] = _OpensAFile(str(tmp_path / "ran"))
+    torch.save(state, planted / CHECKPOINT_FILE)
+    with pytest.raises(PrefabError, match="more than tensors and plain data") as refused:
+        read_checkpoint_params(planted)
+    assert "\n" not in str(refused.value) and not (tmp_path / "ran").exists()
+    with pytest.raises(PrefabError, match="more than tensors"):
+        fit(data, cfg, featurizer=featurizer, checkpoint_dir=planted, resume=True)
+    assert not (tmp_path / "ran").exists()

@@ -84,3 +84,17 @@ def test_reward_centering_adds_the_squared_sum():
     plain = pair_losses(r_c, r_r)
     centred = pair_losses(r_c, r_r, center_coef=0.01)
     assert math.isclose(float(centred - plain), 0.01 * 9.0, rel_tol=1e-6)
+
+
+def test_weights_are_relative_to_the_dataset_mean_not_to_the_batch():
+    r_c, r_r = torch.tensor([0.2, -0.1]), torch.tensor([0.0, 0.3])
+    plain = preference_loss(r_c, r_r).loss
+    low = torch.tensor([0.1, 0.1])
+    # a batch of pairs weighing a tenth of the dataset's mean takes a tenth of the step...
+    scaled = preference_loss(r_c, r_r, weight=low, mean_weight=1.0).loss
+    assert math.isclose(float(scaled), 0.1 * float(plain), rel_tol=1e-6)
+    # ...whereas normalised by its own weights it would take the full one
+    assert math.isclose(float(preference_loss(r_c, r_r, weight=low).loss), float(plain), rel_tol=1e-6)
+    # unit weights (mean 1) give the plain mean either way
+    assert math.isclose(float(preference_loss(r_c, r_r, weight=torch.ones(2), mean_weight=1.0).loss),
+                        float(plain), rel_tol=1e-6)

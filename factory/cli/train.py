@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     # Settings default to None so that --resume can tell a flag given from a default.
     train.add_argument("--data", metavar="REF",
                        help="training data: name, name@N or name@tag (with --resume: the checkpoint's)")
-    train.add_argument("--name", required=True, metavar="MODEL", help="model name in the catalog")
+    train.add_argument("--name", required=True, metavar="MODEL",
+                       help="model name in the catalog (letters, digits, '_', '.', '-'); one run of a "
+                            "name at a time")
     train.add_argument("--base", default=None,
                        help="backbone: 'minilm' (embedded all-MiniLM-L6-v2, the default) or a "
                             "Hugging Face model folder")
@@ -58,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                             "balanced by generator; or per generator, e.g. master_keys=0.25,neutral=10")
     train.add_argument("--residual-of", default=None, metavar="MODEL",
                        help="head mode: train a residual on top of this model (trained on the real pairs): "
-                            "reward = base + residual, fitted to the generated pairs while the real pairs "
-                            "count as ties for it, so their order stays the base's")
+                            "reward = base + residual, fitted to the generated pairs (a generated tie "
+                            "ties in base + residual) while the real pairs count as ties of the residual, "
+                            "so their order stays the base's")
     train.add_argument("--val-on", choices=["all", "real"], default=None,
                        help="validation loss (best epoch, early stopping) on all validation pairs or only "
                             "the real, not generated, ones (default all)")
@@ -115,14 +118,16 @@ def augment_weight(text: str) -> float | dict[str, float]:
                                          f"got {text!r}") from None
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    # None: bars only on a terminal; never mixed into a --json document's run.
-    return False if (args.no_progress or args.json) else None
+def _progress(args: argparse.Namespace) -> bool:
+    # Bars and phase lines on a terminal, decided here once: a loaded model's featurizer is
+    # quiet unless told (library scoring), so "unset" must not reach it. Never with --json.
+    return not (args.no_progress or args.json) and sys.stderr.isatty()
 
 
 def run_train(args: argparse.Namespace) -> CommandResult:
     from factory.embed import EmbeddingInterrupted
     from factory.trainer import TrainingInterrupted, train
+    from factory.trainer.api import EvaluationInterrupted
     from factory.trainer.evaluate import summary_text
 
     if args.data is None and not args.resume:
@@ -138,6 +143,9 @@ def run_train(args: argparse.Namespace) -> CommandResult:
             features=args.features, head_hidden=args.head_hidden, augment_weight=args.augment_weight,
             val_on=args.val_on, residual_of=args.residual_of, progress=_progress(args),
         )
+    except EvaluationInterrupted as exc:
+        print(f"prefab: {exc}", file=sys.stderr)
+        raise
     except TrainingInterrupted as exc:
         print(f"prefab: training stopped at step {exc.step}; checkpoint kept at {exc.checkpoint}; "
               "rerun with --resume to continue", file=sys.stderr)

@@ -11,11 +11,20 @@ and its embedding cache are the shared service of :mod:`factory.embed`.
 
 from __future__ import annotations
 
-from factory.trainer.api import TrainResult, evaluate, load_model, oof_scores, score, train
+from factory.trainer.api import (
+    EvaluationInterrupted,
+    TrainResult,
+    evaluate,
+    load_model,
+    oof_scores,
+    score,
+    train,
+)
 from factory.trainer.loop import TrainConfig, TrainingInterrupted
 from factory.trainer.model import RewardModel, load_reward_model
 
 __all__ = [
+    "EvaluationInterrupted",
     "RewardModel",
     "TrainConfig",
     "TrainResult",

@@ -11,6 +11,7 @@ never stale; ``name`` alone still resolves to the newest version on every call.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,12 +24,21 @@ import pyarrow as pa
 from factory.home import resolve_home
 from factory.trainer.data import PairData, kfold_by_prompt, pair_data
 from factory.trainer.evaluate import evaluate_model, score_pairs, score_pairs_truncated
-from factory.trainer.loop import RESUME_KEYS, TrainConfig, fit, read_checkpoint_params
+from factory.trainer.loop import (
+    RESUME_KEYS,
+    TrainConfig,
+    TrainingInterrupted,
+    fit,
+    read_checkpoint_params,
+)
 from factory.trainer.model import META_FILE, HeadFeaturizer, RewardModel, load_reward_model
+from factory.trainer.progress import phase
 from factory.trainer.residual import check_base, combine, residual_data
+from factory.trainer.runlock import inside_home, model_folder, run_lock
 from schemas.errors import PrefabError
 
 MODEL_CACHE_SIZE = 4
+RUN_FOLDER = "run"  # models/NAME/run: the run in progress (and its checkpoint)
 # CLI spelling of each setting, for messages about --resume.
 FLAG_OF = {"center_coef": "--center-rewards", "val_fraction": "--val-fraction",
            "batch_size": "--batch-size", "max_length": "--max-length", "max_pairs": "--max-pairs",
@@ -156,15 +166,46 @@ def train(
     ``None`` means the default. With ``resume=True`` the run continues its checkpoint with
     the checkpoint's settings (and data, when ``data`` is None); a setting given
     explicitly that differs is an error naming it.
+
+    The run works in ``models/NAME/run`` (or ``out``) under a lock of the name, so two runs
+    of one name cannot mix; the finished model moves to ``models/NAME/vN`` and is
+    registered as ``NAME@N`` (the same N), without its optimiser checkpoint. A run
+    interrupted in training or in the evaluation after it keeps ``run`` and its checkpoint:
+    ``resume=True`` continues (a finished run only evaluates and registers).
     """
-    work = Path(out) if out is not None else _home(home) / "models" / name / "run"
-    if (work / META_FILE).is_file() and out is not None:
-        raise PrefabError(f"model folder {work} already holds a model; choose another --out")
+    model_dir = model_folder(_home(home), name)  # checked before anything is written
+    with run_lock(model_dir, name):
+        return _train_locked(data, name, model_dir, home=home, base=base, mode=mode, eval=eval,
+                             resume=resume, out=out, robustness=robustness, options=options)
+
+
+def _train_locked(
+    data: str | pa.Table | Any | None,
+    name: str,
+    model_dir: Path,
+    *,
+    home: str | Path | None,
+    base: str | None,
+    mode: str | None,
+    eval: str | pa.Table | list[str] | None,  # noqa: A002 - the CLI's --eval
+    resume: bool,
+    out: str | Path | None,
+    robustness: bool,
+    options: dict[str, Any],
+) -> TrainResult:
+    work = Path(out) if out is not None else model_dir / RUN_FOLDER
     checkpoint_dir = work / "checkpoint"
+    if out is None:  # a planted symlink inside models/NAME must not lead out either
+        inside_home(_home(home), checkpoint_dir)
     if checkpoint_dir.exists() and not resume:
-        raise PrefabError(f"{checkpoint_dir} holds an unfinished run; pass --resume to continue it")
+        raise PrefabError(f"{checkpoint_dir} holds a run that was interrupted before it was registered; "
+                          "pass --resume to continue it")
     if resume and not checkpoint_dir.exists():
         raise PrefabError(f"nothing to resume: {checkpoint_dir} does not exist")
+    if out is not None and (work / META_FILE).is_file() and not resume:
+        raise PrefabError(f"model folder {work} already holds a model; choose another --out")
+    if out is None and work.exists() and not resume:
+        shutil.rmtree(work)  # a run stopped before its first checkpoint: nothing to keep
 
     given = {"mode": mode, "base": base, **options}
     data_ref_given = None
@@ -182,27 +223,107 @@ def train(
         raise PrefabError("no training data: pass --data")
     chosen = {**settings, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(**chosen).resolved()
-    table, data_ref = _load_data(data, home)
+    with phase(f"read {data if isinstance(data, str) else 'the pairs'}", cfg.progress) as info:
+        table, data_ref = _load_data(data, home)
+        pairs = pair_data(table)
+        info["detail"] = f"{len(pairs):,} pairs"
     cat = _catalog(home) if data_ref is not None else None
+    if cat is not None and out is None:
+        _version_folder(cat, name, model_dir)  # fail now, not after the training
+    evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
+    for item in evals:
+        if isinstance(item, str):
+            _catalog(home).resolve(item)  # a misspelt --eval fails now, not after the training
 
-    pairs = pair_data(table)
     base_model = None
     if cfg.residual_of:
         base_model = load_model(cfg.residual_of, home)
         check_base(base_model, cfg.mode, cfg.base, cfg.features)
-    result = fit(residual_data(pairs, base_model) if base_model else pairs, cfg, checkpoint_dir=checkpoint_dir,
-                 resume=resume, cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
+    trained_on = residual_data(pairs, base_model, cfg.progress) if base_model else pairs
+    result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
+                 cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
-    model.save(work)
-    folder = work
-    if out is None:
-        taken = [int(p.name[1:]) for p in work.parent.glob("v*") if p.name[1:].isdigit()]
-        version = max([_catalog(home).next_model_version(name), *(t + 1 for t in taken)])
-        folder = work.parent / f"v{version}"
+    try:
+        metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
+        with phase(f"save the model to {work}", cfg.progress):
+            model.save(work)
+        if evals:
+            metrics["eval"] = {}
+            for item in evals:
+                eval_table, eval_ref = _load_data(item, home)
+                key = eval_ref or f"table{len(metrics['eval'])}"
+                with phase(f"evaluate on {key}", cfg.progress, count=eval_table.num_rows):
+                    metrics["eval"][key] = evaluate_model(model, pair_data(eval_table),
+                                                          robustness=robustness, seed=cfg.seed,
+                                                          home=home, progress=cfg.progress)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(checkpoint_dir, result.steps) from None
+    params = {**cfg.as_params(), "resume": resume}
+    folder, registered = _publish(work, name, model_dir, cat, data_ref, metrics, params,
+                                  keep_in_place=out is not None)
+    return TrainResult(name, folder, data_ref, metrics, params, model, registered)
+
+
+class EvaluationInterrupted(TrainingInterrupted):
+    """Ctrl+C while saving or evaluating after training: the trained run is kept, resumable."""
+
+    def __init__(self, checkpoint: Path, step: int):
+        super().__init__(checkpoint, step)
+        self.args = (f"training finished at step {step}, but saving or evaluating the model was "
+                     f"interrupted; the run is kept in {checkpoint.parent}: rerun with --resume to "
+                     "evaluate and register it",)
+
+
+def _version_folder(cat: Any, name: str, model_dir: Path) -> tuple[int, Path]:
+    """The version this run registers and its folder ``models/NAME/vN`` (which must be free)."""
+    version = cat.next_model_version(name)
+    folder = model_dir / f"v{version}"
+    if folder.exists() or folder.is_symlink():
+        raise PrefabError(f"{folder} exists but {name}@{version} is not registered (left by a run an older "
+                          "prefab could not finish); remove that folder and train again")
+    return version, folder
+
+
+def _free_folder(model_dir: Path, prefix: str) -> Path:
+    taken = {p.name for p in model_dir.glob(f"{prefix}*")}
+    return model_dir / next(f"{prefix}{k}" for k in range(1, len(taken) + 2) if f"{prefix}{k}" not in taken)
+
+
+def _publish(
+    work: Path, name: str, model_dir: Path, cat: Any, data_ref: str | None, metrics: dict[str, Any],
+    params: dict[str, Any], *, keep_in_place: bool,
+) -> tuple[Path, dict[str, Any] | None]:
+    """Move the finished run to its version folder, register it, then drop the checkpoint.
+
+    The folder is named after the version the catalog registers. If registering fails
+    (or is interrupted) the run moves back, checkpoint and all, so --resume can finish it;
+    only a registered version loses its optimiser state."""
+    folder, registered = work, None
+    if keep_in_place:
+        if cat is not None:
+            registered = cat.register_model(name, folder, data_ref, metrics, params)
+    elif cat is None:  # an in-memory table: kept, but no catalog version to name it after
+        folder = _free_folder(model_dir, "unregistered-")
         work.rename(folder)
+    else:
+        version, folder = _version_folder(cat, name, model_dir)
+        work.rename(folder)
+        try:
+            registered = cat.register_model(name, folder, data_ref, metrics, params)
+        except BaseException:
+            folder.rename(work)
+            raise
+        if registered["version"] != version:
+            raise PrefabError(f"{folder} was registered as {name}@{registered['version']}: another process "
+                              f"registered {name} meanwhile without the training lock")
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    return folder, registered
+
+
+def _train_metrics(result: Any, cfg: TrainConfig, combined: RewardModel | None, pairs: PairData) -> dict[str, Any]:
     by_epoch = {h["epoch"]: h for h in result.history}
     kept = by_epoch.get(result.best_epoch) or (result.history[-1] if result.history else {})
-    metrics: dict[str, Any] = {
+    return {
         "train_pairs": result.stats["train_pairs"],
         "val_pairs": result.stats["val_pairs"],
         "steps": result.steps,
@@ -216,28 +337,15 @@ def train(
         "pairs_per_second": round(result.pairs_per_second, 3),
         "train_loss": kept.get("train_loss"),
         "val_loss": kept.get("val_loss"),
-        "val_accuracy": (kept.get("val_accuracy") if base_model is None
-                         else _accuracy(model, pairs.subset(result.val_idx))),
+        # a residual's own accuracy says nothing: the combined model's is the one to show
+        "val_accuracy": (kept.get("val_accuracy") if combined is None
+                         else _accuracy(combined, pairs.subset(result.val_idx))),
         "max_length": cfg.max_length,
         "truncated_pairs": result.stats["truncated_pairs"],
         "truncated_share": round(result.stats["truncated_share"], 6),
         "history": result.history,
         "device": result.stats["device"],
     }
-    evals = [eval] if isinstance(eval, str | pa.Table) or _as_table(eval) is not None else list(eval or [])
-    if evals:
-        metrics["eval"] = {}
-        for item in evals:
-            eval_table, eval_ref = _load_data(item, home)
-            key = eval_ref or f"table{len(metrics['eval'])}"
-            metrics["eval"][key] = evaluate_model(model, pair_data(eval_table),
-                                                  robustness=robustness, seed=cfg.seed, home=home,
-                                                  progress=cfg.progress)
-    params = {**cfg.as_params(), "resume": resume}
-    registered = None
-    if cat is not None and data_ref is not None:
-        registered = cat.register_model(name, folder, data_ref, metrics, params)
-    return TrainResult(name, folder, data_ref, metrics, params, model, registered)
 
 
 def _accuracy(model: RewardModel, data: PairData) -> float | None:

@@ -40,6 +40,8 @@ _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "t
 # A cut response keeps its opening (a quarter of its share, at most this many tokens)
 # and its end (the rest).
 RESPONSE_HEAD_TOKENS = 64
+# Pairs per batched tokenizer call (and per step of the tokenising bar).
+ENCODE_CHUNK = 2048
 
 
 def resolve_base(base: str | None) -> str:
@@ -157,9 +159,40 @@ def encode_pairs(
     prompts: Sequence[Sequence[dict[str, str]]],
     responses: Sequence[str],
     max_length: int,
+    *,
+    progress: bool | None = False,
+    desc: str = "tokenize",
 ) -> Encoded:
     """Token ids of each (prompt, response): rendered, truncated by :func:`budget_truncate`
-    within ``max_length`` (special tokens included) and wrapped in the special tokens."""
+    within ``max_length`` (special tokens included) and wrapped in the special tokens.
+
+    Encoded in chunks of :data:`ENCODE_CHUNK` pairs (each pair is encoded on its own, so
+    the result does not depend on the chunking), with a bar when ``progress`` shows one."""
+    from factory.trainer.progress import bar
+
+    if len(responses) != len(prompts):
+        raise ValueError("prompts and responses differ in length")
+    ids: list[np.ndarray] = []
+    truncated: list[np.ndarray] = []
+    shown = bar(len(responses), desc, progress)
+    try:
+        for start in range(0, len(responses), ENCODE_CHUNK):
+            part = _encode_chunk(tokenizer, prompts[start : start + ENCODE_CHUNK],
+                                 responses[start : start + ENCODE_CHUNK], max_length)
+            ids += part.ids
+            truncated.append(part.truncated)
+            shown.update(len(part.ids))
+    finally:
+        shown.close()
+    return Encoded(ids, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool))
+
+
+def _encode_chunk(
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    responses: Sequence[str],
+    max_length: int,
+) -> Encoded:
     rendered = [render(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     specials = special_tokens(tokenizer)
     budget = max(2, max_length - len(specials.prefix) - len(specials.suffix))

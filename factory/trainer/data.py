@@ -31,6 +31,9 @@ class PairData:
     # provenance, every row is real.
     steps: list[str | None] = field(default_factory=list)
     derived: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # A fixed reward gap added to the trained one in the loss (float32; empty: 0 for every
+    # row). Residual training sets it to the base model's gap, so the loss sees base + residual.
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -41,6 +44,13 @@ class PairData:
         if len(self.derived) != len(self):
             return np.zeros(len(self), dtype=bool)
         return self.derived
+
+    @property
+    def gap_offset(self) -> np.ndarray:
+        """The fixed reward gap of each row (zeros when none is set)."""
+        if len(self.offset) != len(self):
+            return np.zeros(len(self), dtype=np.float32)
+        return self.offset
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> PairData:
         idx = list(np.asarray(idx, dtype=np.int64))
@@ -57,6 +67,7 @@ class PairData:
             tasks=[self.tasks[i] for i in idx],
             steps=[self.steps[i] for i in idx] if self.steps else [],
             derived=self.generated[idx],
+            offset=self.gap_offset[idx],
         )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from factory.trainer.data import PairData
 from factory.trainer.model import RewardModel
+from factory.trainer.progress import phase
 
 TIE_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 NONE_GROUP = "(none)"
@@ -122,23 +123,29 @@ def evaluate_model(
     from factory.trainer.robustness import contrast_consistency, master_key_fpr
 
     length = max_length or model.spec.max_length
-    r_c, r_r, cut = score_pairs_truncated(model, data, max_length=length, progress=progress)
+    with phase("score pairs", progress, count=len(data)):
+        r_c, r_r, cut = score_pairs_truncated(model, data, max_length=length, progress=progress)
     metrics = pairwise_metrics(r_c, r_r, data)
     metrics["max_length"] = length
     metrics["truncated_pairs"] = int(cut.sum())
     metrics["truncated_share"] = float(cut.mean()) if len(cut) else 0.0
     if robustness:
-        metrics["master_key"] = master_key_fpr(model, data, r_c, r_r, max_prompts=max_probe_prompts,
-                                               seed=seed)
+        # The probes read keys and contrast combinations at the length the answers were
+        # scored at: comparing rewards of different contexts would measure the length.
+        with phase("master-key probe", progress):
+            metrics["master_key"] = master_key_fpr(model, data, r_c, r_r, max_prompts=max_probe_prompts,
+                                                   seed=seed, max_length=length, progress=progress)
         if embed is None:
             from factory.embed import embed_texts
 
             def embed(texts: list[str]) -> np.ndarray:
                 return embed_texts(texts, home=home, progress=progress)
 
-        metrics["contrast_instructions"] = contrast_consistency(
-            model, data, embed=embed, threshold=contrast_threshold, max_pairs=max_probe_prompts
-        )
+        with phase("contrast-instructions probe", progress):
+            metrics["contrast_instructions"] = contrast_consistency(
+                model, data, embed=embed, threshold=contrast_threshold, max_pairs=max_probe_prompts,
+                max_length=length, progress=progress,
+            )
     return metrics
 
 

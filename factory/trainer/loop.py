@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +33,8 @@ from factory.trainer import backbones
 from factory.trainer.data import PairData, balanced_weights, epoch_batches, split_by_prompt
 from factory.trainer.losses import preference_loss
 from factory.trainer.model import HEAD_FEATURES, HeadFeaturizer, ModelSpec, RewardHead, RewardModel
+from factory.trainer.progress import bar as progress_bar
+from factory.trainer.progress import note, phase
 from schemas.errors import PrefabError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -101,7 +103,9 @@ class TrainConfig:
         if self.mode not in MODE_DEFAULTS:
             raise PrefabError(f"mode must be 'head' or 'full', got {self.mode!r}")
         filled = {k: v for k, v in MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
-        cfg = replace(self, **filled)
+        # Python numbers, not numpy ones: they reach the optimiser's and the checkpoint's state,
+        # which loads back as plain data only.
+        cfg = replace(self, **{k: plain(v) for k, v in asdict(replace(self, **filled)).items()})
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.max_length < 8:
             raise PrefabError("epochs, batch size and lr must be positive; max length >= 8")
         if cfg.patience < 0:
@@ -139,13 +143,39 @@ class FitResult:
     total_seconds: float = 0.0
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's payload: tensors and plain data only (``weights_only``), so a file
+    planted in the home cannot run code when a run resumes."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrefabError(f"{path} holds more than tensors and plain data, so it was not loaded "
+                          f"({first}); delete its folder and train again") from None
+
+
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """The saved state of a run (None when there is no checkpoint)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    return load_checkpoint(path) if path.is_file() else None
+
+
 def read_checkpoint_params(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """The settings a checkpoint was made with (None when there is no checkpoint)."""
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(state.get("params") or {})
+    state = read_checkpoint_state(checkpoint_dir)
+    return None if state is None else dict(state.get("params") or {})
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as Python numbers and lists, tuples as lists:
+    what ``torch.load(weights_only=True)`` reads back (tensors pass through)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
 
 
 class _Task(Protocol):
@@ -166,8 +196,11 @@ class _HeadTask:
                  featurizer: HeadFeaturizer | None = None, rows: np.ndarray | None = None):
         self.cfg = cfg
         self.device = device
-        self.featurizer = featurizer or HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device,
-                                                       features=cfg.features)
+        if featurizer is None:
+            with phase(f"load encoder {cfg.base}", cfg.progress):
+                featurizer = HeadFeaturizer(cfg.base, cfg.max_length, cache_root, device,
+                                            progress=cfg.progress, features=cfg.features)
+        self.featurizer = featurizer
         if self.featurizer.features_kind != cfg.features:
             raise PrefabError(f"the featurizer makes {self.featurizer.features_kind!r} features, the config "
                               f"asks for {cfg.features!r}")
@@ -215,8 +248,9 @@ class _FullTask:
         self.device = device
         path = backbones.resolve_base(cfg.base)
         torch.manual_seed(cfg.seed)  # the new score head is random: seed it
-        self.tokenizer = backbones.load_tokenizer(path)
-        self.module = backbones.load_seqcls(path, device)
+        with phase(f"load backbone {cfg.base}", cfg.progress):
+            self.tokenizer = backbones.load_tokenizer(path)
+            self.module = backbones.load_seqcls(path, device)
         self.module.config.pad_token_id = self.tokenizer.pad_token_id
         backbones.disable_dropout(self.module)
         on_cuda = device.type == "cuda"
@@ -227,8 +261,10 @@ class _FullTask:
         tok = self.tokenizer
         positions = getattr(self.module.config, "max_position_embeddings", 0) or 0
         backbones.check_max_length(cfg.max_length, positions, cfg.base)
-        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length)
-        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length)
+        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length,
+                                        progress=cfg.progress, desc="tokenize chosen")
+        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length,
+                                          progress=cfg.progress, desc="tokenize rejected")
         self.ids_chosen, self.ids_rejected = chosen.ids, rejected.ids
         self.truncated = chosen.truncated | rejected.truncated
         self.embed_seconds = 0.0
@@ -250,7 +286,8 @@ class _FullTask:
         from factory.trainer.model import full_rewards
 
         seqs = [self.ids_chosen[i] for i in idx] + [self.ids_rejected[i] for i in idx]
-        out = full_rewards(self.module, self.tokenizer, seqs, self.device, self.cfg.eval_batch_size)
+        out = full_rewards(self.module, self.tokenizer, seqs, self.device, self.cfg.eval_batch_size,
+                           progress=self.cfg.progress)
         self.module.train()
         return out[: len(idx)], out[len(idx) :]
 
@@ -367,7 +404,7 @@ def fit(
     state: dict[str, Any] | None = None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         # Checked before the (long) embedding phase, not after it.
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         differ = sorted(k for k in params if k in state["params"] and state["params"][k] != params[k])
         # (the API's --resume takes the checkpoint's settings: this is the library's guard)
         if differ:
@@ -376,6 +413,10 @@ def fit(
         if state["fingerprint"] != fingerprint:
             raise PrefabError(f"{ckpt_path}: checkpoint was made on other training pairs; "
                               "start a new model name or drop --resume")
+        # Said before the (long) embedding phase: the run continues, it does not start over.
+        note(f"resuming {ckpt_path} at step {state['step']}"
+             + (" (training had finished: nothing left to train)" if state.get("finished") else ""),
+             cfg.progress)
 
     task: _Task
     if cfg.mode == "head":
@@ -393,7 +434,10 @@ def fit(
         optimizer, lambda s: max(0.0, 1.0 - s / total_steps)
     )
     tie_t = torch.from_numpy(data.tie).to(device)
+    # Weights are relative to the training set's mean, not to each batch's (see losses).
+    mean_weight = float(weights[train_idx].astype(np.float64).mean())
     margin_t = torch.from_numpy(data.margin).to(device)
+    offset_t = torch.from_numpy(data.gap_offset).to(device)
     weight_t = torch.from_numpy(weights).to(device)
     # The rows the validation loss is computed on (all of them are embedded and trained apart).
     scored_val = val_idx
@@ -406,6 +450,8 @@ def fit(
     # The best epoch by validation loss: its number, loss, weights (a copy, None for the
     # last epoch) and how many epochs since failed to beat it.
     best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "weights": None, "stale": 0}
+    # finished: the last epoch ran or patience ran out (a resumed finished run only loads).
+    finished, stopped_early = False, False
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -414,16 +460,19 @@ def fit(
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         history = state["history"]
         best = state.get("best", best)
+        finished, stopped_early = state.get("finished", False), state.get("stopped_early", False)
     resumed_from = step
 
     def checkpoint() -> None:
         if ckpt_path is None:
             return
         _save_checkpoint(ckpt_path, {
-            "params": {**params, **(checkpoint_extra or {})}, "fingerprint": fingerprint, "model": module.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "step": step, "history": history, "best": best,
+            "params": plain({**params, **(checkpoint_extra or {})}), "fingerprint": fingerprint,
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": plain(scheduler.state_dict()), "rng": torch.get_rng_state(), "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "step": step, "history": plain(history),
+            "best": {**best, "val_loss": float(best["val_loss"])}, "finished": finished,
+            "stopped_early": stopped_early,
         })
 
     def end_of_epoch(record: dict[str, Any]) -> bool:
@@ -439,15 +488,11 @@ def fit(
         best["stale"] += 1
         return bool(cfg.patience) and best["stale"] >= cfg.patience
 
-    from tqdm.auto import tqdm
-
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not show,
-               desc=f"train {cfg.mode}", dynamic_ncols=True)
-    pairs_seen, started, stopped_early = 0, time.perf_counter(), False
+    bar = progress_bar(total_steps, f"train {cfg.mode}", cfg.progress, unit="step", initial=step)
+    pairs_seen, started = 0, time.perf_counter()
     try:
         with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):
-            while epoch < cfg.epochs:
+            while epoch < cfg.epochs and not finished:
                 batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch, lengths)
                 running = []
                 while batch_in_epoch < len(batches):
@@ -455,7 +500,8 @@ def fit(
                     t = torch.from_numpy(idx).to(device)
                     r_c, r_r = task.rewards(idx)
                     parts = preference_loss(r_c, r_r, tie=tie_t[t], margin=margin_t[t],
-                                            weight=weight_t[t], center_coef=cfg.center_coef)
+                                            weight=weight_t[t], offset=offset_t[t],
+                                            center_coef=cfg.center_coef, mean_weight=mean_weight)
                     parts.loss.backward()
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -477,10 +523,11 @@ def fit(
                 record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
                                           "train_loss": float(np.mean(running)) if running else None}
                 if len(scored_val):
-                    record.update(_validate(task, data, scored_val, tie_t, margin_t, weight_t, cfg))
+                    record.update(_validate(task, data, scored_val, tie_t, margin_t, offset_t, weight_t, cfg))
                 history.append(record)
                 epoch, batch_in_epoch = epoch + 1, 0
                 stopped_early = end_of_epoch(record) and epoch < cfg.epochs
+                finished = stopped_early or epoch >= cfg.epochs
                 checkpoint()
                 if stopped_early:
                     break
@@ -517,10 +564,12 @@ def fit(
 
 @torch.no_grad()
 def _validate(task: _Task, data: PairData, val_idx: np.ndarray, tie_t: torch.Tensor,
-              margin_t: torch.Tensor, weight_t: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+              margin_t: torch.Tensor, offset_t: torch.Tensor, weight_t: torch.Tensor,
+              cfg: TrainConfig) -> dict[str, float]:
     r_c, r_r = task.eval_rewards(val_idx)
     t = torch.from_numpy(val_idx).to(tie_t.device)
     parts = preference_loss(torch.from_numpy(r_c), torch.from_numpy(r_r), tie=tie_t[t].cpu(),
                             margin=margin_t[t].cpu().double(), weight=weight_t[t].cpu().double(),
+                            offset=offset_t[t].cpu().double(),
                             center_coef=cfg.center_coef)
     return {"val_loss": float(parts.loss), "val_accuracy": pair_accuracy(r_c, r_r, data.tie[val_idx])}

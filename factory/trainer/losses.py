@@ -1,12 +1,18 @@
 """Pairwise reward-model losses: Bradley–Terry with margins, a tie loss, per-pair weights.
 
-For a pair with rewards r_c, r_r and d = r_c − r_r:
+For a pair with rewards r_c, r_r and d = r_c − r_r + offset (offset 0 unless the rewards
+being trained are added to fixed ones, as in residual training, where it is the fixed gap):
 - preference pairs: −log σ(d − margin) (margin null -> 0; TRL's form);
 - tie pairs: BCE(σ(d), 0.5) = −½ log σ(d) − ½ log σ(−d), minimised at d = 0 (Crome);
 - optional centering: coef · ((r_c + r_r)²) per pair (TRL's ``center_rewards_coefficient``).
 
-The batch loss is the weighted mean Σ wᵢ ℓᵢ / Σ wᵢ. A weight of 0 adds nothing to either
-sum, so a zero-weight pair has exactly no influence on the loss or its gradients.
+The batch loss is Σ wᵢ ℓᵢ / (B · w̄), w̄ the mean weight of the whole training set (the
+trainer passes it as ``mean_weight``): a batch that happens to hold only low-weight pairs
+(e.g. generated ones) takes a step as small as its weights, instead of the full step a
+per-batch Σ wᵢ ℓᵢ / Σ wᵢ would give it. Unit weights give the plain mean either way.
+Without ``mean_weight`` (validation: one batch of the whole set) it is Σ wᵢ ℓᵢ / Σ wᵢ.
+A weight of 0 adds nothing, so a zero-weight pair has exactly no influence on the loss
+or its gradients.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ def pair_losses(
     *,
     tie: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
     center_coef: float = 0.0,
 ) -> torch.Tensor:
     """Unweighted loss of each pair."""
     diff = r_chosen - r_rejected
+    if offset is not None:
+        diff = diff + offset.to(diff.dtype)
     shifted = diff - margin.to(diff.dtype) if margin is not None else diff
     bt = -F.logsigmoid(shifted)
     if tie is not None:
@@ -54,12 +63,20 @@ def preference_loss(
     tie: torch.Tensor | None = None,
     margin: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
     center_coef: float = 0.0,
+    mean_weight: float | None = None,
 ) -> LossParts:
-    per_pair = pair_losses(r_chosen, r_rejected, tie=tie, margin=margin, center_coef=center_coef)
+    per_pair = pair_losses(r_chosen, r_rejected, tie=tie, margin=margin, offset=offset,
+                           center_coef=center_coef)
     w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair.dtype)
-    # clamp: an all-zero-weight batch contributes a zero loss (and zero gradients), not NaN
-    loss = (w * per_pair).sum() / w.sum().clamp(min=1e-12)
+    if mean_weight is not None:
+        if not mean_weight > 0:
+            raise ValueError(f"mean_weight must be > 0, got {mean_weight}")
+        loss = (w * per_pair).sum() / (len(per_pair) * mean_weight)
+    else:
+        # clamp: an all-zero-weight batch contributes a zero loss (and zero gradients), not NaN
+        loss = (w * per_pair).sum() / w.sum().clamp(min=1e-12)
     with torch.no_grad():
         is_tie = tie.bool() if tie is not None else torch.zeros_like(per_pair, dtype=torch.bool)
         bt = _masked_mean(per_pair, w, ~is_tie)

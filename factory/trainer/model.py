@@ -20,6 +20,7 @@ from torch import nn
 from factory.embed import embed_token_ids, encoder_cache
 from factory.embed.encoder import get_encoder
 from factory.trainer import backbones
+from factory.trainer.progress import bar, phase
 from schemas.errors import PrefabError
 
 META_FILE = "prefab_model.json"
@@ -126,20 +127,21 @@ class HeadFeaturizer:
         backbones.check_max_length(length, self.encoder.max_positions, "the encoder")
         show = self.progress if progress is None else progress
         tokenizer = self.encoder.tokenizer
-        encoded = backbones.encode_pairs(tokenizer, prompts, responses, length)
+        encoded = backbones.encode_pairs(tokenizer, prompts, responses, length, progress=show)
         feats = self.embed_ids(encoded.ids, progress=show)
         if self.features_kind == "pair":
             return feats, encoded.truncated
         # The response under an empty user turn (a rendering every chat template accepts),
         # and each distinct prompt once, with an empty response.
         alone = backbones.encode_pairs(tokenizer, [[{"role": "user", "content": ""}]] * len(responses),
-                                       responses, length)
+                                       responses, length, progress=show, desc="tokenize responses")
         response_vecs = self.embed_ids(alone.ids, progress=show)
         slot: dict[tuple[tuple[str, str], ...], int] = {}
         index = np.asarray([slot.setdefault(tuple((m["role"], m["content"]) for m in p), len(slot))
                             for p in prompts], dtype=np.int64)
         distinct = [[{"role": r, "content": c} for r, c in key] for key in slot]
-        prompt_only = backbones.encode_pairs(tokenizer, distinct, [""] * len(distinct), length)
+        prompt_only = backbones.encode_pairs(tokenizer, distinct, [""] * len(distinct), length,
+                                             progress=show, desc="tokenize prompts")
         prompt_vecs = self.embed_ids(prompt_only.ids, progress=show)[index]
         # Unit vectors: the product's entries are ~1/dim; sqrt(dim) brings them to the
         # scale of the other parts (its sum is then the cosine times sqrt(dim)).
@@ -147,9 +149,15 @@ class HeadFeaturizer:
         return np.concatenate([feats, response_vecs, match], axis=1), encoded.truncated
 
     def embed_ids(self, ids: Sequence[np.ndarray], progress: bool | None = False) -> np.ndarray:
-        return embed_token_ids(ids, encoder=self.encoder, cache=self.cache,
-                               batch_size=self.batch_size, progress=progress,
-                               desc="embed pairs")
+        """Embeddings of token ids: cached ones read back, the rest computed (with a bar);
+        the phase line says how many came from the cache (their lookup has no bar)."""
+        hits = self.cache.hits
+        with phase("embed", progress, count=len(ids), unit="input") as info:
+            vectors = embed_token_ids(ids, encoder=self.encoder, cache=self.cache,
+                                      batch_size=self.batch_size, progress=progress,
+                                      desc="embed pairs")
+            info["detail"] = f"{self.cache.hits - hits:,} from the cache"
+        return vectors
 
 
 class RewardModel:
@@ -178,9 +186,12 @@ class RewardModel:
         prompts: Sequence[Sequence[dict[str, str]]],
         responses: Sequence[str],
         batch_size: int = 64,
+        *,
+        max_length: int | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray:
-        """Reward of each (prompt, response), float64."""
-        return self.score(prompts, responses, batch_size)[0]
+        """Reward of each (prompt, response), float64 (``max_length``: as for :meth:`score`)."""
+        return self.score(prompts, responses, batch_size, max_length=max_length, progress=progress)[0]
 
     @torch.inference_mode()
     def score(
@@ -203,8 +214,11 @@ class RewardModel:
             return self.reward_features(feats), truncated
         positions = getattr(self.hf_model.config, "max_position_embeddings", 0) or 0
         backbones.check_max_length(length, positions, self.spec.base)
-        encoded = backbones.encode_pairs(self.tokenizer, prompts, responses, length)
-        return full_rewards(self.hf_model, self.tokenizer, encoded.ids, self.device, batch_size), encoded.truncated
+        show = bool(progress)  # unset: quiet, as a head model's featurizer is by default
+        encoded = backbones.encode_pairs(self.tokenizer, prompts, responses, length, progress=show)
+        rewards = full_rewards(self.hf_model, self.tokenizer, encoded.ids, self.device, batch_size,
+                               progress=show)
+        return rewards, encoded.truncated
 
     @torch.inference_mode()
     def reward_features(self, feats: np.ndarray) -> np.ndarray:
@@ -235,18 +249,25 @@ def full_rewards(
     ids: Sequence[np.ndarray],
     device: torch.device,
     batch_size: int = 64,
+    *,
+    progress: bool | None = False,
 ) -> np.ndarray:
     """Rewards of tokenised sequences, batched by length so padding stays small."""
     model.eval()
     out = np.zeros(len(ids), dtype=np.float64)
     order = np.argsort([len(s) for s in ids], kind="stable")
     use_bf16 = backbones.bf16_ok(device)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, mask = backbones.pad_batch([ids[i] for i in idx], tokenizer.pad_token_id, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        out[idx] = logits.squeeze(-1).float().cpu().numpy()
+    shown = bar(len(ids), "score", progress, unit="input")
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, mask = backbones.pad_batch([ids[i] for i in idx], tokenizer.pad_token_id, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            out[idx] = logits.squeeze(-1).float().cpu().numpy()
+            shown.update(len(idx))
+    finally:
+        shown.close()
     return out
 
 

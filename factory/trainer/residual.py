@@ -1,10 +1,12 @@
 """Residual training: robustness from generated pairs without moving the real pairs' order.
 
 A base head-mode model is trained on real pairs. The residual head is trained on the same
-features with the base's rewards as an offset: each generated preference pair gets the
-margin ``margin - Δ_base`` (so Bradley–Terry on the residual is Bradley–Terry on base +
-residual: it learns only what the base gets wrong), and every real pair becomes a tie (so
-the residual stays flat where the base's order came from). The saved model is one head,
+features with the base's reward gap Δ_base as a fixed offset on every generated pair, so
+the loss of a generated pair is the loss of base + residual: a preference pair asks for
+``Δ_base + Δ_residual > margin`` (the residual learns only what the base gets wrong), a
+tie asks for ``Δ_base + Δ_residual = 0`` (the residual's target is ``−Δ_base``, so the
+combined reward ties). Every real pair becomes a tie of the residual alone (offset 0), so
+the residual stays flat where the base's order came from. The saved model is one head,
 base + residual (:class:`~factory.trainer.model.SummedHead`).
 """
 
@@ -15,8 +17,9 @@ from dataclasses import replace
 import numpy as np
 
 from factory.trainer.data import PairData
-from factory.trainer.evaluate import score_pairs
+from factory.trainer.evaluate import score_pairs_truncated
 from factory.trainer.model import RewardHead, RewardModel, SummedHead
+from factory.trainer.progress import phase
 from schemas.errors import PrefabError
 
 
@@ -31,16 +34,16 @@ def check_base(base: RewardModel, mode: str, encoder: str, features: str) -> Non
                           f"the residual must too (got {features!r} of {encoder!r})")
 
 
-def residual_data(data: PairData, base: RewardModel) -> PairData:
-    """``data`` relabelled for the residual: generated preference pairs offset by the base's
-    reward gap, real pairs as ties. Generated ties stay ties."""
+def residual_data(data: PairData, base: RewardModel, progress: bool | None = False) -> PairData:
+    """``data`` relabelled for the residual: generated pairs (preferences and ties) offset by
+    the base's reward gap, real pairs as ties of the residual alone."""
     generated = data.generated
-    preference = generated & ~data.tie
-    if not preference.any():
+    if not (generated & ~data.tie).any():
         raise PrefabError("residual training needs generated preference pairs (from a generator) in the data")
-    r_c, r_r = score_pairs(base, data)
-    margin = np.where(preference, data.margin - (r_c - r_r), data.margin).astype(np.float32)
-    return replace(data, margin=margin, tie=data.tie | ~generated)
+    with phase("score pairs with the base model", progress, count=len(data)):
+        r_c, r_r, _ = score_pairs_truncated(base, data, progress=progress)
+    offset = np.where(generated, r_c - r_r, 0.0).astype(np.float32)
+    return replace(data, offset=offset, tie=data.tie | ~generated)
 
 
 def combine(base: RewardModel, residual: RewardModel, base_ref: str) -> RewardModel:

@@ -51,12 +51,16 @@ def master_key_fpr(
     keys: tuple[str, ...] = MASTER_KEYS,
     max_prompts: int = 200,
     seed: int = 0,
+    max_length: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Master-key false-positive rate: a key scoring >= the pair's chosen answer.
 
     ``fpr`` compares against the chosen answer, ``fpr_vs_rejected`` against the rejected
     one; ``by_key`` gives both for each key. Preference pairs only, at most
     ``max_prompts`` prompts (a seeded sample), each key scored once per prompt.
+    ``max_length`` must be the length ``r_chosen`` and ``r_rejected`` were scored at
+    (None: the model's training length), so keys and answers are read in the same context.
     """
     pref_rows = np.flatnonzero(~data.tie)
     if len(pref_rows) == 0:
@@ -73,7 +77,8 @@ def master_key_fpr(
     prompts = [data.prompts[first_row[p]] for p in prompt_ids]
     # rewards[s, k]: master key k answering prompt s
     rewards = model.reward(
-        [p for p in prompts for _ in keys], [k for _ in prompts for k in keys]
+        [p for p in prompts for _ in keys], [k for _ in prompts for k in keys],
+        max_length=max_length, progress=progress,
     ).reshape(len(prompts), len(keys))
     rows = np.asarray([i for i in pref_rows if data.prompt_ids[i] in slot], dtype=np.int64)
     key_scores = rewards[[slot[data.prompt_ids[i]] for i in rows]]  # (pairs, keys)
@@ -132,8 +137,11 @@ def contrast_consistency(
     embed: Callable[[list[str]], np.ndarray],
     threshold: float = 0.8,
     max_pairs: int = 200,
+    max_length: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Contrast-Instructions consistency, both halves; ``embed`` maps texts to vectors."""
+    """Contrast-Instructions consistency, both halves; ``embed`` maps texts to vectors and
+    the model reads each combination at ``max_length`` (None: its training length)."""
     empty = {"consistency": None, "same_prompt": None, "same_answer": None, "both_consistent": None,
              "contrast_pairs": 0, "threshold": threshold}
     pref_rows = np.flatnonzero(~data.tie)
@@ -156,7 +164,7 @@ def contrast_consistency(
         # the same prompt with the other answer and the same answer under the other prompt
         prompts += [p_a, p_a, p_b, p_b]
         responses += [answers[a], answers[b], answers[b], answers[a]]
-    r = model.reward(prompts, responses).reshape(len(pairs), 4)
+    r = model.reward(prompts, responses, max_length=max_length, progress=progress).reshape(len(pairs), 4)
     aa, ab, bb, ba = r.T
     same_prompt = np.stack([aa > ab, bb > ba], axis=1)  # under p_a: y_a > y_b; under p_b: y_b > y_a
     same_answer = np.stack([aa > ba, bb > ab], axis=1)  # y_a: p_a > p_b; y_b: p_b > p_a
