@@ -7,7 +7,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from factory.embed import EMBED_DIM, EmbeddingInterrupted, embed_texts, top_k_neighbours
+from factory.embed import (
+    EMBED_DIM,
+    EmbeddingInterrupted,
+    best_earlier_match,
+    embed_texts,
+    top_k_neighbours,
+)
 from factory.embed.cache import EmbeddingCache, text_key
 from factory.embed.encoder import get_encoder
 
@@ -80,6 +86,29 @@ def test_top_k_memory_stays_blockwise():
         tracemalloc.stop()
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
     assert idx.shape == (n, 4) and (idx >= 0).all()
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 2048])
+def test_best_earlier_match_is_the_brute_force_min_over_parts(block_rows):
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(37, 8)).astype(np.float32) for _ in range(3)]
+    parts[1][20] = parts[1][4]  # row 20 shares part 1 with row 4 only: not alike overall
+    for p in parts:  # row 30 repeats row 9 in every part, row 31 too (its best is 9, the first)
+        p[30] = p[9] * 2.0
+        p[31] = p[9]
+    unit = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+    sim = np.min([u.astype(np.float64) @ u.T.astype(np.float64) for u in unit], axis=0)
+    idx, sims = best_earlier_match(parts, block_rows=block_rows)
+    assert idx[0] == -1 and np.isnan(sims[0])
+    for i in range(1, 37):
+        want = int(np.argmax(sim[i, :i]))
+        assert idx[i] == want, i
+        np.testing.assert_allclose(sims[i], sim[i, want], atol=1e-5)
+    assert idx[30] == 9 and idx[31] == 9 and sims[31] == pytest.approx(1.0)
+    assert idx[20] != 4 or sims[20] < 0.9
+    # a single part is plain cosine
+    idx1, _ = best_earlier_match(parts[1:2], block_rows=block_rows)
+    assert idx1[20] == 4
 
 
 # --------------------------------------------------------------------------- cache

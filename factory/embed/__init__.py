@@ -8,7 +8,9 @@ head mode all embed through here, so a text is encoded once per home folder, eve
   after saving the completed batches (a rerun computes only the rest) and raises
   :class:`EmbeddingInterrupted`, a :class:`KeyboardInterrupt`.
 - :func:`top_k_neighbours` -- exact cosine kNN in tiles (never an n-by-n matrix), with an
-  optional similarity band.
+  optional similarity band;
+- :func:`best_earlier_match` -- for each row, the earlier row most similar in every part
+  (the lowest of the part cosines), over all earlier rows.
 
 ``import factory.embed`` is cheap (numpy only); torch and transformers load on the first
 :func:`embed_texts` call, and the encoder then stays loaded for the process.
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from factory.embed.cache import EmbeddingCache, EmbeddingInterrupted, ids_key, open_cache, text_key
-from factory.embed.knn import top_k_neighbours
+from factory.embed.knn import best_earlier_match, top_k_neighbours
 from factory.home import resolve_home
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "EMBED_DIM",
     "MAX_TOKENS",
     "EmbeddingInterrupted",
+    "best_earlier_match",
     "embed_texts",
     "embed_token_ids",
     "top_k_neighbours",
