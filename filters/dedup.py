@@ -17,8 +17,9 @@ fixed order, so a swapped label is still the same comparison). Two pairs' simila
 *lowest* of their part similarities, so pairs that share a long prompt (multi-turn
 conversations, RAG contexts, a generator's many pairs per seed) but answer differently are
 not near duplicates. MinHash estimates each part's Jaccard similarity of word shingles;
-``near=embedding`` takes each part's MiniLM cosine (a part longer than 256 tokens is
-compared on its first 256, as the encoder reads it). Exact duplicates are collapsed first:
+``near=embedding`` takes each part's MiniLM cosine, at the part's start and at its end
+(the encoder reads 256 tokens; a longer part is alike only when its first and its last
+256 tokens both are). Exact duplicates are collapsed first:
 near duplicates are searched among one representative per exact-content group, over every
 earlier representative (embedding) or every LSH candidate (MinHash).
 """
@@ -210,7 +211,7 @@ def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: 
                     ctx: StepContext[DedupParams]) -> tuple[np.ndarray, list[str | None]]:
     """Each part embedded on its own; among the exact-content representatives (rows that
     are not exact duplicates), every row's most similar earlier one by the lowest part cosine."""
-    from factory.embed import best_earlier_match
+    from factory.embed import best_earlier_match, embed_texts
 
     n = len(pair_ids)
     similarity = np.zeros(n)
@@ -218,7 +219,10 @@ def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: 
     representatives = [i for i in range(n) if exact_of[i] is None]
     if len(representatives) < 2:
         return similarity, near_of
-    parts = [ctx.embed([part[i] for i in representatives]) for part in components]
+    # Each part at its start and at its end: the encoder reads 256 tokens, and two long
+    # conversations that open alike but go on differently must not compare equal.
+    parts = [embed_texts([part[i] for i in representatives], home=ctx.home, progress=ctx.progress, keep=keep)
+             for part in components for keep in ("start", "end")]
     best, sims = best_earlier_match(parts)
     for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
         if j >= 0:

@@ -114,6 +114,17 @@ def test_embedding_pairs_sharing_a_long_prompt_with_unrelated_answers_are_kept(t
     assert decision.action.to_pylist() == ["keep"] * 3
 
 
+def test_embedding_long_prompts_that_open_alike_but_go_on_differently_are_kept(tmp_path) -> None:
+    opening = _long_prompt()  # the first 256 tokens of both prompts are the same
+    later = {t: " ".join(f"Turn {i}: tell me more about {t}, especially {t} in winter and {t} at night."
+                         for i in range(25)) for t in ("glaciers", "jazz")}
+    pairs = [_pair(opening + "\n" + later[t], "I'm sorry, I can't help with that.", "Sure.")
+             for t in later]
+    _, result, decision = _scores(pairs, tmp_path, near="embedding")
+    assert result.table["near_similarity"][1].as_py() < NEAR_DUPLICATE_THRESHOLD
+    assert decision.action.to_pylist() == ["keep", "keep"]
+
+
 def test_embedding_near_duplicate_after_a_large_exact_cluster_is_found(tmp_path) -> None:
     pairs = _base()
     source = pairs[4]

@@ -206,3 +206,23 @@ def test_embed_texts_matches_sentence_transformers(tmp_path):
     st = SentenceTransformer(get_encoder().path, device="cpu")
     texts = ["A quick brown fox.", "Reward models score responses to prompts.", "word " * 400]
     np.testing.assert_allclose(embed_texts(texts, home=tmp_path), st.encode(texts), atol=1e-5)
+
+
+def test_embed_texts_keep_end_reads_the_last_tokens(tmp_path):
+    tail = " ".join(f"closing remark {i} about reward models" for i in range(80))  # > 256 tokens
+    long_a, long_b = "Volcanoes erupt. " + tail, "Bread rises in a warm kitchen. " + tail
+    short = "A quick brown fox."
+    start = embed_texts([long_a, long_b, short], home=tmp_path)
+    end = embed_texts([long_a, long_b, short], home=tmp_path, keep="end")
+    # the starts differ, the last 256 tokens are the same text
+    assert float(start[0] @ start[1]) < 0.99
+    np.testing.assert_allclose(end[0], end[1], atol=1e-6)
+    assert float(end[0] @ start[0]) < 0.99
+    np.testing.assert_array_equal(end[2], start[2])  # a text that fits: one vector, one cache entry
+    encoder = get_encoder()
+    ids = encoder.tokenizer(tail, add_special_tokens=False)["input_ids"][-254:]
+    cls, sep = encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id
+    manual = encoder.embed_ids([np.asarray([cls, *ids, sep])])
+    np.testing.assert_allclose(end[0], manual[0], atol=1e-5)
+    with pytest.raises(ValueError, match="keep"):
+        embed_texts([short], home=tmp_path, keep="middle")
