@@ -221,8 +221,12 @@ def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: 
         return similarity, near_of
     # Each part at its start and at its end: the encoder reads 256 tokens, and two long
     # conversations that open alike but go on differently must not compare equal.
-    parts = [embed_texts([part[i] for i in representatives], home=ctx.home, progress=ctx.progress, keep=keep)
-             for part in components for keep in ("start", "end")]
+    parts = []
+    for part in components:
+        texts = [part[i] for i in representatives]
+        start = embed_texts(texts, home=ctx.home, progress=ctx.progress)
+        end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end")
+        parts += [start] if np.array_equal(start, end) else [start, end]  # no text was cut
     best, sims = best_earlier_match(parts)
     for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
         if j >= 0:

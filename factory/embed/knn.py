@@ -149,7 +149,8 @@ def best_earlier_match(
             tile = units[0][qs:qe] @ units[0][cs:ce].T
             for unit in units[1:]:
                 np.minimum(tile, unit[qs:qe] @ unit[cs:ce].T, out=tile)
-            tile[np.arange(cs, ce)[None, :] >= rows[:, None]] = -np.inf  # later rows and itself
+            if ce > qs:  # the diagonal tile: mask the row itself and later rows
+                tile[np.arange(cs, ce)[None, :] >= rows[:, None]] = -np.inf
             pick = np.argmax(tile, axis=1)  # the first column on ties
             found = tile[np.arange(qe - qs), pick]
             better = found > best_s[qs:qe]  # strictly: an earlier tile keeps its tie
