@@ -102,7 +102,7 @@ class DedupParams:
     content: Literal["pair", "prompt"] = param(
         "pair", "what makes two rows duplicates: the whole pair (prompt and both answers) or the prompt alone")
     near: Literal["minhash", "embedding", "none"] = param(
-        "minhash", "near-duplicate detector: MinHash over word shingles, MiniLM embedding neighbours, or none")
+        "minhash", "near-duplicate detector: MinHash over word shingles, MiniLM cosine of each part, or none")
     near_threshold: float = param(NEAR_DUPLICATE_THRESHOLD,
                                   "similarity at or above which a pair is a near duplicate (the lowest "
                                   "of its prompt's and answers' similarities to an earlier pair)",
