@@ -148,6 +148,9 @@ def test_near_none_scores_exact_duplicates_only(tmp_path) -> None:
     assert result.table["near_similarity"].to_pylist() == [0.0] * (len(pairs) + 2)
     assert result.table["near_of"].null_count == len(pairs) + 2
     assert decision.action.to_pylist() == ["keep"] * len(pairs) + ["drop", "keep"]
+    # a similarity of 0 with no earlier pair named is no near duplicate, even at threshold 0
+    zero = prepare("filter", "dedup", {"near": "none", "near_threshold": "0"})
+    assert zero.spec.decide(result.table, zero.params).action.to_pylist() == decision.action.to_pylist()
 
 
 def test_near_duplicate_threshold_is_the_public_default() -> None:
