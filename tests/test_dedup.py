@@ -94,7 +94,7 @@ def test_embedding_neighbours_find_a_paraphrased_pair(tmp_path) -> None:
 
 
 def _long_prompt() -> str:
-    # ~600 tokens: a shared RAG-style context; everything that differs lies in the answers
+    # ~700 tokens: a shared RAG-style context; everything that differs lies in the answers
     facts = [f"Fact {i}: the {t} section of the handbook lists {i + 3} numbered rules and a glossary."
              for i, t in enumerate(TOPICS * 3)]
     return "Read the handbook excerpt below, then answer the question.\n" + "\n".join(facts)
