@@ -66,8 +66,7 @@ def test_command_table_matches_what_the_modules_register() -> None:
 
 def test_help_and_light_commands_import_no_torch(tmp_path) -> None:
     home = tmp_path / "home"
-    for args in (["--help"], ["--version"], ["filter", "--help"], ["generate", "--help"],
-                 ["train", "--help"], ["audit", "--help"], ["run", "--help"],
-                 ["ingest", str(DEMO_SEEDS), "--name", "demo"], ["catalog", "list"],
-                 ["catalog", "log", "demo"], ["models"]):
+    # `filter --help` lists every step's parameters: all step modules load, none may pull torch
+    for args in (["--help"], ["filter", "--help"], ["train", "--help"], ["audit", "--help"],
+                 ["ingest", str(DEMO_SEEDS), "--name", "demo"], ["catalog", "log", "demo"]):
         assert _heavy_modules_after(args, home) == [], args
