@@ -4,13 +4,24 @@ overlap with evaluation sets.
 Scores (stored with the version, one row per input pair):
 
 - ``exact_of``: pair id of the first earlier pair with the same normalised content;
-- ``near_similarity`` / ``near_of``: the highest similarity to an earlier pair (MinHash
-  Jaccard estimate, or embedding cosine) and that pair's id;
+- ``near_similarity`` / ``near_of``: the highest similarity to an earlier pair and that
+  pair's id (0 and null with ``near=none``);
 - ``contamination`` / ``contaminated_by``: the share of the prompt's word n-grams found in
   an evaluation set, and the evaluation pair (``ref:pair_id``) that shares the most.
 
 The decision drops exact duplicates, near duplicates at or above ``near_threshold`` and
 contaminated pairs at or above ``contamination_threshold``; the first occurrence is kept.
+
+A pair is compared part by part: the prompt and, with ``content=pair``, both answers (in a
+fixed order, so a swapped label is still the same comparison). Two pairs' similarity is the
+*lowest* of their part similarities, so pairs that share a long prompt (multi-turn
+conversations, RAG contexts, a generator's many pairs per seed) but answer differently are
+not near duplicates. MinHash estimates each part's Jaccard similarity of word shingles;
+``near=embedding`` takes each part's MiniLM cosine, at the part's start and at its end
+(the encoder reads 256 tokens; a longer part is alike only when its first and its last
+256 tokens both are). Exact duplicates are collapsed first:
+near duplicates are searched among one representative per exact-content group, over every
+earlier representative (embedding) or every LSH candidate (MinHash).
 """
 
 from __future__ import annotations
@@ -30,6 +41,10 @@ from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from schemas.prompts import prompt_text
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+# Default similarity at or above which a pair is a near duplicate; the audit counts near
+# duplicates with the same number so the two never disagree.
+NEAR_DUPLICATE_THRESHOLD = 0.85
 
 
 def normalise(text: str) -> str:
@@ -61,7 +76,7 @@ def _hash64(text: str) -> int:
 
 def decide_dedup(scores: pa.Table, params: DedupParams) -> Decision:
     frame = pl.from_arrow(scores)
-    near = pl.col("near_similarity") >= params.near_threshold
+    near = pl.col("near_of").is_not_null() & (pl.col("near_similarity") >= params.near_threshold)
     contaminated = pl.col("contamination") >= params.contamination_threshold
     decided = frame.select(
         pl.when(pl.col("exact_of").is_not_null() | near | contaminated)
@@ -84,8 +99,10 @@ class DedupParams:
     content: Literal["pair", "prompt"] = param(
         "pair", "what makes two rows duplicates: the whole pair (prompt and both answers) or the prompt alone")
     near: Literal["minhash", "embedding", "none"] = param(
-        "minhash", "near-duplicate detector: MinHash over word shingles, MiniLM embedding neighbours, or none")
-    near_threshold: float = param(0.85, "similarity at or above which a pair is a near duplicate",
+        "minhash", "near-duplicate detector: MinHash over word shingles, MiniLM cosine of each part, or none")
+    near_threshold: float = param(NEAR_DUPLICATE_THRESHOLD,
+                                  "similarity at or above which a pair is a near duplicate (the lowest "
+                                  "of its prompt's and answers' similarities to an earlier pair)",
                                   low=0.0, high=1.0, decision=True)
     shingle: int = param(3, "words per MinHash shingle", low=1)
     num_perm: int = param(128, "MinHash permutations", low=16)
@@ -104,7 +121,9 @@ class DedupParams:
                              f"'near_threshold' ({self.near_threshold})")
 
 
-@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="2")
+# version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
+# and search every earlier exact-content representative (was a k=16 window)
+@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="3")
 def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
     params = ctx.params
@@ -124,10 +143,9 @@ def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     if params.near == "minhash":
         near_similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
     elif params.near == "embedding":
-        texts = ["\n".join(part[i] for part in components) for i in range(len(pair_ids))]
-        near_similarity, near_of = _near_embedding(texts, pair_ids, exact_of, ctx)
+        near_similarity, near_of = _near_embedding(components, pair_ids, exact_of, ctx)
     else:
-        near_similarity, near_of = np.zeros(len(texts)), [None] * len(texts)
+        near_similarity, near_of = np.zeros(len(pair_ids)), [None] * len(pair_ids)
     contamination, contaminated_by, matched = _contamination(prompts, params, ctx)
 
     scores = pa.table({
@@ -186,22 +204,31 @@ def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: li
     return similarity, near_of
 
 
-def _near_embedding(texts: list[str], pair_ids: list[str], exact_of: list[str | None],
+def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
                     ctx: StepContext[DedupParams]) -> tuple[np.ndarray, list[str | None]]:
-    from factory.embed import top_k_neighbours
+    """Each part embedded on its own; among the exact-content representatives (rows that
+    are not exact duplicates), every row's most similar earlier one by the lowest part cosine."""
+    from factory.embed import best_earlier_match, embed_texts
 
-    vectors = ctx.embed(texts)
-    indices, sims = top_k_neighbours(vectors, k=16, exclude_self=True)
-    similarity = np.zeros(len(texts))
-    near_of: list[str | None] = [None] * len(texts)
-    for i in range(len(texts)):
-        if exact_of[i] is not None:
-            continue
-        earlier = [(s, j) for j, s in zip(indices[i], sims[i], strict=True)
-                   if 0 <= j < i and exact_of[j] is None]
-        if earlier:
-            best, j = max(earlier, key=lambda t: (t[0], -t[1]))
-            similarity[i], near_of[i] = float(best), pair_ids[j]
+    n = len(pair_ids)
+    similarity = np.zeros(n)
+    near_of: list[str | None] = [None] * n
+    representatives = [i for i in range(n) if exact_of[i] is None]
+    if len(representatives) < 2:
+        return similarity, near_of
+    # Each part at its start and at its end: the encoder reads 256 tokens, and two long
+    # conversations that open alike but go on differently must not compare equal.
+    parts = []
+    for part in components:
+        texts = [part[i] for i in representatives]
+        start = embed_texts(texts, home=ctx.home, progress=ctx.progress)
+        end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end")
+        parts += [start] if np.array_equal(start, end) else [start, end]  # no text was cut
+    best, sims = best_earlier_match(parts)
+    for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
+        if j >= 0:
+            i = representatives[row]
+            similarity[i], near_of[i] = s, pair_ids[representatives[j]]
     return similarity, near_of
 
 

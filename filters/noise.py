@@ -49,22 +49,12 @@ import pyarrow.compute as pc
 
 from factory.home import resolve_home
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
-from filters._noise_core import (
-    Combined,
-    Evidence,
-    ModelConfig,
-    ModelSignals,
-    combine,
-    evidence,
-    flip_views,
-    synthetic_groups,
-)
-from filters._noise_heads import HeadConfig
 from filters._noise_signals import noise_rate, noise_rate_interval, sigmoid, vote_evidence
 from schemas.errors import PrefabError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model code imports torch: only when the filter runs, not on `--help`
     from factory.trainer.data import PairData
+    from filters._noise_core import Combined, Evidence, ModelConfig, ModelSignals
 
 CACHE_VERSION = "1"
 MIN_PAIRS = 20
@@ -252,12 +242,17 @@ class Scored:
 
 
 def model_config(params: NoiseParams, seed: int) -> ModelConfig:
+    from filters._noise_core import ModelConfig
+    from filters._noise_heads import HeadConfig
+
     head = HeadConfig(epochs=params.epochs, lr=params.lr, hidden=params.hidden, seed=seed)
     return ModelConfig(folds=params.folds, seeds=params.seeds, head=head, seed=seed)
 
 
 def score_views(views: Views, ctx: StepContext[NoiseParams]) -> tuple[Scored, dict]:
     """Every signal, the combiner and the noise rate for the rows in ``views``."""
+    from filters._noise_core import combine, evidence, flip_views, synthetic_groups
+
     params = ctx.params
     n = len(views.pair_ids)
     cfg = model_config(params, ctx.seed)
@@ -429,6 +424,8 @@ def _save(path: Path, runs: list[ModelSignals]) -> None:
 
 
 def _load(path: Path, copies: int) -> list[ModelSignals] | None:
+    from filters._noise_core import ModelSignals
+
     if not path.is_file():
         return None
     try:

@@ -1,5 +1,8 @@
 """benchmarks/augment.py end to end on a small slice of the real shared data: every run is
-trained and scored, the table and the target verdicts print, and the JSON holds the numbers."""
+trained and scored, the table and the target verdicts print, and the JSON holds the numbers.
+
+The slice's flags bound the work (one training seed, two folds, small caps); no clock
+stops the run, so a busy machine makes it slower, never failing."""
 
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.timeout(600)
 def test_augment_benchmark_runs_on_a_small_slice(shared_data, tmp_path) -> None:
     out = tmp_path / "augment.json"
     command = [sys.executable, str(REPO / "benchmarks" / "augment.py"), "--suites", "shared,trajectories",
                "--home", str(tmp_path / "home"), "--pool-pairs", "120", "--ood-pairs", "40", "--folds", "2", "--probe-prompts", "10",
-               "--ood-probe-prompts", "4", "--rewrite-pairs", "30", "--ci-pairs", "10", "--traj-folds", "2",
+               "--ood-probe-prompts", "4", "--rewrite-pairs", "30", "--ci-pairs", "10", "--train-seeds", "1",
+               "--traj-folds", "2",
                "--traj-repeats", "1", "--runs", "master_keys,causal,neutral,hard_negatives,all,residual", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=560)
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| + all four |" in done.stdout and "| real + all corruptions |" in done.stdout
     verdicts = [line for line in done.stdout.splitlines() if " MET - " in line]

@@ -7,7 +7,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from factory.embed import EMBED_DIM, EmbeddingInterrupted, embed_texts, top_k_neighbours
+from factory.embed import (
+    EMBED_DIM,
+    EmbeddingInterrupted,
+    best_earlier_match,
+    embed_texts,
+    top_k_neighbours,
+)
 from factory.embed.cache import EmbeddingCache, text_key
 from factory.embed.encoder import get_encoder
 
@@ -80,6 +86,29 @@ def test_top_k_memory_stays_blockwise():
         tracemalloc.stop()
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
     assert idx.shape == (n, 4) and (idx >= 0).all()
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 2048])
+def test_best_earlier_match_is_the_brute_force_min_over_parts(block_rows):
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(37, 8)).astype(np.float32) for _ in range(3)]
+    parts[1][20] = parts[1][4]  # row 20 shares part 1 with row 4 only: not alike overall
+    for p in parts:  # row 30 repeats row 9 in every part, row 31 too (its best is 9, the first)
+        p[30] = p[9] * 2.0
+        p[31] = p[9]
+    unit = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+    sim = np.min([u.astype(np.float64) @ u.T.astype(np.float64) for u in unit], axis=0)
+    idx, sims = best_earlier_match(parts, block_rows=block_rows)
+    assert idx[0] == -1 and np.isnan(sims[0])
+    for i in range(1, 37):
+        want = int(np.argmax(sim[i, :i]))
+        assert idx[i] == want, i
+        np.testing.assert_allclose(sims[i], sim[i, want], atol=1e-5)
+    assert idx[30] == 9 and idx[31] == 9 and sims[31] == pytest.approx(1.0)
+    assert idx[20] != 4 or sims[20] < 0.9
+    # a single part is plain cosine
+    idx1, _ = best_earlier_match(parts[1:2], block_rows=block_rows)
+    assert idx1[20] == 4
 
 
 # --------------------------------------------------------------------------- cache
@@ -177,3 +206,23 @@ def test_embed_texts_matches_sentence_transformers(tmp_path):
     st = SentenceTransformer(get_encoder().path, device="cpu")
     texts = ["A quick brown fox.", "Reward models score responses to prompts.", "word " * 400]
     np.testing.assert_allclose(embed_texts(texts, home=tmp_path), st.encode(texts), atol=1e-5)
+
+
+def test_embed_texts_keep_end_reads_the_last_tokens(tmp_path):
+    tail = " ".join(f"closing remark {i} about reward models" for i in range(80))  # > 256 tokens
+    long_a, long_b = "Volcanoes erupt. " + tail, "Bread rises in a warm kitchen. " + tail
+    short = "A quick brown fox."
+    start = embed_texts([long_a, long_b, short], home=tmp_path)
+    end = embed_texts([long_a, long_b, short], home=tmp_path, keep="end")
+    # the starts differ, the last 256 tokens are the same text
+    assert float(start[0] @ start[1]) < 0.99
+    np.testing.assert_allclose(end[0], end[1], atol=1e-6)
+    assert float(end[0] @ start[0]) < 0.99
+    np.testing.assert_array_equal(end[2], start[2])  # a text that fits: one vector, one cache entry
+    encoder = get_encoder()
+    ids = encoder.tokenizer(tail, add_special_tokens=False)["input_ids"][-254:]
+    cls, sep = encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id
+    manual = encoder.embed_ids([np.asarray([cls, *ids, sep])])
+    np.testing.assert_allclose(end[0], manual[0], atol=1e-5)
+    with pytest.raises(ValueError, match="keep"):
+        embed_texts([short], home=tmp_path, keep="middle")

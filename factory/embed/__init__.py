@@ -8,7 +8,9 @@ head mode all embed through here, so a text is encoded once per home folder, eve
   after saving the completed batches (a rerun computes only the rest) and raises
   :class:`EmbeddingInterrupted`, a :class:`KeyboardInterrupt`.
 - :func:`top_k_neighbours` -- exact cosine kNN in tiles (never an n-by-n matrix), with an
-  optional similarity band.
+  optional similarity band;
+- :func:`best_earlier_match` -- for each row, the earlier row most similar in every part
+  (the lowest of the part cosines), over all earlier rows.
 
 ``import factory.embed`` is cheap (numpy only); torch and transformers load on the first
 :func:`embed_texts` call, and the encoder then stays loaded for the process.
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from factory.embed.cache import EmbeddingCache, EmbeddingInterrupted, ids_key, open_cache, text_key
-from factory.embed.knn import top_k_neighbours
+from factory.embed.knn import best_earlier_match, top_k_neighbours
 from factory.home import resolve_home
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "EMBED_DIM",
     "MAX_TOKENS",
     "EmbeddingInterrupted",
+    "best_earlier_match",
     "embed_texts",
     "embed_token_ids",
     "top_k_neighbours",
@@ -60,27 +63,52 @@ def embed_texts(
     home: str | Path | None = None,
     batch_size: int = 64,
     progress: bool | None = None,
+    keep: Literal["start", "end"] = "start",
 ) -> np.ndarray:
     """L2-normalised all-MiniLM-L6-v2 embeddings of ``texts``, float32 (n, 384).
 
     Identical texts are encoded once, and never again under the same home
     (``home`` or ``$PREFAB_HOME`` or ``./.prefab``; cache in ``<home>/embeddings``). Texts
     longer than 256 tokens are cut on the right, as ``SentenceTransformer.encode`` does,
-    whose output this matches. ``progress=None`` shows a bar only when stderr is a
-    terminal. On Ctrl+C (or SIGTERM) the completed batches are saved and
-    :class:`EmbeddingInterrupted` (a KeyboardInterrupt) is raised.
+    whose output this matches; ``keep="end"`` cuts them on the left instead (the end of a
+    long conversation or context; a text that fits gives the same vector either way).
+    ``progress=None`` shows a bar only when stderr is a terminal. On Ctrl+C (or SIGTERM)
+    the completed batches are saved and :class:`EmbeddingInterrupted` (a
+    KeyboardInterrupt) is raised.
     """
     from factory.embed.encoder import get_encoder
 
     texts = [str(t) for t in texts]
     encoder = get_encoder()
     cache = encoder_cache(encoder, cache_root(home))
+    if keep == "end":
+        return _embed_tails(texts, encoder, cache, batch_size, progress)
+    if keep != "start":
+        raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
 
     def compute(batch: list[str]) -> np.ndarray:
         return encoder.embed_ids(encoder.tokenize_plain(batch, MAX_TOKENS), batch_size)
 
     keys = [text_key(t, MAX_TOKENS) for t in texts]
     return cache.get_or_compute(keys, texts, compute, dim=encoder.dim, batch_size=batch_size,
+                                progress=progress, desc="embed texts")
+
+
+# Prefix of the cache key of a text cut on the left (a text that fits shares its plain key;
+# no text a caller embeds starts with a NUL byte).
+_TAIL_KEY = "\x00keep=end\x00"
+
+
+def _embed_tails(texts: list[str], encoder: MeanPoolEncoder, cache: EmbeddingCache, batch_size: int,
+                 progress: bool | None) -> np.ndarray:
+    ids, cut = encoder.tokenize_tail(texts, MAX_TOKENS)
+    keys = [text_key(_TAIL_KEY + t if was_cut else t, MAX_TOKENS)
+            for t, was_cut in zip(texts, cut, strict=True)]
+
+    def compute(batch: list[np.ndarray]) -> np.ndarray:
+        return encoder.embed_ids(batch, batch_size)
+
+    return cache.get_or_compute(keys, ids, compute, dim=encoder.dim, batch_size=batch_size,
                                 progress=progress, desc="embed texts")
 
 

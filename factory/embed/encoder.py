@@ -140,6 +140,31 @@ class MeanPoolEncoder:
                                  add_special_tokens=True)["input_ids"]
         return [np.asarray(x, dtype=np.int64) for x in ids]
 
+    def tokenize_tail(self, texts: Sequence[str],
+                      max_tokens: int = MINILM_MAX_TOKENS) -> tuple[list[np.ndarray], list[bool]]:
+        """Token ids of plain texts cut on the *left* (their last ``max_tokens`` tokens,
+        special tokens included), and whether each was cut. An uncut text has exactly the
+        ids :meth:`tokenize_plain` gives it."""
+        with quiet_hf():
+            full = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+            bodies = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        head, tail = self._special_tokens_around()
+        room = max(0, max_tokens - head - tail)
+        ids, cut = [], []
+        for whole, body in zip(full, bodies, strict=True):
+            kept = body[len(body) - room:] if len(body) > room else body
+            ids.append(np.asarray([*whole[:head], *kept, *whole[len(whole) - tail:]], dtype=np.int64))
+            cut.append(len(body) > room)
+        return ids, cut
+
+    def _special_tokens_around(self) -> tuple[int, int]:
+        """How many special tokens the tokenizer puts before and after a text ([CLS] ... [SEP])."""
+        with quiet_hf():
+            whole = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            body = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        head = next(p for p in range(len(whole) - len(body) + 1) if whole[p:p + len(body)] == body)
+        return head, len(whole) - len(body) - head
+
     def embed_plain(self, texts: Sequence[str], batch_size: int = 64,
                     max_tokens: int = MINILM_MAX_TOKENS) -> np.ndarray:
         """Embeddings of plain texts without any cache (right truncation)."""

@@ -4,9 +4,14 @@ A query block of ``block_rows`` rows meets the corpus ``block_rows // 2`` column
 time and only a running top-k per row is kept: the largest temporaries are one tile of
 similarities (32 MiB at the default 4096) and its argpartition indices (64 MiB), whatever
 the corpus size. An n-by-n matrix for 100,000 texts would take 40 GB.
+
+:func:`best_earlier_match` answers "which earlier row is most like this one in every part"
+(dedup's near duplicates) over all earlier rows, in tiles of the lower triangle.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -106,3 +111,50 @@ def top_k_neighbours(
         indices[qs:qe, :keep] = np.where(found, best_i, -1)
         sims[qs:qe, :keep] = np.where(found, best_s, np.nan)
     return indices, sims
+
+
+def best_earlier_match(
+    parts: Sequence[np.ndarray], *, block_rows: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the earlier row most similar in *every* part, exactly.
+
+    ``parts`` are P arrays (n, dim_p) describing the same n rows (e.g. a pair's prompt and
+    its two answers). Two rows' similarity is the lowest of their P part cosines, so rows
+    that share one part but differ in another are not alike. Returns ``(indices,
+    similarities)``, each (n,): for row i the earlier row j < i with the highest
+    similarity (the first such j on ties) and that similarity; ``-1`` / NaN for row 0.
+
+    Every earlier row is compared (no candidate window that a crowd of look-alikes could
+    fill), in ``block_rows`` x ``block_rows`` tiles of the lower triangle, so memory stays
+    at a few tiles whatever n.
+    """
+    if not parts:
+        raise ValueError("best_earlier_match needs at least one part")
+    units = []
+    for number, part in enumerate(parts):
+        x = _matrix(part, f"part {number}")
+        units.append(x * _inverse_norms(x)[:, None])
+    n = len(units[0])
+    if any(len(u) != n for u in units):
+        raise ValueError(f"parts have different row counts: {[len(u) for u in units]}")
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
+    best_i = np.full(n, -1, dtype=np.int64)
+    best_s = np.full(n, -np.inf, dtype=np.float32)
+    for qs in range(0, n, block_rows):
+        qe = min(qs + block_rows, n)
+        rows = np.arange(qs, qe)
+        for cs in range(0, qe, block_rows):  # only columns left of the block's last row
+            ce = min(cs + block_rows, qe)
+            tile = units[0][qs:qe] @ units[0][cs:ce].T
+            for unit in units[1:]:
+                np.minimum(tile, unit[qs:qe] @ unit[cs:ce].T, out=tile)
+            if ce > qs:  # the diagonal tile: mask the row itself and later rows
+                tile[np.arange(cs, ce)[None, :] >= rows[:, None]] = -np.inf
+            pick = np.argmax(tile, axis=1)  # the first column on ties
+            found = tile[np.arange(qe - qs), pick]
+            better = found > best_s[qs:qe]  # strictly: an earlier tile keeps its tie
+            best_s[qs:qe][better] = found[better]
+            best_i[qs:qe][better] = pick[better] + cs
+    sims = np.where(best_i >= 0, best_s, np.nan).astype(np.float32)
+    return best_i, sims
