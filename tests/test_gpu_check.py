@@ -44,8 +44,8 @@ def test_tiny_decoder_row_reports_recomputed_forwards_when_checkpointing(tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_full_mode_defaults_on_cuda_train_in_bf16_with_checkpointing(tmp_path):
+def test_full_mode_defaults_on_cuda_train_in_bf16_without_checkpointing_a_small_model(tmp_path):
     _, row = _tiny_row(tmp_path)  # bf16 and checkpointing left to the trainer's defaults
     assert row.bf16 == "bfloat16"
-    assert row.fwd_per_step == 2.0
+    assert row.fwd_per_step == 1.0  # checkpointing is for billion-scale backbones
     assert row.peak_gib > 0 and row.note == "device cuda"

@@ -81,8 +81,13 @@ def test_full_mode_resume_continues_from_saved_step(bert_dir, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_full_mode_on_cuda_uses_bf16_and_checkpointing(bert_dir):
+def test_full_mode_on_cuda_uses_bf16_and_checkpointing(bert_dir, monkeypatch):
+    from factory.trainer import loop
+
     data = pair_data(toy_pairs(32, seed=4))
+    small = fit(data, _cfg(bert_dir, device="cuda"))
+    assert not is_checkpointing(small.model.hf_model)  # a small backbone trains faster without
+    monkeypatch.setattr(loop, "CHECKPOINTING_FROM_PARAMETERS", 1)
     result = fit(data, _cfg(bert_dir, device="cuda"))
     assert is_checkpointing(result.model.hf_model)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

@@ -1,33 +1,28 @@
-"""The dataset catalog: versions, lineage, tags, exports and registered reward models."""
+"""The dataset catalog: versions, lineage, tags, exports and registered reward models.
 
-from factory.catalog.catalog import (
-    FAILURE_SCHEMA,
-    Catalog,
-    DataFileError,
-    StagedData,
-    VersionInfo,
-    load,
-)
-from factory.catalog.compare import diff
-from factory.catalog.db import CatalogBusy
-from factory.catalog.exporters import EXPORT_FORMATS, export
-from factory.catalog.integrity import gc, verify
-from factory.catalog.refs import Ref, RefError, parse_ref
+Names load on first use, so code that needs only :mod:`factory.catalog.refs` (the trainer
+checking a model name on a GPU box without DuckDB, ``prefab --help``) imports no DuckDB.
+"""
 
-__all__ = [
-    "EXPORT_FORMATS",
-    "FAILURE_SCHEMA",
-    "Catalog",
-    "CatalogBusy",
-    "DataFileError",
-    "Ref",
-    "RefError",
-    "StagedData",
-    "VersionInfo",
-    "diff",
-    "export",
-    "gc",
-    "load",
-    "parse_ref",
-    "verify",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "FAILURE_SCHEMA": "catalog", "Catalog": "catalog", "DataFileError": "catalog",
+    "StagedData": "catalog", "VersionInfo": "catalog", "load": "catalog",
+    "diff": "compare", "CatalogBusy": "db", "EXPORT_FORMATS": "exporters", "export": "exporters",
+    "gc": "integrity", "verify": "integrity", "Ref": "refs", "RefError": "refs", "parse_ref": "refs",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'factory.catalog' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"factory.catalog.{module}"), name)
+    globals()[name] = value
+    return value

@@ -2,7 +2,7 @@
 
 Two modes on any backbone: ``head`` (frozen encoder, embeddings cached under
 ``home/embeddings``, a small MLP trained on top; seconds on CPU) and ``full`` (fine-tune
-the whole sequence-classification model; bf16 autocast and gradient checkpointing on CUDA).
+the whole sequence-classification model; bf16 autocast on CUDA, gradient checkpointing for billion-scale backbones).
 
 The public API re-exports :func:`train`, :func:`score`, :func:`evaluate`,
 :func:`oof_scores` and :func:`load_model` as ``factory.train`` and so on. The frozen encoder

@@ -251,12 +251,17 @@ def full_rewards(
     batch_size: int = 64,
     *,
     progress: bool | None = False,
+    bf16: bool | None = None,
 ) -> np.ndarray:
-    """Rewards of tokenised sequences, batched by length so padding stays small."""
+    """Rewards of tokenised sequences, batched by length so padding stays small.
+
+    ``bf16`` None: bf16 autocast wherever the device supports it; a model trained in fp32
+    is validated with ``bf16=False`` so its validation matches its training.
+    """
     model.eval()
     out = np.zeros(len(ids), dtype=np.float64)
     order = np.argsort([len(s) for s in ids], kind="stable")
-    use_bf16 = backbones.bf16_ok(device)
+    use_bf16 = backbones.bf16_ok(device) if bf16 is None else (bf16 and device.type == "cuda")
     shown = bar(len(ids), "score", progress, unit="input")
     try:
         for start in range(0, len(order), batch_size):

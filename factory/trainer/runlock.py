@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from factory.catalog.refs import check_name
 from schemas.errors import PrefabError
 
 LOCK_FILE = ".train.lock"
@@ -29,6 +28,8 @@ class RunLocked(PrefabError):
 def model_folder(home: Path, name: str) -> Path:
     """``home/models/NAME``, after checking NAME and that the folder resolves inside the home
     (a symlinked ``models`` or ``models/NAME`` pointing elsewhere is refused too)."""
+    from factory.catalog.refs import check_name  # the trainer itself needs no catalog (DuckDB)
+
     check_name(name, "model name")
     return inside_home(home, home / "models" / name)
 
