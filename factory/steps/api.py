@@ -309,3 +309,35 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
             "inputs": refs, "rows_out": info.rows, **counts, "scores_reused": reused, "stats": stats,
             "score_columns": scores.column_names, "run_id": ctx.run_id,
             "unchanged": bool(getattr(info, "unchanged", False))}
+
+
+# TEMP shim (h-noiseaudit): replaced by h-identity's StepIdentity version at merge
+@dataclass
+class StoredScores:
+    """A filter run's stored scores of one input version: ``table`` has one row per input row
+    (sorted by ``row``; score columns prefixed ``<step>_``), ``version`` is the ref of the
+    version that stored them and ``stats`` that version's lineage stats."""
+
+    table: pa.Table
+    version: str
+    stats: dict[str, Any]
+
+
+def find_stored_scores(step: str, ref: str, *, settings: dict[str, Any] | None = None, seed: int = 0,
+                       backend: Any = None, home: str | Path | None = None) -> StoredScores | None:
+    """The scores filter ``step`` stored when it ran on exactly ``ref`` with ``settings``, or None."""
+    from factory.catalog import Catalog
+
+    catalog = Catalog(home)
+    prepared = prepare("filter", step, settings, backend)
+    pins = pin_refs(prepared, catalog)
+    info = catalog.resolve(ref)
+    key = _key("scores", step, prepared.spec.version, params_hash(prepared.params, only_scoring=True),
+               [info.ref], seed, pins)
+    found = catalog.find_by_lineage("score_key", key)
+    if found is None:
+        return None
+    table = catalog.read_attachment(found, "scores")
+    if table.num_rows != info.rows:
+        return None
+    return StoredScores(table.sort_by("row"), found.ref, (found.lineage or {}).get("stats") or {})
