@@ -497,3 +497,44 @@ def test_progress_reports_each_phase(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "noise: train" in err and "epoch" in err and "copy 3/3" in err and "pair-epochs/s" in err
     assert "combining the signals" in err
+
+
+# ---- the shipped recipes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "hh_rlhf.yaml"])
+def test_shipped_recipes_filter_noise_before_adding_generated_pairs(name) -> None:
+    """Issue 18: both recipes ran the noise filter after merging generated pairs (0 dropped)."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "examples" / name).read_text())
+    steps = recipe["steps"]
+    noise_at = next(i for i, s in enumerate(steps) if s.get("filter") == "noise")
+    sources = {s["name"] for s in recipe["sources"]}
+    assert steps[noise_at]["from"] in sources  # straight on the ingested human pairs
+    assert all(i > noise_at for i, s in enumerate(steps) if "generate" in s)
+
+
+def test_quickstart_evaluates_on_held_out_demo_pairs() -> None:
+    """Issue 18: the quickstart evaluated on its own training seeds."""
+    import json
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    examples = REPO / "examples"
+    recipe = yaml.safe_load((examples / "quickstart.yaml").read_text())
+    paths = {s["name"]: examples / s["path"] for s in recipe["sources"]}
+    evals = recipe["train"]["eval"]
+    assert evals and "demo" not in evals
+
+    def prompts(path):  # noqa: ANN001, ANN202
+        return {json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()}
+
+    training = prompts(paths["demo"])
+    for name in evals:
+        held_out = prompts(paths[name])
+        assert len(held_out) >= 50 and not held_out & training, name

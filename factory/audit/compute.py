@@ -106,8 +106,12 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
                 pl.when(flipped).then(1.0 - pl.col("suspicion")).otherwise(pl.col("suspicion")).alias("suspicion"),
                 pl.when(flipped).then(pl.lit("flipped by the noise filter")).otherwise(pl.col("signals"))
                 .alias("signals"))
-        if from_noise:
-            _rate_of_survivors(scores, catalog, info)
+        noise_run = info if from_noise else _noise_ancestor(catalog, info)
+        if noise_run is not None:
+            if not from_noise:  # the rate and interval of the run, when the columns lack them
+                scores = _from_prefixed(scores.frame.rename(  # type: ignore[union-attr]
+                    lambda c: f"noise_{c}"), "columns", (noise_run.lineage or {}).get("stats") or {})
+            _rate_of_survivors(scores, catalog, noise_run)
         return scores
     try:
         stored = find_stored_scores("noise", info.ref, settings=settings, seed=seed, home=catalog.home)
@@ -135,13 +139,38 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
     return _from_prefixed(scored, "computed", result.stats)
 
 
+def _noise_ancestor(catalog: Any, info: Any, depth: int = 12) -> Any:
+    """The nearest version up the lineage that the noise filter made (whose ``noise_*``
+    columns a later step carried on), or None."""
+    frontier, seen = list((info.lineage or {}).get("parents") or []), set()
+    for _ in range(depth):
+        following = []
+        for ref in frontier:
+            if ref in seen:
+                continue
+            seen.add(ref)
+            try:
+                parent = catalog.resolve(ref)
+            except PrefabError:
+                continue
+            lineage = parent.lineage or {}
+            if (lineage.get("step") or {}).get("name") == "noise":
+                return parent
+            following += lineage.get("parents") or []
+        if not following:
+            return None
+        frontier = following
+    return None
+
+
 def _rate_of_survivors(scores: NoiseScores, catalog: Any, info: Any) -> None:
     """The noise filter estimated the rate on its input; the version holds what it kept.
 
     Suspicions are calibrated probabilities, so the wrong labels expected among the
     survivors are their suspicions' sum: the version's rate is the input's rate times the
     survivors' mean suspicion over the mean of every pair the filter scored (the interval
-    scales alike). The input's figures stay in ``extra`` as ``input_rate``/``input_interval``.
+    scales alike). ``info`` is the version the noise filter made (the audited one or its
+    ancestor). The input's figures stay in ``extra`` as ``input_rate``/``input_interval``.
     """
     try:
         stored = catalog.read_attachment(info, "scores")
@@ -156,7 +185,7 @@ def _rate_of_survivors(scores: NoiseScores, catalog: Any, info: Any) -> None:
         return
     factor = float(kept.mean()) / float(everything.mean())  # type: ignore[arg-type]
     scores.extra.update(input_rate=round(scores.rate, 4), input_interval=scores.interval,
-                        rate_estimated_on=(info.lineage or {}).get("parents"),
+                        rate_estimated_on=(info.lineage or {}).get("parents"), scored_by=info.ref,
                         rate_of="the version's pairs: the input's rate x survivors' mean suspicion / input's")
     scores.rate = scores.rate * factor
     if scores.interval is not None:
