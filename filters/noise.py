@@ -22,10 +22,20 @@ each copy). The same copies estimate the noise rate (mixture proportion estimati
 with a bootstrap interval; the combined log-odds are shifted so that the mean suspicion
 equals it.
 
-Decision (thresholds: changing them re-decides from the stored scores): pairs at or
-above ``threshold``, or the ``share`` most suspicious, or by default the estimated noise
-rate's share, are dropped, flipped or down-weighted; the reason names the signals that
-flagged each one. Tie pairs are not scored and always kept.
+Decision (thresholds: changing them re-decides from the stored scores; :func:`flag` is the
+rule, which the audit applies too): pairs at or above ``threshold``, or the ``share`` most
+suspicious, or by default the estimated noise rate's share, are dropped, flipped or
+down-weighted; the reason names the signals that flagged each one. The default rule flags
+nothing when the scores cannot separate mislabelled pairs: the combined score's AUROC for
+the synthetic flips on held-out copies (``separation``) below ``min_separation`` (on real
+HH-RLHF every suspicion fell within 0.16-0.21: the top share cut there is arbitrary).
+
+Only human labels are scored. Tie pairs and generated pairs (``provenance`` names parent
+pairs or a generated side) get no suspicion and are always kept: a generator's label is
+its construction, not a judgment, so it is no evidence of label noise, and thousands of
+easy generated pairs drown the real pairs' noise (HH-RLHF + 28,901 generated pairs: 0 of
+31,213 flagged). Their presence is reported as a warning; run the filter before adding
+generated pairs. ``stats["summary"]`` is the one-line result (rate, interval, separation).
 
 A rerun reuses the cached embeddings (``$PREFAB_HOME/embeddings``) and the trained
 heads' outputs (``$PREFAB_HOME/noise/<key>.npz``, keyed by pair ids, labels, prompts
