@@ -243,6 +243,11 @@ def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     scores = _expand(result, rows, n_rows, frame)
     stats.update({"pairs_scored": int(len(rows)), "ties_unscored": int(tie.sum()),
                   "generated_unscored": int(generated.sum()), "warnings": warnings})
+    flagged, _ = flag(scores, params)
+    stats["flagged"] = int(flagged.sum())
+    # calibrated suspicions: their mean over the flagged pairs is the share expected mislabelled
+    stats["flagged_expected_wrong"] = _round(float(np.nanmean(result.columns["suspicion"][flagged[rows]]))
+                                             if flagged.any() else None)
     stats["summary"] = summary_line(stats, params)
     say(stats["summary"])
     return StepResult(scores, None, stats)
@@ -261,6 +266,9 @@ def summary_line(stats: dict, params: NoiseParams) -> str:
         if separation < params.min_separation and params.threshold is None and params.share is None:
             line += (f" < min_separation {params.min_separation:g}: the scores cannot separate mislabelled "
                      "pairs, none flagged (set share or threshold to cut anyway)")
+    if stats.get("flagged") and stats.get("flagged_expected_wrong") is not None:
+        line += (f"; flags {stats['flagged']:,}, {_pct(stats['flagged_expected_wrong'])} of them expected "
+                 "mislabelled")
     if stats.get("generated_unscored"):
         line += f"; {stats['generated_unscored']:,} generated pairs not scored"
     return line

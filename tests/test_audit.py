@@ -194,6 +194,9 @@ def test_audit_of_a_noise_filter_output_is_about_that_version(home: Path, fast_n
     assert noise["rate"] == pytest.approx(noise["input_rate"] * kept.mean() / every.mean(), abs=1e-4)
     assert noise["rate"] <= noise["input_rate"]
     assert noise["flagged"] == round(noise["rate"] * 108)  # the filter's rule at the version's own rate
+    if noise["flagged"]:
+        flagged = kept[np.argsort(-kept, kind="stable")[: noise["flagged"]]]
+        assert noise["flagged_expected_wrong"] == pytest.approx(flagged.mean(), abs=1e-4)
     f = summary["filtered"]
     assert f["step"] == "noise" and f["inputs"] == [toy] and f["rows_dropped"] == 12
     assert f["by_action"] == {"keep": 108, "drop": 12}

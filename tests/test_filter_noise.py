@@ -449,6 +449,8 @@ def test_generated_pairs_are_kept_unscored_and_the_rate_is_the_real_pairs(fake_e
     dropped = np.flatnonzero(np.asarray(decision.action.to_pylist()) == "drop")
     assert len(dropped) == 12 and dropped.max() < real.num_rows  # generated pairs are always kept
     assert "generated pairs not scored" in stats["summary"] and "estimated noise rate" in stats["summary"]
+    default = decide_noise(result.table, build_params(NoiseParams, {}, step="noise"))
+    assert stats["flagged"] == default.action.to_pylist().count("drop")
 
 
 def test_scores_that_cannot_separate_flag_nothing_by_default(tmp_path) -> None:
@@ -477,6 +479,9 @@ def test_scores_that_cannot_separate_flag_nothing_by_default(tmp_path) -> None:
     # scores that separate well say so and keep the default cut
     _, good = score_views(synthetic_views(), context(tmp_path))
     assert good["separation"] > 0.9
+    good.update(pairs_scored=240, flagged=10, flagged_expected_wrong=0.8)
+    line = noise_module.summary_line(good, build_params(NoiseParams, {}, step="noise"))
+    assert "cannot separate" not in line and "flags 10, 80.0% of them expected mislabelled" in line
 
 
 def test_cli_line_shows_the_estimated_rate(fake_encoder, cli, home) -> None:

@@ -82,7 +82,10 @@ def audit(
             flag_share=None if scored == 0 else round(int(flagged.sum()) / scored, 4),
             expected_noisy=round(float(suspicion.sum() or 0.0), 3),
             mean_suspicion=None if scored == 0 else round(float(suspicion.mean()), 4),
-            pairs_unscored=frame.height - scored)
+            pairs_unscored=frame.height - scored,
+            # calibrated suspicions: their mean over the flagged pairs is the share expected wrong
+            flagged_expected_wrong=None if not flagged.any() else round(float(suspicion.filter(
+                pl.Series(flagged)).mean()), 4))
     ties = int(frame["tie"].sum())
     margins: np.ndarray | None = None
     model_summary = None
@@ -129,7 +132,9 @@ def summary_text(summary: dict[str, Any]) -> str:
             in_low, in_high = (n.get("input_interval") or [None, None])[:2]
             line += f" left after the filter (its input: {pct(n['input_rate'])}, {pct(in_low)}–{pct(in_high)})"
         lines.append(f"{line}, scores from {n['scores_from']}; {n['flagged']} of {n['pairs_scored']} scored "
-                     f"pairs flagged ({n['flag_rule']}), expected noisy {n['expected_noisy']}")
+                     f"pairs flagged ({n['flag_rule']}), expected noisy {n['expected_noisy']}"
+                     + (f"; {pct(n['flagged_expected_wrong'])} of the flagged expected mislabelled"
+                        if n.get("flagged_expected_wrong") is not None else ""))
         if n.get("separation") is not None:
             lines.append(f"scores separate synthetic flips with AUROC {n['separation']:.2f}")
         if n.get("pairs_unscored"):
