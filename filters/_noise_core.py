@@ -33,6 +33,7 @@ calibrated probability), plus the votes' log-likelihood ratio.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -98,14 +99,17 @@ def fold_assignments(prompt_ids: list[str], cfg: ModelConfig) -> np.ndarray:
 
 
 def model_signals(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str],
-                  a_is_chosen: np.ndarray, cfg: ModelConfig) -> ModelSignals:
+                  a_is_chosen: np.ndarray, cfg: ModelConfig,
+                  on_epoch: Callable[[], None] | None = None) -> ModelSignals:
+    """Train the ensemble and the co-teaching peers (``cfg.head.epochs`` epochs each;
+    ``on_epoch`` is called after every epoch of either)."""
     n = len(x_chosen)
     k, seeds = cfg.folds, cfg.seeds
     folds = fold_assignments(prompt_ids, cfg)
     rows = np.arange(n)
     heads = np.arange(k)[:, None]
     mask = np.concatenate([folds[s][None, :] != heads for s in range(seeds)])  # head s*k+f trains off fold f
-    run = train_heads(x_chosen, x_rejected, mask, cfg.head)
+    run = train_heads(x_chosen, x_rejected, mask, cfg.head, on_epoch=on_epoch)
     oof = np.stack([run.final[s * k + folds[s], rows] for s in range(seeds)])
     aum, forgetting, rwgap = _dynamics(run, mask)
 
@@ -120,7 +124,8 @@ def model_signals(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list
     ramp = max(1, epochs // 3)
     forget = forget_rate * np.minimum(1.0, (np.arange(epochs) + 1) / ramp)
     crm_cfg = replace(cfg.head, seed=cfg.head.seed + 7919)  # peers start apart from the ensemble
-    crm = train_heads(x_chosen, x_rejected, peer_mask, crm_cfg, peers=peers, forget=forget)
+    crm = train_heads(x_chosen, x_rejected, peer_mask, crm_cfg, peers=peers, forget=forget,
+                      on_epoch=on_epoch)
     held_a = crm.final[2 * folds[0], rows]
     held_b = crm.final[2 * folds[0] + 1, rows]
     loss_a, loss_b = np.logaddexp(0.0, -held_a), np.logaddexp(0.0, -held_b)
@@ -174,11 +179,12 @@ class Evidence:
 
 def evidence(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str], a_is_chosen: np.ndarray,
              length_diff: np.ndarray, judge: np.ndarray | None, cfg: ModelConfig, neighbours: int,
-             wide_neighbours: int, models: ModelSignals | None = None) -> Evidence:
+             wide_neighbours: int, models: ModelSignals | None = None,
+             on_epoch: Callable[[], None] | None = None) -> Evidence:
     """All signals for the labelling given by (x_chosen, x_rejected); ``models`` reuses a
     cached training run."""
     if models is None:
-        models = model_signals(x_chosen, x_rejected, prompt_ids, a_is_chosen, cfg)
+        models = model_signals(x_chosen, x_rejected, prompt_ids, a_is_chosen, cfg, on_epoch)
     direction = x_chosen - x_rejected
     labels, pred_probs = ab_pred_probs(models.oof_prob, a_is_chosen)
     columns = {
@@ -224,6 +230,9 @@ class Combined:
     noise_low: float
     noise_high: float
     l2: float = 1.0
+    # AUROC of the combined score for the synthetic flips, on copies the combiner did not
+    # fit (in-sample with a single copy): how well the scores can tell a wrong label at all.
+    separation: float = float("nan")
 
     def weights(self) -> dict[str, float]:
         return {name: round(float(c), 4) for name, c in zip(self.names, self.model.coef, strict=True)}
@@ -247,10 +256,12 @@ def combine(real: Evidence, copies: list[tuple[Evidence, np.ndarray]], *, use_ju
     blocks = [ev.matrix(names, orientation) for ev, _ in copies]
     targets = [flips.astype(np.float64) for _, flips in copies]
     x, y = np.vstack(blocks), np.concatenate(targets)
-    l2 = choose_l2(blocks, targets) if l2 is None else l2
+    l2, separation = choose_l2(blocks, targets) if l2 is None else (l2, float("nan"))
     model = fit_logistic(x, y, l2=l2, nonnegative=np.ones(len(names), dtype=bool))
     copy_score = model.logit(x)
     flipped = y > 0.5
+    if not np.isfinite(separation):
+        separation = auroc(copy_score, flipped)
     rate = mixture_noise_rate(copy_score, flipped)
     low, high = mixture_noise_interval(copy_score, flipped, seed=seed)
     if not np.isfinite(rate):
@@ -260,14 +271,15 @@ def combine(real: Evidence, copies: list[tuple[Evidence, np.ndarray]], *, use_ju
     logit = raw + calibrate_shift(raw, rate)
     return Combined(names=names, orientation=orientation, model=model, logit=logit,
                     standardized=(real_x - model.mean) / model.scale, noise_rate=rate,
-                    noise_low=low, noise_high=high, l2=l2)
+                    noise_low=low, noise_high=high, l2=l2, separation=separation)
 
 
 L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
 
 
-def choose_l2(blocks: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    """The ridge strength for the combiner, by leave-one-copy-out ranking of synthetic flips.
+def choose_l2(blocks: list[np.ndarray], targets: list[np.ndarray]) -> tuple[float, float]:
+    """The ridge strength for the combiner, by leave-one-copy-out ranking of synthetic flips,
+    and that ridge's held-out AUROC (nan with a single copy).
 
     How much the copies can teach depends on the data's own noise: a copy's unflipped
     pairs carry the data's errors, which dilute the synthetic labels by (1 - 2 x noise).
@@ -278,7 +290,7 @@ def choose_l2(blocks: list[np.ndarray], targets: list[np.ndarray]) -> float:
     when the copies clearly support it.
     """
     if len(blocks) < 2:
-        return L2_GRID[0]
+        return L2_GRID[0], float("nan")
     means, errors = [], []
     for l2 in L2_GRID:
         scores = []
@@ -292,7 +304,8 @@ def choose_l2(blocks: list[np.ndarray], targets: list[np.ndarray]) -> float:
         errors.append(float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else 0.0)
     best = int(np.argmax(means))
     floor = means[best] - errors[best]
-    return max(l2 for l2, mean in zip(L2_GRID, means, strict=True) if mean >= floor)
+    chosen = max(i for i, mean in enumerate(means) if mean >= floor)
+    return L2_GRID[chosen], means[chosen]
 
 
 def length_direction(length_diff: np.ndarray, z: float = 2.0) -> float:

@@ -17,7 +17,7 @@ tensor trains exactly like separate models.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,6 +90,7 @@ def train_heads(
     peers: np.ndarray | None = None,
     forget: np.ndarray | None = None,
     threads: int = 1,
+    on_epoch: Callable[[], None] | None = None,
 ) -> HeadRun:
     """Train one head per row of ``train_mask`` (heads, n) on its rows, all at once.
 
@@ -97,6 +98,7 @@ def train_heads(
     training rows must be the same) and ``forget`` (per-epoch share of each batch to leave
     out), every head ranks its batch by its own loss and its peer learns only from the
     small-loss rows it kept, so a pair that both peers find hard stops being learnt.
+    ``on_epoch`` is called after each epoch (progress).
     """
     n, dim = x_chosen.shape
     mask = np.asarray(train_mask, dtype=bool)
@@ -142,6 +144,8 @@ def train_heads(
                 per_head.sum().backward()
                 optimizer.step()
                 scheduler.step()
+            if on_epoch is not None:
+                on_epoch()
         final = np.zeros((heads, n), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, 1024):

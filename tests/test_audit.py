@@ -129,33 +129,148 @@ def test_length_bias_exact(home: Path) -> None:
     assert summary["duplicates"]["exact_duplicates"] == 0
 
 
-def test_stored_scores_of_an_earlier_noise_run_are_reused(home: Path) -> None:
-    """`prefab filter noise --from REF` stored its scores: the audit of REF finds them."""
+@pytest.fixture
+def fast_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise filter with a bag-of-words stand-in for the encoder (milliseconds)."""
+    import filters.noise as noise_module
+    from tests.test_filter_noise import _hash_features
+
+    monkeypatch.setattr(noise_module, "_features",
+                        lambda data, ctx: (_hash_features(data.chosen), _hash_features(data.rejected)))
+
+
+def test_stored_scores_of_an_earlier_noise_run_are_reused(home: Path, fast_noise) -> None:
+    """`prefab filter noise --from REF` stored its scores: the audit of REF finds them through
+    the filter's public lookup (a run with other thresholds shares them)."""
+    import factory
     import factory.audit
     from factory.catalog import Catalog
     from factory.steps.api import find_stored_scores
-    from factory.steps.identity import identify
-    from factory.steps.runner import pin_refs, prepare
 
     catalog = Catalog(home)
     table = _flip_rows(toy_pairs(40), PLANTED)
     ref = catalog.commit("base", table).ref
-    fake = _fake_noise(table, PLANTED)
-    scores = pa.table({"row": pa.array(range(40), pa.int64()), "pair_id": table.column("pair_id"),
-                       "failed_reason": pa.nulls(40, pa.string()), **fake})
-    prepared = prepare("filter", "noise", {})
-    pin_refs(prepared, catalog)
-    score_key = identify(prepared, [ref], 0).key("scores")  # what `prefab filter noise --from REF` stores under
-    catalog.commit("base-clean", table.slice(0, 30), parents=[ref], attachments={"scores": scores},
-                   lineage={"score_key": score_key, "step": {"name": "noise"}, "stats": {"noise_rate": 0.075}})
-    stored = find_stored_scores("noise", ref, home=home)
-    assert stored is not None and stored.version == "base-clean@1" and stored.stats == {"noise_rate": 0.075}
+    factory.filter("noise", ref, "base-clean", settings={"share": "0.1"}, home=home, progress=False)
+    stored = find_stored_scores("noise", ref, settings={"share": "0.2"}, home=home)  # a threshold only
+    assert stored is not None and stored.version == "base-clean@1"
     assert stored.table["row"].to_pylist() == list(range(40))
     assert find_stored_scores("noise", ref, seed=1, home=home) is None  # another seed: other scores
     summary = factory.audit(ref, compute=False)
     assert summary["noise"]["scores_from"] == "stored_scores"
     assert summary["noise"]["stored_with"] == "base-clean@1"
-    assert [s["row"] for s in summary["suspects"][:3]] == PLANTED
+    stored = catalog.read_attachment("base-clean", "scores")
+    expected = stored.column("noise_suspicion").to_numpy(zero_copy_only=False)
+    for s in summary["suspects"]:
+        assert s["suspicion"] == pytest.approx(expected[s["row"]], abs=1e-4)
+    assert summary["noise"]["rate"] == round(catalog.resolve("base-clean").lineage["stats"]["noise_rate"], 4)
+    assert summary["filtered"] is None  # base was not made by a filter
+
+
+def _noise_output(home: Path) -> tuple[str, str]:
+    """A real noise-filter run (stand-in encoder) on 120 pairs with 10 flips, 12 dropped."""
+    import factory
+    from factory.catalog import Catalog
+    from tests.test_filter_noise import flipped_table
+
+    Catalog(home).commit("toy", flipped_table(), message="toy")
+    report = factory.filter("noise", "toy", "clean", settings={"share": "0.1", "synthetic_copies": "3"},
+                            home=home, progress=False)
+    assert report["rows_dropped"] == 12
+    return "toy@1", report["ref"]
+
+
+def test_audit_of_a_noise_filter_output_is_about_that_version(home: Path, fast_noise) -> None:
+    """Issue 18: the audit of the noise filter's output showed the *input's* rate and re-flagged
+    that share among the survivors. Now: the survivors' own rate (lower), and what the filter
+    removed and why."""
+    import factory.audit
+    from factory.catalog import Catalog
+
+    toy, clean = _noise_output(home)
+    catalog = Catalog(home)
+    lineage = catalog.resolve(clean).lineage
+    summary = factory.audit(clean, compute=False, top=5, settings={"synthetic_copies": "3"})
+    noise = summary["noise"]
+    assert noise["scores_from"] == "columns" and noise["pairs_scored"] == 108
+    assert noise["input_rate"] == round(lineage["stats"]["noise_rate"], 4)
+    stored = catalog.read_attachment(clean, "scores")
+    every = stored.column("noise_suspicion").to_numpy()
+    kept = catalog.read_table(clean).column("noise_suspicion").to_numpy()
+    assert noise["rate"] == pytest.approx(noise["input_rate"] * kept.mean() / every.mean(), abs=1e-4)
+    assert noise["rate"] <= noise["input_rate"]
+    assert noise["flagged"] == round(noise["rate"] * 108)  # the filter's rule at the version's own rate
+    if noise["flagged"]:
+        flagged = kept[np.argsort(-kept, kind="stable")[: noise["flagged"]]]
+        assert noise["flagged_expected_wrong"] == pytest.approx(flagged.mean(), abs=1e-4)
+    f = summary["filtered"]
+    assert f["step"] == "noise" and f["inputs"] == [toy] and f["rows_dropped"] == 12
+    assert f["by_action"] == {"keep": 108, "drop": 12}
+    assert sum(r["rows"] for r in f["by_reason"]) == 12
+    assert all(r["reason"].startswith("flagged by ") and r["action"] == "drop" for r in f["by_reason"])
+    dropped = {pid for pid, a in zip(stored.column("pair_id").to_pylist(), stored.column("noise_action").to_pylist(),
+                                     strict=True) if a == "drop"}
+    assert len(f["removed"]) == 5 and {r["pair_id"] for r in f["removed"]} <= dropped
+    first = f["removed"][0]
+    assert first["reason"].startswith("label noise suspect") and first["chosen"] and first["prompt"]
+    assert first["suspicion"] == pytest.approx(float(np.nanmax(every)), abs=1e-4)
+    # tables and plots stay about the audited version
+    assert sum(g["pairs"] for g in summary["by_group"]["source"]) == 108 == summary["rows"]
+    from factory.audit import summary_text
+
+    text = summary_text(summary)
+    assert "left after the filter" in text and "made by filter noise from toy@1" in text
+
+
+def test_audit_uses_the_noise_filters_own_rule(home: Path) -> None:
+    """The audit flags with filters.noise.flag: scores that cannot separate flag nothing."""
+    import factory.audit
+    from factory.catalog import Catalog
+    from factory.steps.params import build_params
+    from filters.noise import NoiseParams, flag
+
+    table = _flip_rows(toy_pairs(40, ties=4), PLANTED)
+    for name, column in _fake_noise(table, PLANTED).items():
+        table = table.append_column(name, column)
+    weak = table.append_column("noise_separation", pa.array(np.full(table.num_rows, 0.55)))
+    ref = Catalog(home).commit("weak", weak).ref
+    noise = factory.audit(ref, compute=False)["noise"]
+    assert noise["flagged"] == 0 and "cannot separate" in noise["flag_rule"] and noise["separation"] == 0.55
+    scores = pa.table({"suspicion": table.column("noise_suspicion"), "rate_estimate": table.column("noise_rate_estimate")})
+    expected, _ = flag(scores, build_params(NoiseParams, {}, step="noise"))
+    strong = Catalog(home).commit("strong", table).ref
+    summary = factory.audit(strong, compute=False, top=44)
+    got = {s["row"] for s in summary["suspects"] if s["flagged"]}
+    assert got == set(np.flatnonzero(expected).tolist())
+
+
+def test_unflagged_suspects_are_not_listed_as_flagged_by(noisy, cli) -> None:
+    """Issue 18: a suspect with "flagged: false" was listed as "flagged by" its signals."""
+    ref, _ = noisy
+    summary = cli("audit", ref, "--json", "--no-compute", "--top", "6").json()
+    flagged = [s for s in summary["suspects"] if s["flagged"]]
+    others = [s for s in summary["suspects"] if not s["flagged"]]
+    assert flagged and others
+    for s in flagged:
+        assert s["flagged_by"] == s["signals"] and "flagged by" in s["reason"] and not s["strongest_signals"]
+    for s in others:
+        assert s["flagged_by"] == [] and "flagged by" not in s["reason"] and "not flagged" in s["reason"]
+        assert s["strongest_signals"] == s["signals"]
+    text = cli("audit", ref, "--no-compute", "--top", "6").stdout
+    suspect_lines = [line for line in text.splitlines() if line.startswith("  0.")]
+    assert sum("not flagged; strongest signals" in line for line in suspect_lines) == len(others)
+
+
+def test_near_duplicates_use_dedups_threshold(home: Path) -> None:
+    import factory.audit
+    from factory.catalog import Catalog
+    from filters.dedup import DedupParams
+
+    table = toy_pairs(10)
+    near = np.full(10, 0.1)
+    near[:3] = 0.87  # above dedup's default (0.85), below the audit's old 0.9
+    ref = Catalog(home).commit("d", table.append_column("dedup_near_similarity", pa.array(near))).ref
+    d = factory.audit(ref, compute=False)["duplicates"]
+    assert d["near_threshold"] == DedupParams().near_threshold and d["near_duplicates"] == 3
 
 
 def test_html_self_contained_with_one_svg_per_plot(noisy, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def _frame_and_summary(home: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     summary = factory.audit(ref, compute=False, top=10)
     frame = audit_frame(table)
     suspicion = frame["noise_suspicion"]
-    flagged, _ = flag_suspects(suspicion.fill_null(float("nan")), 0.075)
+    flagged, _ = flag_suspects(suspicion.fill_null(float("nan")), 0.075, None)
     frame = frame.with_columns(suspicion.alias("suspicion"), pl.Series("flagged", flagged),
                                frame["noise_oof_margin"].alias("oof_margin"))
     return frame, summary

@@ -382,7 +382,7 @@ def test_too_small_tables_fail_clearly(fake_encoder, home) -> None:
     from schemas.errors import PrefabError
 
     Catalog(home).commit("tiny", toy_pairs(8), message="tiny")
-    with pytest.raises(PrefabError, match="at least 20 non-tie pairs"):
+    with pytest.raises(PrefabError, match="at least 20 real non-tie pairs"):
         factory.filter("noise", "tiny", "x", home=home)
 
 
@@ -407,3 +407,139 @@ def test_real_pandalm_injected_flips(shared_data, tmp_path) -> None:
     suspicion = result.table.column("suspicion").to_numpy()
     assert auroc(suspicion, flips) > 0.78
     assert abs(result.stats["noise_rate"] - flips.mean()) < 0.1
+
+
+# ---- generated pairs, separation, summary and progress (issue 18) ------------------------------
+
+
+def _with_generated(real: pa.Table, count: int) -> pa.Table:
+    """``real`` followed by ``count`` generated pairs (a generator's provenance: parent pairs
+    named, the rejected side generated), each trivially right by construction."""
+    from schemas.pairs import Provenance
+
+    parents = real.column("pair_id").to_pylist()
+    made = []
+    for i in range(count):
+        topic, answer = _TOPICS[i % len(_TOPICS)]
+        made.append(Pair([Message("user", f"Generated {i}: tell me {topic}.")], answer, "Sure!",
+                         provenance=Provenance(step="master_keys", parent_ids=[parents[i % len(parents)]],
+                                               generated="rejected")))
+    return pa.concat_tables([real, pairs_to_table(made)], promote_options="permissive")
+
+
+def test_generated_pairs_are_kept_unscored_and_the_rate_is_the_real_pairs(fake_encoder, tmp_path) -> None:
+    """Issue 18: after a merge with many generated pairs the filter found nothing; the rate is
+    now estimated on the real pairs, the generated ones are kept unscored, and it warns."""
+    real = flipped_table()
+    table = _with_generated(real, 480)
+    result = noise_module.noise(table, context(tmp_path))
+    suspicion = result.table.column("suspicion").to_numpy(zero_copy_only=False)
+    assert np.isnan(suspicion[real.num_rows:]).all()  # generated: not scored
+    assert np.isfinite(suspicion[: real.num_rows]).all()
+    stats = result.stats
+    assert stats["generated_unscored"] == 480 and stats["pairs_scored"] == real.num_rows
+    assert stats["warnings"] and "480 generated pairs are not scored" in stats["warnings"][0]
+    # the real pairs are scored exactly as they would be on their own
+    alone = noise_module.noise(real, context(tmp_path / "alone"))
+    np.testing.assert_allclose(suspicion[: real.num_rows], alone.table.column("suspicion").to_numpy())
+    assert stats["noise_rate"] == alone.stats["noise_rate"] and stats["separation"] == alone.stats["separation"]
+    top = set(np.argsort(-np.nan_to_num(suspicion, nan=-1.0))[: len(FLIPPED)].tolist())
+    assert len(top & set(FLIPPED)) >= len(FLIPPED) - 2
+    decision = decide_noise(result.table, build_params(NoiseParams, {"share": "0.1"}, step="noise"))
+    dropped = np.flatnonzero(np.asarray(decision.action.to_pylist()) == "drop")
+    assert len(dropped) == 12 and dropped.max() < real.num_rows  # generated pairs are always kept
+    assert "generated pairs not scored" in stats["summary"] and "estimated noise rate" in stats["summary"]
+    default = decide_noise(result.table, build_params(NoiseParams, {}, step="noise"))
+    assert stats["flagged"] == default.action.to_pylist().count("drop")
+
+
+def test_scores_that_cannot_separate_flag_nothing_by_default(tmp_path) -> None:
+    """Issue 18: on real HH every suspicion lay in 0.158-0.207 and the top rate-share was cut
+    anyway; when the scores cannot tell synthetic flips apart, the default rule flags none."""
+    rng = np.random.default_rng(1)
+    n = 240
+    x_c, x_r = rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=(n, 16)).astype(np.float32)
+    views = Views(x_chosen=x_c, x_rejected=x_r, pair_ids=[f"p{i}" for i in range(n)],
+                  prompt_ids=[f"q{i // 2}" for i in range(n)], length_diff=np.zeros(n), votes_agree=None,
+                  votes_against=None, judge=None, judge_column=None, label_key="random")
+    scored, stats = score_views(views, context(tmp_path))
+    assert stats["separation"] < 0.65, stats
+    table = pa.table({"suspicion": scored.columns["suspicion"], "signals": scored.signals,
+                      "rate_estimate": np.full(n, stats["noise_rate"]), "separation": np.full(n, stats["separation"]),
+                      "base_weight": np.ones(n)})
+    default = decide_noise(table, build_params(NoiseParams, {}, step="noise"))
+    assert set(default.action.to_pylist()) == {"keep"}
+    flags, rule = noise_module.flag(table, build_params(NoiseParams, {}, step="noise"))
+    assert not flags.any() and "cannot separate" in rule
+    # asked for explicitly, a share is still cut
+    shared = decide_noise(table, build_params(NoiseParams, {"share": "0.1"}, step="noise"))
+    assert shared.action.to_pylist().count("drop") == 24
+    stats.update(pairs_scored=n)
+    assert "cannot separate" in noise_module.summary_line(stats, build_params(NoiseParams, {}, step="noise"))
+    # scores that separate well say so and keep the default cut
+    _, good = score_views(synthetic_views(), context(tmp_path))
+    assert good["separation"] > 0.9
+    good.update(pairs_scored=240, flagged=10, flagged_expected_wrong=0.8)
+    line = noise_module.summary_line(good, build_params(NoiseParams, {}, step="noise"))
+    assert "cannot separate" not in line and "flags 10, 80.0% of them expected mislabelled" in line
+
+
+def test_cli_line_shows_the_estimated_rate(fake_encoder, cli, home) -> None:
+    from factory.catalog import Catalog
+
+    Catalog(home).commit("toy", flipped_table(), message="toy")
+    result = cli("filter", "noise", "--from", "toy", "--name", "clean", "--set", "synthetic_copies=3")
+    assert result.code == 0, result.stderr
+    assert re.search(r"estimated noise rate \d+\.\d% \[\d+\.\d%, \d+\.\d%\] on 120 real pairs", result.stdout)
+
+
+def test_progress_reports_each_phase(tmp_path, capsys) -> None:
+    """Issue 18: 31k pairs showed `0/31213` for 8 minutes; each phase now reports."""
+    score_views(synthetic_views(), context(tmp_path, epochs="2"))
+    assert capsys.readouterr().err == ""  # progress=False: silent
+    params = build_params(NoiseParams, {"synthetic_copies": 3, "epochs": 2}, step="noise")
+    score_views(synthetic_views(), StepContext("noise", params, seed=0, home=tmp_path / "p", progress=True))
+    err = capsys.readouterr().err
+    assert "noise: train" in err and "epoch" in err and "copy 3/3" in err and "pair-epochs/s" in err
+    assert "combining the signals" in err
+
+
+# ---- the shipped recipes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "hh_rlhf.yaml"])
+def test_shipped_recipes_filter_noise_before_adding_generated_pairs(name) -> None:
+    """Issue 18: both recipes ran the noise filter after merging generated pairs (0 dropped)."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "examples" / name).read_text())
+    steps = recipe["steps"]
+    noise_at = next(i for i, s in enumerate(steps) if s.get("filter") == "noise")
+    sources = {s["name"] for s in recipe["sources"]}
+    assert steps[noise_at]["from"] in sources  # straight on the ingested human pairs
+    assert all(i > noise_at for i, s in enumerate(steps) if "generate" in s)
+
+
+def test_quickstart_evaluates_on_held_out_demo_pairs() -> None:
+    """Issue 18: the quickstart evaluated on its own training seeds."""
+    import json
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    examples = REPO / "examples"
+    recipe = yaml.safe_load((examples / "quickstart.yaml").read_text())
+    paths = {s["name"]: examples / s["path"] for s in recipe["sources"]}
+    evals = recipe["train"]["eval"]
+    assert evals and "demo" not in evals
+
+    def prompts(path):  # noqa: ANN001, ANN202
+        return {json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()}
+
+    training = prompts(paths["demo"])
+    for name in evals:
+        held_out = prompts(paths[name])
+        assert len(held_out) >= 50 and not held_out & training, name

@@ -1,5 +1,11 @@
 """``prefab audit``: how noisy a dataset version is, which pairs are suspect and why.
 
+Every figure is about the version audited: its estimated noise rate (for a noise filter's
+output, what remains after it), its suspects flagged by the noise filter's own rule, its
+tables and plots. A version a filter made also says what that filter removed and why
+(``filtered``). Generated pairs are not scored for label noise (their labels are the
+generator's, not a person's); the noise filter's warning about them is repeated.
+
 ``factory.audit(ref)`` returns the JSON summary (stable keys, see :data:`SUMMARY_KEYS`);
 with ``html=PATH`` it also writes a self-contained HTML report whose suspects table is a
 review form: its saved decisions file goes back in with ``prefab review apply``
@@ -20,6 +26,7 @@ from factory.audit.compute import (
     annotators,
     audit_frame,
     duplicates,
+    filter_report,
     flag_suspects,
     formatting_bias,
     group_breakdown,
@@ -30,7 +37,7 @@ from factory.audit.compute import (
 )
 
 SUMMARY_KEYS = ("ref", "rows", "noise", "suspects", "by_group", "annotators", "ties", "length_bias",
-                "formatting", "position", "duplicates", "model", "html")
+                "formatting", "position", "duplicates", "model", "filtered", "html")
 
 
 def audit(
@@ -59,21 +66,26 @@ def audit(
         "available": noise.frame is not None, "scores_from": noise.scores_from, "reason": noise.reason,
         "rate": None if noise.rate is None else round(noise.rate, 4),
         "interval": noise.interval, "confident_learning_rate": noise.cl_rate,
-        "pairs_scored": 0, "flagged": 0, "flag_share": None, "expected_noisy": None, "mean_suspicion": None,
-        **{k: v for k, v in noise.extra.items() if v is not None},
+        "pairs_scored": 0, "flagged": 0, "flag_share": None, "flag_rule": None, "expected_noisy": None,
+        "mean_suspicion": None, **{k: v for k, v in noise.extra.items() if v is not None},
     }
     if noise.frame is not None:
         own = noise.frame.drop([c for c in noise.frame.columns if c in frame.columns])
         frame = pl.concat([frame, own], how="horizontal")
         suspicion = frame["suspicion"].cast(pl.Float64)
         suspicion = suspicion.fill_nan(None)
-        flagged, share = flag_suspects(suspicion.fill_null(float("nan")), noise.rate)
+        flagged, rule = flag_suspects(suspicion, noise.rate, noise.extra.get("separation"), settings)
         frame = frame.with_columns(suspicion.alias("suspicion"), pl.Series("flagged", flagged))
         scored = int(suspicion.is_not_null().sum())
         noise_summary.update(
-            pairs_scored=scored, flagged=int(flagged.sum()), flag_share=round(share, 4),
+            pairs_scored=scored, flagged=int(flagged.sum()), flag_rule=rule,
+            flag_share=None if scored == 0 else round(int(flagged.sum()) / scored, 4),
             expected_noisy=round(float(suspicion.sum() or 0.0), 3),
-            mean_suspicion=None if scored == 0 else round(float(suspicion.mean()), 4))
+            mean_suspicion=None if scored == 0 else round(float(suspicion.mean()), 4),
+            pairs_unscored=frame.height - scored,
+            # calibrated suspicions: their mean over the flagged pairs is the share expected wrong
+            flagged_expected_wrong=None if not flagged.any() else round(float(suspicion.filter(
+                pl.Series(flagged)).mean()), 4))
     ties = int(frame["tie"].sum())
     margins: np.ndarray | None = None
     model_summary = None
@@ -94,6 +106,7 @@ def audit(
                      "reason": "pairs do not record the A/B order the label was given in"},
         "duplicates": duplicates(frame, info.lineage or {}),
         "model": model_summary,
+        "filtered": filter_report(catalog, info, top),
         "html": None,
     }
     assert tuple(summary) == SUMMARY_KEYS
@@ -114,14 +127,35 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines = [f"audit of {summary['ref']}: {summary['rows']} pairs"]
     if n["available"]:
         low, high = (n["interval"] or [None, None])[:2]
-        lines.append(f"estimated noise rate {pct(n['rate'])} (interval {pct(low)}–{pct(high)}), scores from "
-                     f"{n['scores_from']}; {n['flagged']} of {n['pairs_scored']} scored pairs flagged, "
-                     f"expected noisy {n['expected_noisy']}")
+        line = f"estimated noise rate {pct(n['rate'])} (interval {pct(low)}–{pct(high)})"
+        if n.get("input_rate") is not None:
+            in_low, in_high = (n.get("input_interval") or [None, None])[:2]
+            line += f" left after the filter (its input: {pct(n['input_rate'])}, {pct(in_low)}–{pct(in_high)})"
+        lines.append(f"{line}, scores from {n['scores_from']}; {n['flagged']} of {n['pairs_scored']} scored "
+                     f"pairs flagged ({n['flag_rule']}), expected noisy {n['expected_noisy']}"
+                     + (f"; {pct(n['flagged_expected_wrong'])} of the flagged expected mislabelled"
+                        if n.get("flagged_expected_wrong") is not None else ""))
+        if n.get("separation") is not None:
+            lines.append(f"scores separate synthetic flips with AUROC {n['separation']:.2f}")
+        if n.get("pairs_unscored"):
+            lines.append(f"{n['pairs_unscored']} pairs not scored (ties and generated pairs)")
+        lines += [f"warning: {w}" for w in n.get("warnings") or []]
     else:
         lines.append(f"noise: not scored ({n['reason']})")
     for s in summary["suspects"][:10]:
+        how = "flagged by" if s["flagged"] else "not flagged; strongest signals"
         lines.append(f"  {s['suspicion']:.3f}  {s['pair_id']}  [{s['source']}/{s['step']}]  "
-                     f"{', '.join(s['signals']) or 'combined score'}")
+                     f"{how}: {', '.join(s['signals']) or 'the combined score only'}")
+    f = summary.get("filtered")
+    if f:
+        lines.append(f"made by filter {f['step']} from {', '.join(f['inputs'] or [])}: {f['rows_in']} rows in, "
+                     f"{f['rows_kept']} kept, {f['rows_dropped']} dropped, {f['rows_flipped']} flipped")
+        if f.get("input_summary"):
+            lines.append(f"  on its input: {f['input_summary']}")
+        for r in f["by_reason"][:6]:
+            lines.append(f"  {r['action']} {r['rows']}: {r['reason']}")
+        for r in f["removed"][:5]:
+            lines.append(f"  {r['action']} {r['pair_id']}: {r['reason']}")
     for key, rows in summary["by_group"].items():
         if len(rows) > 1 and n["available"]:
             parts = ", ".join(f"{r['group']} {pct(r['flagged_share'])} of {r['scored']}" for r in rows[:6])

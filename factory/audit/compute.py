@@ -1,14 +1,24 @@
 """The audit's numbers: noise rate and suspects, group breakdowns, biases, duplicates.
 
-Everything is computed column-wise on one Polars frame of the version. Noise scores are
-taken from where they already are, in this order: ``noise_*`` columns of the version
-(it came out of ``prefab filter noise``), the stored scores of an earlier ``noise`` run
-on exactly this version (found by the filter's own score key), and only then computed
-in-process through the step runner (minutes on CPU; skipped with ``compute=False``).
+Everything is computed column-wise on one Polars frame of the version audited. Noise
+scores are taken from where they already are, in this order: ``noise_*`` columns of the
+version (it came out of ``prefab filter noise``, whose scores were computed on its input),
+the stored scores of an earlier ``noise`` run on exactly this version (found through
+:func:`factory.steps.api.find_stored_scores`), and only then computed in-process through
+the step runner (minutes on CPU; skipped with ``compute=False``).
+
+The rate reported is the version's own: for the survivors of a noise filter, the filter's
+estimate on its input scaled by how suspicious the survivors are compared with all the
+pairs it scored (the calibrated suspicions' expected count of wrong labels that remain).
+Pairs are flagged by the noise filter's own rule (:func:`filters.noise.flag`) applied to
+the version with that rate. A filtered version also reports what its filter removed and
+why (:func:`filter_report`, from the scores the filter stored).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,17 +79,24 @@ def _from_prefixed(frame: pl.DataFrame, scores_from: str, stats: dict[str, Any])
     cl = _first(own, "cl_rate")
     if cl is None:
         cl = stats.get("cl_noise_rate")
+    separation = _first(own, "separation")
+    if separation is None:
+        separation = stats.get("separation")
     return NoiseScores(scores_from, own, rate, [low, high] if rate is not None else None, cl,
-                       extra={"annotator_accuracy": stats.get("annotator_accuracy")})
+                       extra={"annotator_accuracy": stats.get("annotator_accuracy"), "separation": separation,
+                              "warnings": stats.get("warnings") or None})
 
 
 def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, *, compute: bool = True,
                  settings: dict[str, Any] | None = None, seed: int = 0,
                  progress: bool | None = None) -> NoiseScores:
     """The version's noise scores, reused when stored and computed only when missing."""
+    from factory.steps.api import find_stored_scores
+
     settings = settings or {}
     lineage = info.lineage or {}
-    stats = lineage.get("stats") or {} if (lineage.get("step") or {}).get("name") == "noise" else {}
+    from_noise = (lineage.get("step") or {}).get("name") == "noise"
+    stats = lineage.get("stats") or {} if from_noise else {}
     if "noise_suspicion" in frame.columns:
         scores = _from_prefixed(frame, "columns", stats)
         if "action" in scores.frame.columns:  # type: ignore[union-attr]
@@ -90,11 +107,13 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
                 pl.when(flipped).then(1.0 - pl.col("suspicion")).otherwise(pl.col("suspicion")).alias("suspicion"),
                 pl.when(flipped).then(pl.lit("flipped by the noise filter")).otherwise(pl.col("signals"))
                 .alias("signals"))
-        if stats:  # the rate was estimated on the filter's input, before it dropped or flipped
-            scores.extra["rate_estimated_on"] = lineage.get("parents")
+        noise_run = info if from_noise else _noise_ancestor(catalog, info)
+        if noise_run is not None:
+            if not from_noise:  # the rate and interval of the run, when the columns lack them
+                scores = _from_prefixed(scores.frame.rename(  # type: ignore[union-attr]
+                    lambda c: f"noise_{c}"), "columns", (noise_run.lineage or {}).get("stats") or {})
+            _rate_of_survivors(scores, catalog, noise_run)
         return scores
-    from factory.steps.api import find_stored_scores
-
     try:
         stored = find_stored_scores("noise", info.ref, settings=settings, seed=seed, home=catalog.home)
     except PrefabError:
@@ -120,6 +139,152 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
     scored = pl.from_arrow(result.table)
     scored = scored.rename({c: f"noise_{c}" for c in scored.columns if not c.startswith("noise_")})
     return _from_prefixed(scored, "computed", result.stats)
+
+
+def _noise_ancestor(catalog: Any, info: Any, depth: int = 12) -> Any:
+    """The nearest version up the lineage that the noise filter made (whose ``noise_*``
+    columns a later step carried on), or None."""
+    frontier, seen = list((info.lineage or {}).get("parents") or []), set()
+    for _ in range(depth):
+        following = []
+        for ref in frontier:
+            if ref in seen:
+                continue
+            seen.add(ref)
+            try:
+                parent = catalog.resolve(ref)
+            except PrefabError:
+                continue
+            lineage = parent.lineage or {}
+            if (lineage.get("step") or {}).get("name") == "noise":
+                return parent
+            following += lineage.get("parents") or []
+        if not following:
+            return None
+        frontier = following
+    return None
+
+
+def _rate_of_survivors(scores: NoiseScores, catalog: Any, info: Any) -> None:
+    """The noise filter estimated the rate on its input; the version holds what it kept.
+
+    Suspicions are calibrated probabilities, so the wrong labels expected among the
+    survivors are their suspicions' sum: the version's rate is the input's rate times the
+    survivors' mean suspicion over the mean of every pair the filter scored (the interval
+    scales alike). ``info`` is the version the noise filter made (the audited one or its
+    ancestor). The input's figures stay in ``extra`` as ``input_rate``/``input_interval``.
+    """
+    try:
+        stored = catalog.read_attachment(info, "scores")
+    except (PrefabError, OSError, ValueError):
+        return
+    if "noise_suspicion" not in stored.column_names or scores.rate is None or scores.frame is None:
+        return
+    everything = pl.from_arrow(stored.select(["noise_suspicion"]))["noise_suspicion"].cast(pl.Float64)
+    everything = everything.fill_nan(None).drop_nulls()
+    kept = scores.frame["suspicion"].cast(pl.Float64).fill_nan(None).drop_nulls()
+    if everything.is_empty() or kept.is_empty() or not everything.mean():
+        return
+    factor = float(kept.mean()) / float(everything.mean())  # type: ignore[arg-type]
+    scores.extra.update(input_rate=round(scores.rate, 4), input_interval=scores.interval,
+                        rate_estimated_on=(info.lineage or {}).get("parents"), scored_by=info.ref,
+                        rate_of="the version's pairs: the input's rate x survivors' mean suspicion / input's")
+    scores.rate = scores.rate * factor
+    if scores.interval is not None:
+        scores.interval = [None if v is None else round(v * factor, 4) for v in scores.interval]
+
+
+def flag_suspects(suspicion: pl.Series, rate: float | None, separation: float | None,
+                  settings: dict[str, Any] | None = None) -> tuple[np.ndarray, str]:
+    """The noise filter's own rule (:func:`filters.noise.flag`, with the filter's parameters
+    from ``settings``) applied to the audited version's suspicions and rate."""
+    from factory.steps.runner import prepare
+    from filters.noise import flag
+
+    n = len(suspicion)
+    table = pa.table({
+        "suspicion": suspicion.cast(pl.Float64).fill_nan(None).to_arrow(),
+        "rate_estimate": pa.array([rate] * n, pa.float64()),
+        "separation": pa.array([separation] * n, pa.float64()),
+    })
+    return flag(table, prepare("filter", "noise", settings or {}).params)
+
+
+# ---- what a filter removed and why -------------------------------------------------------
+
+# Numbers and ids vary from pair to pair; the rest of a reason names its cause.
+_VARIABLE = re.compile(r"\b[0-9a-f]{12,}\b|-?\d+(?:\.\d+)?%?")
+
+
+def reason_kind(reason: str) -> str:
+    """A filter's reason with its numbers and pair ids blanked: the cause, for counting."""
+    return _VARIABLE.sub("#", reason)
+
+
+def filter_report(catalog: Any, info: Any, top: int) -> dict[str, Any] | None:
+    """For a version a filter made: its input, what it did to how many rows (by action and by
+    cause) and the ``top`` rows it removed or changed, most suspicious first, from the scores
+    the filter stored with the version."""
+    lineage = info.lineage or {}
+    if lineage.get("command") != "filter":
+        return None
+    step = (lineage.get("step") or {}).get("name") or ""
+    out: dict[str, Any] = {
+        "step": step, "inputs": lineage.get("parents"), "params": lineage.get("params"),
+        "rows_in": lineage.get("rows_in"), "rows_kept": lineage.get("rows_kept"),
+        "rows_dropped": lineage.get("rows_dropped"), "rows_flipped": lineage.get("rows_flipped"),
+        "rows_reweighted": lineage.get("rows_reweighted"), "rows_failed": lineage.get("rows_failed"),
+        "input_summary": (lineage.get("stats") or {}).get("summary"),
+        "warnings": (lineage.get("stats") or {}).get("warnings") or [],
+        "by_action": {}, "by_reason": [], "removed": [],
+    }
+    try:
+        stored = pl.from_arrow(catalog.read_attachment(info, "scores"))
+    except (PrefabError, OSError, ValueError):
+        out["reason"] = "the filter stored no scores with this version"
+        return out
+    action, reason = f"{step}_action", f"{step}_reason"
+    if action not in stored.columns:
+        out["reason"] = f"the stored scores lack {action}"
+        return out
+    signals = f"{step}_signals"
+    out["by_action"] = {str(k): int(v) for k, v in stored[action].fill_null("failed").value_counts()
+                        .sort("count", descending=True).iter_rows()}
+    acted = stored.filter(pl.col(action).fill_null("keep") != "keep")
+    if reason in acted.columns:
+        kinds = acted.select(
+            pl.col(action),
+            (pl.lit("flagged by ") + pl.col(signals).replace("", "the combined score only")
+             if signals in acted.columns else
+             pl.col(reason).fill_null("").map_elements(reason_kind, return_dtype=pl.String)).alias("kind"))
+        counted = kinds.group_by(["kind", action]).len().sort(["len", "kind"], descending=[True, False])
+        out["by_reason"] = [{"reason": k, "action": a, "rows": int(c)} for k, a, c in counted.iter_rows()]
+    order = f"{step}_suspicion" if f"{step}_suspicion" in acted.columns else "row"
+    picked = acted.sort([order, "row"], descending=[order != "row", False]).head(max(top, 0))
+    texts = _input_rows(catalog, lineage.get("parents") or [], picked["row"].to_list())
+    for r in picked.iter_rows(named=True):
+        text = texts.get(int(r["row"]), {})
+        out["removed"].append({
+            "row": int(r["row"]), "pair_id": r["pair_id"], "action": r[action], "reason": r.get(reason),
+            **({"suspicion": None if r[order] is None else round(float(r[order]), 4)} if order != "row" else {}),
+            "prompt": prompt_text(text.get("prompt")), "chosen": text.get("chosen"),
+            "rejected": text.get("rejected"),
+        })
+    return out
+
+
+def _input_rows(catalog: Any, parents: list[str], rows: list[int]) -> dict[int, dict[str, Any]]:
+    """Rows (positions in the filter's concatenated input) with their prompt and answers."""
+    if not rows or not parents:
+        return {}
+    try:
+        tables = [catalog.read_table(ref).select(["prompt", "chosen", "rejected"]) for ref in parents]
+    except (PrefabError, OSError, ValueError, KeyError):
+        return {}
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    wanted = [r for r in rows if 0 <= r < table.num_rows]
+    picked = table.take(pa.array(wanted, pa.int64())).to_pylist()
+    return dict(zip(wanted, picked, strict=True))
 
 
 # ---- the frame the audit reads ---------------------------------------------------------
@@ -221,6 +386,16 @@ def annotators(frame: pl.DataFrame) -> dict[str, Any] | None:
     }
 
 
+def near_duplicate_threshold() -> float:
+    """dedup's default near-duplicate threshold (so the audit counts what dedup would drop)."""
+    from filters import dedup
+
+    default = getattr(dedup, "NEAR_DUPLICATE_THRESHOLD", None)
+    if default is None:
+        default = next(f.default for f in dataclasses.fields(dedup.DedupParams) if f.name == "near_threshold")
+    return float(default)
+
+
 def duplicates(frame: pl.DataFrame, lineage: dict[str, Any]) -> dict[str, Any]:
     """Exact duplicates counted here (cheap); near duplicates and contamination from dedup scores."""
     n = frame.height
@@ -236,7 +411,7 @@ def duplicates(frame: pl.DataFrame, lineage: dict[str, Any]) -> dict[str, Any]:
     }
     params = lineage.get("params") or {} if (lineage.get("step") or {}).get("name") == "dedup" else {}
     if "dedup_near_similarity" in frame.columns:
-        near = float(params.get("near_threshold", 0.9))
+        near = float(params.get("near_threshold", near_duplicate_threshold()))
         count = int((frame["dedup_near_similarity"].fill_null(0.0) >= near).sum())
         out.update(near_duplicates=count, near_rate=_share(count, n), near_threshold=near, **{"from": "dedup_scores"})
     if "dedup_contamination" in frame.columns:
@@ -251,19 +426,6 @@ def duplicates(frame: pl.DataFrame, lineage: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- noise: flags, suspects and groups --------------------------------------------------
-
-
-def flag_suspects(suspicion: pl.Series, rate: float | None) -> tuple[np.ndarray, float]:
-    """The estimated-noise-rate share of scored pairs, most suspicious first (the noise
-    filter's default rule), so the flagged count matches what the filter would act on."""
-    values = suspicion.to_numpy().astype(np.float64, copy=False)
-    scored = np.flatnonzero(np.isfinite(values))
-    share = rate if rate is not None else (float(np.nanmean(values[scored])) if len(scored) else 0.0)
-    count = int(round(share * len(scored)))
-    order = scored[np.lexsort((scored, -values[scored]))]
-    flagged = np.zeros(len(values), dtype=bool)
-    flagged[order[:count]] = True
-    return flagged, share
 
 
 def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
@@ -303,10 +465,15 @@ def suspects(frame: pl.DataFrame, top: int) -> list[dict[str, Any]]:
         signals = [s for s in (r.get("signals") or "").split(", ") if s]
         scores = {c: (None if r[c] is None or (isinstance(r[c], float) and not np.isfinite(r[c]))
                       else round(float(r[c]), 4)) for c in score_cols}
+        flagged = bool(r["flagged"])
+        named = ", ".join(signals) or "the combined score only"
         out.append({
             "row": int(r["row"]), "pair_id": r["pair_id"], "suspicion": round(float(r["suspicion"]), 4),
-            "flagged": bool(r["flagged"]), "signals": signals,
-            "reason": (f"suspicion {r['suspicion']:.3f}; flagged by " + (", ".join(signals) or "the combined score only")),
+            "flagged": flagged, "signals": signals,
+            # Only a flagged pair was flagged by anything; another's signals are what point at it most.
+            "flagged_by": signals if flagged else [], "strongest_signals": [] if flagged else signals,
+            "reason": (f"suspicion {r['suspicion']:.3f}; flagged by {named}" if flagged
+                       else f"suspicion {r['suspicion']:.3f}; not flagged; strongest signals: {named}"),
             "source": r["g_source"], "step": r["g_step"], "attribute": r["g_attribute"], "task": r["g_task"],
             "votes": r.get("votes"), "scores": scores,
             "prompt": prompt_text(r.get("prompt"), separator="\n\n"), "chosen": r["chosen"], "rejected": r["rejected"],

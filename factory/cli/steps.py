@@ -140,6 +140,9 @@ def _filter_text(r: dict[str, Any]) -> str:
         f"  scores: {', '.join(r['score_columns'])}" + (" (reused, not recomputed)" if r["scores_reused"] else ""),
         *_unchanged(r),
     ]
+    stats = r.get("stats") or {}  # a filter's own one-line summary and warnings, where it gives them
+    lines += [f"  {stats['summary']}"] if stats.get("summary") else []
+    lines += [f"  warning: {w}" for w in stats.get("warnings") or []]
     if r["rows_failed"]:
         lines.append(f"  see failed rows with: prefab catalog failures {r['ref']}")
     return "\n".join(lines)
