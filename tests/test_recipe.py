@@ -248,3 +248,11 @@ def test_a_step_named_like_its_input_is_refused_at_load(tmp_path, home) -> None:
     with pytest.raises(RecipeError, match=r"line 19, key 'steps\[3\].name': 'all' is also this step's input.*"
                                           r"choose another name \(e.g. all-filter\)"):
         load_recipe(path)
+
+
+def test_the_run_summary_shows_the_audit_rate_as_a_percentage_or_why_there_is_none() -> None:
+    from factory.recipe.runner import _noise_line
+
+    line = _noise_line({"available": True, "rate": 0.1234, "interval": [0.1, 0.15], "flagged": 7})
+    assert line == "estimated noise rate 12.3% [10.0%, 15.0%]; 7 pairs flagged"
+    assert _noise_line({"available": False, "reason": "too few pairs"}) == "noise not estimated (too few pairs)"

@@ -141,3 +141,14 @@ def test_an_interrupted_run_resumes_after_its_finished_batches(tmp_path) -> None
         object.__setattr__(prepared.spec, "fn", real_fn)
     assert calls == [4, 2]  # the first batch was kept, not recomputed
     assert result.table.num_rows == 10
+
+
+def test_a_whole_table_step_says_what_runs_instead_of_a_bar_stuck_at_zero(capsys) -> None:
+    from factory.steps.runner import _progress_bar
+
+    line = _progress_bar(1200, "filter noise", True, whole_table=True)
+    line.update(1200)
+    line.close()
+    err = capsys.readouterr().err
+    assert "filter noise: 1,200 rows as one whole-table pass" in err
+    assert "filter noise: 1,200 rows done in" in err and "0/1200" not in err

@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> CommandResult:
             lines.append(f"  {key}: {shown}")
     if result.get("audit"):
         audit = result["audit"]
-        lines.append(f"audit report: {audit['html']} (JSON: {audit['json']}); estimated noise rate "
-                     f"{audit['noise_rate']} {audit['noise_interval'] or ''}".rstrip())
+        lines.append(f"audit report: {audit['html']} (JSON: {audit['json']}); {audit['noise_line']}")
     return CommandResult(result, "\n".join(lines))
 
 

@@ -119,7 +119,18 @@ def _audit(recipe: Recipe, catalog: Catalog, made: dict[str, str], model: dict[s
     noise = summary.get("noise") or {}
     return {"kind": "audit", "what": f"audit {ref}", "ref": str(html.resolve()), "reused": False,
             "html": str(html.resolve()), "json": str(json_path.resolve()), "noise_rate": noise.get("rate"),
-            "noise_interval": noise.get("interval"), "seconds": time.monotonic() - t0}
+            "noise_interval": noise.get("interval"), "noise_line": _noise_line(noise),
+            "seconds": time.monotonic() - t0}
+
+
+def _noise_line(noise: dict[str, Any]) -> str:
+    """The audit's headline in one line: the rate with its interval, or why there is none."""
+    if not noise.get("available") or noise.get("rate") is None:
+        return f"noise not estimated ({noise.get('reason') or 'no scores'})"
+    low, high = (noise.get("interval") or [None, None])[:2]
+    interval = f" [{100 * low:.1f}%, {100 * high:.1f}%]" if low is not None and high is not None else ""
+    flagged = f"; {noise['flagged']} pairs flagged" if noise.get("flagged") is not None else ""
+    return f"estimated noise rate {100 * noise['rate']:.1f}%{interval}{flagged}"
 
 
 def _run_step(step: StepSpecRecipe, recipe: Recipe, catalog: Catalog, made: dict[str, str], recipe_sha: str,

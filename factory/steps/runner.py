@@ -134,13 +134,39 @@ def _concat(tables: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+class _WholeTableLine:
+    """A whole-table step runs as one call: a row bar would sit at 0/N until the end (the
+    step reports its own phases), so say what runs and, at the end, how long it took."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        import sys
+
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.started = time.monotonic()
+        if enabled:
+            print(f"{desc}: {total:,} rows as one whole-table pass", file=sys.stderr, flush=True)
+
+    def update(self, rows: int) -> None:
+        import sys
+
+        if self.enabled:
+            seconds = time.monotonic() - self.started
+            rate = f", {rows / seconds:,.0f} rows/s" if seconds > 0 else ""
+            print(f"{self.desc}: {rows:,} rows done in {seconds:.1f} s{rate}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool | None, *, whole_table: bool = False) -> Any:
     import sys
 
     from tqdm import tqdm
 
     if enabled is None:
         enabled = sys.stderr.isatty()
+    if whole_table:
+        return _WholeTableLine(total, desc, enabled)
     return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, disable=not enabled)
 
 
@@ -241,7 +267,8 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     if resume_dir is not None and not ran_on_ray:
         say_resuming(spec, resume_dir, starts)
     outputs, failures, stats, usage = [], [], {}, {}
-    bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress)
+    bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress,
+                        whole_table=spec.batch_rows is None)
     done = 0
     try:
         for start in starts:
