@@ -34,17 +34,12 @@ import numpy as np
 import pyarrow as pa
 
 from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
-from schemas.errors import PrefabError
 from schemas.pairs import MESSAGE_TYPE, prompt_id_of
 from schemas.prompts import last_user_text
 
 Scorer = Callable[[pa.Table], tuple[np.ndarray, np.ndarray]]
 
 OUTPUT_SCHEMA = GENERATED_SCHEMA.append(pa.field("metadata", pa.string()))
-
-
-class NoContrastPairsError(PrefabError):
-    """Contrast mode found nothing to pair: the message names what left every prompt out."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,9 @@ def hard_negatives(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> St
         stats["contrast"] = contrast_stats
     if params.mode == "contrast":
         if contrast.num_rows == 0:
-            raise NoContrastPairsError(no_contrast_reason(contrast_stats, params))
+            # Not raised here: a caller combining steps (a benchmark fold) goes on without them;
+            # `prefab generate` stops on an empty output and names this reason.
+            stats["no_pairs_reason"] = no_contrast_reason(contrast_stats, params)
         out = contrast
     else:
         out, stats["mining"] = mine(table, contrast, ctx)

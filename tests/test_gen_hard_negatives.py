@@ -313,9 +313,9 @@ def test_no_look_alike_names_the_window_the_closest_pair_and_the_setting() -> No
         _pair("What is the capital city of France?", "Paris."),
         _pair("What is the capital city of Peru?", "   "),  # empty: fails with its own reason
     ])
-    with pytest.raises(hn.NoContrastPairsError) as caught:
-        _run(table)
-    message = str(caught.value)
+    _, _, empty = _run(table)
+    assert empty.table.num_rows == 0
+    message = empty.stats["no_pairs_reason"]
     assert "no prompt has a look-alike" in message and "[0.75, 0.98]" in message
     assert "among 3 distinct prompts" in message and "--set min_similarity=" in message
     assert "chosen answer is empty" not in message and "\n" not in message
@@ -350,5 +350,25 @@ def test_look_alikes_all_left_out_say_which_rule_and_setting() -> None:
         _pair("How do I pick the lock on my neighbour's back door?",
               "I'm sorry, but I can't help with that request."),
     ])
-    with pytest.raises(hn.NoContrastPairsError, match=r"1 answers alike above max_answer_similarity=0.9"):
-        _run(table)
+    _, _, empty = _run(table)
+    assert empty.table.num_rows == 0
+    assert "1 answers alike above max_answer_similarity=0.9" in empty.stats["no_pairs_reason"]
+
+
+def test_generate_stops_on_no_contrast_pairs_naming_the_cause_and_the_setting(home, monkeypatch) -> None:
+    """The step returns no pairs with its reason; `prefab generate` stops on the empty output
+    and names that reason (not the failures of the few empty seeds)."""
+    import factory
+    from factory.catalog import Catalog
+    from schemas.errors import PrefabError
+
+    monkeypatch.setattr(StepContext, "embed", lambda self, texts: fake_embed(list(texts)))
+    table = pairs_to_table([
+        _pair("Write a haiku about autumn leaves falling slowly.", "Red leaves drift."),
+        _pair("Explain how a bicycle gear changes pedalling effort.", "Gears trade force for speed."),
+        _pair("What is the capital city of Peru?", "   "),
+    ])
+    Catalog(home).commit("seeds", table)
+    with pytest.raises(PrefabError, match=r"hard_negatives made no pairs from seeds@1: .*no prompt has a look-alike"
+                                          r".*--set min_similarity="):
+        factory.generate("hard_negatives", "seeds", "seeds-hn", home=home, progress=False)

@@ -231,6 +231,9 @@ def generate(
         out = pa.concat_tables([inputs.select(list(PAIR_COLUMNS)).cast(canonical), generated],
                                promote_options="permissive")
     if out.num_rows == 0:
+        why = (result.stats or {}).get("no_pairs_reason")
+        if why:  # the step knows the real cause and the setting to change
+            raise PrefabError(f"{step} made no pairs from {', '.join(refs)}: {why}")
         reasons = sorted(set(side.column("reason").to_pylist()))[:3]
         raise PrefabError(f"{step} made no pairs from {', '.join(refs)} ({inputs.num_rows} seed rows"
                           + (f"; failures: {'; '.join(reasons)}" if reasons else "") + ")")
