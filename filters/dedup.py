@@ -30,7 +30,9 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -174,33 +176,131 @@ def _shingles(text: str, size: int) -> set[bytes]:
     return {s.encode("utf-8") for s in ngrams(tokens(text), size)} or {b""}
 
 
+# Rows whose shingles are hashed at once, and shingle hashes permuted at once: a permuted
+# block is (shingles x num_perm) uint32, 64k x 128 x 4 B = 32 MiB, so memory stays bounded by
+# the signature matrices whatever the table's size.
+_CHUNK_ROWS = 4096
+_CHUNK_SHINGLES = 1 << 16
+
+
+def _sha1_32(shingles: Iterable[bytes]) -> np.ndarray:
+    """datasketch's default shingle hash (the first 4 bytes of SHA-1, little-endian)."""
+    digests = b"".join(hashlib.sha1(s).digest()[:4] for s in shingles)
+    return np.frombuffer(digests, dtype="<u4").astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (uint32 arithmetic wraps, as intended)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The affine permutations of datasketch's MinHash(num_perm, seed) (scheme "affine32",
+    its default), so signatures equal the ones datasketch computes, bit for bit."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _signatures(hashes: list[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One MinHash signature row (uint32) per row's shingle hashes, permuted in blocks of
+    about ``_CHUNK_SHINGLES`` hashes."""
+    a, b = perm
+    lengths = np.fromiter((len(h) for h in hashes), dtype=np.int64, count=len(hashes))
+    flat = _fmix32(np.concatenate(hashes))
+    ends = np.cumsum(lengths)
+    out = np.empty((len(hashes), len(a)), dtype=np.uint32)
+    block = (ends - 1) // _CHUNK_SHINGLES  # rows of a block are consecutive
+    cuts = np.flatnonzero(np.diff(block)) + 1
+    for rows in np.split(np.arange(len(hashes)), cuts):
+        first = int(ends[rows[0]] - lengths[rows[0]])
+        permuted = flat[first:int(ends[rows[-1]]), None] * a + b
+        out[rows] = np.minimum.reduceat(permuted, ends[rows] - lengths[rows] - first, axis=0)
+    return out
+
+
+@dataclass
+class _Sketches:
+    """What MinHash near-duplicate search keeps per row: the signature of all parts together
+    (for LSH candidates) and one signature per part (for the part-wise estimate)."""
+    combined: np.ndarray
+    parts: list[np.ndarray]
+
+
+def _sketch(components: list[list[str]], params: DedupParams) -> _Sketches:
+    """Signatures built ``_CHUNK_ROWS`` rows at a time: no row's shingles outlive its chunk.
+    Memory: (1 + parts) x rows x num_perm x 4 bytes, plus one chunk's shingles."""
+    n = len(components[0])
+    combined_perm, part_perm = _permutations(params.num_perm, 1), _permutations(params.num_perm, 2)
+    sketches = _Sketches(np.empty((n, params.num_perm), np.uint32),
+                         [np.empty((n, params.num_perm), np.uint32) for _ in components])
+    for start in range(0, n, _CHUNK_ROWS):
+        rows = range(start, min(start + _CHUNK_ROWS, n))
+        tagged: list[list[np.ndarray]] = [[] for _ in rows]
+        for k, part in enumerate(components):
+            shingles = [_shingles(part[i], params.shingle) for i in rows]
+            sketches.parts[k][rows.start:rows.stop] = _signatures([_sha1_32(s) for s in shingles], part_perm)
+            tag = b"%d\x00" % k  # the same shingle in two parts is two different shingles
+            for row, row_shingles in zip(tagged, shingles, strict=True):
+                row.append(_sha1_32(tag + s for s in row_shingles))
+        sketches.combined[rows.start:rows.stop] = _signatures([np.concatenate(h) for h in tagged],
+                                                              combined_perm)
+    return sketches
+
+
+@lru_cache(maxsize=16)
+def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's LSH (bands, rows per band) for the threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int]) -> pl.DataFrame:
+    """Pairs (row, earlier) of the given rows whose signatures agree on a whole LSH band."""
+    b, r = bands
+    found = []
+    for band in range(b):
+        keys = np.ascontiguousarray(combined[rows, band * r:(band + 1) * r])
+        _, bucket = np.unique(keys.view(np.dtype((np.void, 4 * r))).ravel(), return_inverse=True)
+        frame = pl.DataFrame({"bucket": bucket.ravel(), "row": rows})
+        shared = frame.filter(pl.len().over("bucket") > 1)
+        found.append(shared.join(shared, on="bucket", suffix="_earlier")
+                     .filter(pl.col("row_earlier") < pl.col("row")).select("row", "row_earlier"))
+    return pl.concat(found).unique() if found else pl.DataFrame(schema={"row": pl.Int64, "row_earlier": pl.Int64})
+
+
 def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
                   params: DedupParams) -> tuple[np.ndarray, list[str | None]]:
     """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
     estimate, so two pairs that share a prompt and an answer but differ in the other
-    answer are not duplicates."""
-    from datasketch import MinHash, MinHashLSH
-
+    answer are not duplicates. Each row is compared with every earlier exact-content
+    representative it shares a band with; ties go to the earliest."""
     n = len(pair_ids)
-    tagged = [set().union(*({b"%d\x00" % k + s for s in _shingles(part[i], params.shingle)}
-                            for k, part in enumerate(components))) for i in range(n)]
-    combined = MinHash.bulk(tagged, num_perm=params.num_perm, seed=1)
-    per_part = [MinHash.bulk([_shingles(text, params.shingle) for text in part], num_perm=params.num_perm, seed=2)
-                for part in components]
-    lsh = MinHashLSH(threshold=params.candidate_threshold, num_perm=params.num_perm)
+    sketches = _sketch(components, params)
+    representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
+    pairs = _candidates(sketches.combined, representatives, _bands(params.candidate_threshold, params.num_perm))
+    row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
+    agree = np.full(len(row), params.num_perm, dtype=np.int64)
+    for start in range(0, len(row), _CHUNK_SHINGLES):
+        at = slice(start, start + _CHUNK_SHINGLES)
+        for part in sketches.parts:
+            same = np.count_nonzero(part[row[at]] == part[earlier[at]], axis=1)
+            agree[at] = np.minimum(agree[at], same)
+    best = (pl.DataFrame({"row": row, "earlier": earlier, "agree": agree})
+            .filter(pl.col("agree") > 0)
+            .sort(["row", "agree", "earlier"], descending=[False, True, False])
+            .unique("row", keep="first"))
     similarity = np.zeros(n)
     near_of: list[str | None] = [None] * n
-    for i, minhash in enumerate(combined):
-        if exact_of[i] is not None:
-            continue  # already a duplicate; its original is indexed
-        best, best_j = 0.0, None
-        for j in lsh.query(minhash):
-            estimate = min(part[i].jaccard(part[j]) for part in per_part)
-            if estimate > best or (estimate == best and best_j is not None and j < best_j):
-                best, best_j = estimate, j
-        if best_j is not None:
-            similarity[i], near_of[i] = best, pair_ids[best_j]
-        lsh.insert(i, minhash)  # only earlier rows are ever candidates: the first occurrence stays
+    for i, j, count in best.iter_rows():
+        similarity[i], near_of[i] = float(count) / float(params.num_perm), pair_ids[j]
     return similarity, near_of
 
 
