@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # the model code imports torch: only when the filter runs, no
     from factory.trainer.data import PairData
     from filters._noise_core import Combined, Evidence, ModelConfig, ModelSignals
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: projection from the covariance, signed by its largest entry
 MIN_PAIRS = 20
 GENERATED_WARNING = ("{generated} generated pairs are not scored for label noise (a generator's label is "
                      "not a human judgment): the rate is estimated on the {real} real pairs; run the "
@@ -202,7 +202,9 @@ def generated_rows(table: pa.Table) -> np.ndarray:
 # ---- the step -----------------------------------------------------------------------------
 
 
-@filter_step("noise", params=NoiseParams, decide=decide_noise, version="1")
+# version 2: principal components from the chunked covariance, each signed so its largest entry
+# is positive (the SVD's signs were LAPACK's choice); the heads start from other features
+@filter_step("noise", params=NoiseParams, decide=decide_noise, version="2")
 def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     """Label noise: out-of-fold RM ensemble, confident learning, training dynamics, CRM peer
     review, neighbour agreement, votes and judges, combined into one calibrated suspicion."""
