@@ -177,10 +177,10 @@ def _shingles(text: str, size: int) -> set[bytes]:
 
 
 # Rows whose shingles are hashed at once, and shingle hashes permuted at once: a permuted
-# block is (shingles x num_perm) uint32, 64k x 128 x 4 B = 32 MiB, so memory stays bounded by
+# block is (shingles x num_perm) uint32, 32k x 128 x 4 B = 16 MiB, so memory stays bounded by
 # the signature matrices whatever the table's size.
-_CHUNK_ROWS = 4096
-_CHUNK_SHINGLES = 1 << 16
+_CHUNK_ROWS = 2048
+_CHUNK_SHINGLES = 1 << 15
 
 
 def _sha1_32(shingles: Iterable[bytes]) -> np.ndarray:
@@ -219,7 +219,8 @@ def _signatures(hashes: list[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -
     cuts = np.flatnonzero(np.diff(block)) + 1
     for rows in np.split(np.arange(len(hashes)), cuts):
         first = int(ends[rows[0]] - lengths[rows[0]])
-        permuted = flat[first:int(ends[rows[-1]]), None] * a + b
+        permuted = np.multiply(flat[first:int(ends[rows[-1]]), None], a)
+        permuted += b  # in place: one block-sized array at a time
         out[rows] = np.minimum.reduceat(permuted, ends[rows] - lengths[rows] - first, axis=0)
     return out
 
