@@ -282,14 +282,19 @@ def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: li
     """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
     estimate, so two pairs that share a prompt and an answer but differ in the other
     answer are not duplicates. Each row is compared with every earlier exact-content
-    representative it shares a band with; ties go to the earliest."""
+    representative it shares a band with; ties go to the earliest.
+
+    Memory: the signatures, (1 + parts) x rows x num_perm x 4 bytes (2 GiB at 1M pairs
+    of three parts, 128 permutations), the band buckets and the candidate pairs; no shingle
+    outlives its chunk. Same hashes as datasketch's MinHash and the same LSH bands, so the
+    same candidates and estimates as indexing datasketch objects one by one."""
     n = len(pair_ids)
     sketches = _sketch(components, params)
     representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
     pairs = _candidates(sketches.combined, representatives, _bands(params.candidate_threshold, params.num_perm))
     row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
     agree = np.full(len(row), params.num_perm, dtype=np.int64)
-    for start in range(0, len(row), _CHUNK_SHINGLES):
+    for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
         at = slice(start, start + _CHUNK_SHINGLES)
         for part in sketches.parts:
             same = np.count_nonzero(part[row[at]] == part[earlier[at]], axis=1)
