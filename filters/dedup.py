@@ -225,33 +225,33 @@ def _signatures(hashes: list[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -
     return out
 
 
-@dataclass
-class _Sketches:
-    """What MinHash near-duplicate search keeps per row: the signature of all parts together
-    (for LSH candidates) and one signature per part (for the part-wise estimate)."""
-    combined: np.ndarray
-    parts: list[np.ndarray]
-
-
-def _sketch(components: list[list[str]], params: DedupParams) -> _Sketches:
-    """Signatures built ``_CHUNK_ROWS`` rows at a time: no row's shingles outlive its chunk.
-    Memory: (1 + parts) x rows x num_perm x 4 bytes, plus one chunk's shingles."""
+def _combined_signatures(components: list[list[str]], params: DedupParams) -> np.ndarray:
+    """Every row's signature of all its parts' shingles together (each tagged with its part),
+    built ``_CHUNK_ROWS`` rows at a time: no row's shingles outlive its chunk."""
     n = len(components[0])
-    combined_perm, part_perm = _permutations(params.num_perm, 1), _permutations(params.num_perm, 2)
-    sketches = _Sketches(np.empty((n, params.num_perm), np.uint32),
-                         [np.empty((n, params.num_perm), np.uint32) for _ in components])
+    perm = _permutations(params.num_perm, 1)
+    out = np.empty((n, params.num_perm), np.uint32)
     for start in range(0, n, _CHUNK_ROWS):
         rows = range(start, min(start + _CHUNK_ROWS, n))
         tagged: list[list[np.ndarray]] = [[] for _ in rows]
         for k, part in enumerate(components):
-            shingles = [_shingles(part[i], params.shingle) for i in rows]
-            sketches.parts[k][rows.start:rows.stop] = _signatures([_sha1_32(s) for s in shingles], part_perm)
             tag = b"%d\x00" % k  # the same shingle in two parts is two different shingles
-            for row, row_shingles in zip(tagged, shingles, strict=True):
-                row.append(_sha1_32(tag + s for s in row_shingles))
-        sketches.combined[rows.start:rows.stop] = _signatures([np.concatenate(h) for h in tagged],
-                                                              combined_perm)
-    return sketches
+            for hashes, i in zip(tagged, rows, strict=True):
+                hashes.append(_sha1_32(tag + s for s in _shingles(part[i], params.shingle)))
+        out[start:rows.stop] = _signatures([np.concatenate(h) for h in tagged], perm)
+    return out
+
+
+def _part_signatures(components: list[list[str]], rows: np.ndarray, params: DedupParams) -> list[np.ndarray]:
+    """Per part, the signatures of the given rows only (those in a candidate pair), in chunks."""
+    perm = _permutations(params.num_perm, 2)
+    out = [np.empty((len(rows), params.num_perm), np.uint32) for _ in components]
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start:start + _CHUNK_ROWS].tolist()
+        for k, part in enumerate(components):
+            hashes = [_sha1_32(_shingles(part[i], params.shingle)) for i in chunk]
+            out[k][start:start + len(chunk)] = _signatures(hashes, perm)
+    return out
 
 
 @lru_cache(maxsize=16)
@@ -284,21 +284,25 @@ def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: li
     answer are not duplicates. Each row is compared with every earlier exact-content
     representative it shares a band with; ties go to the earliest.
 
-    Memory: the signatures, (1 + parts) x rows x num_perm x 4 bytes (2 GiB at 1M pairs
-    of three parts, 128 permutations), the band buckets and the candidate pairs; no shingle
-    outlives its chunk. Same hashes as datasketch's MinHash and the same LSH bands, so the
-    same candidates and estimates as indexing datasketch objects one by one."""
+    Memory: the combined signatures, rows x num_perm x 4 bytes (0.5 GiB at 1M pairs and
+    128 permutations), the band buckets, the candidate pairs and the per-part signatures of
+    the rows in a candidate pair only; no shingle outlives its chunk. Same hashes as
+    datasketch's MinHash and the same LSH bands, so the same candidates and estimates as
+    indexing datasketch objects one by one."""
     n = len(pair_ids)
-    sketches = _sketch(components, params)
     representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
-    pairs = _candidates(sketches.combined, representatives, _bands(params.candidate_threshold, params.num_perm))
+    pairs = _candidates(_combined_signatures(components, params), representatives,
+                        _bands(params.candidate_threshold, params.num_perm))
     row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
+    involved = np.unique(np.concatenate([row, earlier]))
+    parts = _part_signatures(components, involved, params)
+    at_row, at_earlier = np.searchsorted(involved, row), np.searchsorted(involved, earlier)
     agree = np.full(len(row), params.num_perm, dtype=np.int64)
     for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
-        at = slice(start, start + _CHUNK_SHINGLES)
-        for part in sketches.parts:
-            same = np.count_nonzero(part[row[at]] == part[earlier[at]], axis=1)
-            agree[at] = np.minimum(agree[at], same)
+        block = slice(start, start + _CHUNK_SHINGLES)
+        for part in parts:
+            same = np.count_nonzero(part[at_row[block]] == part[at_earlier[block]], axis=1)
+            agree[block] = np.minimum(agree[block], same)
     best = (pl.DataFrame({"row": row, "earlier": earlier, "agree": agree})
             .filter(pl.col("agree") > 0)
             .sort(["row", "agree", "earlier"], descending=[False, True, False])
