@@ -77,8 +77,8 @@ def synthetic_components(n: int, seed: int = 0) -> tuple[list[list[str]], list[s
 
 def test_minhash_signatures_fit_a_bound_the_whole_table_shingle_sets_do_not() -> None:
     # 20k pairs: combined signatures 20k x 128 x 4 B = 10 MiB, per-part ones for the rows in
-    # a candidate pair, a 2k-row chunk's shingles and a 16 MiB permuted block (~90 MiB mapped); every row's
-    # shingle sets and MinHash objects at once take ~430 MiB
+    # a candidate pair, a 2k-row chunk's shingles and a 16 MiB permuted block (~90 MiB
+    # mapped); every row's shingle sets and MinHash objects at once take ~430 MiB
     setup = _PAIRS.format(n=20_000)
     bounded = _run_limited(setup, "dedup._near_minhash(components, pair_ids, exact_of, params)", budget_mib=160)
     assert bounded.returncode == 0, bounded.stdout + bounded.stderr
