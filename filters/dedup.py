@@ -30,7 +30,9 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -174,33 +176,141 @@ def _shingles(text: str, size: int) -> set[bytes]:
     return {s.encode("utf-8") for s in ngrams(tokens(text), size)} or {b""}
 
 
+# Rows whose shingles are hashed at once, and shingle hashes permuted at once: a permuted
+# block is (shingles x num_perm) uint32, 32k x 128 x 4 B = 16 MiB, so memory stays bounded by
+# the signature matrices whatever the table's size.
+_CHUNK_ROWS = 2048
+_CHUNK_SHINGLES = 1 << 15
+
+
+def _sha1_32(shingles: Iterable[bytes]) -> np.ndarray:
+    """datasketch's default shingle hash (the first 4 bytes of SHA-1, little-endian)."""
+    digests = b"".join(hashlib.sha1(s).digest()[:4] for s in shingles)
+    return np.frombuffer(digests, dtype="<u4").astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (uint32 arithmetic wraps, as intended)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The affine permutations of datasketch's MinHash(num_perm, seed) (scheme "affine32",
+    its default), so signatures equal the ones datasketch computes, bit for bit."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _signatures(hashes: list[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One MinHash signature row (uint32) per row's shingle hashes, permuted in blocks of
+    about ``_CHUNK_SHINGLES`` hashes."""
+    a, b = perm
+    lengths = np.fromiter((len(h) for h in hashes), dtype=np.int64, count=len(hashes))
+    flat = _fmix32(np.concatenate(hashes))
+    ends = np.cumsum(lengths)
+    out = np.empty((len(hashes), len(a)), dtype=np.uint32)
+    block = (ends - 1) // _CHUNK_SHINGLES  # rows of a block are consecutive
+    cuts = np.flatnonzero(np.diff(block)) + 1
+    for rows in np.split(np.arange(len(hashes)), cuts):
+        first = int(ends[rows[0]] - lengths[rows[0]])
+        permuted = np.multiply(flat[first:int(ends[rows[-1]]), None], a)
+        permuted += b  # in place: one block-sized array at a time
+        out[rows] = np.minimum.reduceat(permuted, ends[rows] - lengths[rows] - first, axis=0)
+    return out
+
+
+def _combined_signatures(components: list[list[str]], params: DedupParams) -> np.ndarray:
+    """Every row's signature of all its parts' shingles together (each tagged with its part),
+    built ``_CHUNK_ROWS`` rows at a time: no row's shingles outlive its chunk."""
+    n = len(components[0])
+    perm = _permutations(params.num_perm, 1)
+    out = np.empty((n, params.num_perm), np.uint32)
+    for start in range(0, n, _CHUNK_ROWS):
+        rows = range(start, min(start + _CHUNK_ROWS, n))
+        tagged: list[list[np.ndarray]] = [[] for _ in rows]
+        for k, part in enumerate(components):
+            tag = b"%d\x00" % k  # the same shingle in two parts is two different shingles
+            for hashes, i in zip(tagged, rows, strict=True):
+                hashes.append(_sha1_32(tag + s for s in _shingles(part[i], params.shingle)))
+        out[start:rows.stop] = _signatures([np.concatenate(h) for h in tagged], perm)
+    return out
+
+
+def _part_signatures(components: list[list[str]], rows: np.ndarray, params: DedupParams) -> list[np.ndarray]:
+    """Per part, the signatures of the given rows only (those in a candidate pair), in chunks."""
+    perm = _permutations(params.num_perm, 2)
+    out = [np.empty((len(rows), params.num_perm), np.uint32) for _ in components]
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start:start + _CHUNK_ROWS].tolist()
+        for k, part in enumerate(components):
+            hashes = [_sha1_32(_shingles(part[i], params.shingle)) for i in chunk]
+            out[k][start:start + len(chunk)] = _signatures(hashes, perm)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's LSH (bands, rows per band) for the threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int]) -> pl.DataFrame:
+    """Pairs (row, earlier) of the given rows whose signatures agree on a whole LSH band."""
+    b, r = bands
+    found = []
+    for band in range(b):
+        keys = np.ascontiguousarray(combined[rows, band * r:(band + 1) * r])
+        _, bucket = np.unique(keys.view(np.dtype((np.void, 4 * r))).ravel(), return_inverse=True)
+        frame = pl.DataFrame({"bucket": bucket.ravel(), "row": rows})
+        shared = frame.filter(pl.len().over("bucket") > 1)
+        found.append(shared.join(shared, on="bucket", suffix="_earlier")
+                     .filter(pl.col("row_earlier") < pl.col("row")).select("row", "row_earlier"))
+    return pl.concat(found).unique() if found else pl.DataFrame(schema={"row": pl.Int64, "row_earlier": pl.Int64})
+
+
 def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
                   params: DedupParams) -> tuple[np.ndarray, list[str | None]]:
     """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
     estimate, so two pairs that share a prompt and an answer but differ in the other
-    answer are not duplicates."""
-    from datasketch import MinHash, MinHashLSH
+    answer are not duplicates. Each row is compared with every earlier exact-content
+    representative it shares a band with; ties go to the earliest.
 
+    Memory: the combined signatures, rows x num_perm x 4 bytes (0.5 GiB at 1M pairs and
+    128 permutations), the band buckets, the candidate pairs and the per-part signatures of
+    the rows in a candidate pair only; no shingle outlives its chunk. Same hashes as
+    datasketch's MinHash and the same LSH bands, so the same candidates and estimates as
+    indexing datasketch objects one by one."""
     n = len(pair_ids)
-    tagged = [set().union(*({b"%d\x00" % k + s for s in _shingles(part[i], params.shingle)}
-                            for k, part in enumerate(components))) for i in range(n)]
-    combined = MinHash.bulk(tagged, num_perm=params.num_perm, seed=1)
-    per_part = [MinHash.bulk([_shingles(text, params.shingle) for text in part], num_perm=params.num_perm, seed=2)
-                for part in components]
-    lsh = MinHashLSH(threshold=params.candidate_threshold, num_perm=params.num_perm)
+    representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
+    pairs = _candidates(_combined_signatures(components, params), representatives,
+                        _bands(params.candidate_threshold, params.num_perm))
+    row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
+    involved = np.unique(np.concatenate([row, earlier]))
+    parts = _part_signatures(components, involved, params)
+    at_row, at_earlier = np.searchsorted(involved, row), np.searchsorted(involved, earlier)
+    agree = np.full(len(row), params.num_perm, dtype=np.int64)
+    for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
+        block = slice(start, start + _CHUNK_SHINGLES)
+        for part in parts:
+            same = np.count_nonzero(part[at_row[block]] == part[at_earlier[block]], axis=1)
+            agree[block] = np.minimum(agree[block], same)
+    best = (pl.DataFrame({"row": row, "earlier": earlier, "agree": agree})
+            .filter(pl.col("agree") > 0)
+            .sort(["row", "agree", "earlier"], descending=[False, True, False])
+            .unique("row", keep="first"))
     similarity = np.zeros(n)
     near_of: list[str | None] = [None] * n
-    for i, minhash in enumerate(combined):
-        if exact_of[i] is not None:
-            continue  # already a duplicate; its original is indexed
-        best, best_j = 0.0, None
-        for j in lsh.query(minhash):
-            estimate = min(part[i].jaccard(part[j]) for part in per_part)
-            if estimate > best or (estimate == best and best_j is not None and j < best_j):
-                best, best_j = estimate, j
-        if best_j is not None:
-            similarity[i], near_of[i] = best, pair_ids[best_j]
-        lsh.insert(i, minhash)  # only earlier rows are ever candidates: the first occurrence stays
+    for i, j, count in best.iter_rows():
+        similarity[i], near_of[i] = float(count) / float(params.num_perm), pair_ids[j]
     return similarity, near_of
 
 

@@ -157,3 +157,97 @@ def test_near_duplicate_threshold_is_the_public_default() -> None:
     from filters.dedup import DedupParams
 
     assert DedupParams().near_threshold == NEAR_DUPLICATE_THRESHOLD == 0.85
+
+
+def _reference_near_minhash(components, pair_ids, exact_of, params):
+    """The MinHash search before signatures were chunked (datasketch objects for every row,
+    whole-table shingle sets), kept to show the chunked one decides the same."""
+    from datasketch import MinHash, MinHashLSH
+
+    from filters.dedup import _shingles
+
+    n = len(pair_ids)
+    tagged = [set().union(*({b"%d\x00" % k + s for s in _shingles(part[i], params.shingle)}
+                            for k, part in enumerate(components))) for i in range(n)]
+    combined = MinHash.bulk(tagged, num_perm=params.num_perm, seed=1)
+    per_part = [MinHash.bulk([_shingles(text, params.shingle) for text in part], num_perm=params.num_perm, seed=2)
+                for part in components]
+    lsh = MinHashLSH(threshold=params.candidate_threshold, num_perm=params.num_perm)
+    similarity = [0.0] * n
+    near_of = [None] * n
+    for i, minhash in enumerate(combined):
+        if exact_of[i] is not None:
+            continue
+        best, best_j = 0.0, None
+        for j in lsh.query(minhash):
+            estimate = min(part[i].jaccard(part[j]) for part in per_part)
+            if estimate > best or (estimate == best and best_j is not None and j < best_j):
+                best, best_j = estimate, j
+        if best_j is not None:
+            similarity[i], near_of[i] = best, pair_ids[best_j]
+        lsh.insert(i, minhash)
+    return similarity, near_of
+
+
+def _planted_components(copies: int) -> tuple[list[list[str]], list[str], list[str | None]]:
+    """Distinct pairs with near duplicates (an answer extended, a word changed, the prompt
+    reworded at its end), exact duplicates and pairs sharing only their prompt."""
+    prompts, firsts, seconds = [], [], []
+    for c in range(copies):
+        for t in TOPICS:
+            prompts.append(f"Round {c}: write a short explanation of {t} for a curious twelve year old reader.")
+            firsts.append(f"Here is how {t} work in round {c}: a clear account with three concrete examples, "
+                          f"a diagram described in words and a summary of {t} for revision.")
+            seconds.append(f"{t} are a thing (round {c}).")
+    n = len(prompts)
+    for i in range(0, n, 3):  # near duplicates of earlier rows, far from their source
+        prompts.append(prompts[i])
+        firsts.append(firsts[i] + " Thanks!")
+        seconds.append(seconds[i])
+    for i in range(1, n, 5):  # a shared prompt with unrelated answers
+        prompts.append(prompts[i])
+        firsts.append(f"Something else entirely, number {i}, about gardening and soil.")
+        seconds.append("No.")
+    for i in range(2, n, 7):  # exact duplicates
+        prompts.append(prompts[i])
+        firsts.append(firsts[i])
+        seconds.append(seconds[i])
+    components = [prompts, [min(a, b) for a, b in zip(firsts, seconds, strict=True)],
+                  [max(a, b) for a, b in zip(firsts, seconds, strict=True)]]
+    pair_ids = [f"p{i}" for i in range(len(prompts))]
+    keys = ["\x00".join(part[i] for part in components) for i in range(len(prompts))]
+    from filters.dedup import _exact
+
+    return components, pair_ids, _exact(keys, pair_ids)
+
+
+def test_chunked_minhash_decides_as_the_whole_table_implementation_did() -> None:
+    from filters.dedup import DedupParams, _near_minhash
+
+    components, pair_ids, exact_of = _planted_components(copies=2)
+    params = DedupParams()
+    similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
+    ref_similarity, ref_near_of = _reference_near_minhash(components, pair_ids, exact_of, params)
+    assert near_of == ref_near_of
+    assert similarity.tolist() == ref_similarity  # same hashes, so the same estimates exactly
+    planted = range(24, 24 + 8)
+    assert all(near_of[i] is not None and similarity[i] >= params.near_threshold for i in planted)
+    shared_prompt = range(32, 32 + 5)
+    assert all(similarity[i] < params.near_threshold for i in shared_prompt)
+
+
+def test_near_duplicates_are_found_across_signature_chunks(monkeypatch) -> None:
+    import filters.dedup as dedup_module
+
+    components, pair_ids, exact_of = _planted_components(copies=3)
+    params = dedup_module.DedupParams()
+    whole = dedup_module._near_minhash(components, pair_ids, exact_of, params)
+    # chunks of 5 rows and permuted blocks of 64 shingles: every planted pair (source at i,
+    # copy at 36 + i / 3) lies in different chunks, and rows straddle block boundaries
+    monkeypatch.setattr(dedup_module, "_CHUNK_ROWS", 5)
+    monkeypatch.setattr(dedup_module, "_CHUNK_SHINGLES", 64)
+    chunked = dedup_module._near_minhash(components, pair_ids, exact_of, params)
+    assert chunked[1] == whole[1] and chunked[0].tolist() == whole[0].tolist()
+    copy_of_first = 36
+    assert chunked[1][copy_of_first] == pair_ids[0] and chunked[0][copy_of_first] >= params.near_threshold
+    assert chunked[1] == _reference_near_minhash(components, pair_ids, exact_of, params)[1]

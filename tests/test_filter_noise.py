@@ -543,3 +543,31 @@ def test_quickstart_evaluates_on_held_out_demo_pairs() -> None:
     for name in evals:
         held_out = prompts(paths[name])
         assert len(held_out) >= 50 and not held_out & training, name
+
+
+def test_projection_from_chunked_covariance_equals_the_svd(monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    # features with a clearly ordered spectrum, so each component is defined up to sign
+    scales = np.geomspace(10.0, 0.1, 24)
+    x_chosen = (rng.normal(size=(301, 24)) * scales + 3.0).astype(np.float32)
+    x_rejected = (rng.normal(size=(299, 24)) * scales - 1.0).astype(np.float32)
+    monkeypatch.setattr(noise_module, "_PROJECT_ROWS", 64)  # several chunks per side
+    chosen, rejected = noise_module.project(x_chosen, x_rejected, 8)
+
+    both = np.vstack([x_chosen, x_rejected]).astype(np.float64)
+    centre = both.mean(0)
+    basis = np.linalg.svd(both - centre, full_matrices=False)[2][:8].T
+    _, axes = noise_module.principal_axes([x_chosen, x_rejected], 8)
+    signs = np.sign((axes * basis).sum(0))
+    np.testing.assert_allclose(axes, basis * signs, atol=1e-8)
+    np.testing.assert_allclose(chosen, ((x_chosen - centre) @ basis) * signs, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(rejected, ((x_rejected - centre) @ basis) * signs, rtol=1e-5, atol=1e-4)
+    assert chosen.dtype == rejected.dtype == np.float32
+
+
+def test_projection_signs_are_reproducible() -> None:
+    x = np.random.default_rng(1).normal(size=(200, 12)).astype(np.float16)
+    _, axes = noise_module.principal_axes([x[:100], x[100:]], 4)
+    _, again = noise_module.principal_axes([-x[:100] + 0, -x[100:]], 4)  # same covariance
+    np.testing.assert_allclose(axes, again, atol=1e-8)
+    assert (axes[np.abs(axes).argmax(0), np.arange(4)] > 0).all()
