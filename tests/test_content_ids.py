@@ -37,6 +37,8 @@ TRICKY = ['"', "\\", "\n", "\r", "\t", "\x00", "\x01", "\x1f", "\x7f", "\u2028",
 def _text(rng: random.Random) -> str:
     size = rng.choice([0, 0, 1, 3, 12, 80, 3000])
     alphabet = TRICKY + list("abcdefghij XYZ0123456789")
+    if size > 100:  # long text (a payload past hashlib's 2 KiB threshold), built cheaply
+        return "".join(rng.choice(alphabet) for _ in range(30)) * (size // 30)
     return "".join(rng.choice(alphabet) for _ in range(size))
 
 
@@ -134,3 +136,27 @@ def test_sha256_prefixes_read_inline_and_buffered_string_views_of_a_slice():
     assert _sha256_prefixes(views).to_pylist() == expected
     assert _sha256_prefixes(views.slice(5, 9)).to_pylist() == expected[5:14]
     assert _sha256_prefixes(pa.array(texts, pa.large_string()).slice(3)).to_pylist() == expected[3:]
+
+
+def test_commit_checks_ids_in_short_batches_with_row_numbers_and_bytes_unchanged(tmp_path, monkeypatch):
+    import factory.catalog.catalog as catalog_module
+    from factory.catalog import Catalog
+    from schemas import PrefabError, conform
+
+    rows = _rows(120, seed=3)
+    table = _table(rows)
+    pair_ids, prompt_ids = content_ids(table)
+    table = conform(table.append_column("pair_id", pair_ids).append_column("prompt_id", prompt_ids))
+    whole = Catalog(tmp_path / "whole").stage(table)
+    # Ids checked 7 rows at a time, from one big record batch and from uneven batches.
+    monkeypatch.setattr(catalog_module, "ID_CHECK_ROWS", 7)
+    catalog = Catalog(tmp_path / "home")
+    assert catalog.stage(table.combine_chunks().to_batches()[0]).data.sha256 == whole.data.sha256
+    uneven = [table.slice(0, 50), table.slice(50, 1), table.slice(51)]
+    staged = catalog.stage(iter(uneven))
+    assert (staged.data.sha256, staged.index.sha256) == (whole.data.sha256, whole.index.sha256)
+    wrong = pair_ids.to_pylist()
+    wrong[100] = "0" * 32
+    bad = table.set_column(0, table.schema.field("pair_id"), pa.array(wrong, pa.string()))
+    with pytest.raises(PrefabError, match="row 101 has pair_id"):
+        catalog.commit("d", bad.combine_chunks().to_batches()[0])
