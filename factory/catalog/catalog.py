@@ -207,9 +207,10 @@ class Catalog:
 
         # Batch k is compressed and written on a second thread while batch k+1's ids are
         # hashed here (both release the GIL for most of their work); one batch in flight
-        # at a time keeps memory at about two row groups. Ids are checked in quarter row
-        # groups, so the writer starts (and the last hashing ends) a short batch's time
-        # from the ends: the two threads overlap for nearly the whole commit.
+        # at a time keeps memory at about two row groups. Ids are checked a quarter row
+        # group at a time: writing starts once one short batch is hashed, not a whole row
+        # group, so the threads overlap for nearly the whole commit, and the JSON payloads
+        # hashing builds stay small.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future[None] | None = None
             try:
