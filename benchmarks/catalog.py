@@ -7,7 +7,10 @@ Prints one table. Each measured step runs in a fresh subprocess so its peak memo
 
 - commit vs `pyarrow.parquet.write_table` of the same table with the same Parquet options
   (the physical floor; the ratio includes hashing, the key index, fsync and the catalog
-  transaction), alternating over --repeat rounds, medians;
+  transaction), alternating over --repeat rounds, medians; the commit hashes ids on one
+  thread while a second compresses and writes, so the ratio needs two free cores;
+- content ids alone (`schemas.content_ids` over the table in row-group batches), the part
+  of the commit that pyarrow's write does not do;
 - diff of two versions that differ in 1% of rows (half relabelled, half new responses);
 - `factory.catalog.load` vs `datasets.Dataset.from_parquet` on the same files, each into
   an empty cache folder, alternating over --repeat rounds, medians;
@@ -120,7 +123,7 @@ from factory.catalog.store import PARQUET_OPTIONS
 import datasets
 datasets.disable_progress_bars()
 catalog = Catalog(work + "/home")
-table = pq.read_table(work + "/v1.parquet") if step in ("floor", "commit1") else None
+table = pq.read_table(work + "/v1.parquet") if step in ("floor", "commit1", "ids") else None
 table = pq.read_table(work + "/v2.parquet") if step == "commit2" else table
 base = rss()
 threading.Thread(target=sample, daemon=True).start()
@@ -129,6 +132,10 @@ if step == "floor":
     pq.write_table(table, work + "/floor.parquet", **PARQUET_OPTIONS)
 elif step.startswith("commit"):
     catalog.commit("bench", table)
+elif step == "ids":
+    from schemas import content_ids
+    for batch in table.to_batches(max_chunksize=65_536):
+        content_ids(batch)
 elif step == "diff":
     result = diff(catalog, "bench@1", "bench")
 elif step == "load":
@@ -211,7 +218,7 @@ def main() -> None:
 
     # Floor and commit alternate, three rounds, medians: the disk and page cache are shared.
     rounds = [(run_step("floor", args.workdir), run_step("commit1", args.workdir)) for _ in range(args.repeat)]
-    results = {step: run_step(step, args.workdir) for step in ("commit2", "diff", "jsonl", "trl")}
+    results = {step: run_step(step, args.workdir) for step in ("ids", "commit2", "diff", "jsonl", "trl")}
     conversions = [(run_step("from_parquet", args.workdir, f"hf-ref-{i}"),
                     run_step("load", args.workdir, f"hf-load-{i}")) for i in range(args.repeat)]
     for position, step in enumerate(("from_parquet", "load")):
@@ -224,6 +231,8 @@ def main() -> None:
     rows = [
         (f"commit {args.rows:,} pairs", commit["seconds"], commit["peak_mb"], "pq.write_table", floor["seconds"],
          f"{commit['seconds'] / floor['seconds']:.2f}x (target <= 1.3)"),
+        ("content ids (in commit)", results["ids"]["seconds"], results["ids"]["peak_mb"], "", None,
+         f"{args.rows / results['ids']['seconds']:,.0f} pairs/s (pair_id + prompt_id)"),
         ("diff v1 vs v2 (1% differ)", results["diff"]["seconds"], results["diff"]["peak_mb"], "target", 3.0,
          f"added {results['diff']['added']}, removed {results['diff']['removed']}, changed {results['diff']['changed']}"),
         ("load -> datasets.Dataset", results["load"]["seconds"], results["load"]["peak_mb"],

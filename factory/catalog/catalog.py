@@ -61,6 +61,8 @@ FAILURE_SCHEMA = pa.schema(
 PROTECTED_LINEAGE = ("parents", "rows_out", "code_version")
 
 READ_BATCH_ROWS = 16_384
+# Rows whose ids a commit checks at a time (see ``Catalog.stage``).
+ID_CHECK_ROWS = ROW_GROUP_ROWS // 4
 
 
 class DataFileError(PrefabError):
@@ -205,12 +207,15 @@ class Catalog:
 
         # Batch k is compressed and written on a second thread while batch k+1's ids are
         # hashed here (both release the GIL for most of their work); one batch in flight
-        # at a time keeps memory at about two batches.
+        # at a time keeps memory at about two row groups. Ids are checked a quarter row
+        # group at a time: writing starts once one short batch is hashed, not a whole row
+        # group, so the threads overlap for nearly the whole commit, and the JSON payloads
+        # hashing builds stay small.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future[None] | None = None
             try:
                 schema: pa.Schema | None = None
-                for batch in _batches_of(data):
+                for batch in _batches_of(data, ID_CHECK_ROWS):
                     rows = _with_checked_ids(conform(_with_id_columns(batch), extra=True), offset)
                     if schema is None:
                         schema = rows.schema
@@ -810,16 +815,14 @@ class Catalog:
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
 
 
-def _batches_of(data: Data) -> Iterator[pa.Table]:
-    """Any accepted input as tables of at most one row group each (bounded memory)."""
+def _batches_of(data: Data, rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+    """Any accepted input as tables of at most ``rows`` rows each (bounded memory)."""
     if isinstance(data, pa.Table | pa.RecordBatch):
-        data = data.to_batches(max_chunksize=ROW_GROUP_ROWS) if isinstance(data, pa.Table) else [data]
+        data = [data]
     for item in data:
-        if isinstance(item, pa.Table):
-            for batch in item.to_batches(max_chunksize=ROW_GROUP_ROWS):
-                yield pa.Table.from_batches([batch])
-        else:
-            yield pa.Table.from_batches([item])
+        for batch in item.to_batches(max_chunksize=rows) if isinstance(item, pa.Table) else [item]:
+            for start in range(0, max(batch.num_rows, 1), rows):  # an empty batch still brings its schema
+                yield pa.Table.from_batches([batch.slice(start, rows)])
 
 
 def _with_id_columns(table: pa.Table) -> pa.Table:

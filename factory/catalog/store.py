@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 # zstd keeps text-heavy pairs small at close to snappy's write speed.
 ROW_GROUP_ROWS = 64 * 1024
+WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1, "row_group_size": ROW_GROUP_ROWS}
 
 
@@ -82,7 +83,10 @@ class ObjectWriter:
         self._tmp_path = store.tmp / f"{uuid.uuid4().hex}.parquet.tmp"
         self._raw = open(self._tmp_path, "wb")  # noqa: SIM115 - closed in finish/abort
         self._sink = _HashingWriter(self._raw)
-        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema,
+        # Buffered, so Python's write() (which needs the GIL) runs once per few MiB rather
+        # than once per page: the writer thread then barely competes with id hashing.
+        self._stream = pa.BufferedOutputStream(pa.PythonFile(self._sink, mode="w"), WRITE_BUFFER_BYTES)
+        self._writer = pq.ParquetWriter(self._stream, schema,
                                         compression=PARQUET_OPTIONS["compression"],
                                         compression_level=PARQUET_OPTIONS["compression_level"])
         self._pending: list[pa.RecordBatch] = []
@@ -116,6 +120,7 @@ class ObjectWriter:
             if self._pending_rows:
                 self._flush(self._pending_rows)
             self._writer.close()
+            self._stream.close()
             self._raw.flush()
             os.fsync(self._raw.fileno())
             self._raw.close()
@@ -133,6 +138,8 @@ class ObjectWriter:
         # The file is being thrown away; the error that got us here is the one to report.
         with contextlib.suppress(Exception):
             self._writer.close()
+        with contextlib.suppress(Exception):
+            self._stream.close()
         self._raw.close()
         self._tmp_path.unlink(missing_ok=True)
 
