@@ -177,7 +177,7 @@ def encode_pairs(
     shown = bar(len(responses), desc, progress)
     try:
         for start in range(0, len(responses), ENCODE_CHUNK):
-            part = _encode_chunk(tokenizer, prompts[start : start + ENCODE_CHUNK],
+            part = encode_chunk(tokenizer, prompts[start : start + ENCODE_CHUNK],
                                  responses[start : start + ENCODE_CHUNK], max_length)
             ids += part.ids
             truncated.append(part.truncated)
@@ -187,12 +187,13 @@ def encode_pairs(
     return Encoded(ids, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool))
 
 
-def _encode_chunk(
+def encode_chunk(
     tokenizer: Any,
     prompts: Sequence[Sequence[dict[str, str]]],
     responses: Sequence[str],
     max_length: int,
 ) -> Encoded:
+    """:func:`encode_pairs` of one chunk (also what the token cache writes chunk by chunk)."""
     rendered = [render(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     specials = special_tokens(tokenizer)
     budget = max(2, max_length - len(specials.prefix) - len(specials.suffix))
