@@ -200,8 +200,8 @@ def encode_chunk(
     # One batched call per side: the fast tokenizer parallelises in Rust.
     unique_prompts = list(dict.fromkeys(p for p, _ in rendered))
     with quiet_hf():  # untruncated on purpose: no "longer than the model maximum" warning
-        prompt_tok = tokenizer(unique_prompts, add_special_tokens=False)["input_ids"]
-        response_tok = tokenizer([r for _, r in rendered], add_special_tokens=False)["input_ids"]
+        prompt_tok = _input_ids(tokenizer, unique_prompts)
+        response_tok = _input_ids(tokenizer, [r for _, r in rendered])
     prompt_of = dict(zip(unique_prompts, prompt_tok, strict=True))
     too_long = [len(prompt_of[p]) + len(r) > budget
                 for (p, _), r in zip(rendered, response_tok, strict=True)]
@@ -211,13 +211,19 @@ def encode_chunk(
     if messages_of:
         tails = [render_prompt(tokenizer, list(m[last_user_at(m) or 0:])) for m in messages_of.values()]
         with quiet_hf():
-            tail_tok = tokenizer(tails, add_special_tokens=False)["input_ids"]
+            tail_tok = _input_ids(tokenizer, tails)
         floor_of = {p: len(t) for p, t in zip(messages_of, tail_tok, strict=True)}
     out = []
     for (prompt_text, _), response_ids in zip(rendered, response_tok, strict=True):
         body = budget_truncate(prompt_of[prompt_text], response_ids, budget, floor_of.get(prompt_text))
         out.append(np.asarray([*specials.prefix, *body, *specials.suffix], dtype=np.int64))
     return Encoded(out, np.asarray(too_long, dtype=bool))
+
+
+def _input_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # Only the ids: an attention mask and token types would triple a chunk's Python ints.
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------- models
