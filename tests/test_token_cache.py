@@ -84,7 +84,11 @@ def test_cache_gives_exactly_the_ids_of_encode_pairs(which, request, tmp_path, m
     assert expected.truncated.any() and not expected.truncated.all()
     monkeypatch.setattr(backbones, "ENCODE_CHUNK", 4)  # written over several chunks
     _same(encode_cached(tok, prompts, responses, 64, tmp_path / "tokens"), expected)
-    _same(encode_cached(tok, prompts, responses, 64, None), expected)  # temporary entry
+    temporary = encode_cached(tok, prompts, responses, 64, None)  # an uncached entry
+    _same(temporary, expected)
+    folder = temporary.folder
+    del temporary
+    assert not folder.parent.exists()  # removed with its last reference
 
 
 def test_a_second_run_reuses_the_entry_without_tokenizing(tokenizer, tmp_path):

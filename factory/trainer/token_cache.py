@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,10 @@ IDS_FILE, OFFSETS_FILE, TRUNCATED_FILE, META_FILE = "ids.bin", "offsets.npy", "t
 class TokenIds:
     """Memory-mapped token ids of ``n`` sequences; ``tokens[i]`` is sequence ``i`` (int32)."""
 
-    def __init__(self, folder: Path, keep_alive: Any = None):
+    def __init__(self, folder: Path, temporary: Path | None = None):
         self.folder = folder
-        self._keep_alive = keep_alive  # a TemporaryDirectory when the entry is not cached
+        if temporary is not None:  # an uncached entry: removed with the last reference to it
+            weakref.finalize(self, shutil.rmtree, temporary, ignore_errors=True)
         self.offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r")
         self.truncated = np.load(folder / TRUNCATED_FILE)
         total = int(self.offsets[-1])
@@ -150,10 +152,13 @@ def encode_cached(
     if len(responses) != len(prompts):
         raise ValueError("prompts and responses differ in length")
     if root is None:
-        tmp = tempfile.TemporaryDirectory(prefix="prefab-tokens-")
-        folder = Path(tmp.name) / "entry"
-        _write_entry(folder, tokenizer, prompts, responses, max_length, progress, desc)
-        return TokenIds(folder, keep_alive=tmp)
+        tmp = Path(tempfile.mkdtemp(prefix="prefab-tokens-"))
+        try:
+            _write_entry(tmp / "entry", tokenizer, prompts, responses, max_length, progress, desc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return TokenIds(tmp / "entry", temporary=tmp)
     folder = Path(root) / entry_key(tokenizer, prompts, responses, max_length)
     if _complete(folder):
         note(f"{desc}: token ids reused from {folder}", progress)
