@@ -91,3 +91,27 @@ def test_full_mode_on_cuda_uses_bf16_and_checkpointing(bert_dir, monkeypatch):
     result = fit(data, _cfg(bert_dir, device="cuda"))
     assert is_checkpointing(result.model.hf_model)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_full_mode_reuses_its_token_cache_with_the_same_results(bert_dir, tmp_path, monkeypatch):
+    from factory.trainer import backbones
+
+    data = pair_data(toy_pairs(24, seed=5))
+    cfg = _cfg(bert_dir, epochs=2, val_fraction=0.25)
+    chunks = {"n": 0}
+    encode_chunk = backbones.encode_chunk
+
+    def counted(*args, **kwargs):
+        chunks["n"] += 1
+        return encode_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(backbones, "encode_chunk", counted)
+    temporary = fit(data, cfg)  # no home: a temporary cache for this run
+    cold = fit(data, cfg, tokens_root=tmp_path / "tokens")
+    tokenized = chunks["n"]
+    warm = fit(data, cfg, tokens_root=tmp_path / "tokens")
+    assert tokenized > 0 and chunks["n"] == tokenized  # the second run tokenised nothing
+    assert len(list((tmp_path / "tokens").iterdir())) == 2  # chosen and rejected
+    for run in (cold, warm):
+        assert run.history == temporary.history
+        torch.testing.assert_close(_params(run.model.hf_model), _params(temporary.model.hf_model))

@@ -9,6 +9,7 @@ it (the embedding cache and ``load`` also mark each use explicitly):
                         them; a finished run removes its own folder);
 - ``noise/*.npz``       the noise filter's trained-head outputs, keyed by data and params;
 - ``embeddings/<model>/`` the frozen encoder's vectors, one folder per encoder;
+- ``tokens/<key>/``     full mode's memory-mapped token ids, one folder per (texts, tokenizer, length);
 - ``cache/datasets/``   the Arrow copies ``factory.catalog.load`` maps, and `datasets` cache
                         files made next to them; a copy of content no version has goes after
                         ``grace`` like an unreferenced object.
@@ -54,6 +55,7 @@ def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
     for area, units in (("steps", _children(catalog.home / "steps")),
                         ("noise", _children(catalog.home / "noise")),
                         ("embeddings", _children(catalog.home / "embeddings")),
+                        ("tokens", _children(catalog.home / "tokens")),
                         ("datasets", _children(catalog.home / "cache" / "datasets"))):
         report = reports[area] = AreaReport()
         for unit in units:

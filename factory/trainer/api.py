@@ -241,7 +241,8 @@ def _train_locked(
         check_base(base_model, cfg.mode, cfg.base, cfg.features)
     trained_on = residual_data(pairs, base_model, cfg.progress) if base_model else pairs
     result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
-                 cache_root=_home(home) / "embeddings", checkpoint_extra={"data": data_ref})
+                 cache_root=_home(home) / "embeddings", tokens_root=_home(home) / "tokens",
+                 checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
     try:
         metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)

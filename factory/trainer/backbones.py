@@ -177,7 +177,7 @@ def encode_pairs(
     shown = bar(len(responses), desc, progress)
     try:
         for start in range(0, len(responses), ENCODE_CHUNK):
-            part = _encode_chunk(tokenizer, prompts[start : start + ENCODE_CHUNK],
+            part = encode_chunk(tokenizer, prompts[start : start + ENCODE_CHUNK],
                                  responses[start : start + ENCODE_CHUNK], max_length)
             ids += part.ids
             truncated.append(part.truncated)
@@ -187,20 +187,21 @@ def encode_pairs(
     return Encoded(ids, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool))
 
 
-def _encode_chunk(
+def encode_chunk(
     tokenizer: Any,
     prompts: Sequence[Sequence[dict[str, str]]],
     responses: Sequence[str],
     max_length: int,
 ) -> Encoded:
+    """:func:`encode_pairs` of one chunk (also what the token cache writes chunk by chunk)."""
     rendered = [render(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     specials = special_tokens(tokenizer)
     budget = max(2, max_length - len(specials.prefix) - len(specials.suffix))
     # One batched call per side: the fast tokenizer parallelises in Rust.
     unique_prompts = list(dict.fromkeys(p for p, _ in rendered))
     with quiet_hf():  # untruncated on purpose: no "longer than the model maximum" warning
-        prompt_tok = tokenizer(unique_prompts, add_special_tokens=False)["input_ids"]
-        response_tok = tokenizer([r for _, r in rendered], add_special_tokens=False)["input_ids"]
+        prompt_tok = _input_ids(tokenizer, unique_prompts)
+        response_tok = _input_ids(tokenizer, [r for _, r in rendered])
     prompt_of = dict(zip(unique_prompts, prompt_tok, strict=True))
     too_long = [len(prompt_of[p]) + len(r) > budget
                 for (p, _), r in zip(rendered, response_tok, strict=True)]
@@ -210,13 +211,19 @@ def _encode_chunk(
     if messages_of:
         tails = [render_prompt(tokenizer, list(m[last_user_at(m) or 0:])) for m in messages_of.values()]
         with quiet_hf():
-            tail_tok = tokenizer(tails, add_special_tokens=False)["input_ids"]
+            tail_tok = _input_ids(tokenizer, tails)
         floor_of = {p: len(t) for p, t in zip(messages_of, tail_tok, strict=True)}
     out = []
     for (prompt_text, _), response_ids in zip(rendered, response_tok, strict=True):
         body = budget_truncate(prompt_of[prompt_text], response_ids, budget, floor_of.get(prompt_text))
         out.append(np.asarray([*specials.prefix, *body, *specials.suffix], dtype=np.int64))
     return Encoded(out, np.asarray(too_long, dtype=bool))
+
+
+def _input_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # Only the ids: an attention mask and token types would triple a chunk's Python ints.
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------- models

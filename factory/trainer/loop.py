@@ -35,6 +35,7 @@ from factory.trainer.losses import preference_loss
 from factory.trainer.model import HEAD_FEATURES, HeadFeaturizer, ModelSpec, RewardHead, RewardModel
 from factory.trainer.progress import bar as progress_bar
 from factory.trainer.progress import note, phase
+from factory.trainer.token_cache import encode_cached
 from schemas.errors import PrefabError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -253,7 +254,8 @@ def _large(module: torch.nn.Module) -> bool:
 class _FullTask:
     """Fine-tune a sequence-classification backbone end to end."""
 
-    def __init__(self, data: PairData, cfg: TrainConfig, device: torch.device):
+    def __init__(self, data: PairData, cfg: TrainConfig, device: torch.device,
+                 tokens_root: str | Path | None = None):
         self.cfg = cfg
         self.device = device
         path = backbones.resolve_base(cfg.base)
@@ -272,17 +274,14 @@ class _FullTask:
         tok = self.tokenizer
         positions = getattr(self.module.config, "max_position_embeddings", 0) or 0
         backbones.check_max_length(cfg.max_length, positions, cfg.base)
-        chosen = backbones.encode_pairs(tok, data.prompts, data.chosen, cfg.max_length,
+        # Memory-mapped ids (token_cache), reused across runs under <home>/tokens.
+        self.ids_chosen = encode_cached(tok, data.prompts, data.chosen, cfg.max_length, tokens_root,
                                         progress=cfg.progress, desc="tokenize chosen")
-        rejected = backbones.encode_pairs(tok, data.prompts, data.rejected, cfg.max_length,
-                                          progress=cfg.progress, desc="tokenize rejected")
-        self.ids_chosen, self.ids_rejected = chosen.ids, rejected.ids
-        self.truncated = chosen.truncated | rejected.truncated
+        self.ids_rejected = encode_cached(tok, data.prompts, data.rejected, cfg.max_length,
+                                          tokens_root, progress=cfg.progress, desc="tokenize rejected")
+        self.truncated = self.ids_chosen.truncated | self.ids_rejected.truncated
         self.embed_seconds = 0.0
-        self.lengths = np.maximum(
-            np.fromiter((len(s) for s in self.ids_chosen), np.int64, len(data)),
-            np.fromiter((len(s) for s in self.ids_rejected), np.int64, len(data)),
-        )
+        self.lengths = np.maximum(self.ids_chosen.lengths, self.ids_rejected.lengths)
 
     def rewards(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Chosen and rejected share one forward pass (one padded batch of 2B), as in TRL.
@@ -381,6 +380,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     cache_root: str | Path | None = None,
+    tokens_root: str | Path | None = None,
     featurizer: HeadFeaturizer | None = None,
     train_idx: np.ndarray | None = None,
     val_idx: np.ndarray | None = None,
@@ -389,7 +389,8 @@ def fit(
     """Train a reward model on ``data``; see :class:`TrainConfig` for the knobs.
 
     ``checkpoint_extra`` is recorded with the settings in the checkpoint (e.g. the data
-    ref, so that --resume can find it).
+    ref, so that --resume can find it). ``tokens_root`` keeps full mode's token cache
+    (normally ``<home>/tokens``; None: a temporary one for this run).
     """
     run_started = time.perf_counter()
     cfg = cfg.resolved()
@@ -434,7 +435,7 @@ def fit(
         rows = np.union1d(train_idx, val_idx)
         task = _HeadTask(data, cfg, device, cache_root, featurizer, rows)
     else:
-        task = _FullTask(data, cfg, device)
+        task = _FullTask(data, cfg, device, tokens_root)
     module = task.module
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -21,6 +21,7 @@ from factory.embed import embed_token_ids, encoder_cache
 from factory.embed.encoder import get_encoder
 from factory.trainer import backbones
 from factory.trainer.progress import bar, phase
+from factory.trainer.token_cache import TokenIds, encode_cached
 from schemas.errors import PrefabError
 
 META_FILE = "prefab_model.json"
@@ -215,8 +216,9 @@ class RewardModel:
         positions = getattr(self.hf_model.config, "max_position_embeddings", 0) or 0
         backbones.check_max_length(length, positions, self.spec.base)
         show = bool(progress)  # unset: quiet, as a head model's featurizer is by default
-        encoded = backbones.encode_pairs(self.tokenizer, prompts, responses, length, progress=show)
-        rewards = full_rewards(self.hf_model, self.tokenizer, encoded.ids, self.device, batch_size,
+        # Memory-mapped in a temporary folder: scoring a million pairs holds no list of ids.
+        encoded = encode_cached(self.tokenizer, prompts, responses, length, None, progress=show)
+        rewards = full_rewards(self.hf_model, self.tokenizer, encoded, self.device, batch_size,
                                progress=show)
         return rewards, encoded.truncated
 
@@ -260,7 +262,8 @@ def full_rewards(
     """
     model.eval()
     out = np.zeros(len(ids), dtype=np.float64)
-    order = np.argsort([len(s) for s in ids], kind="stable")
+    lengths = ids.lengths if isinstance(ids, TokenIds) else [len(s) for s in ids]
+    order = np.argsort(lengths, kind="stable")
     use_bf16 = backbones.bf16_ok(device) if bf16 is None else (bf16 and device.type == "cuda")
     shown = bar(len(ids), "score", progress, unit="input")
     try:
