@@ -45,7 +45,7 @@ def test_index_search_is_deterministic() -> None:
 
 
 def test_index_respects_a_similarity_band_and_a_separate_corpus() -> None:
-    x = _clustered(2500, seed=2)
+    x = _clustered(1500, seed=2)
     q = _clustered(200, seed=3)
     lo, hi = 0.2, 0.6  # a band: the nearest (above 0.6) must be skipped, searched deeper
     exact_i, exact_s = top_k_neighbours(x, k=5, min_similarity=lo, max_similarity=hi, exact=True)

@@ -7,8 +7,8 @@ Exact kNN (:mod:`factory.embed.knn`) costs O(n^2 d): 100k x 384 takes minutes, 1
 - vectors are L2-normalised float32 and compared by inner product (= cosine);
 - ``nlist`` ~ 2 sqrt(n) k-means cells (faiss), trained on a fixed-seed sample with a fixed
   k-means seed, so the same input gives the same index and the same neighbours;
-- ``nprobe`` (cells visited per query) is calibrated at build time: raised from 1 by half
-  until the recall@10 of a fixed-seed sample of the queries against exact search reaches
+- ``nprobe`` (cells visited per query) is calibrated at build time: the fewest cells that
+  give a fixed-seed sample of the queries a recall@10 against exact search of
   :data:`TARGET_RECALL` (0.97, a margin over the 0.95 promised).
 
 What is approximate: a true neighbour lying in a cell that is not probed is missed (recall, not
@@ -79,25 +79,37 @@ class NeighbourIndex:
         self._bounds = np.searchsorted(cell[self._members, 0], np.arange(self.nlist + 1))
         self._rows = units[self._members]
         self.nprobe = self._calibrate(units if queries is None else queries,
-                                      min(calibration_k, n))
+                                      min(calibration_k, n), self_rows=queries is None)
 
-    def _calibrate(self, queries: np.ndarray, k: int) -> int:
+    def _calibrate(self, queries: np.ndarray, k: int, self_rows: bool) -> int:
+        """The fewest cells to probe for :data:`TARGET_RECALL` on a sample of the queries.
+
+        A true neighbour is found exactly when its cell is among those probed, so the recall
+        at every nprobe follows from the rank of each true neighbour's cell among the
+        query's nearest centroids: nprobe is the TARGET_RECALL quantile of those ranks.
+        """
         from factory.embed.knn import exact_top_k
 
         rng = np.random.default_rng(SEED + 1)
         rows = np.sort(rng.choice(len(queries), size=min(CALIBRATION_QUERIES, len(queries)),
                                   replace=False))
         sample = np.ascontiguousarray(queries[rows], dtype=np.float32)
-        truth, _ = exact_top_k(sample, self._rows, k)
-        truth = np.where(truth >= 0, self._members[np.maximum(truth, 0)], -1)
-        nprobe = 1
-        while True:
-            _, found = self.search(sample, k, nprobe)
-            hits = sum(len(np.intersect1d(t[t >= 0], f[f >= 0])) for t, f in zip(truth, found,
-                                                                                  strict=True))
-            if nprobe >= self.nlist or hits >= TARGET_RECALL * (truth >= 0).sum():
-                return nprobe
-            nprobe = min(max(nprobe + 1, nprobe * 3 // 2), self.nlist)
+        # Truth in the cell-ordered corpus; a corpus row used as its own query is left out.
+        position = np.empty_like(self._members)
+        position[self._members] = np.arange(len(self._members))
+        truth, _ = exact_top_k(sample, self._rows, k,
+                               self_index=position[rows] if self_rows else None)
+        _, nearest_cells = self._quantizer.search(sample, self.nlist)
+        rank_of_cell = np.empty_like(nearest_cells)
+        np.put_along_axis(rank_of_cell, nearest_cells,
+                          np.broadcast_to(np.arange(self.nlist), nearest_cells.shape), axis=1)
+        found = truth >= 0
+        if not found.any():
+            return 1
+        cells = np.searchsorted(self._bounds, truth[found], side="right") - 1
+        ranks = np.sort(rank_of_cell[np.nonzero(found)[0], cells])
+        needed = ranks[int(np.ceil(TARGET_RECALL * len(ranks))) - 1] + 1
+        return int(min(max(needed, 1), self.nlist))
 
     def search(self, queries: np.ndarray, k: int,
                nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +180,7 @@ def approximate_top_k(q: np.ndarray, c: np.ndarray, k: int, *, self_mode: bool, 
 
     A similarity band is applied to the index's candidates; a row with fewer than ``k`` in the
     band whose candidates did not yet fall below the band's floor is searched again twice as
-    deep in twice as many cells, and once the depth reaches 64 (k + 1) it is answered by exact
+    deep in twice as many cells, and once the depth reaches 16 (k + 1) it is answered by exact
     search over the whole corpus (rows whose band is far from them cost an exact search).
     """
     from factory.embed.knn import exact_top_k
@@ -186,7 +198,7 @@ def approximate_top_k(q: np.ndarray, c: np.ndarray, k: int, *, self_mode: bool, 
     pending = np.arange(n)
     depth, nprobe = keep + int(drop_self), index.nprobe
     while len(pending):
-        if depth >= 64 * (keep + 1) or depth >= m:
+        if depth >= 16 * (keep + 1) or depth >= m:
             exact_i, exact_s = exact_top_k(
                 q[pending], c, k, self_index=None if self_index is None else self_index[pending],
                 min_similarity=min_similarity, max_similarity=max_similarity)
