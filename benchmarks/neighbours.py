@@ -111,9 +111,9 @@ def dedup_row(n: int, sample: int, threshold: float = 0.85) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--exact-sample", type=int, default=4000,
+    parser.add_argument("--exact-sample", type=int, default=10_000,
                         help="above this many rows exact search is timed on this many queries "
-                             "and projected (default 4000)")
+                             "and projected (default 10000)")
     parser.add_argument("--no-dedup", action="store_true", help="skip the best_earlier_match row")
     args = parser.parse_args()
     header = (f"| n | exact s | index build s | index query s | index total s | speedup "
