@@ -7,6 +7,10 @@ the corpus size. An n-by-n matrix for 100,000 texts would take 40 GB.
 
 :func:`best_earlier_match` answers "which earlier row is most like this one in every part"
 (dedup's near duplicates) over all earlier rows, in tiles of the lower triangle.
+
+Both search exactly below :data:`factory.embed.index.EXACT_BELOW` corpus rows and through
+a faiss IVF index above (``exact=`` overrides): every kNN user of the factory (dedup,
+hard_negatives, the noise filter, the trainer's robustness probe) goes through here.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from factory.embed.index import use_index
 
 # Out-of-band similarities are pushed below every cosine (into [-9, -7]) rather than set to
 # -inf: argpartition over a row of mostly equal values is ten times slower.
@@ -45,6 +51,7 @@ def top_k_neighbours(
     block_rows: int = 4096,
     min_similarity: float | None = None,
     max_similarity: float | None = None,
+    exact: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most cosine-similar corpus rows of each query row.
 
@@ -56,6 +63,11 @@ def top_k_neighbours(
     rows with the queries. Only similarities in ``[min_similarity, max_similarity]``
     qualify, e.g. a band of look-alikes that are not near-duplicates. Inputs need not be
     normalised.
+
+    ``exact=None`` searches exactly below :data:`factory.embed.index.EXACT_BELOW` corpus rows
+    and through an approximate IVF index (recall@10 >= 0.95, see :mod:`factory.embed.index`)
+    from there on; ``True`` / ``False`` force one way. Both give the same results for the
+    same input, every time.
     """
     q = _matrix(queries, "queries")
     self_mode = corpus is None
@@ -64,6 +76,30 @@ def top_k_neighbours(
         raise ValueError(f"queries have dimension {q.shape[1]}, corpus {c.shape[1]}")
     if k < 0 or block_rows < 1:
         raise ValueError("k must be >= 0 and block_rows >= 1")
+    if min(k, len(c)) > 0 and len(q) > 0 and use_index(len(c), exact):
+        from factory.embed.index import approximate_top_k, unit_rows
+
+        units = unit_rows(q)
+        return approximate_top_k(units, units if self_mode else unit_rows(c), k,
+                                 self_mode=self_mode, exclude_self=exclude_self,
+                                 min_similarity=min_similarity, max_similarity=max_similarity)
+    self_index = np.arange(len(q)) if self_mode and exclude_self else None
+    return exact_top_k(q, c, k, self_index=self_index, block_rows=block_rows,
+                       min_similarity=min_similarity, max_similarity=max_similarity)
+
+
+def exact_top_k(
+    q: np.ndarray,
+    c: np.ndarray,
+    k: int,
+    *,
+    self_index: np.ndarray | None = None,
+    block_rows: int = 4096,
+    min_similarity: float | None = None,
+    max_similarity: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact :func:`top_k_neighbours` of float32 ``q`` in ``c``, in tiles; ``self_index[i]``
+    (if given) is the corpus row that query ``i`` must not be matched with."""
     n, m = len(q), len(c)
     indices = np.full((n, k), -1, dtype=np.int64)
     sims = np.full((n, k), np.nan, dtype=np.float32)
@@ -71,12 +107,12 @@ def top_k_neighbours(
     if keep == 0 or n == 0:
         return indices, sims
     q_inv = _inverse_norms(q)
-    c_inv = q_inv if self_mode else _inverse_norms(c)
+    c_inv = q_inv if c is q else _inverse_norms(c)
     columns = max(1, block_rows // 2)
     for qs in range(0, n, block_rows):
         qe = min(qs + block_rows, n)
         qb = q[qs:qe] * q_inv[qs:qe, None]
-        rows = np.arange(qe - qs)
+        own_col = None if self_index is None else self_index[qs:qe]
         best_s = np.full((qe - qs, keep), -np.inf, dtype=np.float32)
         best_i = np.full((qe - qs, keep), -1, dtype=np.int64)
         for cs in range(0, m, columns):
@@ -90,9 +126,9 @@ def top_k_neighbours(
                 if max_similarity is not None:
                     out_of_band |= tile > max_similarity
                 np.subtract(tile, _SHIFT, out=tile, where=out_of_band)
-            if self_mode and exclude_self and cs < qe and qs < ce:
-                own = rows[(rows + qs >= cs) & (rows + qs < ce)]
-                tile[own, own + qs - cs] = -np.inf
+            if own_col is not None:
+                hit = np.flatnonzero((own_col >= cs) & (own_col < ce))
+                tile[hit, own_col[hit] - cs] = -np.inf
             take = min(keep, ce - cs)
             if ce - cs > take:
                 part = np.argpartition(tile, -take, axis=1)[:, -take:]
@@ -114,7 +150,7 @@ def top_k_neighbours(
 
 
 def best_earlier_match(
-    parts: Sequence[np.ndarray], *, block_rows: int = 2048
+    parts: Sequence[np.ndarray], *, block_rows: int = 2048, exact: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the earlier row most similar in *every* part, exactly.
 
@@ -126,7 +162,10 @@ def best_earlier_match(
 
     Every earlier row is compared (no candidate window that a crowd of look-alikes could
     fill), in ``block_rows`` x ``block_rows`` tiles of the lower triangle, so memory stays
-    at a few tiles whatever n.
+    at a few tiles whatever n. From :data:`factory.embed.index.EXACT_BELOW` rows on (or with
+    ``exact=False``) the comparison is O(n^2) no more: candidates come from an IVF index per
+    part and only they are compared exactly (see
+    :func:`factory.embed.index.approximate_best_earlier` for what may be missed).
     """
     if not parts:
         raise ValueError("best_earlier_match needs at least one part")
@@ -139,6 +178,10 @@ def best_earlier_match(
         raise ValueError(f"parts have different row counts: {[len(u) for u in units]}")
     if block_rows < 1:
         raise ValueError("block_rows must be >= 1")
+    if n > 1 and use_index(n, exact):
+        from factory.embed.index import approximate_best_earlier
+
+        return approximate_best_earlier([np.ascontiguousarray(u) for u in units])
     best_i = np.full(n, -1, dtype=np.int64)
     best_s = np.full(n, -np.inf, dtype=np.float32)
     for qs in range(0, n, block_rows):
