@@ -1,0 +1,152 @@
+"""Static embeddings distilled from the bundled MiniLM with ``model2vec``: a text's vector is
+the (SIF-weighted) mean of per-token vectors, so embedding costs a tokenisation and a table
+lookup -- orders of magnitude faster than a transformer pass on CPU, at some loss of fidelity
+(``benchmarks/embedders.py`` measures both).
+
+Distillation runs offline from the packaged weights, once per home: the static model is saved
+under ``<home>/embeddings/static-<digest>/``, where the digest covers the source model's
+files (their bytes), the distillation settings and the model2vec version, so a changed source
+or recipe gets a new folder and never a stale model. ``catalog gc`` treats the folder like
+any other embedding cache (a redoable unit); each load marks it used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from factory.home import resolve_home
+
+if TYPE_CHECKING:
+    from model2vec import StaticModel
+
+# 256 of MiniLM's 384 dimensions keep nearly all of the token table's variance (PCA) and
+# make the table a third smaller; model2vec's own default.
+PCA_DIMS = 256
+# SIF weighting down-weights frequent tokens ("the", "of") as in model2vec's default recipe.
+SIF_COEFFICIENT = 1e-4
+# Static cost is linear in tokens, so it can afford twice MiniLM's 256-token window.
+MAX_TOKENS = 512
+LAST_USED = "last-used"  # same marker name as the embedding cache (factory.embed.cache)
+
+_models: dict[Path, StaticModel] = {}
+_models_lock = threading.Lock()
+
+
+def embed_static(texts: Sequence[str], home: str | Path | None = None) -> np.ndarray:
+    """L2-normalised static embeddings of ``texts``, float32 (n, 256).
+
+    The static model is distilled from the bundled all-MiniLM-L6-v2 on first use under this
+    home (``home`` or ``$PREFAB_HOME`` or ``./.prefab``) and loaded from there afterwards.
+    Texts are cut after 512 tokens. A text with no known token (the empty string) gets the
+    zero vector, which has no direction to normalise.
+    """
+    model = static_model(home)
+    if not len(texts):
+        return np.zeros((0, model.dim), dtype=np.float32)
+    # One process on purpose: model2vec's multiprocessing above 10k texts oversubscribes small
+    # machines, and a single pass is already far faster than the transformer.
+    vectors = model.encode(list(texts), max_length=MAX_TOKENS, normalize=False,
+                           use_multiprocessing=False)
+    return _l2_normalise(np.asarray(vectors, dtype=np.float32))
+
+
+def static_model(home: str | Path | None = None) -> StaticModel:
+    """The static model of this home, distilled on first use and loaded once per process."""
+    folder = static_model_dir(home)
+    with _models_lock:
+        model = _models.get(folder)
+        if model is None:
+            if not (folder / "config.json").is_file():
+                _distill_into(folder)
+            model = _load(folder)
+            _models[folder] = model
+    (folder / LAST_USED).touch()
+    return model
+
+
+def static_model_dir(home: str | Path | None = None) -> Path:
+    """``<home>/embeddings/static-<digest of source model files and distillation settings>``."""
+    # Imported before model2vec (hence huggingface_hub) loads: it sets HF_HUB_OFFLINE.
+    from factory.embed.encoder import minilm_path
+
+    source = minilm_path()
+    return resolve_home(home) / "embeddings" / f"static-{_recipe_digest(source)}"
+
+
+def _recipe_digest(source: str) -> str:
+    import model2vec
+
+    parts = [_folder_digest(source, *_folder_stamp(source)), f"pca={PCA_DIMS}",
+             f"sif={SIF_COEFFICIENT}", f"model2vec={model2vec.__version__}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _folder_stamp(folder: str) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes: what decides whether the memoised content digest still holds."""
+    stamp = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            stamp.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(stamp)
+
+
+@lru_cache(maxsize=4)
+def _folder_digest(folder: str, *stamp: tuple[str, int, int]) -> str:
+    """sha256 over every file's name and bytes (~90 MB for MiniLM: hashed once per process)."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stamp:
+        digest.update(name.encode() + b"\x00")
+        with open(Path(folder) / name, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _distill_into(folder: Path) -> None:
+    """Distil into a private temporary folder, then rename it into place, so a crash leaves
+    no half-written model and two processes distilling at once both end with a whole one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        _distill().save_pretrained(str(scratch))
+        try:
+            os.rename(scratch, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _distill() -> StaticModel:
+    from model2vec.distill import distill
+
+    # static_model_dir imported factory.embed.encoder first, which set HF_HUB_OFFLINE.
+    from factory.embed.encoder import minilm_path, quiet_hf
+
+    with quiet_hf():
+        # On CPU whatever the machine has, so every home distils the same table.
+        return distill(minilm_path(), pca_dims=PCA_DIMS, sif_coefficient=SIF_COEFFICIENT,
+                       device="cpu", quantize_to="float32")
+
+
+def _load(folder: Path) -> Any:
+    from model2vec import StaticModel
+
+    return StaticModel.from_pretrained(str(folder), force_download=False)
+
+
+def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
