@@ -158,7 +158,7 @@ def prefab_child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0
     from factory.catalog import Catalog
 
-    scores = Catalog(args.home).find_scores(Catalog(args.home).resolve("judged").lineage["score_key"])
+    _, scores = Catalog(args.home).find_scores(Catalog(args.home).resolve("judged").lineage["score_key"])
     print(json.dumps({"wall": wall, "report": report, "agreement": scores["consistency_agreement"].to_pylist(),
                       "pair_ids": scores["pair_id"].to_pylist()}, default=str), flush=True)
 

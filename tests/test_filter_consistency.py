@@ -47,7 +47,7 @@ def ingest(cli, tmp_path):
 
 def _agreement(home, ref: str) -> dict[str, float]:
     info = Catalog(home).resolve(ref)
-    scores = Catalog(home).find_scores(info.lineage["score_key"])
+    _, scores = Catalog(home).find_scores(info.lineage["score_key"])
     return dict(zip(scores["pair_id"].to_pylist(), scores["consistency_agreement"].to_pylist(), strict=True))
 
 
@@ -73,7 +73,7 @@ def test_swapping_the_order_cancels_a_position_biased_judge(cli, ingest, home) -
     fwd, bwd = _agreement(home, "forward-swap"), _agreement(home, "backward-swap")
     assert fwd.keys() == bwd.keys() and all(fwd[p] + bwd[p] == 1.0 for p in fwd)
     assert set(fwd.values()) == {0.5}
-    scores = Catalog(home).find_scores(Catalog(home).resolve("forward-swap").lineage["score_key"])
+    _, scores = Catalog(home).find_scores(Catalog(home).resolve("forward-swap").lineage["score_key"])
     assert set(scores["consistency_swapped"].to_pylist()) == {1}  # one of the two draws per pair, exactly
     # every pair reached the judge in both orders
     shown = {(s["response a"], s["response b"]) for s in (sections(b["messages"][-1]["content"]) for b in script.bodies)}

@@ -105,7 +105,7 @@ def test_filter_stores_scores_and_rethresholds_without_recomputing(cli, demo, ho
     assert table.num_rows == report["rows_kept"]
     eval_ids = set(catalog.read_table("evalset")["pair_id"].to_pylist())
     assert not eval_ids & set(table["pair_id"].to_pylist())
-    scores = catalog.find_scores(info.lineage["score_key"])
+    _, scores = catalog.find_scores(info.lineage["score_key"])
     assert scores.num_rows == report["rows_in"]
     assert pc.sum(pc.equal(scores["dedup_action"], "drop")).as_py() == report["rows_dropped"]
 

@@ -658,11 +658,13 @@ class Catalog:
             [key, value, name, name],
         ).fetchall()
 
-    def find_scores(self, score_key: str) -> pa.Table | None:
-        """The stored scores of the latest run whose lineage carries ``score_key``.
+    def find_scores(self, score_key: str) -> tuple[VersionInfo, pa.Table] | None:
+        """The run (version info with that run's lineage) and stored scores of the latest run
+        whose lineage carries ``score_key``.
 
-        A filter run records the key of (inputs, step, scoring parameters); a later run with
-        only new thresholds finds its scores here instead of recomputing them.
+        A filter run records the key of its step identity (inputs, step, scoring parameters,
+        backend, ...); a later run with only new thresholds finds its scores here instead of
+        recomputing them.
         """
         with self._connect(read_only=True) as connection:
             infos = [self._resolve(connection, Ref(name, version=version), run=run)
@@ -670,7 +672,7 @@ class Catalog:
         for info in infos:
             if "scores" in info.attachments:
                 try:
-                    return self.read_attachment(info, "scores")
+                    return info, self.read_attachment(info, "scores")
                 except DataFileError:
                     continue  # a damaged copy is only lost work: recompute
         return None

@@ -130,15 +130,10 @@ class StoredScores:
 
 
 def _stored_under(catalog: Any, key: str) -> StoredScores | None:
-    from factory.catalog.catalog import DataFileError
-
-    info = catalog.find_by_lineage("score_key", key)
-    if info is None or "scores" not in info.attachments:
+    found = catalog.find_scores(key)
+    if found is None:
         return None
-    try:
-        table = catalog.read_attachment(info, "scores")
-    except DataFileError:
-        return None  # a damaged copy is only lost work: recompute
+    info, table = found
     order = pa.compute.sort_indices(table, [("row", "ascending")])
     lineage = info.lineage or {}
     return StoredScores(table.take(order), info.ref, dict(lineage.get("stats") or {}), dict(lineage))
