@@ -424,9 +424,22 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
     return stages
 
 
+def _assembled(table: pa.Table, parts: list[pa.Table], ctx: StepContext[CausalParams],
+               **mode_stats: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """Both modes' pairs merged over the whole table and capped per seed, with their counts."""
+    params = ctx.params
+    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+    return out, {
+        "pairs": value_counts(out.column("attribute")),
+        "methods": value_counts(out.column("method")),
+        **mode_stats,
+        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
+        **counts,
+    }
+
+
 def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
     """The llm mode, a chunk of seeds at a time; duplicates are merged over the whole table."""
-    params = ctx.params
     parts, failed, usage, seeds_failed = [], [], [], 0
     for start, stop in chunks(table.num_rows):
         made, chunk_failed, chunk_usage, chunk_seeds_failed = _causal_llm_chunk(table.slice(start, stop - start), ctx)
@@ -434,14 +447,7 @@ def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
         failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
         usage.append(chunk_usage)
         seeds_failed += chunk_seeds_failed
-    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
-    stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
-        "seeds_failed_llm": seeds_failed,
-        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
-        **counts,
-    }
+    out, stats = _assembled(table, parts, ctx, seeds_failed_llm=seeds_failed)
     return StepResult(out, pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats, merge_usage(*usage))
 
 
@@ -536,14 +542,7 @@ def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
         parts.append(_short_answer_swaps(table, np.concatenate(short_rows), ctx, not_applicable))
     if "relevance" in wanted:
         parts.append(_answers_to_other_prompts(table, ctx, not_applicable))
-    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
-    stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
-        "not_applicable": not_applicable,
-        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
-        **counts,
-    }
+    out, stats = _assembled(table, parts, ctx, not_applicable=not_applicable)
     failed = failed_rows(empty, ["chosen answer is empty: nothing to degrade"] * len(empty))
     return StepResult(out, failed, stats)
 
