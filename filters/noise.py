@@ -65,6 +65,7 @@ from factory.home import resolve_home
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from filters._noise_signals import noise_rate, noise_rate_interval, sigmoid, vote_evidence
 from schemas.errors import PrefabError
+from schemas.pairs import generated_mask
 
 if TYPE_CHECKING:  # the model code imports torch: only when the filter runs, not on `--help`
     from factory.trainer.data import PairData
@@ -185,20 +186,6 @@ def decide_noise(scores: pa.Table, params: NoiseParams) -> Decision:
     return Decision(decided["action"].to_arrow(), decided["reason"].to_arrow(), weight)
 
 
-def generated_rows(table: pa.Table) -> np.ndarray:
-    """True for rows a generator made (``provenance`` names parent pairs or the generated
-    side): their label is the generator's construction, not a human judgment."""
-    if "provenance" not in table.column_names:
-        return np.zeros(table.num_rows, dtype=bool)
-    prov = pl.from_arrow(table.select(["provenance"])).unnest("provenance")
-    made = pl.lit(False)
-    if "generated" in prov.columns:
-        made = made | pl.col("generated").is_not_null()
-    if "parent_ids" in prov.columns:
-        made = made | (pl.col("parent_ids").list.len().fill_null(0) > 0)
-    return prov.select(made.fill_null(False).alias("made"))["made"].to_numpy().astype(bool)
-
-
 # ---- the step -----------------------------------------------------------------------------
 
 
@@ -215,7 +202,7 @@ def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     tie = frame["tie"].fill_null(False).to_numpy() if "tie" in frame.columns else np.zeros(n_rows, bool)
     # Generated pairs are right by construction (or wrong by the generator's design): they are
     # no evidence of human label noise, and, easy to learn, they drown it. Kept, not scored.
-    generated = generated_rows(table) & ~tie
+    generated = generated_mask(table) & ~tie
     rows = np.flatnonzero(~tie & ~generated)
     prompts = frame.filter(pl.Series(~tie & ~generated))["prompt_id"].n_unique()
     if len(rows) < MIN_PAIRS or prompts < params.folds:

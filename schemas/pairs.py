@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -298,3 +299,23 @@ def conform(table: pa.Table | pa.RecordBatch, *, extra: bool = False) -> pa.Tabl
         columns += [table.column(f.name) for f in extras]
         schema = pa.schema(list(PAIR_SCHEMA) + extras)
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def generated_mask(table: pa.Table) -> np.ndarray:
+    """True for rows a generator made: the step runner stamps the seed pairs each one came
+    from (``provenance.parent_ids``) and which side it wrote (``provenance.generated``);
+    ingested, human-labelled rows have neither. The one rule for "generated" everywhere
+    (noise scoring, the trainer's augmentation weights, the audit's real/generated split)."""
+    import pyarrow.compute as pc
+
+    if "provenance" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    provenance = table.column("provenance")
+    fields = {f.name for f in provenance.type}
+    made = pa.array(np.zeros(table.num_rows, dtype=bool))
+    if "parent_ids" in fields:
+        parents = pc.struct_field(provenance, "parent_ids")
+        made = pc.or_(made, pc.fill_null(pc.greater(pc.list_value_length(parents), 0), False))
+    if "generated" in fields:
+        made = pc.or_(made, pc.is_valid(pc.struct_field(provenance, "generated")))
+    return np.asarray(made.to_numpy(zero_copy_only=False), dtype=bool)

@@ -144,7 +144,7 @@ def test_flips_are_found_through_the_runner_and_counts_reconcile(fake_encoder, h
     info = catalog.resolve("clean")
     stored = catalog.read_attachment(info, "scores")
     assert stored.num_rows == 126
-    assert stored.equals(catalog.find_scores(info.lineage["score_key"]))
+    assert stored.equals(catalog.find_scores(info.lineage["score_key"])[1])
     suspicion = stored.column("noise_suspicion")
     assert suspicion.null_count == 6  # ties are not scored ...
     actions = stored.column("noise_action").to_pylist()

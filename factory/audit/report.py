@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from factory.audit.review import ACTIONS, FORMAT
+from schemas.pairs import generated_mask
 
 PLOTS = ("suspicion", "margin", "noise_by_group", "length_bias", "formatting")
 # Coordinates inside each SVG's viewBox; the SVG itself scales to the page's width.
@@ -169,21 +170,6 @@ def svg_hbars(rows: Sequence[tuple[str, float | None, str] | str], title: str, *
     return "".join(parts)
 
 
-def generated_rows(frame: pl.DataFrame) -> np.ndarray:
-    """True for rows a generator made: the step runner stamps its version and the parent pairs
-    in the provenance; ingested (real) rows have neither."""
-    if "provenance" not in frame.columns or not isinstance(frame.schema["provenance"], pl.Struct):
-        return np.zeros(frame.height, dtype=bool)
-    fields = {f.name for f in frame.schema["provenance"].fields}  # type: ignore[union-attr]
-    prov = pl.col("provenance").struct
-    marks = [pl.lit(False)]
-    if "step_version" in fields:
-        marks.append(prov.field("step_version").is_not_null())
-    if "parent_ids" in fields:
-        marks.append(prov.field("parent_ids").list.len().fill_null(0) > 0)
-    return frame.select(pl.any_horizontal(marks).fill_null(False))[:, 0].to_numpy().astype(bool)
-
-
 def _float_column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
@@ -208,7 +194,8 @@ def _margin_plot(summary: dict[str, Any], frame: pl.DataFrame, margins: np.ndarr
     else:
         return "Margin distribution", _empty_svg("margin", "no margins: pass --model or store noise scores")
     caption = f"Margin r(chosen) − r(rejected): {what}; dashed: 0, left of it the rejected answer scores higher"
-    generated = generated_rows(frame) if len(margin) == frame.height else np.zeros(len(margin), dtype=bool)
+    generated = generated_mask(frame.select("provenance").to_arrow()) if "provenance" in frame.columns \
+        and len(margin) == frame.height else np.zeros(len(margin), dtype=bool)
     if not generated.any():
         return caption, svg_histogram([("real", margin, _BLUE)], "margin", "margin", zero_line=True)
     caption += "; real and generated pairs each as a share of their own count"

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.errors import PrefabError
+from schemas.pairs import generated_mask
 
 
 @dataclass
@@ -109,7 +110,7 @@ def pair_data(table: pa.Table) -> PairData:
         provenance = table.column("provenance").to_pylist()
         sources = [(p or {}).get("source") for p in provenance]
         steps = [(p or {}).get("step") for p in provenance]
-        derived = np.asarray([bool((p or {}).get("parent_ids")) for p in provenance], dtype=bool)
+        derived = generated_mask(table)
     return PairData(
         prompts=prompts,
         chosen=[c or "" for c in table.column("chosen").to_pylist()],
