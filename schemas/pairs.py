@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -79,22 +80,40 @@ def pair_id_of(prompt: Sequence[dict[str, str]], response_a: str, response_b: st
     return _digest([[[m["role"], m["content"]] for m in prompt], sorted((response_a, response_b))])
 
 
+# Rows whose payloads are built and hashed together: a whole-table call holds about this
+# many rows' payloads at a time, not the whole table's.
+ID_BATCH_ROWS = 64 * 1024
+
+# json.dumps(ensure_ascii=False) escapes quote, backslash and the control characters below
+# 0x20, and nothing else. None of these bytes occurs inside a multi-byte UTF-8 sequence
+# (whose bytes are all >= 0x80), so a scan of the raw bytes finds exactly the characters.
+_JSON_ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\", 8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}
+
+
+def _json_escape(byte: int) -> str:
+    return _JSON_ESCAPES.get(byte, f"\\u{byte:04x}")
+
+
 def content_ids(table: pa.Table | pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
     """``(pair_id, prompt_id)`` of every row, computed column-wise.
 
-    Equal to :func:`pair_id_of` / :func:`prompt_id_of` row by row: Polars writes each
-    row's JSON payload (its JSON encoder escapes strings exactly as ``json.dumps`` with
-    ``ensure_ascii=False`` does: quote, backslash and control characters only) and only
-    the sha256 itself runs per row, over slices of one Arrow buffer. Null text raises
+    Equal to :func:`pair_id_of` / :func:`prompt_id_of` row by row: Arrow compute kernels
+    concatenate each row's canonical JSON payload (strings escaped as ``json.dumps`` with
+    ``ensure_ascii=False`` does, and only in the rows that need it) and only the sha256
+    itself runs per row, over slices of one Arrow buffer. ``ID_BATCH_ROWS`` rows at a
+    time, so a whole table's payloads never sit in memory together. Null text raises
     ``ValueError``: it has no id.
     """
-    import polars as pl
-
     _refuse_null_text(table)
-    payloads = _json_payloads(table)
-    newest = pl.CompatLevel.newest()  # string views: no copy out of Polars
-    return (_sha256_prefixes(payloads["pair"].to_arrow(compat_level=newest)),
-            _sha256_prefixes(payloads["prompt"].to_arrow(compat_level=newest)))
+    pair_ids: list[pa.Array] = [pa.array([], pa.string())]
+    prompt_ids: list[pa.Array] = [pa.array([], pa.string())]
+    for start in range(0, table.num_rows, ID_BATCH_ROWS):
+        pair_payloads, prompt_payloads = _json_payloads(table.slice(start, ID_BATCH_ROWS))
+        pair_ids.append(_sha256_prefixes(pair_payloads))
+        prompt_ids.append(_sha256_prefixes(prompt_payloads))
+    if len(pair_ids) == 2:  # the common case, one slice: no concatenation copy
+        return pair_ids[1], prompt_ids[1]
+    return pa.concat_arrays(pair_ids), pa.concat_arrays(prompt_ids)
 
 
 def _refuse_null_text(table: pa.Table | pa.RecordBatch) -> None:
@@ -109,59 +128,95 @@ def _refuse_null_text(table: pa.Table | pa.RecordBatch) -> None:
             raise ValueError(f"cannot hash a prompt message whose {part!r} is null")
 
 
-def _json_payloads(table: pa.Table | pa.RecordBatch) -> Any:
-    """A Polars frame of each row's canonical JSON: ``pair`` and ``prompt`` columns.
+def _json_payloads(table: pa.Table | pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
+    """Each row's canonical JSON, as ``(pair payloads, prompt payloads)`` string arrays.
 
-    One JSON encode per payload part: a one-field struct ``{"p": value}`` encodes as
-    ``{"p":<value's JSON>}``, and stripping that wrapper leaves the value's JSON.
+    ``[[["role","content"],...],["a","b"]]`` with the responses in code-point order (UTF-8
+    byte order is code-point order) and ``[["role","content"],...]``: what ``_digest``
+    hashes. Large strings throughout: a batch's payloads may pass 2 GiB.
     """
-    import polars as pl
+    import pyarrow.compute as pc
 
-    frame = pl.from_arrow(pa.table({name: table.column(name) for name in ("prompt", "chosen", "rejected")}))
-    assert isinstance(frame, pl.DataFrame)
+    def text(value: str) -> pa.Scalar:
+        return pa.scalar(value, pa.large_string())
 
-    def json_of(value: pl.Expr) -> pl.Expr:
-        return pl.struct(value.alias("v")).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix("}")
+    def join(*parts: pa.Array | pa.Scalar) -> pa.Array:
+        return pc.binary_join_element_wise(*parts, text(""))
 
-    message = pl.element().struct
-    messages = pl.col("prompt").list.eval(pl.concat_list(message.field("role"), message.field("content")))
-    # Every piece is encoded once; the two response orders are concatenated from the
-    # encoded pieces (cheaper than a per-row sort or a list column).
-    swap = pl.col("chosen") > pl.col("rejected")
-    in_order = pl.concat_str([pl.lit("["), "prompt", pl.lit(",["), "chosen", pl.lit(","), "rejected", pl.lit("]]")])
-    swapped = pl.concat_str([pl.lit("["), "prompt", pl.lit(",["), "rejected", pl.lit(","), "chosen", pl.lit("]]")])
-    return frame.lazy().select(
-        json_of(messages).alias("prompt"), json_of(pl.col("chosen")).alias("chosen"),
-        json_of(pl.col("rejected")).alias("rejected"), swap.alias("swap"),
-    ).select(pl.when("swap").then(swapped).otherwise(in_order).alias("pair"), "prompt").collect()
+    prompt = _single_array(table.column("prompt"))
+    messages = pc.list_flatten(prompt)
+    items = join(text('["'), _json_strings(pc.struct_field(messages, "role")), text('","'),
+                 _json_strings(pc.struct_field(messages, "content")), text('"]'))
+    offsets = pc.subtract(prompt.offsets, prompt.offsets[0]).cast(pa.int64())
+    prompt_json = join(text("["), pc.binary_join(pa.LargeListArray.from_arrays(offsets, items), text(",")), text("]"))
+    chosen, rejected = _single_array(table.column("chosen")), _single_array(table.column("rejected"))
+    swap = pc.greater(chosen, rejected)  # compared before escaping, as sorted() compares them
+    chosen, rejected = _json_strings(chosen), _json_strings(rejected)
+    first, second = pc.if_else(swap, rejected, chosen), pc.if_else(swap, chosen, rejected)
+    pair_json = join(text("["), prompt_json, text(',["'), first, text('","'), second, text('"]]'))
+    return pair_json, prompt_json
+
+
+def _single_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
+
+
+def _offsets_and_data(strings: pa.Array) -> tuple[np.ndarray, memoryview]:
+    """The ``len + 1`` int64 offsets of a large string array and its data buffer."""
+    _, offsets, data = strings.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int64)[strings.offset: strings.offset + len(strings) + 1]
+    return bounds, memoryview(data if data is not None else b"")
+
+
+def _json_strings(strings: pa.Array) -> pa.Array:
+    """Each string as it stands between the quotes of its JSON literal, as a large string.
+
+    Most text needs no escape at all, so the bytes are scanned first (cheap vector
+    compares) and only rows holding a quote, backslash or control character are rewritten,
+    one ``replace_substring`` per distinct character present.
+    """
+    import pyarrow.compute as pc
+
+    strings = strings.cast(pa.large_string())
+    if len(strings) == 0:
+        return strings
+    bounds, data = _offsets_and_data(strings)
+    body = np.frombuffer(data, dtype=np.uint8)[bounds[0]: bounds[-1]]
+    if not (body.size and (body.min() < 0x20 or (body == 0x22).any() or (body == 0x5C).any())):
+        return strings
+    special = (body < 0x20) | (body == 0x22) | (body == 0x5C)
+    rows = np.unique(np.searchsorted(bounds, np.flatnonzero(special) + bounds[0], side="right") - 1)
+    # Backslash first: the escapes written after it contain backslashes of their own.
+    characters = sorted(np.unique(body[special]).tolist(), key=lambda byte: byte != 0x5C)
+    whole = len(rows) == len(strings)
+    escaped = strings if whole else strings.take(pa.array(rows))
+    for byte in characters:
+        escaped = pc.replace_substring(escaped, chr(byte), _json_escape(byte))
+    if whole:
+        return escaped
+    mask = np.zeros(len(strings), dtype=bool)
+    mask[rows] = True
+    return pc.replace_with_mask(strings, pa.array(mask), escaped)
 
 
 def _sha256_prefixes(texts: pa.Array) -> pa.Array:
     """The first 32 hex digits of each string's sha256, as a string array.
 
-    Reads the string-view layout Polars hands over without a copy: a string of up to 12
-    bytes sits inside its 16-byte view, a longer one in a data buffer at (buffer, offset).
+    Per row only the C hash of a slice of the one data buffer runs in Python: about
+    0.4 µs of interpreter work per id, plus the hash itself (OpenSSL, ~1 GB/s).
     """
-    import numpy as np
-
-    if texts.type != pa.string_view():
-        texts = texts.cast(pa.string_view())
     if texts.null_count:
         raise ValueError("cannot hash null text")
+    if texts.type != pa.large_string():
+        texts = texts.cast(pa.large_string())
     count = len(texts)
-    buffers = texts.buffers()
-    views = np.frombuffer(buffers[1], dtype=np.int32).reshape(-1, 4)[texts.offset: texts.offset + count]
-    lengths = views[:, 0].astype(np.int64)
-    inline = lengths <= 12
-    # Inline strings are read from the views buffer itself, listed after the data buffers.
-    sources = [memoryview(buffer or b"") for buffer in buffers[2:]] + [memoryview(buffers[1] or b"")]
-    source = np.where(inline, len(sources) - 1, views[:, 2]).tolist()
-    starts = np.where(inline, 16 * (texts.offset + np.arange(count)) + 4, views[:, 3].astype(np.int64))
-    ends = (starts + lengths).tolist()
+    if count == 0:
+        return pa.array([], pa.string())
+    bounds, data = _offsets_and_data(texts)
     sha256 = hashlib.sha256
-    # Per row only the C hash and a slice: about 0.5 µs of interpreter work per id.
-    digests = b"".join([sha256(sources[index][start:end]).digest()
-                        for index, start, end in zip(source, starts.tolist(), ends, strict=True)])
+    digests = b"".join([sha256(data[start:end]).digest() for start, end in pairwise(bounds.tolist())])
     hexed = np.frombuffer(digests, dtype=np.uint8).reshape(count, 32)[:, :16].tobytes().hex().encode()
     string_offsets = np.arange(0, 32 * count + 1, 32, dtype=np.int32).tobytes()
     return pa.StringArray.from_buffers(count, pa.py_buffer(string_offsets), pa.py_buffer(hexed))

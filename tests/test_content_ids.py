@@ -160,3 +160,46 @@ def test_commit_checks_ids_in_short_batches_with_row_numbers_and_bytes_unchanged
     bad = table.set_column(0, table.schema.field("pair_id"), pa.array(wrong, pa.string()))
     with pytest.raises(PrefabError, match="row 101 has pair_id"):
         catalog.commit("d", bad.combine_chunks().to_batches()[0])
+
+
+def _one_turn(texts: list[str], responses: list[tuple[str, str]]) -> list[dict[str, object]]:
+    return [{"prompt": [{"role": "user", "content": text}], "chosen": a, "rejected": b, "tie": False}
+            for text, (a, b) in zip(texts, responses, strict=True)]
+
+
+def test_every_character_json_escapes_alone_and_beside_multibyte_text():
+    # Each escaped character (and the 0x7f/U+2028 json.dumps leaves alone) on its own row,
+    # among rows with nothing to escape: only the rows that need it are rewritten.
+    specials = [chr(i) for i in range(32)] + ['"', "\\", "\x7f", "\u2028", "\\n", '\\"', "\\\\\\"]
+    texts = [f"é{c}日{c}" for c in specials] + ["plain"] * 5 + ["", "\U0001f600"]
+    responses = [(t, "x" + t) for t in texts]
+    rows = _one_turn(texts, responses)
+    pair_ids, prompt_ids = content_ids(_table(rows))
+    assert (pair_ids.to_pylist(), prompt_ids.to_pylist()) == _expected(rows)
+
+
+def test_escaping_when_every_row_or_no_row_needs_it():
+    every = _one_turn([f'line one\nsaid "{i}"\\' for i in range(50)],
+                      [(f"a\tb{i}", f"c\r\n{i}") for i in range(50)])
+    none = _one_turn([f"question {i}" for i in range(50)], [(f"yes {i}", f"no {i}") for i in range(50)])
+    for rows in (every, none, every + none):
+        pair_ids, prompt_ids = content_ids(_table(rows))
+        assert (pair_ids.to_pylist(), prompt_ids.to_pylist()) == _expected(rows)
+
+
+def test_content_ids_of_a_table_longer_than_one_id_batch(monkeypatch):
+    import schemas.pairs as pairs
+
+    monkeypatch.setattr(pairs, "ID_BATCH_ROWS", 64)  # 3 full batches and a short one
+    rows = _rows(200, seed=4)
+    pair_ids, prompt_ids = content_ids(_table(rows))
+    assert (pair_ids.to_pylist(), prompt_ids.to_pylist()) == _expected(rows)
+
+
+def test_content_ids_of_large_list_prompts_and_long_texts():
+    rows = _one_turn(["q" * 70_000, "\n" * 3000], [("\u00e9" * 40_000, '"' * 5000), ("", "\\" * 2049)])
+    table = _table(rows)
+    large = table.cast(pa.schema([pa.field("prompt", pa.large_list(table.schema.field("prompt").type.value_type)),
+                                  *[table.schema.field(n) for n in ("chosen", "rejected", "tie")]]))
+    pair_ids, prompt_ids = content_ids(large)
+    assert (pair_ids.to_pylist(), prompt_ids.to_pylist()) == _expected(rows)
