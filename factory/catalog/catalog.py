@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -63,6 +64,8 @@ PROTECTED_LINEAGE = ("parents", "rows_out", "code_version")
 READ_BATCH_ROWS = 16_384
 # Rows whose ids a commit checks at a time (see ``Catalog.stage``).
 ID_CHECK_ROWS = ROW_GROUP_ROWS // 4
+# Checked batches queued for the data writer thread: one row group's worth.
+WRITES_IN_FLIGHT = ROW_GROUP_ROWS // ID_CHECK_ROWS
 
 
 class DataFileError(PrefabError):
@@ -201,18 +204,16 @@ class Catalog:
         writers: list[ObjectWriter] = []
         offset = 0
 
-        def write(rows: pa.Table) -> None:
-            writers[0].write(rows)
-            writers[1].write(builder.batch(rows))
-
-        # Batch k is compressed and written on a second thread while batch k+1's ids are
-        # hashed here (both release the GIL for most of their work); one batch in flight
-        # at a time keeps memory at about two row groups. Ids are checked a quarter row
-        # group at a time: writing starts once one short batch is hashed, not a whole row
-        # group, so the threads overlap for nearly the whole commit, and the JSON payloads
-        # hashing builds stay small.
+        # The data file, the bulk of the bytes, is compressed and written on a second thread
+        # (Parquet encoding releases the GIL) while this one checks the next batch's ids and
+        # builds and writes the key index: the two threads carry about equal CPU, so on two
+        # cores the commit takes little more than the data file's write alone. Ids are
+        # checked a quarter row group at a time, so the data writer starts once one short
+        # batch is hashed; the writer compresses whole row groups, so up to a row group of
+        # checked batches may wait for it (memory: about three row groups), or this thread
+        # would idle through every row group's compression.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending: Future[None] | None = None
+            in_flight: deque[Future[None]] = deque()
             try:
                 schema: pa.Schema | None = None
                 for batch in _batches_of(data, ID_CHECK_ROWS):
@@ -222,21 +223,22 @@ class Catalog:
                         writers = [self.store.writer(schema), self.store.writer(INDEX_SCHEMA)]
                     elif not rows.schema.equals(schema):
                         rows = _aligned(rows, schema, offset)
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(write, rows)
+                    while len(in_flight) > WRITES_IN_FLIGHT:
+                        in_flight.popleft().result()
+                    in_flight.append(pool.submit(writers[0].write, rows))
+                    writers[1].write(builder.batch(rows))
                     offset += rows.num_rows
-                if pending is not None:
-                    pending.result()
+                while in_flight:
+                    in_flight.popleft().result()
                 if schema is None:  # no batches at all: an empty version's files
                     schema = conform(table if table is not None else PAIR_SCHEMA.empty_table(), extra=True).schema
                     writers = [self.store.writer(schema), self.store.writer(INDEX_SCHEMA)]
                 data_object = writers[0].finish()
                 index_object = writers[1].finish()
             except BaseException:
-                if pending is not None:
+                for future in in_flight:
                     with contextlib.suppress(BaseException):
-                        pending.result()  # never abort a writer another thread is using
+                        future.result()  # never abort a writer another thread is using
                 for writer in writers:
                     writer.abort()
                 raise
