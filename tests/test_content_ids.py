@@ -203,3 +203,27 @@ def test_content_ids_of_large_list_prompts_and_long_texts():
                                   *[table.schema.field(n) for n in ("chosen", "rejected", "tie")]]))
     pair_ids, prompt_ids = content_ids(large)
     assert (pair_ids.to_pylist(), prompt_ids.to_pylist()) == _expected(rows)
+
+
+def test_a_data_write_failing_with_batches_queued_leaves_no_files(tmp_path, monkeypatch):
+    import factory.catalog.catalog as catalog_module
+    from factory.catalog import Catalog
+    from factory.catalog.store import ObjectWriter
+
+    rows = _rows(120, seed=5)
+    table = _table(rows)
+    monkeypatch.setattr(catalog_module, "ID_CHECK_ROWS", 7)  # many batches queued for the writer
+    written = []
+    original = ObjectWriter.write
+
+    def failing(self, batch):
+        written.append(batch.num_rows)
+        if len(written) == 5:
+            raise OSError("disk full")
+        original(self, batch)
+
+    monkeypatch.setattr(ObjectWriter, "write", failing)
+    catalog = Catalog(tmp_path / "home")
+    with pytest.raises(OSError, match="disk full"):
+        catalog.commit("d", table)
+    assert catalog.store.temporary_files() == [] and catalog.store.all_objects() == []
