@@ -186,10 +186,16 @@ def _json_strings(strings: pa.Array) -> pa.Array:
     body = np.frombuffer(data, dtype=np.uint8)[bounds[0]: bounds[-1]]
     if not (body.size and (body.min() < 0x20 or (body == 0x22).any() or (body == 0x5C).any())):
         return strings
-    special = (body < 0x20) | (body == 0x22) | (body == 0x5C)
-    rows = np.unique(np.searchsorted(bounds, np.flatnonzero(special) + bounds[0], side="right") - 1)
+    # One False past the end, so every row's start is a valid index for reduceat.
+    special = np.zeros(body.size + 1, dtype=bool)
+    np.logical_or(body < 0x20, (body == 0x22) | (body == 0x5C), out=special[:-1])
+    starts = bounds[:-1] - bounds[0]
+    # reduceat gives an empty row its next byte, so empty rows are masked out.
+    rows = np.flatnonzero(np.logical_or.reduceat(special, starts) & (bounds[1:] > bounds[:-1]))
+    special = special[:-1]
     # Backslash first: the escapes written after it contain backslashes of their own.
-    characters = sorted(np.unique(body[special]).tolist(), key=lambda byte: byte != 0x5C)
+    present = np.flatnonzero(np.bincount(body[special], minlength=256)).tolist()
+    characters = sorted(present, key=lambda byte: byte != 0x5C)
     whole = len(rows) == len(strings)
     escaped = strings if whole else strings.take(pa.array(rows))
     for byte in characters:
