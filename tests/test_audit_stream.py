@@ -89,7 +89,7 @@ def test_streamed_figures_equal_the_whole_table_ones(home) -> None:
     import factory.audit
     from factory.catalog import Catalog
 
-    table = big_table(40_000)  # 3 batches of the audit's 16k rows
+    table = big_table(40_000)  # 5 batches of the audit's 8k rows
     info = Catalog(home).commit("big", table)
     summary = factory.audit(info.ref, compute=False, top=5)
     ref = _whole_table_figures(Catalog(home).read_table(info))

@@ -382,7 +382,7 @@ def audit_frame(table: pa.Table, row_offset: int = 0) -> pl.DataFrame:
     return frame
 
 
-def stream_frame(catalog: Any, info: Any, batch_rows: int = 16_384) -> pl.DataFrame:
+def stream_frame(catalog: Any, info: Any, batch_rows: int = 8_192) -> pl.DataFrame:
     """:func:`audit_frame` of a whole version without its texts, built one batch at a time.
 
     Reads the texts, :data:`AUDIT_COLUMNS` and the ``noise_*`` columns only (any other extra
