@@ -404,7 +404,8 @@ def stream_frame(catalog: Any, info: Any, batch_rows: int = 8_192) -> pl.DataFra
         table = catalog.schema(info).empty_table().select(wanted)
         part = audit_frame(table).with_columns(pl.Series("generated", [], dtype=pl.Boolean))
         return part.drop([*TEXT_COLUMNS, "provenance"], strict=False)
-    return pl.concat(parts, how="vertical", rechunk=True)
+    # Not rechunked: one contiguous copy would double the frame at its peak.
+    return pl.concat(parts, how="vertical", rechunk=False)
 
 
 def _share(num: int, den: int) -> float | None:
@@ -423,6 +424,7 @@ def length_bias(frame: pl.DataFrame) -> dict[str, Any]:
                 "share": _share(longer, unequal.height),
                 "mean_log_length_ratio": None if pref.is_empty() else round(float(ratio.mean()), 4)}
 
+    frame = frame.select("tie", "len_chosen", "len_rejected", "g_source")  # partitioned: copies only these
     out = summary(frame)
     out["by_source"] = [{"group": key, **summary(part)}
                         for key, part in _groups(frame, "g_source")]
@@ -437,7 +439,7 @@ def _groups(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
 
 def formatting_bias(frame: pl.DataFrame) -> dict[str, Any]:
     """Per markdown feature: among pairs where exactly one side has it, how often that is chosen."""
-    pref = frame.filter(~pl.col("tie"))
+    pref = frame.select("tie", pl.selectors.starts_with("fmt_")).filter(~pl.col("tie"))
     out: dict[str, Any] = {}
     for name in FORMATTING:
         has = pref.select(pl.col(f"fmt_{name}_chosen").alias("c"), pl.col(f"fmt_{name}_rejected").alias("r"))
@@ -452,7 +454,7 @@ def annotators(frame: pl.DataFrame) -> dict[str, Any] | None:
     """Agreement among per-annotator votes (+1 chosen, -1 rejected, 0 tie) where rows have them."""
     if "votes" not in frame.columns:
         return None
-    voted = frame.filter(pl.col("votes").list.len().fill_null(0) > 0).select(
+    voted = frame.select("tie", "votes").filter(pl.col("votes").list.len().fill_null(0) > 0).select(
         "tie",
         pl.col("votes").list.eval((pl.element() > 0).cast(pl.Int64)).list.sum().alias("p"),
         pl.col("votes").list.eval((pl.element() < 0).cast(pl.Int64)).list.sum().alias("m"),
@@ -528,7 +530,8 @@ def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
                      pl.col("flagged").sum().alias("flagged"),
                      pl.col("suspicion").sum().alias("expected_noisy"),
                      pl.col("suspicion").mean().alias("mean_suspicion")]
-        table = frame.group_by(f"g_{key}").agg(aggs).sort(["pairs", f"g_{key}"], descending=[True, False])
+        columns = ["tie", f"g_{key}", *(["suspicion", "flagged"] if has_noise else [])]
+        table = frame.select(columns).group_by(f"g_{key}").agg(aggs).sort(["pairs", f"g_{key}"], descending=[True, False])
         rows = []
         for r in table.iter_rows(named=True):
             row: dict[str, Any] = {"group": r[f"g_{key}"], "pairs": r["pairs"], "ties": int(r["ties"])}
