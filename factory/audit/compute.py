@@ -6,8 +6,10 @@ no texts: :func:`stream_frame` reads the version one batch at a time (through
 the grouping keys, the text measures (lengths, which markdown each side has, a 128-bit key
 of the pair's content for exact duplicates) and the score columns. The texts of the few
 rows the report shows are read at the end by position (:func:`rows_at`), one row group at
-a time. Memory is bounded by one batch of texts plus about 150-250 bytes a row (pair id,
-keys, scores, votes): ~0.3 GiB at 1M pairs, whatever the texts' length. Noise
+a time. Memory is bounded by one batch of texts (8k rows) plus the frame, ~140 bytes a row
+(pair id, keys, scores, votes; 0.13 GiB at 1M pairs) and the figures' working copies of a
+few of its columns, whatever the texts' length: measured 0.9 GiB peak RSS for the whole
+audit of 1M pairs with ~2 kB of text each (5.4 GiB when it read the whole table). Noise
 scores are taken from where they already are, in this order: ``noise_*`` columns of the
 version (it came out of ``prefab filter noise``, whose scores were computed on its input),
 the stored scores of an earlier ``noise`` run on exactly this version (found through
@@ -387,7 +389,7 @@ def stream_frame(catalog: Any, info: Any, batch_rows: int = 8_192) -> pl.DataFra
 
     Reads the texts, :data:`AUDIT_COLUMNS` and the ``noise_*`` columns only (any other extra
     column is left unread); keeps ``generated`` (:func:`schemas.pairs.generated_mask`) in
-    place of the provenance. Memory: one batch of texts plus ~150-250 bytes a row.
+    place of the provenance. Memory: one batch of texts plus ~140 bytes a row (the frame).
     """
     from schemas.pairs import generated_mask
 
