@@ -174,3 +174,38 @@ def test_trl_export_counts_labels_without_reading_the_whole_table(home, monkeypa
     ties = int(pc.sum(table.column("tie")).as_py())
     assert (result["rows"], result["ties_skipped"]) == (300 - ties, ties)
     assert not result["margin_written"] and result["margin_missing"] == 1
+
+
+def test_review_apply_streams_and_equals_the_whole_table_decision(home, monkeypatch, tmp_path) -> None:
+    """A review of a version of several read batches: committed a batch at a time (the whole
+    table is never read), with the rows the runner's rule gives on the whole table."""
+    import json
+
+    from factory.audit.review import apply_review
+    from factory.catalog import Catalog
+    from factory.steps.context import Decision
+    from factory.steps.runner import apply_decision
+
+    catalog = Catalog(home)
+    info = catalog.commit("rv", big_table(40_000))
+    whole = catalog.read_table(info)
+    ids = whole.column("pair_id").to_pylist()
+    picks = {5: "flip", 20_000: "drop", 39_999: "flip", 17_000: "keep"}
+    entries = [{"pair_id": ids[row], "row": row, "action": action} for row, action in picks.items()]
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps({"format": "prefab-review/1", "ref": info.ref, "decisions": entries}))
+    actions = np.full(whole.num_rows, "keep", dtype=object)
+    for row, action in picks.items():
+        actions[row] = action
+    expected, _ = apply_decision(whole, Decision(pa.array(actions.tolist()), pa.nulls(len(actions), pa.string())),
+                                 np.zeros(len(actions), dtype=bool))
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("the review read the whole table")
+
+    monkeypatch.setattr(Catalog, "read_table", whole_table)
+    result = apply_review(info.ref, path, "reviewed", home=home)
+    assert (result["rows_kept"], result["rows_dropped"], result["rows_flipped"]) == (39_999, 1, 2)
+    monkeypatch.undo()
+    got = catalog.read_table(result["ref"])
+    assert got.select(expected.column_names).equals(expected.cast(got.select(expected.column_names).schema))
