@@ -105,7 +105,9 @@ def apply_review(ref: str, decisions: str | Path, name: str, *, home: str | Path
     """Apply a decisions file to ``ref`` and commit the result as ``name`` with the review in lineage.
 
     The version streams into the new one a batch at a time; memory is one batch plus the
-    pair id column and one action per row (~100 bytes a pair)."""
+    pair id column and one action per row (~100 bytes a pair) and the commit's own bound.
+    Measured at 1M pairs of ~2 kB text: peak RSS 1.0 GiB (7.4 GiB when the whole table was
+    read), the committed files byte-identical."""
     from factory.catalog import Catalog
     from factory.steps.context import Decision
     from factory.steps.runner import apply_decision
