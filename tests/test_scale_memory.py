@@ -112,3 +112,36 @@ def test_projection_fits_a_bound_the_full_svd_does_not() -> None:
     control = _run_limited(setup + "from tests.test_scale_memory import _svd_projection\n",
                            "_svd_projection(x_chosen, x_rejected, 128)", budget_mib=200)
     assert control.returncode == 3, control.stdout + control.stderr[-2000:]
+
+
+_AUDIT = """
+import factory.audit
+from factory.audit.compute import audit_frame
+from factory.catalog import Catalog
+import filters.noise, filters.dedup  # the audit imports them lazily: before the limit
+home = {home!r}
+factory.audit.audit("small", home=home, compute=False, top=5)  # lazy imports and first allocations
+"""
+
+
+def test_audit_fits_a_bound_the_whole_table_read_does_not(tmp_path) -> None:
+    # 40k pairs with ~4 kB answers (~320 MiB of text): the audit streams 8k-row batches
+    # (~64 MiB of text each) and keeps ~0.25 kB a pair; the whole-table read the audit
+    # began with (and the frame it built on it) holds every text at once
+    from factory.catalog import Catalog
+    from tests.test_audit_stream import big_table
+
+    home = tmp_path / "home"
+    catalog = Catalog(home)
+    catalog.commit("small", big_table(200))
+    catalog.commit("big", (big_table(10_000, seed=k, start=k * 10_000, pad=4_000) for k in range(4)))
+    setup = _AUDIT.format(home=str(home))
+    bounded = _run_limited(setup, 'factory.audit.audit("big", home=home, compute=False, top=20)', budget_mib=300)
+    assert bounded.returncode == 0, bounded.stdout + bounded.stderr
+    control = _run_limited(setup, 'audit_frame(Catalog(home).read_table("big"))', budget_mib=300)
+    assert _out_of_memory(control), control.stdout + control.stderr[-2000:]
+
+
+def _out_of_memory(process: subprocess.CompletedProcess) -> bool:
+    """A MemoryError in Python, or Rust (Polars) aborting on a failed allocation."""
+    return process.returncode == 3 or (process.returncode == -6 and "memory allocation" in process.stderr)

@@ -23,8 +23,8 @@ import numpy as np
 import polars as pl
 
 from factory.audit.compute import (
+    TEXT_COLUMNS,
     annotators,
-    audit_frame,
     duplicates,
     filter_report,
     flag_suspects,
@@ -33,6 +33,8 @@ from factory.audit.compute import (
     length_bias,
     model_metrics,
     noise_scores,
+    rows_at,
+    stream_frame,
     suspects,
 )
 
@@ -53,14 +55,21 @@ def audit(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Audit catalog version ``ref``; noise scores are reused when stored, computed when missing
-    (unless ``compute=False``); ``settings`` are the noise filter's parameters for that run."""
+    (unless ``compute=False``); ``settings`` are the noise filter's parameters for that run.
+
+    Memory is bounded by one batch of texts plus a text-free frame of ~140 bytes a pair
+    (:func:`factory.audit.compute.stream_frame`); the texts of the ``top`` suspects and of
+    the rows a filter removed are read at the end by position. Measured with stored scores:
+    peak RSS 0.9 GiB for 1M pairs of ~2 kB text (5.4 GiB when the whole table was read),
+    the same for shorter texts. Scoring noise in-process (no stored scores, ``compute=True``)
+    and ``model`` run the noise filter and the model over the version, within their own bounds.
+    """
     from factory.catalog import Catalog
 
     catalog = Catalog(home)
     info = catalog.resolve(ref)
-    table = catalog.read_table(info)
-    frame = audit_frame(table)
-    noise = noise_scores(catalog, info, table, frame, compute=compute, settings=settings, seed=seed,
+    frame = stream_frame(catalog, info)
+    noise = noise_scores(catalog, info, frame, compute=compute, settings=settings, seed=seed,
                          progress=progress)
     noise_summary: dict[str, Any] = {
         "available": noise.frame is not None, "scores_from": noise.scores_from, "reason": noise.reason,
@@ -95,7 +104,7 @@ def audit(
         "ref": info.ref,
         "rows": frame.height,
         "noise": noise_summary,
-        "suspects": suspects(frame, top),
+        "suspects": suspects(frame, top, lambda rows: rows_at(catalog, [info], rows, list(TEXT_COLUMNS))),
         "by_group": group_breakdown(frame),
         "annotators": annotators(frame),
         "ties": {"pairs": ties, "share": round(ties / frame.height, 4) if frame.height else None},

