@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from factory.steps import runner as _runner  # STREAM_ROWS read at call time: one setting
 from factory.steps.context import FAILED_SCHEMA, Decision, StepContext
 from factory.steps.identity import StepIdentity, identify
 from factory.steps.params import as_dict
 from factory.steps.runner import (
-    STREAM_ROWS,
     Executed,
     StepInput,
     apply_decision,
@@ -90,7 +90,7 @@ def _step_input(catalog: Any, refs: list[str], input_kind: str = "pairs") -> tup
 def _seed_rows(source: StepInput, extras: list[pa.Field]) -> Iterator[pa.Table]:
     """The seed pairs (``--with-input``) a batch at a time, in the generated pairs' columns:
     canonical ones, then the step's declared extras as nulls."""
-    for batch in source.batches(STREAM_ROWS, columns=list(PAIR_COLUMNS)):
+    for batch in source.batches(_runner.STREAM_ROWS, columns=list(PAIR_COLUMNS)):
         batch = batch.cast(PAIR_SCHEMA)
         for extra in extras:
             batch = batch.append_column(extra, pa.nulls(batch.num_rows, extra.type))
@@ -126,12 +126,12 @@ def _verdicts(scores: pa.Table, decision: Decision, step: str) -> pa.Table:
 
 
 def filtered_batches(source: StepInput | pa.Table, verdicts: pa.Table, decision: Decision,
-                     failed_mask: np.ndarray, batch_rows: int = STREAM_ROWS) -> Iterator[pa.Table]:
+                     failed_mask: np.ndarray, batch_rows: int | None = None) -> Iterator[pa.Table]:
     """A filter's output a batch at a time: each input batch with its rows' ``verdicts``
     attached (replacing those of an earlier run of the same filter) and the decision
     applied, failed rows left out. Only one batch of the input is in memory."""
     start = 0
-    for batch in StepInput.of(source).batches(batch_rows):
+    for batch in StepInput.of(source).batches(batch_rows or _runner.STREAM_ROWS):
         rows = batch.num_rows
         annotated = batch.drop_columns([c for c in verdicts.column_names if c in batch.column_names])
         for column in verdicts.column_names:
@@ -328,7 +328,7 @@ def generate(
     }
     sources = source.sources()
     generated = (stamp_generated(part, ids, sources, prepared, ctx, used_llm=bool(run.usage))
-                 for part in run.outputs(STREAM_ROWS))
+                 for part in run.outputs())
     out: Iterator[pa.Table] = generated
     if with_input:
         extras = [out_schema.field(c) for c in prepared.spec.columns if c in out_schema.names]

@@ -422,9 +422,11 @@ class Executed:
                          else pa.nulls(pq.ParquetFile(f).metadata.num_rows, kind))
         return pa.chunked_array([c for part in parts for c in pa.chunked_array(part).cast(kind).chunks], kind)
 
-    def outputs(self, batch_rows: int = STREAM_ROWS) -> Iterator[pa.Table]:
-        """Every output row in batches of ``batch_rows``, all in :attr:`schema`."""
+    def outputs(self, batch_rows: int | None = None) -> Iterator[pa.Table]:
+        """Every output row in batches of ``batch_rows`` (default :data:`STREAM_ROWS`), all in
+        :attr:`schema`."""
         schema = self.schema
+        batch_rows = batch_rows or STREAM_ROWS
 
         def read() -> Iterator[pa.Table]:
             for table in self.tables:
