@@ -8,21 +8,29 @@ parents, the step with its parameters, the run id and the reconciled counts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from factory.steps.context import FAILED_SCHEMA, StepContext
+from factory.steps import runner as _runner  # STREAM_ROWS read at call time: one setting
+from factory.steps.context import FAILED_SCHEMA, Decision, StepContext
 from factory.steps.identity import StepIdentity, identify
 from factory.steps.params import as_dict
 from factory.steps.runner import (
+    Executed,
+    StepInput,
     apply_decision,
     check_decision,
+    check_generated,
     clear_work_dir,
+    decision_counts,
     exact_inputs,
     execute,
     failed_side_table,
@@ -30,11 +38,12 @@ from factory.steps.runner import (
     pin_refs,
     prefixed_scores,
     prepare,
+    run_step,
     stamp_generated,
     step_work_dir,
 )
 from schemas.errors import PrefabError
-from schemas.pairs import PAIR_COLUMNS
+from schemas.pairs import PAIR_COLUMNS, PAIR_SCHEMA
 
 
 def _refs(from_: str | Sequence[str]) -> list[str]:
@@ -69,15 +78,67 @@ def _read_trajectory_files(paths: list[str]) -> tuple[list[FileInput], pa.Table,
     return infos, table, sources
 
 
-def _read_inputs(catalog: Any, refs: list[str], input_kind: str = "pairs") -> tuple[list[Any], pa.Table, pa.Array]:
+def _step_input(catalog: Any, refs: list[str], input_kind: str = "pairs") -> tuple[list[Any], StepInput]:
+    """The inputs' infos and their rows, which nothing reads yet (trajectory files are read now)."""
     if input_kind == "trajectories":
-        return _read_trajectory_files(refs)
+        infos, table, sources = _read_trajectory_files(refs)
+        return infos, StepInput(table=table, sources=sources)
     infos = [catalog.resolve(ref) for ref in refs]
-    tables = [catalog.read_table(info) for info in infos]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    sources = pa.array([info.ref for info, t in zip(infos, tables, strict=True) for _ in range(t.num_rows)],
-                       pa.string())
-    return infos, table, sources
+    return infos, StepInput(catalog=catalog, infos=infos)
+
+
+def _seed_rows(source: StepInput, extras: list[pa.Field]) -> Iterator[pa.Table]:
+    """The seed pairs (``--with-input``) a batch at a time, in the generated pairs' columns:
+    canonical ones, then the step's declared extras as nulls."""
+    for batch in source.batches(_runner.STREAM_ROWS, columns=list(PAIR_COLUMNS)):
+        batch = batch.cast(PAIR_SCHEMA)
+        for extra in extras:
+            batch = batch.append_column(extra, pa.nulls(batch.num_rows, extra.type))
+        yield batch
+
+
+def _seeds_used(run: Executed, ids: pa.ChunkedArray, failed: pa.Table) -> tuple[int, int]:
+    """(seeds some generated pair names as a parent and that did not fail, seeds that
+    failed), from the ids alone."""
+    failed_rows = pc.unique(failed.column("row")).to_numpy()
+    failed_mask = np.zeros(len(ids), dtype=bool)
+    failed_mask[failed_rows] = True
+    if run.rows:
+        parents = pc.unique(pc.list_flatten(run.column("parent_ids")))
+        named = pc.is_in(ids, value_set=parents).to_numpy(zero_copy_only=False)
+    else:
+        named = np.zeros(len(ids), dtype=bool)
+    return int((named & ~failed_mask).sum()), len(failed_rows)
+
+
+def _reasons_by_row(failed: pa.Table, n: int) -> pa.Array:
+    """One reason per input row: the step's failure reason, null where it scored the row."""
+    at = np.full(n, -1, dtype=np.int64)
+    at[failed.column("row").to_numpy()] = np.arange(failed.num_rows)
+    reasons = failed.column("reason").cast(pa.string()).combine_chunks()
+    return reasons.take(pa.array(at, mask=at < 0))
+
+
+def _verdicts(scores: pa.Table, decision: Decision, step: str) -> pa.Table:
+    """The columns a filter adds to every row: its scores, then ``<step>_action`` and ``<step>_reason``."""
+    return (scores.append_column(f"{step}_action", decision.action.cast(pa.string()))
+            .append_column(f"{step}_reason", decision.reason.cast(pa.string())))
+
+
+def filtered_batches(source: StepInput | pa.Table, verdicts: pa.Table, decision: Decision,
+                     failed_mask: np.ndarray, batch_rows: int | None = None) -> Iterator[pa.Table]:
+    """A filter's output a batch at a time: each input batch with its rows' ``verdicts``
+    attached (replacing those of an earlier run of the same filter) and the decision
+    applied, failed rows left out. Only one batch of the input is in memory."""
+    start = 0
+    for batch in StepInput.of(source).batches(batch_rows or _runner.STREAM_ROWS):
+        rows = batch.num_rows
+        annotated = batch.drop_columns([c for c in verdicts.column_names if c in batch.column_names])
+        for column in verdicts.column_names:
+            annotated = annotated.append_column(column, verdicts.column(column).slice(start, rows))
+        out, _ = apply_decision(annotated, decision.slice(start, rows), failed_mask[start:start + rows])
+        start += rows
+        yield out
 
 
 def _id_column(table: pa.Table) -> str:
@@ -196,6 +257,12 @@ def generate(
 
     ``settings`` are the step's parameters (strings as from ``--set``, or typed values).
     With ``with_input`` the new version holds the seed pairs followed by the new ones.
+
+    Memory: the seeds are read from the catalog a batch at a time (a row-local step) or
+    memory-mapped (a whole-table step, see :func:`~factory.steps.runner.run_step`); the
+    generated pairs go to the work folder as they are made, then are stamped and streamed
+    into the commit a batch at a time, the seeds first with ``with_input``. Whole-run
+    figures (seeds used, failures, provenance sources) come from id columns alone.
     """
     from factory.catalog import Catalog
 
@@ -205,51 +272,46 @@ def generate(
     if prepared.spec.input_kind != "trajectories":
         _refuse_overwriting_an_input(name, _refs(from_), "generate")
     pin_refs(prepared, catalog)
-    infos, inputs, sources = _read_inputs(catalog, _refs(from_), prepared.spec.input_kind)
+    infos, source = _step_input(catalog, _refs(from_), prepared.spec.input_kind)
     identity = _step_identity(prepared, catalog, _refs(from_), seed)
     refs = [i.ref for i in infos]
-    check_reads(prepared.spec, inputs.column_names, refs)
+    check_reads(prepared.spec, source.column_names, refs)
     file_inputs = [{"file": i.ref, "sha256": i.sha256, "rows": i.rows} for i in infos if isinstance(i, FileInput)]
+    if with_input and file_inputs:
+        raise PrefabError(f"--with-input needs pair versions as input; {step} reads trajectory files")
     parents = [i.ref for i in infos if not isinstance(i, FileInput)]
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
     work = step_work_dir(catalog.home, identity.key("run"))
-    result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
-    generated = stamp_generated(result.table, inputs, sources, prepared, ctx, used_llm=bool(result.usage))
-    failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
-    side = failed_side_table(failed, inputs, step)
-    out = generated
-    if with_input:
-        if file_inputs:
-            raise PrefabError(f"--with-input needs pair versions as input; {step} reads trajectory files")
-        canonical = generated.select(list(PAIR_COLUMNS)).schema  # declared extra columns stay null for seeds
-        out = pa.concat_tables([inputs.select(list(PAIR_COLUMNS)).cast(canonical), generated],
-                               promote_options="permissive")
-    if out.num_rows == 0:
-        why = (result.stats or {}).get("no_pairs_reason")
+    run = run_step(prepared, source, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
+    out_schema = run.schema
+    if len(out_schema):
+        check_generated(prepared.spec, out_schema.names)
+    side = failed_side_table(run.failed, source, step)
+    rows_generated = run.rows
+    if rows_generated == 0 and not (with_input and source.num_rows):
+        why = (run.stats or {}).get("no_pairs_reason")
         if why:  # the step knows the real cause and the setting to change
             raise PrefabError(f"{step} made no pairs from {', '.join(refs)}: {why}")
         reasons = sorted(set(side.column("reason").to_pylist()))[:3]
-        raise PrefabError(f"{step} made no pairs from {', '.join(refs)} ({inputs.num_rows} seed rows"
+        raise PrefabError(f"{step} made no pairs from {', '.join(refs)} ({source.num_rows} seed rows"
                           + (f"; failures: {'; '.join(reasons)}" if reasons else "") + ")")
-    failed_positions = set(failed.column("row").to_pylist())
-    parents_used = {p for ids in generated.column("provenance").combine_chunks().field("parent_ids").to_pylist()
-                    for p in (ids or [])}
-    used = sum(1 for i, seed_id in enumerate(inputs.column(_id_column(inputs)).to_pylist())
-               if seed_id in parents_used and i not in failed_positions)
+    id_column = _id_column(source)
+    ids = pa.table({id_column: source.column(id_column)})
+    used, seeds_failed = _seeds_used(run, ids.column(id_column), run.failed)
     counts = {
-        "rows_in": inputs.num_rows,
-        "rows_generated": generated.num_rows,
+        "rows_in": source.num_rows,
+        "rows_generated": rows_generated,
         "rows_failed": side.num_rows,
         "seeds_used": used,
-        "seeds_failed": len(failed_positions),
-        "seeds_without_output": inputs.num_rows - used - len(failed_positions),
+        "seeds_failed": seeds_failed,
+        "seeds_without_output": source.num_rows - used - seeds_failed,
     }
     lineage = {
         "command": "generate",
         "step": {"name": step, "kind": "generator", "version": prepared.spec.version,
                  "params_hash": prepared.params_hash,
-                 "template_hash": prepared.spec.template_hash if result.usage else None},
+                 "template_hash": prepared.spec.template_hash if run.usage else None},
         "params": as_dict(prepared.params),
         "run_id": ctx.run_id,
         "seed": seed,
@@ -259,16 +321,23 @@ def generate(
         "step_identity": identity.lineage(),
         **({"input_files": file_inputs} if file_inputs else {}),
         **counts,
-        "stats": result.stats,
-        **_usage_lineage(result.usage),
+        "stats": run.stats,
+        **_usage_lineage(run.usage),
         "wall_seconds": round(time.monotonic() - started, 3),
         **(lineage_extra or {}),
     }
+    sources = source.sources()
+    generated = (stamp_generated(part, ids, sources, prepared, ctx, used_llm=bool(run.usage))
+                 for part in run.outputs())
+    out: Iterator[pa.Table] = generated
+    if with_input:
+        extras = [out_schema.field(c) for c in prepared.spec.columns if c in out_schema.names]
+        out = itertools.chain(_seed_rows(source, extras), generated)
     info = catalog.commit(name, out, message=message or f"generate {step} from {', '.join(refs)}",
                           lineage=lineage, parents=parents, failures=side)
     clear_work_dir(work)
     return {"ref": info.ref, "dataset": name, "version": info.version, "step": step, "kind": "generator",
-            "inputs": refs, "rows_out": info.rows, **counts, "stats": result.stats, "run_id": ctx.run_id,
+            "inputs": refs, "rows_out": info.rows, **counts, "stats": run.stats, "run_id": ctx.run_id,
             "unchanged": bool(getattr(info, "unchanged", False))}
 
 
@@ -291,6 +360,12 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
 
     The scores of every input row (dropped ones included) are stored with the new version;
     a later run that changes only threshold parameters reuses them instead of recomputing.
+
+    Memory: the step sees its input as :func:`~factory.steps.runner.run_step` gives it (a
+    batch at a time, or memory-mapped whole); the scores (one small row per input row),
+    the decision and the ids are whole; the output is made by reading the input again a
+    batch at a time, attaching that batch's scores and verdicts and applying them
+    (:func:`~factory.steps.runner.apply_decision`), straight into the commit.
     """
     from factory.catalog import Catalog
 
@@ -301,9 +376,10 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     _refuse_overwriting_an_input(name, _refs(from_), "filter")
     pin_refs(prepared, catalog)
     identity = _step_identity(prepared, catalog, _refs(from_), seed)
-    infos, inputs, _ = _read_inputs(catalog, _refs(from_))
+    infos, source = _step_input(catalog, _refs(from_))
     refs = [i.ref for i in infos]
-    check_reads(spec, inputs.column_names, refs)
+    check_reads(spec, source.column_names, refs)
+    n = source.num_rows
     score_key = identity.key("scores")
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
@@ -313,7 +389,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     stats: dict[str, Any] = {}
     # Stored scores with failed rows are not reused: a failure may have been transient (a
     # timeout), and recomputing through the request cache re-sends only those requests.
-    if (stored is not None and stored.table.num_rows == inputs.num_rows
+    if (stored is not None and stored.table.num_rows == n
             and stored.table.column("failed_reason").null_count == stored.table.num_rows):
         table = stored.table
         bookkeeping = {"row", "pair_id", "failed_reason", f"{step}_action", f"{step}_reason"}
@@ -325,41 +401,28 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         stats = stored.stats
         reused = True
     else:
-        result = execute(prepared, inputs, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
+        result = execute(prepared, source, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
         scores = prefixed_scores(result.table, step)
         failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
-        reasons: list[str | None] = [None] * inputs.num_rows
-        for row, reason in zip(failed.column("row").to_pylist(), failed.column("reason").to_pylist(), strict=True):
-            reasons[row] = reason
-        failed_reason = pa.array(reasons, pa.string())
+        failed_reason = _reasons_by_row(failed, n)
         usage, stats = result.usage, result.stats
         reused = False
     own_names = scores.rename_columns([c.removeprefix(f"{step}_") for c in scores.column_names])
     decision = spec.decide(own_names, prepared.params)
-    check_decision(decision, inputs.num_rows, step)
+    check_decision(decision, n, step)
     failed_mask = pa.compute.is_valid(failed_reason).to_numpy(zero_copy_only=False)
-    kept_input = inputs
-    for column in scores.column_names + [f"{step}_action", f"{step}_reason"]:
-        if column in kept_input.column_names:  # a rerun of the same filter replaces its scores
-            kept_input = kept_input.drop_columns([column])
-    annotated = kept_input
-    for column in scores.column_names:
-        annotated = annotated.append_column(column, scores.column(column))
-    annotated = annotated.append_column(f"{step}_action", decision.action.cast(pa.string()))
-    annotated = annotated.append_column(f"{step}_reason", decision.reason.cast(pa.string()))
-    out, counts = apply_decision(annotated, decision, failed_mask)
-    failed_rows = pa.array([i for i, f in enumerate(failed_mask) if f], pa.int64())
+    counts = decision_counts(decision, failed_mask)
+    failed_rows = pa.array(np.flatnonzero(failed_mask), pa.int64())
     failed_table = pa.table({"row": failed_rows,
                              "reason": failed_reason.take(failed_rows) if len(failed_rows) else pa.array([], pa.string())})
-    side = failed_side_table(failed_table, inputs, step)
-    stored_scores = pa.table({"row": pa.array(range(inputs.num_rows), pa.int64()),
-                              "pair_id": inputs.column("pair_id"), "failed_reason": failed_reason})
-    for column in scores.column_names:
-        stored_scores = stored_scores.append_column(column, scores.column(column))
-    stored_scores = stored_scores.append_column(f"{step}_action", decision.action.cast(pa.string()))
-    stored_scores = stored_scores.append_column(f"{step}_reason", decision.reason.cast(pa.string()))
+    side = failed_side_table(failed_table, source, step)
+    verdicts = _verdicts(scores, decision, step)
+    stored_scores = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "pair_id": source.column("pair_id"),
+                              "failed_reason": failed_reason})
+    for column in verdicts.column_names:
+        stored_scores = stored_scores.append_column(column, verdicts.column(column))
     if counts["rows_kept"] == 0:
-        raise PrefabError(f"filter {step} would keep none of the {inputs.num_rows} rows of {', '.join(refs)}; "
+        raise PrefabError(f"filter {step} would keep none of the {n} rows of {', '.join(refs)}; "
                           "nothing committed (check the thresholds)")
     assert counts["rows_in"] == counts["rows_kept"] + counts["rows_dropped"] + counts["rows_failed"]
     lineage = {
@@ -380,6 +443,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
         "wall_seconds": round(time.monotonic() - started, 3),
         **(lineage_extra or {}),
     }
+    out = filtered_batches(source, verdicts, decision, failed_mask)
     info = catalog.commit(name, out, message=message or f"filter {step} from {', '.join(refs)}",
                           lineage=lineage, parents=refs, failures=side,
                           attachments={"scores": stored_scores})

@@ -133,3 +133,8 @@ class Decision:
     action: pa.Array  # strings from ACTIONS
     reason: pa.Array  # why the row was flagged (null when kept unflagged)
     weight: pa.Array | None = None  # the weight for rows whose action is "weight"
+
+    def slice(self, start: int, length: int) -> Decision:
+        """The verdicts of rows ``start`` to ``start + length`` (a batch of the input)."""
+        weight = None if self.weight is None else self.weight.slice(start, length)
+        return Decision(self.action.slice(start, length), self.reason.slice(start, length), weight)

@@ -31,7 +31,7 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,30 +458,38 @@ def estimate(planned: Sequence[Planned], ctx: StepContext) -> dict[str, Any]:
     }
 
 
-def preflight(spec: Any, params: Any, table: pa.Table, ctx: StepContext) -> None:
+def preflight(spec: Any, params: Any, table: pa.Table | Iterable[pa.Table], ctx: StepContext) -> None:
     """Before a step runs: the backend it needs is there, its templates are valid, and the
-    whole run's estimated cost (cached requests free) fits the backend's ``max_cost``."""
-    planned = _plan(spec.kind, spec.name, table, ctx)
-    if not planned:
-        return
-    if ctx.backend is None:
-        raise MissingBackendError(missing_backend_message(spec.kind, spec.name, params))
+    whole run's estimated cost (cached requests free) fits the backend's ``max_cost``.
+    ``table`` may come as batches (a row-local step's): they are planned one at a time."""
     budget = getattr(ctx.backend, "budget", None)
+    totals = {"estimated_cost_usd": 0.0, "to_send": 0, "requests": 0, "estimated_prompt_tokens": 0,
+              "max_completion_tokens": 0}
+    for batch in [table] if isinstance(table, pa.Table) else table:
+        planned = _plan(spec.kind, spec.name, batch, ctx)
+        if not planned:
+            continue
+        if ctx.backend is None:
+            raise MissingBackendError(missing_backend_message(spec.kind, spec.name, params))
+        if budget is None or budget.max_cost is None:
+            for stage in planned:  # every batch renders the same templates
+                stage.template.validate()
+            return
+        est = estimate(planned, ctx)
+        if est["estimated_cost_usd"] is None:
+            raise LLMError(f"--max-cost needs a price for {est['model']}: add price_in=...&price_out=... "
+                           "(USD per 1M tokens) to the backend spec")
+        for key in totals:
+            totals[key] += est[key]
     if budget is None or budget.max_cost is None:
-        for stage in planned:
-            stage.template.validate()
         return
-    est = estimate(planned, ctx)
-    if est["estimated_cost_usd"] is None:
-        raise LLMError(f"--max-cost needs a price for {est['model']}: add price_in=...&price_out=... "
-                       "(USD per 1M tokens) to the backend spec")
     left = budget.max_cost - budget.spent
-    if est["estimated_cost_usd"] > left:
+    if totals["estimated_cost_usd"] > left:
         raise BudgetExceededError(
-            f"{spec.name}: estimated cost ${est['estimated_cost_usd']:.4f} for {est['to_send']} uncached requests "
-            f"(of {est['requests']}; ~{est['estimated_prompt_tokens']} prompt tokens, up to "
-            f"{est['max_completion_tokens']} completion tokens) exceeds --max-cost ${left:.4f}; nothing was sent. "
-            "Raise --max-cost, lower max_tokens or run on fewer rows (see --dry-run)")
+            f"{spec.name}: estimated cost ${totals['estimated_cost_usd']:.4f} for {totals['to_send']} uncached "
+            f"requests (of {totals['requests']}; ~{totals['estimated_prompt_tokens']} prompt tokens, up to "
+            f"{totals['max_completion_tokens']} completion tokens) exceeds --max-cost ${left:.4f}; nothing was "
+            "sent. Raise --max-cost, lower max_tokens or run on fewer rows (see --dry-run)")
 
 
 def _read(refs: Sequence[str], home: str | Path | None) -> tuple[list[Any], pa.Table]:

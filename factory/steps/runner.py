@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,152 @@ def exact_inputs(prepared: Prepared, refs: Sequence[str], catalog: Any) -> list[
     return [catalog.resolve(ref).ref for ref in refs]
 
 
-# ---- running a step on a table (pure: no catalog) ---------------------------------------
+# ---- the rows a step reads ----------------------------------------------------------------
+
+# Rows per batch where the runner streams rows through itself (a filter's output, a
+# generator's stamping): a few tens of MiB of text, whatever the version's size.
+STREAM_ROWS = 16_384
+
+
+def _in_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order: absent ones null, others cast (as
+    ``concat_tables(promote_options="permissive")`` would have them)."""
+    if table.schema.equals(schema):
+        return table
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` in consecutive batches of exactly ``rows`` (the last may be
+    shorter), whatever sizes they came in: batch boundaries, and so resume keys and every
+    batch's result, do not depend on how the data files were written."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows:
+            joined = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            yield joined.slice(0, rows)
+            pending, count = [joined.slice(rows)], count - rows
+    if count:
+        yield pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+
+
+def _mapped_copy(catalog: Any, info: Any) -> pa.Table:
+    """A version's rows memory-mapped from its Arrow copy under the home (the one
+    ``factory.load`` makes and reuses; ``catalog gc`` cleans it): the texts are file-backed
+    pages the kernel can drop and re-read, not anonymous memory."""
+    from factory.catalog.exporters import _write_arrow_stream, load_cache_path
+
+    path = load_cache_path(catalog, info)
+    if path.is_file():
+        os.utime(path)  # its last use, which `catalog gc` measures the grace period from
+    else:
+        _write_arrow_stream(catalog, info, path, progress=False)
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+class StepInput:
+    """The rows a step runs on: catalog versions, read a batch at a time and never held
+    whole unless a whole-table step asks (then memory-mapped), or one in-memory table
+    (trajectory files, a direct call with a table).
+
+    Rows are in input order, the versions one after another, in the schema the versions'
+    schemas unify to.
+    """
+
+    def __init__(self, *, catalog: Any = None, infos: Sequence[Any] = (), table: pa.Table | None = None,
+                 sources: pa.Array | None = None) -> None:
+        self.catalog, self.infos, self.table, self._sources = catalog, list(infos), table, sources
+        if table is not None:
+            self.schema, self.num_rows = table.schema, table.num_rows
+            self._schemas = [table.schema]
+        else:
+            self._schemas = [catalog.schema(info) for info in self.infos]
+            self.schema = (self._schemas[0] if len(self._schemas) == 1
+                           else pa.unify_schemas(self._schemas, promote_options="permissive"))
+            self.num_rows = sum(info.rows for info in self.infos)
+
+    @classmethod
+    def of(cls, rows: pa.Table | StepInput) -> StepInput:
+        return rows if isinstance(rows, StepInput) else cls(table=rows)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.schema.names
+
+    def batches(self, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """Every row in consecutive batches of exactly ``batch_rows`` (the last may be shorter);
+        only the batch being read is in memory."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        if self.table is not None:
+            table = self.table.select(schema.names)
+            for start in range(0, table.num_rows, batch_rows):
+                yield table.slice(start, batch_rows)
+            return
+
+        def read() -> Iterator[pa.Table]:
+            for info, own in zip(self.infos, self._schemas, strict=True):
+                present = [c for c in schema.names if c in own.names]
+                for batch in self.catalog.batches(info, columns=present, batch_rows=batch_rows):
+                    yield _in_schema(pa.Table.from_batches([batch]), schema)
+
+        yield from _rebatched(read(), batch_rows)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every row (ids, say), read alone."""
+        if self.table is not None:
+            return self.table.column(name)
+        kind = self.schema.field(name).type
+        chunks = [chunk for info in self.infos
+                  for chunk in self.catalog.read_table(info, columns=[name]).column(name).cast(kind).chunks]
+        return pa.chunked_array(chunks, kind)
+
+    def sources(self) -> pa.Array:
+        """Each row's input (its version ref), dictionary-encoded: a small index per row."""
+        if self._sources is not None:
+            return self._sources
+        counts = [info.rows for info in self.infos]
+        indices = pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
+        return pa.DictionaryArray.from_arrays(indices, pa.array([i.ref for i in self.infos], pa.string()))
+
+    def whole(self) -> pa.Table:
+        """Every row at once, for a whole-table step: every column, memory-mapped from the
+        versions' Arrow copies (see :func:`_mapped_copy`), so the columns a step does not
+        read are never paged in and the texts it reads stay out of anonymous memory."""
+        if self.table is not None:
+            return self.table
+        tables = [_mapped_copy(self.catalog, info) for info in self.infos]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+
+    def take(self, rows: pa.Array) -> pa.Table:
+        """The rows at these positions, in that order (failed rows, say), picked in one
+        streamed pass: only they are kept."""
+        if self.table is not None:
+            return self.table.take(rows)
+        positions = np.asarray(rows.to_numpy(zero_copy_only=False), dtype=np.int64)
+        if not len(positions):
+            return self.schema.empty_table()
+        order = np.argsort(positions, kind="stable")
+        wanted = positions[order]
+        picked, start = [], 0
+        for batch in self.batches(STREAM_ROWS):
+            lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+            if hi > lo:
+                picked.append(batch.take(pa.array(wanted[lo:hi] - start)))
+            start += batch.num_rows
+        found = pa.concat_tables(picked)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return found.take(pa.array(inverse))
+
+
+# ---- running a step on its rows -----------------------------------------------------------
 
 
 def _concat(tables: Sequence[pa.Table]) -> pa.Table:
@@ -203,86 +349,172 @@ class _RayBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = int(batch.column("__prefab_row")[0].as_py())
         rows = batch.drop_columns(["__prefab_row"])
-        if _load_batch(self.folder, start) is None:
+        if not _batch_folder(self.folder, start).is_dir():
             _save_batch(self.folder, start, *run_batch(self.spec, rows, start, self.ctx))
         return pa.table({"start": [start], "rows": [rows.num_rows]})
 
 
-def fill_on_ray(prepared: Prepared, table: pa.Table, ctx: StepContext, folder: Path,
+def fill_on_ray(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, folder: Path,
                 address: str | None = None) -> int:
     """Compute every missing batch of a row-local step with Ray Data ``map_batches``.
 
     Each batch is one block, so batch boundaries (and with them every result) equal the
-    in-process run's. Returns the number of batches computed.
+    in-process run's. The driver reads the input a batch at a time and puts each missing
+    batch in Ray's object store (which spills to disk), so it never holds the input whole.
+    Returns the number of batches computed.
     """
     try:
         import ray
     except ImportError:
         raise PrefabError("--engine ray needs Ray: pip install 'prefab[ray]'") from None
     spec = prepared.spec
-    batch_rows = spec.batch_rows or max(table.num_rows, 1)
-    starts = [s for s in range(0, table.num_rows, batch_rows) if _load_batch(folder, s) is None]
-    if not starts:
+    source = StepInput.of(rows)
+    batch_rows = spec.batch_rows or max(source.num_rows, 1)
+    missing = {s for s in range(0, source.num_rows, batch_rows) if not _batch_folder(folder, s).is_dir()}
+    if not missing:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    indexed = table.append_column("__prefab_row", pa.array(range(table.num_rows), pa.int64()))
-    blocks = [indexed.slice(s, batch_rows) for s in starts]
+    blocks = []
+    for start, batch in zip(range(0, source.num_rows, batch_rows), source.batches(batch_rows), strict=True):
+        if start in missing:
+            row = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
+            blocks.append(ray.put(batch.append_column("__prefab_row", row)))
     worker_ctx = dataclasses.replace(ctx, backend=None, progress=False)
-    done = ray.data.from_arrow(blocks).map_batches(
+    done = ray.data.from_arrow_refs(blocks).map_batches(
         _RayBatch(spec, worker_ctx, folder), batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
     ).take_all()
     return len(done)
 
 
-def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
-            resume_dir: Path | None = None, engine: str = "local", ray_address: str | None = None) -> StepResult:
-    """Run the step over ``table`` (batch by batch when it is row-local).
+@dataclass
+class Executed:
+    """A step's run over its input: failures, stats and usage in memory; its output either
+    in memory (a whole-table step's, or any step's without a work folder) or left in the
+    work folder's batch files, read back a batch at a time by :meth:`outputs`."""
 
-    With ``resume_dir`` every finished batch is written there first, and batches already
-    there are read back instead of recomputed, so an interrupted run resumes. With
-    ``engine="ray"`` a row-local step's batches are computed by Ray Data workers into
-    ``resume_dir`` first; steps that need the whole table, or an LLM backend object, run
-    here (LLM steps are bound by the endpoint, not this machine).
+    failed: pa.Table
+    stats: dict[str, Any]
+    usage: dict[str, Any]
+    tables: list[pa.Table] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The outputs' columns, types unified over the batches."""
+        schemas = [t.schema for t in self.tables] + [pq.read_schema(f) for f in self.files]
+        schemas = [s.remove_metadata() for s in schemas if len(s)]
+        if not schemas:
+            return pa.schema([])
+        return pa.unify_schemas(schemas, promote_options="permissive")
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for t in self.tables) + sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One output column (ids, say), read alone from each batch."""
+        kind = self.schema.field(name).type
+        parts = [t.column(name) if name in t.column_names else pa.nulls(t.num_rows, kind) for t in self.tables]
+        for f in self.files:
+            parts.append(pq.read_table(f, columns=[name]).column(name) if name in pq.read_schema(f).names
+                         else pa.nulls(pq.ParquetFile(f).metadata.num_rows, kind))
+        return pa.chunked_array([c for part in parts for c in pa.chunked_array(part).cast(kind).chunks], kind)
+
+    def outputs(self, batch_rows: int | None = None) -> Iterator[pa.Table]:
+        """Every output row in batches of ``batch_rows`` (default :data:`STREAM_ROWS`), all in
+        :attr:`schema`."""
+        schema = self.schema
+        batch_rows = batch_rows or STREAM_ROWS
+
+        def read() -> Iterator[pa.Table]:
+            for table in self.tables:
+                yield _in_schema(table, schema)
+            for f in self.files:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                    yield _in_schema(pa.Table.from_batches([batch]), schema)
+
+        yield from _rebatched(read(), batch_rows)
+
+    def whole(self) -> pa.Table:
+        return _concat(self.tables + [pq.read_table(f) for f in self.files])
+
+
+def execute(prepared: Prepared, table: pa.Table | StepInput, ctx: StepContext, *,
+            resume_dir: Path | None = None, engine: str = "local", ray_address: str | None = None) -> StepResult:
+    """Run the step over ``table`` (batch by batch when it is row-local) and gather its
+    output in memory: a filter's scores, or a generator's pairs for a direct call. See
+    :func:`run_step`, which leaves a generator's output in the work folder instead."""
+    run = run_step(prepared, table, ctx, resume_dir=resume_dir, engine=engine, ray_address=ray_address, keep=True)
+    return StepResult(run.whole(), _concat([run.failed]), run.stats, run.usage)
+
+
+def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *,
+             resume_dir: Path | None = None, engine: str = "local", ray_address: str | None = None,
+             keep: bool = False) -> Executed:
+    """Run the step over ``rows``.
+
+    Memory: a row-local step (``batch_rows`` = N) reads its input from the catalog N rows
+    at a time; in memory are that batch and the step's results for it, and, with ``keep``
+    or without ``resume_dir``, every batch's output (a filter's one small score row per
+    input row). A whole-table step gets every row at once, memory-mapped
+    (:meth:`StepInput.whole`), plus whatever its own whole-table part holds (its docstring
+    says what).
+
+    With ``resume_dir`` every finished batch is written there first (``rows-N``), and
+    batches already there are read back instead of recomputed, so an interrupted run
+    resumes; without ``keep`` their outputs stay there (:class:`Executed` reads them back a
+    batch at a time). With ``engine="ray"`` a row-local step's batches are computed by Ray
+    Data workers into ``resume_dir`` first; steps that need the whole table, or an LLM
+    backend object, run here (LLM steps are bound by the endpoint, not this machine).
     """
     spec = prepared.spec
+    source = StepInput.of(rows)
+    keep = keep or resume_dir is None
     ran_on_ray = False
     if engine == "ray" and spec.batch_rows is not None and ctx.backend is None:
         if resume_dir is None:
             raise PrefabError("--engine ray needs a work folder for the workers' Parquet files")
-        say_resuming(spec, resume_dir, list(range(0, table.num_rows, spec.batch_rows)) or [0])
-        fill_on_ray(prepared, table, ctx, resume_dir, ray_address)
+        say_resuming(spec, resume_dir, list(range(0, source.num_rows, spec.batch_rows)) or [0])
+        fill_on_ray(prepared, source, ctx, resume_dir, ray_address)
         ran_on_ray = True
     elif engine not in ("local", "ray"):
         raise PrefabError(f"unknown engine {engine!r} (known: local, ray)")
+    whole = source.whole() if spec.batch_rows is None else None
     if spec.backend != "none":
         # Before any batch: the backend the parameters need, valid templates, and a whole-run
-        # cost estimate within --max-cost (cached requests free).
+        # cost estimate within --max-cost (cached requests free), planned a batch at a time.
         from factory.steps.llm import preflight
 
-        preflight(spec, prepared.params, table, ctx)
-    batch_rows = spec.batch_rows or max(table.num_rows, 1)
-    starts = list(range(0, table.num_rows, batch_rows)) or [0]
+        preflight(spec, prepared.params, whole if whole is not None else source.batches(spec.batch_rows), ctx)
+    if whole is not None:
+        starts, batches = [0], iter([whole])
+    else:
+        starts = list(range(0, source.num_rows, spec.batch_rows)) or [0]
+        batches = source.batches(spec.batch_rows) if source.num_rows else iter([source.schema.empty_table()])
     if resume_dir is not None and not ran_on_ray:
         say_resuming(spec, resume_dir, starts)
-    outputs, failures, stats, usage = [], [], {}, {}
-    bar = _progress_bar(table.num_rows, f"{spec.kind} {spec.name}", ctx.progress,
-                        whole_table=spec.batch_rows is None)
+    run = Executed(FAILED_SCHEMA.empty_table(), {}, {})
+    failures: list[pa.Table] = []
+    bar = _progress_bar(source.num_rows, f"{spec.kind} {spec.name}", ctx.progress, whole_table=whole is not None)
     done = 0
     try:
-        for start in starts:
-            batch = table.slice(start, batch_rows)
-            cached = _load_batch(resume_dir, start) if resume_dir else None
-            if cached is None:
-                cached = run_batch(spec, batch, start, ctx)
+        for start, batch in zip(starts, batches, strict=True):
+            kept = _load_batch(resume_dir, start, output=keep) if resume_dir else None
+            if kept is None:
+                kept = run_batch(spec, batch, start, ctx)
                 if resume_dir is not None:
-                    _save_batch(resume_dir, start, *cached)
-            out, failed, batch_stats, batch_usage = cached
-            outputs.append(out)
+                    _save_batch(resume_dir, start, *kept)
+            out, failed, batch_stats, batch_usage = kept
+            if keep:
+                run.tables.append(out)
+            else:
+                run.files.append(_batch_folder(resume_dir, start) / "out.parquet")
+            del kept, out
             failures.append(failed)
-            _sum_stats(stats, batch_stats)
-            _sum_stats(usage, batch_usage)
+            _sum_stats(run.stats, batch_stats)
+            _sum_stats(run.usage, batch_usage)
             bar.update(batch.num_rows)
             done += 1
     except KeyboardInterrupt:
@@ -294,13 +526,14 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
         raise
     finally:
         bar.close()
-    return StepResult(_concat(outputs), _concat(failures) if failures else None, stats, usage)
+    run.failed = _concat(failures)
+    return run
 
 
 def say_resuming(spec: StepSpec, folder: Path, starts: Sequence[int]) -> int:
     """Tell stderr when an interrupted run's batches are found (the run then starts after
     them); returns how many there are."""
-    kept = sum((folder / f"rows-{start:012d}").is_dir() for start in starts) if folder.is_dir() else 0
+    kept = sum(_batch_folder(folder, start).is_dir() for start in starts) if folder.is_dir() else 0
     if kept:
         import sys
 
@@ -310,10 +543,14 @@ def say_resuming(spec: StepSpec, folder: Path, starts: Sequence[int]) -> int:
     return kept
 
 
+def _batch_folder(folder: Path, start: int) -> Path:
+    return folder / f"rows-{start:012d}"
+
+
 def _save_batch(folder: Path, start: int, table: pa.Table, failed: pa.Table,
                 stats: dict[str, Any], usage: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"rows-{start:012d}"
+    final = _batch_folder(folder, start)
     tmp = folder / f".{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     pq.write_table(table, tmp / "out.parquet")
@@ -325,12 +562,14 @@ def _save_batch(folder: Path, start: int, table: pa.Table, failed: pa.Table,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_batch(folder: Path, start: int) -> tuple[pa.Table, pa.Table, dict, dict] | None:
-    final = folder / f"rows-{start:012d}"
+def _load_batch(folder: Path, start: int, *, output: bool = True) -> tuple[pa.Table | None, pa.Table, dict, dict] | None:
+    """A kept batch's (output, failed rows, stats, usage); its output is left on disk (None)
+    unless ``output``."""
+    final = _batch_folder(folder, start)
     if not final.is_dir():
         return None
     meta = json.loads((final / "stats.json").read_text())
-    return (pq.read_table(final / "out.parquet"), pq.read_table(final / "failed.parquet"),
+    return (pq.read_table(final / "out.parquet") if output else None, pq.read_table(final / "failed.parquet"),
             meta["stats"], meta["usage"])
 
 
@@ -348,38 +587,69 @@ def with_ids(table: pa.Table) -> pa.Table:
     return table
 
 
-def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, prepared: Prepared,
-                    ctx: StepContext, *, used_llm: bool = True) -> pa.Table:
-    """Canonical generated rows with provenance filled in by the runner."""
-    spec = prepared.spec
-    missing = [c for c in ("prompt", "chosen", "rejected", "parent_ids") if c not in out.column_names]
+def check_generated(spec: StepSpec, columns: Sequence[str]) -> None:
+    """A generator's output has the columns the runner folds into pairs and provenance."""
+    missing = [c for c in ("prompt", "chosen", "rejected", "parent_ids") if c not in columns]
     if missing:
         raise StepOutputError(f"generator {spec.name} output lacks column(s) {', '.join(missing)}")
+
+
+def _first_parents(parents: pa.ListArray) -> pa.Array:
+    """Each row's first parent id (null for a row without parents), columnar."""
+    has = pc.fill_null(pc.greater(pc.list_value_length(parents), 0), False)
+    starts = parents.offsets.slice(0, len(parents))  # positions in parents.values, slice-aware
+    return parents.values.take(pc.if_else(has, starts, pa.scalar(None, starts.type)))
+
+
+def _sources_of(first: pa.Array, input_ids: pa.ChunkedArray | pa.Array, input_sources: pa.Array) -> pa.Array:
+    """The input (its source label) of each row's first parent: a hash lookup over the
+    input ids only. Where an id occurs twice, the later row counts (as it always has)."""
+    ids = input_ids.combine_chunks() if isinstance(input_ids, pa.ChunkedArray) else input_ids
+    if isinstance(input_sources, pa.ChunkedArray):
+        input_sources = input_sources.combine_chunks()
+    last = len(ids) - 1
+    at = pc.index_in(first, value_set=ids.take(pa.array(np.arange(last, -1, -1, dtype=np.int64))))
+    return input_sources.take(pc.subtract(pa.scalar(last, pa.int64()), at.cast(pa.int64()))).cast(pa.string())
+
+
+def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, prepared: Prepared,
+                    ctx: StepContext, *, used_llm: bool = True) -> pa.Table:
+    """Canonical generated rows with provenance filled in by the runner.
+
+    Columnar: ``inputs`` needs only its id column (the runner passes the ids alone) and
+    ``input_sources`` each input row's source label; ``out`` may be any slice of a step's
+    output, so a run stamps its pairs a batch at a time.
+    """
+    spec = prepared.spec
+    check_generated(spec, out.column_names)
     n = out.num_rows
     id_column = "pair_id" if "pair_id" in inputs.column_names else "trajectory_id"
-    source_of = dict(zip(inputs.column(id_column).to_pylist(), input_sources.to_pylist(), strict=True))
-    parents = out.column("parent_ids").to_pylist()
-    sources = [source_of.get(p[0]) if p else None for p in parents]
-    model = getattr(prepared.backend, "model", None)
+    parents = out.column("parent_ids").cast(pa.list_(pa.string())).combine_chunks()
+
+    def same(value: Any, kind: pa.DataType) -> pa.Array:
+        return pa.repeat(pa.scalar(value, kind), n)
+
+    def own(name: str) -> pa.Array:
+        return out.column(name).combine_chunks() if name in out.column_names else pa.nulls(n, pa.string())
+
     provenance = {
-        "source": sources,
-        "source_file": [None] * n,
-        "source_line": [None] * n,
-        "step": [spec.name] * n,
-        "step_version": [spec.version] * n,
-        "params_hash": [prepared.params_hash] * n,
-        "model": [model] * n,
+        "source": _sources_of(_first_parents(parents), inputs.column(id_column), input_sources),
+        "source_file": pa.nulls(n, pa.string()),
+        "source_line": pa.nulls(n, pa.int64()),
+        "step": same(spec.name, pa.string()),
+        "step_version": same(spec.version, pa.string()),
+        "params_hash": same(prepared.params_hash, pa.string()),
+        "model": same(getattr(prepared.backend, "model", None), pa.string()),
         # a rules-mode run of a step that also has LLM templates used none of them
-        "template_hash": [spec.template_hash if used_llm else None] * n,
-        "seed": [ctx.seed] * n,
-        "run_id": [ctx.run_id] * n,
+        "template_hash": same(spec.template_hash if used_llm else None, pa.string()),
+        "seed": same(ctx.seed, pa.int64()),
+        "run_id": same(ctx.run_id, pa.string()),
         "parent_ids": parents,
-        "generated": out.column("generated").to_pylist() if "generated" in out.column_names else [None] * n,
-        "method": out.column("method").to_pylist() if "method" in out.column_names else [None] * n,
+        "generated": own("generated"),
+        "method": own("method"),
     }
-    struct = pa.StructArray.from_arrays(
-        [pa.array(provenance[f.name], f.type) for f in PROVENANCE_TYPE], fields=list(PROVENANCE_TYPE)
-    )
+    struct = pa.StructArray.from_arrays([provenance[f.name].cast(f.type) for f in PROVENANCE_TYPE],
+                                        fields=list(PROVENANCE_TYPE))
     columns = {}
     for f in PAIR_SCHEMA:
         if f.name == "provenance":
@@ -387,9 +657,9 @@ def stamp_generated(out: pa.Table, inputs: pa.Table, input_sources: pa.Array, pr
         elif f.name in out.column_names:
             columns[f.name] = out.column(f.name).cast(f.type)
         elif f.name == "tie":
-            columns[f.name] = pa.array([False] * n, pa.bool_())
+            columns[f.name] = same(False, pa.bool_())
         elif f.name in ("pair_id", "prompt_id"):
-            columns[f.name] = pa.array([""] * n, pa.string())
+            columns[f.name] = same("", pa.string())
         else:
             columns[f.name] = pa.nulls(n, f.type)
     stamped = with_ids(pa.table(columns, schema=PAIR_SCHEMA))
@@ -415,11 +685,33 @@ def check_decision(decision: Decision, n: int, step: str) -> None:
         raise StepOutputError(f"filter {step}: unknown action(s) {sorted(map(str, bad))}")
 
 
-def apply_decision(table: pa.Table, decision: Decision, failed_rows: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
-    """Drop, flip and reweight rows as decided; failed rows are left out (they are in the side table)."""
-    n = table.num_rows
-    action = np.asarray(decision.action.to_pylist(), dtype=object)
+def _final_actions(decision: Decision, failed_rows: np.ndarray) -> np.ndarray:
+    """Each row's action, "failed" where the step could not score it."""
+    action = np.asarray(decision.action.to_numpy(zero_copy_only=False), dtype=object)
     action[failed_rows] = "failed"
+    return action
+
+
+def decision_counts(decision: Decision, failed_rows: np.ndarray) -> dict[str, int]:
+    """What applying ``decision`` does, counted from the actions alone (no row is read)."""
+    action = _final_actions(decision, failed_rows)
+    return {
+        "rows_in": len(action),
+        "rows_kept": int(((action != "drop") & (action != "failed")).sum()),
+        "rows_dropped": int((action == "drop").sum()),
+        "rows_failed": int((action == "failed").sum()),
+        "rows_flipped": int((action == "flip").sum()),
+        "rows_reweighted": int((action == "weight").sum()),
+    }
+
+
+def apply_decision(table: pa.Table, decision: Decision, failed_rows: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
+    """Drop, flip and reweight rows as decided; failed rows are left out (they are in the side table).
+
+    Row-local, so it applies to any slice: the api streams a version through it a batch at
+    a time with the decision's slice for that batch (:meth:`Decision.slice`).
+    """
+    action = _final_actions(decision, failed_rows)
     flip = action == "flip"
     reweight = action == "weight"
     frame = pl.from_arrow(table)
@@ -448,22 +740,14 @@ def apply_decision(table: pa.Table, decision: Decision, failed_rows: np.ndarray)
             pl.when(pl.Series(reweight)).then(new_weight).otherwise(pl.col("weight")).alias("weight")
         )
     keep = (action != "drop") & (action != "failed")
-    out = frame.filter(pl.Series(keep)).to_arrow()
-    counts = {
-        "rows_in": n,
-        "rows_kept": int(keep.sum()),
-        "rows_dropped": int((action == "drop").sum()),
-        "rows_failed": int((action == "failed").sum()),
-        "rows_flipped": int(flip.sum()),
-        "rows_reweighted": int(reweight.sum()),
-    }
-    return out, counts
+    return frame.filter(pl.Series(keep)).to_arrow(), decision_counts(decision, failed_rows)
 
 
-def failed_side_table(failed: pa.Table, inputs: pa.Table, step: str) -> pa.Table:
-    """The catalog's side table: step, pair_id, reason and the input row as JSON."""
+def failed_side_table(failed: pa.Table, inputs: pa.Table | StepInput, step: str) -> pa.Table:
+    """The catalog's side table: step, pair_id, reason and the input row as JSON (only the
+    failed rows are read, in one streamed pass over a :class:`StepInput`)."""
     rows = failed.column("row").to_pylist()
-    picked = inputs.take(pa.array(rows, pa.int64())) if rows else inputs.slice(0, 0)
+    picked = inputs.take(pa.array(rows, pa.int64())) if rows else inputs.schema.empty_table()
     id_column = "pair_id" if "pair_id" in inputs.column_names else "trajectory_id"
     canonical = picked.select([c for c in picked.column_names if c in PAIR_COLUMNS or c in (
         "trajectory_id", "task_id", "instruction", "steps", "outcome")])
