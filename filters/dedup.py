@@ -109,7 +109,7 @@ class DedupParams:
                                   low=0.0, high=1.0, decision=True)
     embedder: Embedder = param("minilm", "near=embedding: who embeds the parts (minilm, minilm-onnx: the "
                                          "same vectors via ONNX Runtime; static: model2vec, far faster, "
-                                         "cosines run higher so raise near_threshold)")
+                                         "cosines run higher: near_threshold ~0.94)")
     shingle: int = param(3, "words per MinHash shingle", low=1)
     num_perm: int = param(128, "MinHash permutations", low=16)
     candidate_threshold: float = param(0.5, "MinHash LSH band threshold for candidate pairs (scores below "
