@@ -39,6 +39,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from factory.embed import Embedder
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from schemas.prompts import prompt_text
 
@@ -106,6 +107,9 @@ class DedupParams:
                                   "similarity at or above which a pair is a near duplicate (the lowest "
                                   "of its prompt's and answers' similarities to an earlier pair)",
                                   low=0.0, high=1.0, decision=True)
+    embedder: Embedder = param("minilm", "near=embedding: who embeds the parts (minilm, minilm-onnx: the "
+                                         "same vectors via ONNX Runtime; static: model2vec, far faster, "
+                                         "cosines run higher: near_threshold ~0.94)")
     shingle: int = param(3, "words per MinHash shingle", low=1)
     num_perm: int = param(128, "MinHash permutations", low=16)
     candidate_threshold: float = param(0.5, "MinHash LSH band threshold for candidate pairs (scores below "
@@ -331,8 +335,9 @@ def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: 
     parts = []
     for part in components:
         texts = [part[i] for i in representatives]
-        start = embed_texts(texts, home=ctx.home, progress=ctx.progress)
-        end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end")
+        start = embed_texts(texts, home=ctx.home, progress=ctx.progress, embedder=ctx.params.embedder)
+        end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end",
+                          embedder=ctx.params.embedder)
         parts += [start] if np.array_equal(start, end) else [start, end]  # no text was cut
     best, sims = best_earlier_match(parts)
     for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):

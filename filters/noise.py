@@ -61,6 +61,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from factory.embed import Embedder
 from factory.home import resolve_home
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from filters._noise_signals import noise_rate, noise_rate_interval, sigmoid, vote_evidence
@@ -113,6 +114,8 @@ class NoiseParams:
     votes: bool = param(True, "use per-annotator votes where rows have them")
     judge_columns: list[str] = param(["consistency_agreement"], "columns holding the share of judge "
                                      "verdicts that agree with the label (first one present is used)")
+    embedder: Embedder = param("minilm", "response_view: who embeds each response alone (minilm, "
+                                         "minilm-onnx: the same vectors via ONNX Runtime, static: model2vec)")
     base: str = param("minilm", "frozen encoder of the reward heads")
     max_length: int = param(256, "tokens per prompt+response for the encoder", low=8)
 
@@ -298,7 +301,7 @@ def _features(data: PairData, ctx: StepContext[NoiseParams]) -> tuple[np.ndarray
     joint, _ = featurizer.featurize(data.prompts + data.prompts, data.chosen + data.rejected)
     blocks_c, blocks_r = [joint[:n]], [joint[n:]]
     if params.response_view:
-        alone = ctx.embed(data.chosen + data.rejected)
+        alone = ctx.embed(data.chosen + data.rejected, embedder=params.embedder)
         blocks_c.append(alone[:n])
         blocks_r.append(alone[n:])
     return np.hstack(blocks_c).astype(np.float32), np.hstack(blocks_r).astype(np.float32)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from factory.embed import Embedder
 from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
 from schemas.pairs import MESSAGE_TYPE, prompt_id_of
 from schemas.prompts import last_user_text
@@ -54,6 +55,9 @@ class HardNegativesParams:
     max_answer_similarity: float = param(0.9, "highest cosine between the two prompts' answers (above: a "
                                               "generic answer that fits both, no contrast)", low=-1.0, high=1.0)
     neighbours: int = param(3, "nearest look-alike prompts searched per prompt", low=1)
+    embedder: Embedder = param("minilm", "contrast: who embeds instructions and answers (minilm, minilm-onnx: "
+                                         "the same vectors via ONNX Runtime; static: model2vec, whose cosines "
+                                         "do not fit the similarity windows' defaults)")
     model: str | None = param(None, "reward model for mining: a registered name, name@N or a model folder",
                               model=True)
     candidates: list[str] = param([], "more candidate pairs for mining: catalog refs or files (e.g. another "
@@ -162,7 +166,7 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
         stats["seeds_without_look_alike"] = sum(seeds_of_prompt.values())
         return _empty(), failed, stats
     instructions = [last_user_text(prompts[r]) for r in rows]
-    vectors = ctx.embed(instructions)
+    vectors = ctx.embed(instructions, embedder=params.embedder)
     from factory.embed import top_k_neighbours
 
     indices, sims = top_k_neighbours(vectors, k=min(params.neighbours, len(rows) - 1), exclude_self=True,
@@ -256,7 +260,8 @@ def _answer_similarity(links: dict[tuple[int, int], float], answers: list[str],
         return {}
     needed = sorted({i for link in links for i in link})
     at = {row: k for k, row in enumerate(needed)}
-    vectors = np.asarray(ctx.embed([answers[i] for i in needed]), dtype=np.float32)
+    vectors = np.asarray(ctx.embed([answers[i] for i in needed], embedder=ctx.params.embedder),
+                         dtype=np.float32)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     a = np.asarray([at[x] for x, _ in links])
     b = np.asarray([at[y] for _, y in links])

@@ -22,7 +22,7 @@ from tests.conftest import DEMO_SEEDS
 DIM = 512
 
 
-def fake_embed(texts: list[str]) -> np.ndarray:
+def fake_embed(texts: list[str], embedder: str = "minilm") -> np.ndarray:
     """Bag-of-words hashing vectors: cosine = word overlap, deterministic, no model."""
     out = np.zeros((len(texts), DIM), dtype=np.float32)
     for i, text in enumerate(texts):
@@ -362,7 +362,7 @@ def test_generate_stops_on_no_contrast_pairs_naming_the_cause_and_the_setting(ho
     from factory.catalog import Catalog
     from schemas.errors import PrefabError
 
-    monkeypatch.setattr(StepContext, "embed", lambda self, texts: fake_embed(list(texts)))
+    monkeypatch.setattr(StepContext, "embed", lambda self, texts, embedder="minilm": fake_embed(list(texts)))
     table = pairs_to_table([
         _pair("Write a haiku about autumn leaves falling slowly.", "Red leaves drift."),
         _pair("Explain how a bicycle gear changes pedalling effort.", "Gears trade force for speed."),

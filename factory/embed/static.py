@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -42,17 +42,23 @@ _models: dict[Path, StaticModel] = {}
 _models_lock = threading.Lock()
 
 
-def embed_static(texts: Sequence[str], home: str | Path | None = None) -> np.ndarray:
+def embed_static(texts: Sequence[str], home: str | Path | None = None,
+                 keep: Literal["start", "end"] = "start") -> np.ndarray:
     """L2-normalised static embeddings of ``texts``, float32 (n, 256).
 
     The static model is distilled from the bundled all-MiniLM-L6-v2 on first use under this
     home (``home`` or ``$PREFAB_HOME`` or ``./.prefab``) and loaded from there afterwards.
-    Texts are cut after 512 tokens. A text with no known token (the empty string) gets the
-    zero vector, which has no direction to normalise.
+    Texts are cut after 512 tokens; ``keep="end"`` keeps a long text's end instead (cut in
+    characters, as model2vec itself pre-cuts: 512 x the table's median token length). A
+    text with no known token (the empty string) gets the zero vector, which has no
+    direction to normalise.
     """
     model = static_model(home)
     if not len(texts):
         return np.zeros((0, model.dim), dtype=np.float32)
+    if keep == "end":
+        room = MAX_TOKENS * model.median_token_length
+        texts = [t[-room:] for t in texts]
     # One process on purpose: model2vec's multiprocessing above 10k texts oversubscribes small
     # machines, and a single pass is already far faster than the transformer.
     vectors = model.encode(list(texts), max_length=MAX_TOKENS, normalize=False,

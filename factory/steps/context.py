@@ -44,11 +44,12 @@ class StepContext(Generic[P]):
             )
         return self.backend
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised embeddings from the shared encoder, cached under the home folder."""
+    def embed(self, texts: Sequence[str], embedder: str = "minilm") -> np.ndarray:
+        """L2-normalised embeddings by ``embedder`` (see factory.embed.EMBEDDERS), cached
+        under the home folder."""
         from factory.embed import embed_texts
 
-        return embed_texts(list(texts), home=self.home, progress=self.progress)
+        return embed_texts(list(texts), home=self.home, progress=self.progress, embedder=embedder)
 
     def read_pairs(self, source: str) -> tuple[pa.Table, str]:
         """Pairs from a catalog ref (``name@N``) or a file any reader knows, and their label.
