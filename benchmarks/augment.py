@@ -256,6 +256,7 @@ class Scores:
     ood: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     train_pairs: list[int] = field(default_factory=list)
+    model_seconds: list[float] = field(default_factory=list)  # wall time to train each fold model
 
 
 def score_fold(model: RewardModel, suite: Suite, fold: int, args: argparse.Namespace, into: Scores) -> None:
@@ -353,6 +354,7 @@ def summarise(scores: Scores, suite: Suite) -> dict[str, Any]:
         **{f"acc_{k}": float(np.mean(v)) for k, v in scores.ood.items() if not k.startswith("mk_")},
         **{f"mk_unseen_{k[3:]}": float(np.mean(v)) for k, v in scores.ood.items() if k.startswith("mk_")},
         "seconds": scores.seconds,
+        "seconds_per_model": float(np.mean(scores.model_seconds)) if scores.model_seconds else None,
     }
 
 
@@ -436,8 +438,8 @@ def fit_residual(real: pa.Table, with_generated: pa.Table, home: Path, work: Pat
     """The trainer's residual mode: the base trained on the real pairs alone, then
     ``--residual-of`` it on real + generated pairs (reward = base + residual; the real pairs
     are ties for the residual). ``share`` scales the recipe's per-generator weights."""
-    base = train(real, "residual-base", home=home, out=work / f"base-{time.perf_counter_ns()}", mode="head",
-                 robustness=False, progress=False, **options)
+    base = train(real, "residual-base", home=home, out=work / f"base-{time.perf_counter_ns()}",
+                 robustness=False, progress=False, **({"mode": "head"} | options))
     weights = options.get("augment_weight")
     if isinstance(weights, dict):
         weights = {k: v * share for k, v in weights.items()}
@@ -475,10 +477,12 @@ def run_suite(suite: Suite, args: argparse.Namespace, home: Path, options: dict[
             # its seed alone, more than the effects measured here; every metric pools them
             for k in range(args.train_seeds):
                 seeded = opts | {"seed": opts.get("seed", 0) + k}
+                fit_started = time.perf_counter()  # the cost column: training (and filling caches) only
                 if label == RESIDUAL:
                     model = fit_residual(fold_training(suite, fold, []), table, home, work, seeded, args.residual_share)
                 else:
                     model = fit_model(table, f"{suite.name}-{len(gens)}", home, work, seeded)
+                scores.model_seconds.append(time.perf_counter() - fit_started)
                 score_fold(model, suite, fold, args, scores)
         scores.seconds = time.perf_counter() - started
         row = {"run": label, **summarise(scores, suite)}
@@ -511,7 +515,7 @@ def pct(v: Any, signed: bool = False) -> str:
 def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n### {title}\n")
     header = ("run", "train pairs", "acc %", "Δ acc pts", "Natural %", "MT-Bench %", "MK listed %", "MK unseen %",
-              "MK unseen OOD %", "CI cons. %", "tie ratio", "length bias pts")
+              "MK unseen OOD %", "CI cons. %", "tie ratio", "length bias pts", "s / fold model")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -519,7 +523,8 @@ def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
         diff = f"{pct(r['acc_diff'], True)}±{pct(r['acc_diff_se'])}" if r is not rows[0] else "-"
         cells = [r["run"], str(r["train_pairs"]), pct(r["acc"]), diff, pct(r["acc_natural"]), pct(r["acc_mtbench"]),
                  pct(r["mk_listed"]), pct(r["mk_unseen"]), pct(float(ood_mk)), pct(r["ci"]),
-                 f"{r['tie_ratio']:.2f}" if r["tie_ratio"] is not None else "n/a", pct(r["length_bias"], True)]
+                 f"{r['tie_ratio']:.2f}" if r["tie_ratio"] is not None else "n/a", pct(r["length_bias"], True),
+                 f"{r['seconds_per_model']:.0f}" if r.get("seconds_per_model") is not None else "n/a"]
         print("| " + " | ".join(cells) + " |")
     base = rows[0]
     print(f"\n{base['held_out_pairs']} held-out preference pairs, each scored by {base['models_per_pair']} "
@@ -570,6 +575,35 @@ def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def mode_options(mode: str) -> dict[str, Any]:
+    """Trainer options of a ``--modes`` entry: head, tokens, full or top-k:N."""
+    name, _, layers = mode.partition(":")
+    if name == "top-k" and layers.isdigit() and int(layers) >= 1:
+        return {"mode": "top-k", "trainable_layers": int(layers)}
+    if name in ("head", "tokens", "full") and not layers:
+        return {"mode": name}
+    raise SystemExit(f"--modes: unknown mode {mode!r} (head, tokens, full or top-k:N with N >= 1)")
+
+
+def _cost(row: dict[str, Any] | None) -> str:
+    return f"{row['seconds_per_model']:.0f}" if row and row.get("seconds_per_model") is not None else "n/a"
+
+
+def print_modes(title: str, by_mode: dict[str, list[dict[str, Any]]]) -> None:
+    """The modes side by side: base accuracy against head mode's, and the cost of a fold model."""
+    print(f"\n### {title}: modes compared\n")
+    print("| mode | base acc % | base acc vs head pts | + all four acc % | s / fold model (base) "
+          "| s / fold model (+ all four) |")
+    print("|---|---|---|---|---|---|")
+    head = by_mode.get("head", [None])[0]
+    for mode, rows in by_mode.items():
+        by = {r["run"]: r for r in rows}
+        base, both = by["base (real pairs)"], by.get("+ all four")
+        vs_head = pct(base["acc"] - head["acc"], True) if head is not None else "n/a"
+        print(f"| {mode} | {pct(base['acc'])} | {vs_head} | {pct(both['acc']) if both else 'n/a'} | {_cost(base)} "
+              f"| {_cost(both)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="hh,shared,trajectories",
@@ -606,6 +640,9 @@ def main() -> None:
                     help="JSON of trainer options replacing the recipe (e.g. '{\"val_on\": \"all\"}')")
     ap.add_argument("--runs", type=lambda v: [r.strip() for r in v.split(",") if r.strip()], default=list(RUNS),
                     help=f"runs besides the base (default all: {','.join(RUNS)})")
+    ap.add_argument("--modes", type=lambda v: [m.strip() for m in v.split(",") if m.strip()], default=["head"],
+                    help="trainer modes, each running every row: head, tokens, top-k:N (N trainable layers), "
+                         "full; e.g. head,tokens,top-k:1 (default head)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = ap.parse_args()
     quick = args.quick
@@ -623,6 +660,9 @@ def main() -> None:
         ap.error(f"unknown runs {sorted(unknown)}; choose from {','.join(RUNS)}")
     home = resolve_home(args.home)
     options = dict(RECIPE if args.recipe is None else args.recipe)
+    for mode in args.modes:
+        mode_options(mode)  # a misspelt mode fails now, not after the first suite
+    options |= mode_options(args.modes[0])  # trajectories train in the first mode
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     results: dict[str, Any] = {"recipe": options, "args": {k: str(v) for k, v in vars(args).items()}}
     lines: list[str] = []
@@ -636,10 +676,18 @@ def main() -> None:
             print(f"{name}: {suite.pool.num_rows} real pairs in {args.folds} folds by prompt; generated (all folds) "
                   + ", ".join(f"{g} {t.num_rows}" for g, t in suite.generated.items())
                   + f"; prepared in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-            rows = run_suite(suite, args, home, options, work)
-            results[name] = rows
-            print_suite(f"{titles[name]}: {args.folds}-fold by prompt; OOD LLMBar Natural and MT-Bench", rows)
-            lines += verdicts(name, rows)
+            by_mode: dict[str, list[dict[str, Any]]] = {}
+            for mode in args.modes:
+                rows = run_suite(suite, args, home, options | mode_options(mode), work)
+                by_mode[mode] = rows
+                results.setdefault(name, rows)  # the first mode's rows (one mode: the only ones)
+                results.setdefault("by_mode", {})[f"{name} {mode}"] = rows
+                folds = f"{args.only_folds} of {args.folds}" if args.only_folds else str(args.folds)
+                print_suite(f"{titles[name]}, {mode} mode: {folds}-fold by prompt x {args.train_seeds} training "
+                            "seeds; OOD LLMBar Natural and MT-Bench", rows)
+                lines += verdicts(name if len(args.modes) == 1 else f"{name} [{mode}]", rows)
+            if len(args.modes) > 1:
+                print_modes(titles[name], by_mode)
         if "trajectories" in suites:
             rows = run_trajectories(args, home, options, work)
             results["trajectories"] = rows

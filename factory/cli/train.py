@@ -17,8 +17,10 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
         description=(
             "Train a Bradley–Terry reward model (ties, margins and per-pair weights) on a catalog "
             "version and register it with the version it saw and its metrics. head: frozen "
-            "encoder with cached embeddings and a small MLP (fast on CPU); full: fine-tune the "
-            "whole backbone (bf16 and gradient checkpointing on CUDA). With a validation split "
+            "encoder with cached embeddings and a small MLP (fast on CPU); tokens: the frozen "
+            "encoder's per-token states (cached) read by a learned attention pooling and the MLP; "
+            "top-k: also train the encoder's last --trainable-layers layers on cached states; full: "
+            "fine-tune the whole backbone (bf16 and gradient checkpointing on CUDA). With a validation split "
             "the epoch with the lowest validation loss is kept. --resume continues an "
             "interrupted run with the settings (and data) of its checkpoint."
         ),
@@ -32,18 +34,23 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     train.add_argument("--base", default=None,
                        help="backbone: 'minilm' (embedded all-MiniLM-L6-v2, the default) or a "
                             "Hugging Face model folder")
-    train.add_argument("--mode", choices=["head", "full"], default=None, help="default: head")
+    train.add_argument("--mode", choices=["head", "tokens", "top-k", "full"], default=None, help="default: head")
+    train.add_argument("--trainable-layers", type=int, default=None, metavar="N",
+                       help="top-k mode: train the backbone's last N layers (1 to its layer count)")
     train.add_argument("--eval", action="append", default=[], metavar="REF",
                        help="evaluate on this version after training (repeatable)")
-    train.add_argument("--epochs", type=int, default=None, help="at most this many; default 30 (head), 1 (full)")
-    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 (head), 2e-5 (full)")
-    train.add_argument("--batch-size", type=int, default=None, help="pairs per step; default 64 (head), 16 (full)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="at most this many; default 30 (head, tokens), 10 (top-k), 1 (full)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="default: 1e-3 (head, tokens, top-k: its layers at 1/20 of it), 2e-5 (full)")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="pairs per step; default 64 (head, tokens), 32 (top-k), 16 (full)")
     train.add_argument("--max-length", type=int, default=None,
                        help="tokens per prompt+response (default 256); longer pairs lose older "
                             "turns first and keep the end of the response")
     train.add_argument("--patience", type=int, default=None,
-                       help="stop after N epochs without a better validation loss (default 5 "
-                            "head, 1 full; 0: never); the best epoch is kept either way")
+                       help="stop after N epochs without a better validation loss (default 5 head and "
+                            "tokens, 2 top-k, 1 full; 0: never); the best epoch is kept either way")
     train.add_argument("--seed", type=int, default=None, help="default 0")
     train.add_argument("--val-fraction", type=float, default=None,
                        help="share of prompts held out for validation, split by prompt_id (default 0.1)")
@@ -52,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     train.add_argument("--checkpoint-steps", type=int, default=None,
                        help="also checkpoint every N steps (default: 200 in full mode; epochs always)")
     train.add_argument("--features", choices=["pair", "pair+parts"], default=None,
-                       help="head mode inputs: the prompt+response embedding ('pair', the default), or "
+                       help="head, tokens and top-k mode inputs: the prompt+response embedding ('pair', the default), or "
                             "also the response alone and its product with the prompt ('pair+parts')")
     train.add_argument("--head-hidden", type=int, default=None, help="head mode MLP width (default 256; 0: linear)")
     train.add_argument("--augment-weight", type=augment_weight, default=None, metavar="W|GEN=W,…",
@@ -141,7 +148,8 @@ def run_train(args: argparse.Namespace) -> CommandResult:
             center_coef=args.center_rewards, checkpoint_steps=args.checkpoint_steps,
             max_pairs=args.max_pairs, device=args.device, patience=args.patience,
             features=args.features, head_hidden=args.head_hidden, augment_weight=args.augment_weight,
-            val_on=args.val_on, residual_of=args.residual_of, progress=_progress(args),
+            val_on=args.val_on, residual_of=args.residual_of, trainable_layers=args.trainable_layers,
+            progress=_progress(args),
         )
     except EvaluationInterrupted as exc:
         print(f"prefab: {exc}", file=sys.stderr)
@@ -221,12 +229,12 @@ def run_models(args: argparse.Namespace) -> CommandResult:
     def pct(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
-    header = f"{'MODEL':<24} {'MODE':<5} {'DATASET':<24} {'PAIRS':>6} {'VAL ACC':>8} {'VAL LOSS':>8}  EVAL"
+    header = f"{'MODEL':<24} {'MODE':<6} {'DATASET':<24} {'PAIRS':>6} {'VAL ACC':>8} {'VAL LOSS':>8}  EVAL"
     lines = [header]
     for r in rows:
         evals = ", ".join(f"{ref} {pct(acc)}" for ref, acc in r["eval_accuracy"].items()) or "-"
         loss = "n/a" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
-        lines.append(f"{r['name'] + '@' + str(r['version']):<24} {r['mode'] or '?':<5} {r['dataset']:<24} "
+        lines.append(f"{r['name'] + '@' + str(r['version']):<24} {r['mode'] or '?':<6} {r['dataset']:<24} "
                      f"{r['train_pairs'] if r['train_pairs'] is not None else '?':>6} "
                      f"{pct(r['val_accuracy']):>8} {loss:>8}  {evals}")
     return CommandResult({"models": rows}, "\n".join(lines))

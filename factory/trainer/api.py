@@ -44,7 +44,7 @@ FLAG_OF = {"center_coef": "--center-rewards", "val_fraction": "--val-fraction",
            "batch_size": "--batch-size", "max_length": "--max-length", "max_pairs": "--max-pairs",
            "weight_decay": "--weight-decay", "head_hidden": "--head-hidden",
            "augment_weight": "--augment-weight", "val_on": "--val-on", "features": "--features",
-           "residual_of": "--residual-of"}
+           "residual_of": "--residual-of", "trainable_layers": "--trainable-layers"}
 
 
 @dataclass
@@ -118,7 +118,8 @@ def load_model(
         if model is not None:
             _MODELS.move_to_end(key)
             return model
-    model = load_reward_model(folder, cache_root=home_path / "embeddings", device=device)
+    model = load_reward_model(folder, cache_root=home_path / "embeddings", device=device,
+                              hidden_root=home_path / "hidden")
     with _MODELS_LOCK:
         _MODELS[key] = model
         while len(_MODELS) > MODEL_CACHE_SIZE:
@@ -238,11 +239,11 @@ def _train_locked(
     base_model = None
     if cfg.residual_of:
         base_model = load_model(cfg.residual_of, home)
-        check_base(base_model, cfg.mode, cfg.base, cfg.features)
+        check_base(base_model, cfg.mode, cfg.base, cfg.features, cfg.trainable_layers)
     trained_on = residual_data(pairs, base_model, cfg.progress) if base_model else pairs
     result = fit(trained_on, cfg, checkpoint_dir=checkpoint_dir, resume=resume,
                  cache_root=_home(home) / "embeddings", tokens_root=_home(home) / "tokens",
-                 checkpoint_extra={"data": data_ref})
+                 hidden_root=_home(home) / "hidden", checkpoint_extra={"data": data_ref})
     model = combine(base_model, result.model, cfg.residual_of) if base_model else result.model
     try:
         metrics = _train_metrics(result, cfg, model if base_model is not None else None, pairs)
@@ -444,7 +445,8 @@ def oof_scores(
         if len(held) == 0:
             continue
         result = fit(data, cfg, featurizer=featurizer, train_idx=np.flatnonzero(folds != fold),
-                     val_idx=np.zeros(0, dtype=np.int64), cache_root=None)
+                     val_idx=np.zeros(0, dtype=np.int64), cache_root=None,
+                     hidden_root=_home(home) / "hidden")
         held_c, held_r = score_pairs(result.model, data.subset(held))
         r_c[held], r_r[held] = held_c, held_r
     out = with_rewards(table, r_c, r_r)

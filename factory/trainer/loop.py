@@ -47,12 +47,19 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
              "patience": 5},
     "full": {"epochs": 1, "lr": 2e-5, "batch_size": 16, "weight_decay": 0.0, "checkpoint_steps": 200,
              "patience": 1},
+    # Pooling + head on cached token states: head mode's regime, each step a little dearer.
+    "tokens": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "checkpoint_steps": 0,
+               "patience": 5},
+    # Top layers + pooling + head: the copied layers move at a share of lr (token_head).
+    "top-k": {"epochs": 10, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.01, "checkpoint_steps": 0,
+              "patience": 2},
 }
+TOKEN_MODES = ("tokens", "top-k")
 # Settings a checkpoint records: --resume takes them from there, and they must not change.
 RESUME_KEYS = ("mode", "base", "epochs", "lr", "batch_size", "weight_decay", "max_length", "seed",
                "val_fraction", "center_coef", "head_hidden", "max_pairs", "patience", "augment_weight",
                "residual_of",
-               "val_on", "features")
+               "val_on", "features", "trainable_layers")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -80,7 +87,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_steps: int | None = None  # 0: only at the end of each epoch
     head_hidden: int = 256
-    features: str = "pair"  # head mode: "pair" or "pair+parts" (see model.HEAD_FEATURES)
+    features: str = "pair"  # head/tokens/top-k: "pair" or "pair+parts" (see model.HEAD_FEATURES)
+    trainable_layers: int | None = None  # top-k mode: the backbone's last N layers are trained
     # Generated pairs (a generator's provenance step): each generator's pairs together weigh
     # this many times the real training pairs (balanced by generator; a mapping gives each
     # generator its own share). None: the weight column as it is.
@@ -102,7 +110,11 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         if self.mode not in MODE_DEFAULTS:
-            raise PrefabError(f"mode must be 'head' or 'full', got {self.mode!r}")
+            raise PrefabError(f"mode must be one of {', '.join(MODE_DEFAULTS)}, got {self.mode!r}")
+        if self.mode == "top-k" and (self.trainable_layers is None or self.trainable_layers < 1):
+            raise PrefabError(f"--trainable-layers must be 1 or more for --mode top-k, got {self.trainable_layers}")
+        if self.mode != "top-k" and self.trainable_layers is not None:
+            raise PrefabError(f"--trainable-layers is for --mode top-k, not {self.mode}")
         filled = {k: v for k, v in MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
         # Python numbers, not numpy ones: they reach the optimiser's and the checkpoint's state,
         # which loads back as plain data only.
@@ -113,8 +125,9 @@ class TrainConfig:
             raise PrefabError(f"patience must be >= 0, got {cfg.patience}")
         if cfg.features not in HEAD_FEATURES:
             raise PrefabError(f"features must be one of {', '.join(HEAD_FEATURES)}, got {cfg.features!r}")
-        if cfg.features != "pair" and cfg.mode != "head":
-            raise PrefabError(f"features {cfg.features!r} are for head mode; full mode reads the pair itself")
+        if cfg.features != "pair" and cfg.mode == "full":
+            raise PrefabError(f"features {cfg.features!r} are for head mode (and tokens, top-k); full mode "
+                              "reads the pair itself")
         if cfg.val_on not in ("all", "real"):
             raise PrefabError(f"val_on must be 'all' or 'real', got {cfg.val_on!r}")
         shares = cfg.augment_weight.values() if isinstance(cfg.augment_weight, dict) else [cfg.augment_weight]
@@ -381,6 +394,7 @@ def fit(
     resume: bool = False,
     cache_root: str | Path | None = None,
     tokens_root: str | Path | None = None,
+    hidden_root: str | Path | None = None,
     featurizer: HeadFeaturizer | None = None,
     train_idx: np.ndarray | None = None,
     val_idx: np.ndarray | None = None,
@@ -390,7 +404,8 @@ def fit(
 
     ``checkpoint_extra`` is recorded with the settings in the checkpoint (e.g. the data
     ref, so that --resume can find it). ``tokens_root`` keeps full mode's token cache
-    (normally ``<home>/tokens``; None: a temporary one for this run).
+    (normally ``<home>/tokens``; None: a temporary one for this run); ``hidden_root`` the
+    tokens/top-k modes' hidden-state cache (normally ``<home>/hidden``; None: temporary).
     """
     run_started = time.perf_counter()
     cfg = cfg.resolved()
@@ -434,11 +449,16 @@ def fit(
     if cfg.mode == "head":
         rows = np.union1d(train_idx, val_idx)
         task = _HeadTask(data, cfg, device, cache_root, featurizer, rows)
+    elif cfg.mode in TOKEN_MODES:
+        from factory.trainer.token_head import TokensTask
+
+        task = TokensTask(data, cfg, device, hidden_root, tokens_root, np.union1d(train_idx, val_idx))
     else:
         task = _FullTask(data, cfg, device, tokens_root)
     module = task.module
     module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = task.param_groups(cfg.lr) if hasattr(task, "param_groups") else module.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     # Linear decay to zero, no warm-up: TRL's (transformers') default schedule.
@@ -503,7 +523,7 @@ def fit(
     bar = progress_bar(total_steps, f"train {cfg.mode}", cfg.progress, unit="step", initial=step)
     pairs_seen, started = 0, time.perf_counter()
     try:
-        with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode == "head" else None):
+        with _ctrl_c_flag() as ctrl_c, _torch_threads(1 if cfg.mode in ("head", "tokens") else None):
             while epoch < cfg.epochs and not finished:
                 batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch, lengths)
                 running = []

@@ -3,6 +3,8 @@
 A saved model is a folder with ``prefab_model.json`` (what it is and how to feed it) plus
 ``head.pt`` (head mode: the MLP; the encoder is the base, referenced not copied) or
 ``hf/`` (full mode: ``save_pretrained`` of the sequence-classification model and tokenizer).
+The ``tokens`` and ``top-k`` modes (:mod:`factory.trainer.token_head`) save their net
+(attention pooling, head and, for top-k, the trained top layers) as ``head.pt`` too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ HEAD_FEATURES = ("pair", "pair+parts")
 
 @dataclass
 class ModelSpec:
-    mode: str  # "head" | "full"
+    mode: str  # "head" | "full" | "tokens" | "top-k"
     base: str  # "minilm" or a model folder
     max_length: int
     head_hidden: int = 256
@@ -208,6 +210,10 @@ class RewardModel:
         if len(responses) == 0:
             return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool)
         length = max_length or self.spec.max_length
+        if self.spec.mode in ("tokens", "top-k"):
+            from factory.trainer.token_head import token_scores
+
+            return token_scores(self, prompts, responses, batch_size, length, progress)
         if self.spec.mode == "head":
             assert self.head is not None and self.featurizer is not None
             feats, truncated = self.featurizer.featurize(prompts, responses, max_length=length,
@@ -233,7 +239,7 @@ class RewardModel:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.spec.mode == "head":
+        if self.spec.mode != "full":  # head, tokens, top-k: the trained module's weights
             assert self.head is not None
             torch.save(self.head.state_dict(), folder / "head.pt")
         else:
@@ -284,7 +290,9 @@ def load_reward_model(
     *,
     cache_root: str | Path | None = None,
     device: str | torch.device | None = None,
+    hidden_root: str | Path | None = None,
 ) -> RewardModel:
+    """``hidden_root``: the tokens/top-k modes' hidden-state cache (None: a temporary one)."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
@@ -294,6 +302,10 @@ def load_reward_model(
         raise PrefabError(f"{meta_path}: unknown model format")
     spec = ModelSpec(**meta)
     dev = backbones.pick_device(str(device) if device is not None else None)
+    if spec.mode in ("tokens", "top-k"):
+        from factory.trainer.token_head import load_token_model
+
+        return load_token_model(folder, spec, hidden_root, dev)
     if spec.mode == "head":
         featurizer = HeadFeaturizer(spec.base, spec.max_length, cache_root, dev, features=spec.features)
         head: nn.Module = RewardHead(spec.feature_dim, spec.head_hidden)

@@ -18,15 +18,23 @@ import numpy as np
 
 from factory.trainer.data import PairData
 from factory.trainer.evaluate import score_pairs_truncated
-from factory.trainer.model import RewardHead, RewardModel, SummedHead
+from factory.trainer.model import RewardModel, SummedHead
 from factory.trainer.progress import phase
 from schemas.errors import PrefabError
 
+RESIDUAL_MODES = ("head", "tokens", "top-k")
 
-def check_base(base: RewardModel, mode: str, encoder: str, features: str) -> None:
-    """The residual reads the base's features: the same head mode, encoder and features."""
-    if base.spec.mode != "head" or mode != "head":
-        raise PrefabError("residual training is for head-mode models (base and new)")
+
+def check_base(base: RewardModel, mode: str, encoder: str, features: str,
+               trainable_layers: int | None = None) -> None:
+    """The residual reads the base's features: the same mode (head, tokens or top-k with the
+    same number of trained layers), encoder and features."""
+    if mode not in RESIDUAL_MODES or base.spec.mode != mode:
+        raise PrefabError(f"residual training needs a base of the same mode, one of {', '.join(RESIDUAL_MODES)} "
+                          f"(base: {base.spec.mode}, --mode {mode})")
+    if mode == "top-k" and base.spec.extra.get("trainable_layers") != trainable_layers:
+        raise PrefabError(f"the base model trained {base.spec.extra.get('trainable_layers')} top layers; "
+                          f"--trainable-layers must match (got {trainable_layers})")
     if "residual_of" in base.spec.extra:
         raise PrefabError("the base model is itself residual: train the residual on its own base")
     if (base.spec.base, base.spec.features) != (encoder, features):
@@ -48,7 +56,7 @@ def residual_data(data: PairData, base: RewardModel, progress: bool | None = Fal
 
 def combine(base: RewardModel, residual: RewardModel, base_ref: str) -> RewardModel:
     """One model whose reward is base + residual."""
-    assert isinstance(base.head, RewardHead) and isinstance(residual.head, RewardHead)
+    assert base.head is not None and residual.head is not None
     extra = {**residual.spec.extra, "residual_of": base_ref, "base_head_hidden": base.spec.head_hidden}
     spec = replace(residual.spec, extra=extra)
     head = SummedHead(base.head, residual.head).to(residual.device).eval()
