@@ -45,8 +45,9 @@ lower bound for steps that grow faster than linearly. A step that runs past
 
 ``--ray`` runs the steps that take ``--engine`` (``generate``/``filter``) again with
 ``--engine ray`` on a local Ray with 2 CPUs (``RAY_ADDRESS`` unset; prefab's ``ray.init``
-sees the machine's cores) as extra rows. Their peak RSS is the driver's: Ray workers are
-not waited-for children of the CLI.
+sees the machine's cores) as extra rows; each says whether the process started Ray at all
+(steps that need the whole table run in the CLI process whatever the engine). Their peak
+RSS is the driver's: Ray workers are not waited-for children of the CLI.
 
 The targets table: peak RSS at 1M, row-local growth (ingest, merge, export), the catalog
 commit of 1M pairs against ``pq.write_table`` (``benchmarks/catalog.py``'s own steps), the
@@ -139,7 +140,7 @@ code = child.wait()
 wall = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(out, "w") as f:
-    json.dump({"rc": code, "wall_s": wall, "maxrss_kib": usage.ru_maxrss,
+    json.dump({"rc": code, "pid": child.pid, "wall_s": wall, "maxrss_kib": usage.ru_maxrss,
                "cpu_s": usage.ru_utime + usage.ru_stime}, f)
 """
 
@@ -179,6 +180,13 @@ def size_label(n: int) -> str:
     if n >= 1_000_000 and n % 1_000_000 == 0:
         return f"{n // 1_000_000}M"
     return f"{n // 1_000}k" if n >= 1_000 and n % 1_000 == 0 else str(n)
+
+
+def started_ray(pid: int) -> bool:
+    """Whether process ``pid`` started a Ray cluster (Ray names its session folder after the
+    driver's pid), so a ray row can say whether any of the step ran on Ray."""
+    root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    return any(root.glob(f"session_*_{pid}"))
 
 
 def say(message: str) -> None:
@@ -276,6 +284,9 @@ class Harness:
             result.seconds = stats["wall_s"]
             result.peak_rss_mib = stats["maxrss_kib"] / 1024
             result.cpu_s = stats["cpu_s"]
+            if engine == "ray" and stats["rc"] == 0:
+                result.note = ("started a local Ray" if started_ray(stats["pid"]) else
+                               "no Ray stage: ran in the CLI process (whole-table step)")
             if stats["rc"] != 0:
                 result.status = "failed"
                 lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
