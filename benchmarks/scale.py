@@ -421,7 +421,7 @@ def step_table(results: list[Result], sizes: list[int]) -> list[str]:
     header = ["step", "settings"]
     for n in sizes:
         label = size_label(n)
-        header += [f"{label} s", f"{label} rows/s", f"{label} peak RSS MiB"]
+        header += [f"{label} s", f"{label} CPU s", f"{label} rows/s", f"{label} peak RSS MiB"]
     pair = f"{size_label(sizes[-2])}->{size_label(sizes[-1])}" if len(sizes) > 1 else None
     if pair:
         header += [f"{pair} time", f"{pair} RSS"]
@@ -433,7 +433,8 @@ def step_table(results: list[Result], sizes: list[int]) -> list[str]:
         cells = [key, BY_NAME[name].settings if name in BY_NAME else ""]
         for n in sizes:
             r = mine.get(n)
-            cells += [cell_seconds(r), cell_rate(r), cell_rss(r)]
+            cells += [cell_seconds(r), "-" if r is None or r.cpu_s is None else f"{r.cpu_s:,.1f}",
+                      cell_rate(r), cell_rss(r)]
         if pair:
             cells += list(growth(mine.get(sizes[-2]), mine.get(sizes[-1])))
         done = [r for r in mine.values() if r.status in ("measured", "reused")]
@@ -614,6 +615,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--commit-rows", type=int, default=1_000_000)
     parser.add_argument("--embedder-texts", type=int, default=2_000)
     parser.add_argument("--out", type=Path, default=None, help="write the raw figures as JSON")
+    parser.add_argument("--table-from", type=Path, default=None, metavar="JSON",
+                        help="run nothing: print the tables of a run saved with --out")
     args = parser.parse_args(argv)
     args.step_timeout_s = args.step_timeout_s or 2 * args.budget_s
     args.size_list = sorted({parse_size(s) for s in args.sizes.split(",") if s.strip()})
@@ -628,6 +631,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print_tables([Result(**r) for r in saved["results"]], saved["sizes"], saved["targets"], saved["note"])
+        return 0
     if args.ray:
         try:
             import ray  # noqa: F401
@@ -653,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.keep_home or args.workdir):
             shutil.rmtree(workdir, ignore_errors=True)
     note = (f"{os.cpu_count()} CPUs; whole run {time.perf_counter() - started:,.0f} s. "
-            "s = wall seconds of the whole CLI process (imports and model loads included); rows/s = rows in / s; "
+            "s = wall seconds of the whole CLI process (imports and model loads included); CPU s = its user + "
+            "system time (both cores; less inflated than wall time on a shared machine); rows/s = rows in / s; "
             "peak RSS = ru_maxrss of the CLI process. ~ = projected from measured throughput (linear), "
             "not run. Embedding caches cleared before each step"
             f"{' (kept: --warm-caches)' if args.warm_caches else ''}."

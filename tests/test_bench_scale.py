@@ -59,9 +59,10 @@ def test_harness_prints_a_row_per_step_and_projects_over_budget(
                        "--step-timeout-s", "300",
                        "--workdir", str(tmp_path / "work"), "--data", str(shared_data), "--out", str(out)])
     assert code == 0
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for column in ("step", "100 s", "100 rows/s", "100 peak RSS MiB", "200 s", "100->200 time",
+    for column in ("step", "100 s", "100 CPU s", "100 rows/s", "100 peak RSS MiB", "200 s", "100->200 time",
                    "100->200 RSS", "projected"):
         assert column in header
     rows = {line.split("|")[1].strip(): line for line in lines[2:] if line.startswith("| ")
@@ -76,3 +77,6 @@ def test_harness_prints_a_row_per_step_and_projects_over_budget(
     measured = [r for r in figures if r["status"] == "measured"]
     assert {(r["step"], r["size"]) for r in measured} == {("ingest", 100), ("ingest", 200), ("export_trl", 100)}
     assert all(r["rows_out"] == r["size"] for r in measured)
+    # The saved figures print the same tables again without running anything.
+    assert scale.main(["--table-from", str(out)]) == 0
+    assert capsys.readouterr().out == printed
