@@ -587,6 +587,33 @@ def print_tables(results: list[Result], sizes: list[int], extra: dict[str, Any],
     print(note)
 
 
+def print_saved(paths: list[Path]) -> None:
+    """One table from the runs saved in ``paths`` (later files win for a step at a size)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    sizes = sorted({n for run in runs for n in run["sizes"]})
+    latest: dict[tuple[str, str, int], Result] = {}
+    for run in runs:
+        for r in run["results"]:
+            result = Result(**r)
+            latest[(result.step, result.engine, result.size)] = result
+    for step, engine in {(k[0], k[1]) for k in latest}:
+        for n in sizes:
+            if (step, engine, n) in latest:
+                continue
+            done = [r for (s, e, m), r in latest.items() if s == step and e == engine and m < n
+                    and r.status in ("measured", "reused") and r.rate]
+            if done:
+                before = max(done, key=lambda r: r.size)
+                rows_in = round(before.rows_in * n / before.size)
+                latest[(step, engine, n)] = Result(
+                    step, engine, n, "projected", rows_in, seconds=rows_in / before.rate,
+                    note=f"not run; projected from {before.rate:,.1f} rows/s at {size_label(before.size)}")
+    order = {s.name: i for i, s in enumerate(STEPS)}
+    results = sorted(latest.values(), key=lambda r: (r.engine != "local", order.get(r.step, 99), r.size))
+    targets = {k: v for run in runs for k, v in run["targets"].items()}
+    print_tables(results, sizes, targets, "\n".join(dict.fromkeys(run["note"] for run in runs)))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10k,100k", help="pair counts, e.g. 10k,100k,1M (default 10k,100k)")
@@ -615,8 +642,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--commit-rows", type=int, default=1_000_000)
     parser.add_argument("--embedder-texts", type=int, default=2_000)
     parser.add_argument("--out", type=Path, default=None, help="write the raw figures as JSON")
-    parser.add_argument("--table-from", type=Path, default=None, metavar="JSON",
-                        help="run nothing: print the tables of a run saved with --out")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: print the tables of runs saved with --out (several runs, e.g. "
+                             "one per size, make one table; a step missing at a size is projected "
+                             "from its largest smaller measured size)")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="run no step: only the neighbours, commit and embedders target rows")
     args = parser.parse_args(argv)
     args.step_timeout_s = args.step_timeout_s or 2 * args.budget_s
     args.size_list = sorted({parse_size(s) for s in args.sizes.split(",") if s.strip()})
@@ -632,8 +663,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table_from:
-        saved = json.loads(args.table_from.read_text())
-        print_tables([Result(**r) for r in saved["results"]], saved["sizes"], saved["targets"], saved["note"])
+        print_saved(args.table_from)
         return 0
     if args.ray:
         try:
@@ -649,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     started = time.perf_counter()
     try:
-        for size in args.size_list:
+        for size in [] if args.targets_only else args.size_list:
             harness.run_size(size, args.step_list, engines)
         if not args.no_targets:
             extra = extra_targets(args, workdir)

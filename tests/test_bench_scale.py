@@ -80,3 +80,25 @@ def test_harness_prints_a_row_per_step_and_projects_over_budget(
     # The saved figures print the same tables again without running anything.
     assert scale.main(["--table-from", str(out)]) == 0
     assert capsys.readouterr().out == printed
+
+
+def test_saved_runs_merge_into_one_table_projecting_missing_sizes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(size: int, steps: list[str]) -> dict:
+        results = [{"step": s, "engine": "local", "size": size, "status": "measured", "rows_in": size,
+                    "rows_out": size, "seconds": size / 100, "peak_rss_mib": 300.0, "cpu_s": 1.0}
+                   for s in steps]
+        return {"sizes": [size], "results": results, "targets": {}, "note": f"run {size}"}
+
+    small, large = tmp_path / "small.json", tmp_path / "large.json"
+    small.write_text(json.dumps(run(1000, ["ingest", "noise"])))
+    large.write_text(json.dumps(run(10_000, ["ingest"])))
+    assert scale.main(["--table-from", str(small), str(large)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {c[0]: dict(zip(header, c, strict=True)) for c in
+            ([x.strip() for x in line.strip().strip("|").split("|")] for line in lines[2:4])}
+    assert rows["ingest"]["1k->10k time"] == "10.0x"
+    # noise ran only at 1k: its 10k time is projected from 100 rows/s and marked.
+    assert rows["noise"]["10k s"] == "~100.0" and rows["noise"]["projected"] == "10k"
+    assert rows["noise"]["10k peak RSS MiB"] == "-"
