@@ -150,7 +150,7 @@ class Result:
     step: str
     engine: str
     size: int
-    status: str                  # measured | projected | failed | timeout | skipped | reused
+    status: str  # measured | projected | failed | timeout | interrupted | skipped | reused
     rows_in: int = 0
     rows_out: int | None = None
     seconds: float | None = None
@@ -255,6 +255,7 @@ class Harness:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         say(f"{size_label(size)} {tag}: {' '.join(argv)}")
+        started = time.perf_counter()
         with open(report_file, "w") as stdout, open(log, "w") as stderr:
             wrapper = subprocess.Popen([sys.executable, "-c", WRAPPER, str(stats_file), *command],
                                        stdout=stdout, stderr=stderr, env=env, cwd=ROOT,
@@ -277,6 +278,9 @@ class Harness:
                     wrapper.wait(timeout=120)
                 if wrapper.poll() is None:
                     wrapper.kill()
+                self.results.append(Result(step.name, engine, size, "interrupted", self.rows_in(step, size, engine),
+                                           seconds=time.perf_counter() - started,
+                                           note="Ctrl+C: stopped before the end", command=argv))
                 raise
         result = Result(step.name, engine, size, "measured", command=argv)
         if stats_file.is_file():
