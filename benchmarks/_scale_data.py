@@ -1,8 +1,9 @@
 """Distinct preference pairs at any size, made from the real human-labelled sets in ../shared/data.
 
 The base is every pair of the shared sets read by prefab's own readers (HH-RLHF harmless,
-PandaLM with its three annotators' votes and ties, the four LLMBar subsets: about 3,900
-pairs). Row ``i`` of the output copies base row ``i % B`` and perturbs it, seeded by ``i``:
+PandaLM with its three annotators' votes and ties, the four LLMBar subsets: 3,877 pairs),
+shuffled once with a fixed seed so a small size mixes the sets too. Row ``i`` of the output
+copies base row ``i % B`` and perturbs it, seeded by ``i``:
 
 - a share (``edit_rate``, default 0.25) of the plain lowercase words of the last prompt turn,
   the chosen and the rejected answer are replaced by words drawn from the base texts' own
@@ -52,8 +53,9 @@ POOL_SIZE = 1 << 16
 
 
 @functools.lru_cache(maxsize=2)
-def base_pairs(data: Path = SHARED_DATA) -> pa.Table:
-    """Every pair of the shared sets (prefab's readers), with ``task`` naming its set (read once)."""
+def base_pairs(data: Path = SHARED_DATA, seed: int = 0) -> pa.Table:
+    """Every pair of the shared sets (prefab's readers), with ``task`` naming its set, in a
+    fixed shuffled order so any prefix mixes the sets (read once)."""
     from schemas.readers import read_path
 
     parts = []
@@ -65,7 +67,8 @@ def base_pairs(data: Path = SHARED_DATA) -> pa.Table:
         table = read_path(path, on_error="quarantine").table
         table = table.select(list(COLUMNS[:-1]))
         parts.append(table.append_column("task", pa.array([task] * table.num_rows, pa.string())))
-    return pa.concat_tables(parts).combine_chunks()
+    table = pa.concat_tables(parts).combine_chunks()
+    return table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
 
 
 def word_pool(base: pa.Table, seed: int = 0) -> pa.Array:
@@ -143,7 +146,7 @@ def write_pairs(path: Path, rows: int, *, edit_rate: float = 0.25, chunk_rows: i
                 data: Path = SHARED_DATA, seed: int = 0,
                 progress: Callable[[int], None] | None = None) -> Path:
     """Write ``rows`` distinct pairs to the Parquet file ``path``, a chunk at a time."""
-    base = base_pairs(data)
+    base = base_pairs(data, seed)
     pool = word_pool(base, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
