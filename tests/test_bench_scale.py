@@ -76,7 +76,9 @@ def test_harness_prints_a_row_per_step_and_projects_over_budget(
     figures = json.loads(out.read_text())["results"]
     measured = [r for r in figures if r["status"] == "measured"]
     assert {(r["step"], r["size"]) for r in measured} == {("ingest", 100), ("ingest", 200), ("export_trl", 100)}
-    assert all(r["rows_out"] == r["size"] for r in measured)
+    assert all(r["rows_out"] == r["size"] for r in measured if r["step"] == "ingest")
+    # TRL has no ties: the export leaves the tie pairs out.
+    assert all(0 < r["rows_out"] <= r["size"] for r in measured if r["step"] == "export_trl")
     # The saved figures print the same tables again without running anything.
     assert scale.main(["--table-from", str(out)]) == 0
     assert capsys.readouterr().out == printed
