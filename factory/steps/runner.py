@@ -244,7 +244,8 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
     there are read back instead of recomputed, so an interrupted run resumes. With
     ``engine="ray"`` a row-local step's batches are computed by Ray Data workers into
     ``resume_dir`` first; steps that need the whole table, or an LLM backend object, run
-    here (LLM steps are bound by the endpoint, not this machine).
+    here (LLM steps are bound by the endpoint, not this machine), a whole-table step that
+    declares ``embeds`` after Ray actors have put its embeddings in the cache.
     """
     spec = prepared.spec
     ran_on_ray = False
@@ -254,6 +255,11 @@ def execute(prepared: Prepared, table: pa.Table, ctx: StepContext, *,
         say_resuming(spec, resume_dir, list(range(0, table.num_rows, spec.batch_rows)) or [0])
         fill_on_ray(prepared, table, ctx, resume_dir, ray_address)
         ran_on_ray = True
+    elif engine == "ray" and spec.embeds is not None:
+        # Whole-table: Ray actors fill the embedding cache, then the step runs here on cached vectors.
+        from factory.embed.ray_embed import precompute_for_step
+
+        precompute_for_step(spec.embeds, table, ctx, ray_address)
     elif engine not in ("local", "ray"):
         raise PrefabError(f"unknown engine {engine!r} (known: local, ray)")
     if spec.backend != "none":

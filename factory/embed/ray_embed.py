@@ -1,0 +1,318 @@
+"""Embeddings on Ray: a whole-table step's texts are encoded by a pool of Ray actors first, so
+the step then runs unchanged on the driver and finds every vector in the embedding cache.
+
+A whole-table step that embeds declares what it will ask for (``embeds=`` on its decorator):
+``fn(table, ctx) -> iterable of EmbedRequest``, built from the same code the step runs, so
+the texts and their cut (``keep``) are exactly those :func:`factory.embed.embed_texts` will
+be given. With ``--engine ray`` the runner calls :func:`precompute` with them:
+
+1. *plan* (driver, no model): each distinct text once, by its cache key; texts already in the
+   cache are left out. A text wanted at its start and at its end travels as one row, so a text
+   short enough not to be cut is encoded once (its two vectors are the same);
+2. *encode* (Ray Data ``map_batches`` over an actor pool): each actor loads the encoder once,
+   one GPU per actor where the cluster has GPUs, otherwise one CPU thread per actor;
+3. *store* (driver, the cache's only writer here): vectors come back with their keys and
+   are written as cache shards, so workers need no shared file system with the home.
+
+Memory on the driver: the distinct keys planned (~100 bytes per distinct text) and one
+chunk of texts at a time; the texts to encode wait in Ray's object store (which spills to
+disk), never all at once in the driver's heap.
+
+Vectors are computed in the driver's precision (fp32, or bf16 when the driver's encoder uses
+it), so they land in the cache folder the driver's own encoder reads.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from factory.embed import _TAIL_KEY, MAX_TOKENS, cache_root, encoder_cache
+from factory.embed.cache import KEY_BYTES, show_progress, text_key
+from schemas.errors import PrefabError
+
+if TYPE_CHECKING:
+    from factory.embed.cache import EmbeddingCache
+    from factory.steps.context import StepContext
+
+Keep = Literal["start", "end"]
+_START, _END = 1, 2
+CHUNK_ROWS = 4096  # texts per object-store block
+ROWS_PER_CALL = 1024  # texts per actor call (the actor batches them by length inside)
+
+PLAN_SCHEMA = pa.schema([
+    pa.field("text", pa.large_string()),
+    pa.field("start", pa.bool_()),  # encode it cut on the right (keep="start")
+    pa.field("end", pa.bool_()),  # encode it cut on the left (keep="end")
+    # its start vector is cached or made by this run: an end that needs no cut is that vector
+    pa.field("plain_elsewhere", pa.bool_()),
+])
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Texts a step will pass to :func:`factory.embed.embed_texts`, with each ``keep`` it
+    will ask for (``("start", "end")``: both calls, on the same texts)."""
+
+    texts: Sequence[str]
+    keep: tuple[Keep, ...] = ("start",)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.keep if k not in ("start", "end")]
+        if bad or not self.keep:
+            raise ValueError(f"keep must name 'start' and/or 'end', got {self.keep!r}")
+
+    @property
+    def modes(self) -> int:
+        return (_START if "start" in self.keep else 0) | (_END if "end" in self.keep else 0)
+
+
+# What a step declares with ``embeds=``: the requests its run will make on ``table``.
+EmbedPlanner = Callable[[pa.Table, "StepContext[Any]"], Iterable[EmbedRequest]]
+
+
+def plain_key(text: str) -> bytes:
+    """The cache key ``embed_texts`` gives ``text`` cut on the right (or not cut at all)."""
+    return text_key(text, MAX_TOKENS)
+
+
+def tail_key(text: str) -> bytes:
+    """The cache key ``embed_texts(keep="end")`` gives ``text`` when it had to be cut."""
+    return text_key(_TAIL_KEY + text, MAX_TOKENS)
+
+
+@dataclass
+class PlanCounts:
+    asked: int = 0  # texts in the requests, repeats included
+    distinct: int = 0  # distinct texts
+    sent: int = 0  # rows sent to the workers (distinct texts with a vector still missing)
+
+
+def plan_missing(requests: Iterable[EmbedRequest], cached: Callable[[bytes], bool], *,
+                 chunk_rows: int = CHUNK_ROWS, counts: PlanCounts | None = None) -> Iterator[pa.Table]:
+    """Chunks (:data:`PLAN_SCHEMA`) of the distinct texts whose vectors the cache lacks.
+
+    A text asked for in several requests is planned once per ``keep``; ``cached(key)`` says
+    whether the cache holds a key. Only the keys planned stay in memory, not the texts."""
+    counts = counts if counts is not None else PlanCounts()
+    planned: dict[bytes, int] = {}  # plain key -> keep modes already planned
+    columns: dict[str, list[Any]] = {name: [] for name in PLAN_SCHEMA.names}
+    for request in requests:
+        for raw in request.texts:
+            counts.asked += 1
+            text = str(raw)
+            plain = plain_key(text)
+            before = planned.get(plain, 0)
+            new = request.modes & ~before
+            if not new:
+                continue
+            counts.distinct += before == 0
+            planned[plain] = before | new
+            start = bool(new & _START) and not cached(plain)
+            end = bool(new & _END) and not cached(tail_key(text))
+            if not (start or end):
+                continue
+            for name, value in zip(PLAN_SCHEMA.names, (
+                    text, start, end, bool((before | new) & _START) or cached(plain)), strict=True):
+                columns[name].append(value)
+            if len(columns["text"]) >= chunk_rows:
+                counts.sent += len(columns["text"])
+                yield pa.table(columns, schema=PLAN_SCHEMA)
+                columns = {name: [] for name in PLAN_SCHEMA.names}
+    if columns["text"]:
+        counts.sent += len(columns["text"])
+        yield pa.table(columns, schema=PLAN_SCHEMA)
+
+
+def vectors_table(keys: Sequence[bytes], vectors: np.ndarray) -> pa.Table:
+    """Keys and vectors as Arrow: what an actor returns for the driver to store."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    return pa.table({
+        "key": pa.array(list(keys), pa.binary(KEY_BYTES)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+    })
+
+
+class EmbedActor:
+    """One encoder per Ray actor, loaded once: plan rows in, (key, vector) rows out."""
+
+    def __init__(self, encoder_path: str, variant: str, batch_size: int, threads: int | None) -> None:
+        import torch
+
+        from factory.embed.encoder import MeanPoolEncoder, bf16_ok, pick_device
+
+        if not Path(encoder_path).is_dir():
+            raise PrefabError(f"Ray worker has no encoder folder {encoder_path}: run the workers in the "
+                              "driver's environment (the same prefab install)")
+        if threads:
+            torch.set_num_threads(threads)
+        device = pick_device()
+        want_bf16 = variant.endswith("|bf16")
+        if want_bf16 and not bf16_ok(device):
+            raise PrefabError(f"the driver embeds in bf16 but a Ray worker runs on {device}: give the "
+                              "workers GPUs or run the driver without one")
+        self.encoder = MeanPoolEncoder(encoder_path, device)
+        self.encoder.bf16 = want_bf16  # the driver's precision: its cache folder, its vectors
+        if self.encoder.cache_variant != variant:
+            raise PrefabError(f"Ray worker encoder is {self.encoder.cache_variant!r}, the driver's is "
+                              f"{variant!r}: run the workers in the driver's environment")
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        start, end, elsewhere = (batch.column(c).to_pylist() for c in ("start", "end", "plain_elsewhere"))
+        keys: list[bytes] = []
+        sequences: list[np.ndarray] = []
+        starts = [i for i, wanted in enumerate(start) if wanted]
+        if starts:
+            sequences += self.encoder.tokenize_plain([texts[i] for i in starts], MAX_TOKENS)
+            keys += [plain_key(texts[i]) for i in starts]
+        ends = [i for i, wanted in enumerate(end) if wanted]
+        if ends:
+            ids, cut = self.encoder.tokenize_tail([texts[i] for i in ends], MAX_TOKENS)
+            for i, seq, was_cut in zip(ends, ids, cut, strict=True):
+                if was_cut:
+                    keys.append(tail_key(texts[i]))
+                    sequences.append(seq)
+                elif not elsewhere[i]:  # not cut: its end vector is its start vector
+                    keys.append(plain_key(texts[i]))
+                    sequences.append(seq)
+        vectors = self.encoder.embed_ids(sequences, self.batch_size)
+        return vectors_table(keys, vectors.reshape(len(keys), self.encoder.dim))
+
+
+@dataclass
+class PrecomputeReport:
+    asked: int = 0
+    distinct: int = 0
+    computed: int = 0  # vectors the actors made and the driver stored
+    actors: int = 0
+    device: str = ""
+    seconds: float = 0.0
+    counts: PlanCounts = field(default_factory=PlanCounts)
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    threads: int | None  # torch threads per CPU actor
+
+    @property
+    def device(self) -> str:
+        return "GPU" if self.gpus_per_actor else "CPU"
+
+
+def pool_shape(resources: dict[str, float], num_actors: int | None) -> PoolShape:
+    """One actor per GPU where the cluster has GPUs; otherwise ``num_actors`` (default: one per
+    CPU) sharing the CPUs, each with its share as torch threads (no oversubscription)."""
+    if num_actors is not None and num_actors < 1:
+        raise PrefabError(f"num_actors must be at least 1, got {num_actors}")
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return PoolShape(min(num_actors or gpus, gpus), 1, 1, None)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    actors = min(num_actors or cpus, cpus)
+    threads = max(1, cpus // actors)
+    return PoolShape(actors, 0, threads, threads)
+
+
+def start_ray(address: str | None) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PrefabError("--engine ray needs Ray: pip install 'prefab[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+def precompute(requests: Iterable[EmbedRequest], *, home: str | Path | None = None,
+               encoder_path: str | None = None, num_actors: int | None = None,
+               address: str | None = None, batch_size: int = 64, rows_per_call: int = ROWS_PER_CALL,
+               progress: bool | None = None) -> PrecomputeReport:
+    """Encode on Ray every requested text the cache under ``home`` lacks, and store the vectors.
+
+    ``encoder_path``: the encoder folder (default: the bundled MiniLM), the model identity the
+    cache is keyed by. ``address``: an existing cluster (default: the running Ray, or a local one).
+    """
+    from factory.embed.encoder import get_encoder
+
+    started = time.monotonic()
+    encoder = get_encoder(encoder_path)
+    cache = encoder_cache(encoder, cache_root(home))
+    cache.refresh()
+    report = PrecomputeReport()
+    ray = start_ray(address)
+    # The object store holds the texts to encode; the driver keeps only references.
+    refs = [ray.put(chunk) for chunk in plan_missing(requests, cache.__contains__, counts=report.counts)]
+    report.asked, report.distinct = report.counts.asked, report.counts.distinct
+    if refs:
+        shape = pool_shape(ray.cluster_resources(), num_actors)
+        report.actors, report.device = shape.actors, shape.device
+        say = _reporter(progress)
+        say(f"embed on ray: {report.counts.sent:,} of {report.distinct:,} distinct texts to encode on "
+            f"{shape.actors} {shape.device} actor(s)")
+        report.computed = _encode_and_store(refs, cache, encoder, shape, batch_size, rows_per_call,
+                                            show_progress(progress))
+        seconds = time.monotonic() - started
+        say(f"embed on ray: {report.computed:,} vectors stored in {seconds:.1f} s "
+            f"({report.computed / max(seconds, 1e-9):,.0f} texts/s)")
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _encode_and_store(refs: list[Any], cache: EmbeddingCache, encoder: Any, shape: PoolShape,
+                      batch_size: int, rows_per_call: int, bars: bool) -> int:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = bars
+    dataset = ray.data.from_arrow_refs(refs).map_batches(
+        EmbedActor, fn_constructor_kwargs={"encoder_path": encoder.path, "variant": encoder.cache_variant,
+                                           "batch_size": batch_size, "threads": shape.threads},
+        concurrency=shape.actors, num_gpus=shape.gpus_per_actor, num_cpus=shape.cpus_per_actor,
+        batch_size=rows_per_call, batch_format="pyarrow", zero_copy_batch=True,
+    )
+    stored = 0
+    pending: list[pa.Table] = []
+    rows = 0
+
+    def flush() -> None:
+        nonlocal stored, pending, rows
+        if rows:
+            out = pa.concat_tables(pending)
+            vectors = np.asarray(out.column("vector").combine_chunks().flatten(), dtype=np.float32)
+            stored += cache.put(out.column("key").to_pylist(), vectors.reshape(rows, encoder.dim))
+        pending, rows = [], 0
+
+    try:  # stored as they come: an interrupted run keeps every full shard
+        for out in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            if out.num_rows:
+                pending.append(out)
+                rows += out.num_rows
+            if rows >= cache.shard_rows:
+                flush()
+    finally:
+        flush()
+    return stored
+
+
+def precompute_for_step(planner: EmbedPlanner, table: pa.Table, ctx: StepContext[Any],
+                        address: str | None = None) -> PrecomputeReport:
+    """What the runner calls before a whole-table step that declares ``embeds=``."""
+    return precompute(planner(table, ctx), home=ctx.home, address=address, progress=ctx.progress)
+
+
+def _reporter(progress: bool | None) -> Callable[[str], None]:
+    if not show_progress(progress):
+        return lambda _text: None
+    return lambda text: print(text, file=sys.stderr, flush=True)
