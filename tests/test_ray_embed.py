@@ -125,6 +125,7 @@ def _fill_in_process(requests: list[EmbedRequest], home: Path) -> int:
     return stored
 
 
+@pytest.mark.slow  # encodes ~60 texts twice, long ones included (~40 s on 2 busy cores)
 def test_dedup_after_the_declared_texts_are_encoded_calls_no_encoder(tmp_path, monkeypatch) -> None:
     table = pairs_to_table(_pairs())
     prepared = prepare("filter", "dedup", {"near": "embedding"})
@@ -180,3 +181,59 @@ def test_dedup_on_ray_gives_the_pair_ids_and_labels_of_the_in_process_run(tmp_pa
     for column in ("pair_id", "chosen", "rejected", "tie"):
         assert a[column].to_pylist() == b[column].to_pylist(), column
     assert a.num_rows == table.num_rows - 2  # the exact and the paraphrased duplicate dropped
+
+
+# ---- each declaration names what its step embeds -----------------------------------------
+
+
+class _Asked(Exception):
+    pass
+
+
+def test_hard_negatives_declares_the_instructions_contrast_mode_embeds() -> None:
+    from tests.test_gen_hard_negatives import _seeds
+
+    table = _seeds()
+    prepared = prepare("generator", "hard_negatives", {})
+    ctx = StepContext("hard_negatives", prepared.params)
+    asked: list[str] = []
+
+    def first_embed(texts: list[str]) -> np.ndarray:
+        asked.extend(texts)
+        raise _Asked  # the instructions come first; the answers depend on their neighbours
+
+    ctx.embed = first_embed  # type: ignore[method-assign]
+    with pytest.raises(_Asked):
+        execute(prepared, table, ctx)
+    declared = [t for r in prepared.spec.embeds(table, ctx) for t in r.texts]
+    assert asked and set(declared) == set(asked)
+    mining = prepare("generator", "hard_negatives", {"mode": "rm_mining", "model": "x"})
+    assert list(mining.spec.embeds(table, StepContext("hard_negatives", mining.params))) == []
+
+
+def test_dedup_declares_nothing_unless_near_duplicates_are_embedded() -> None:
+    table = pairs_to_table(_pairs())
+    for near in ("minhash", "none"):
+        prepared = prepare("filter", "dedup", {"near": near})
+        assert list(prepared.spec.embeds(table, StepContext("dedup", prepared.params))) == []
+
+
+def test_noise_after_the_declared_inputs_are_encoded_calls_no_encoder(tmp_path, monkeypatch) -> None:
+    import filters.noise as noise_module
+    from tests.test_filter_noise import flipped_table
+
+    table = flipped_table(24, flipped=(3,), ties=2)
+    prepared = prepare("filter", "noise", {})
+    ctx = StepContext("noise", prepared.params, home=tmp_path, progress=False)
+    requests = list(prepared.spec.embeds(table, ctx))
+    assert [len(r.ids) for r in requests] == [48, 0] and len(requests[1].texts) == 48  # ties unscored
+    assert _fill_in_process(requests, tmp_path) > 0
+    calls = _count_encoder_calls(monkeypatch)
+
+    def features_then_stop(views, ctx):  # noqa: ANN001, ANN202 - the hook's signature
+        raise _Asked  # the features are what embeds; the heads after them train on them
+
+    monkeypatch.setattr(noise_module, "score_views", features_then_stop)
+    with pytest.raises(_Asked):
+        execute(prepared, table, ctx)
+    assert calls == []

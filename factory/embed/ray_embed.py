@@ -27,7 +27,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from factory.embed import _TAIL_KEY, MAX_TOKENS, cache_root, encoder_cache
-from factory.embed.cache import KEY_BYTES, show_progress, text_key
+from factory.embed.cache import KEY_BYTES, ids_key, show_progress, text_key
 from schemas.errors import PrefabError
 
 if TYPE_CHECKING:
@@ -44,30 +44,39 @@ if TYPE_CHECKING:
 
 Keep = Literal["start", "end"]
 _START, _END = 1, 2
-CHUNK_ROWS = 4096  # texts per object-store block
-ROWS_PER_CALL = 1024  # texts per actor call (the actor batches them by length inside)
+# Texts per object-store block and per actor call (the actor batches them by length inside):
+# one block is one call, so the blocks spread over the whole pool.
+CHUNK_ROWS = ROWS_PER_CALL = 1024
 
 PLAN_SCHEMA = pa.schema([
-    pa.field("text", pa.large_string()),
+    pa.field("text", pa.large_string()),  # a plain text (null for a token-id row)
     pa.field("start", pa.bool_()),  # encode it cut on the right (keep="start")
     pa.field("end", pa.bool_()),  # encode it cut on the left (keep="end")
     # its start vector is cached or made by this run: an end that needs no cut is that vector
     pa.field("plain_elsewhere", pa.bool_()),
+    pa.field("ids", pa.list_(pa.int64())),  # token ids to encode as they are (null for a text row)
 ])
 
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """Texts a step will pass to :func:`factory.embed.embed_texts`, with each ``keep`` it
-    will ask for (``("start", "end")``: both calls, on the same texts)."""
+    """What a step will embed: ``texts`` it passes to :func:`factory.embed.embed_texts`, with
+    each ``keep`` it asks for (``("start", "end")``: both calls, on the same texts), or ``ids``
+    it rendered and cut itself and embeds through the cache by their exact ids (the trainer's
+    head features, :class:`factory.trainer.model.HeadFeaturizer`). ``encoder``: the encoder
+    folder, the identity the cache is keyed by (``None``: the bundled MiniLM)."""
 
-    texts: Sequence[str]
+    texts: Sequence[str] = ()
     keep: tuple[Keep, ...] = ("start",)
+    ids: Sequence[np.ndarray] = ()
+    encoder: str | None = None
 
     def __post_init__(self) -> None:
         bad = [k for k in self.keep if k not in ("start", "end")]
         if bad or not self.keep:
             raise ValueError(f"keep must name 'start' and/or 'end', got {self.keep!r}")
+        if len(self.texts) and len(self.ids):
+            raise ValueError("an EmbedRequest holds texts or token ids, not both")
 
     @property
     def modes(self) -> int:
@@ -90,45 +99,86 @@ def tail_key(text: str) -> bytes:
 
 @dataclass
 class PlanCounts:
-    asked: int = 0  # texts in the requests, repeats included
-    distinct: int = 0  # distinct texts
-    sent: int = 0  # rows sent to the workers (distinct texts with a vector still missing)
+    asked: int = 0  # texts and sequences in the requests, repeats included
+    distinct: int = 0  # distinct texts and sequences
+    sent: int = 0  # rows sent to the workers (distinct inputs with a vector still missing)
+
+
+class Planner:
+    """Distinct inputs whose vectors one cache lacks, as chunks (:data:`PLAN_SCHEMA`).
+
+    A text asked for in several requests is planned once per ``keep``, a token sequence once;
+    ``cached(key)`` says whether the cache holds a key. Only the keys planned stay in memory
+    (~100 bytes each), not the texts."""
+
+    def __init__(self, cached: Callable[[bytes], bool], chunk_rows: int = CHUNK_ROWS) -> None:
+        self.cached, self.chunk_rows = cached, chunk_rows
+        self.counts = PlanCounts()
+        self._planned: dict[bytes, int] = {}  # plain or ids key -> keep modes planned (ids: _START)
+        self._rows: dict[str, list[Any]] = {name: [] for name in PLAN_SCHEMA.names}
+
+    def add(self, request: EmbedRequest) -> Iterator[pa.Table]:
+        """Plan ``request``; yields each chunk as it fills."""
+        for raw in request.texts:
+            self._text(str(raw), request.modes)
+            yield from self._full()
+        for seq in request.ids:
+            self._ids(np.asarray(seq, dtype=np.int64))
+            yield from self._full()
+
+    def finish(self) -> Iterator[pa.Table]:
+        """The last, partly filled chunk."""
+        if self._rows["text"]:
+            yield self._take()
+
+    def _text(self, text: str, modes: int) -> None:
+        self.counts.asked += 1
+        plain = plain_key(text)
+        before = self._planned.get(plain, 0)
+        new = modes & ~before
+        if not new:
+            return
+        self.counts.distinct += before == 0
+        self._planned[plain] = before | new
+        start = bool(new & _START) and not self.cached(plain)
+        end = bool(new & _END) and not self.cached(tail_key(text))
+        if start or end:
+            self._append(text, start, end, bool((before | new) & _START) or self.cached(plain), None)
+
+    def _ids(self, seq: np.ndarray) -> None:
+        self.counts.asked += 1
+        key = ids_key(seq)
+        if key in self._planned:
+            return
+        self.counts.distinct += 1
+        self._planned[key] = _START
+        if not self.cached(key):
+            self._append(None, False, False, False, seq)
+
+    def _append(self, *values: Any) -> None:
+        for name, value in zip(PLAN_SCHEMA.names, values, strict=True):
+            self._rows[name].append(value)
+
+    def _full(self) -> Iterator[pa.Table]:
+        if len(self._rows["text"]) >= self.chunk_rows:
+            yield self._take()
+
+    def _take(self) -> pa.Table:
+        self.counts.sent += len(self._rows["text"])
+        chunk = pa.table(self._rows, schema=PLAN_SCHEMA)
+        self._rows = {name: [] for name in PLAN_SCHEMA.names}
+        return chunk
 
 
 def plan_missing(requests: Iterable[EmbedRequest], cached: Callable[[bytes], bool], *,
                  chunk_rows: int = CHUNK_ROWS, counts: PlanCounts | None = None) -> Iterator[pa.Table]:
-    """Chunks (:data:`PLAN_SCHEMA`) of the distinct texts whose vectors the cache lacks.
-
-    A text asked for in several requests is planned once per ``keep``; ``cached(key)`` says
-    whether the cache holds a key. Only the keys planned stay in memory, not the texts."""
-    counts = counts if counts is not None else PlanCounts()
-    planned: dict[bytes, int] = {}  # plain key -> keep modes already planned
-    columns: dict[str, list[Any]] = {name: [] for name in PLAN_SCHEMA.names}
+    """The chunks of :class:`Planner` for ``requests`` (one cache; ``counts`` filled in)."""
+    planner = Planner(cached, chunk_rows)
+    if counts is not None:
+        planner.counts = counts
     for request in requests:
-        for raw in request.texts:
-            counts.asked += 1
-            text = str(raw)
-            plain = plain_key(text)
-            before = planned.get(plain, 0)
-            new = request.modes & ~before
-            if not new:
-                continue
-            counts.distinct += before == 0
-            planned[plain] = before | new
-            start = bool(new & _START) and not cached(plain)
-            end = bool(new & _END) and not cached(tail_key(text))
-            if not (start or end):
-                continue
-            for name, value in zip(PLAN_SCHEMA.names, (
-                    text, start, end, bool((before | new) & _START) or cached(plain)), strict=True):
-                columns[name].append(value)
-            if len(columns["text"]) >= chunk_rows:
-                counts.sent += len(columns["text"])
-                yield pa.table(columns, schema=PLAN_SCHEMA)
-                columns = {name: [] for name in PLAN_SCHEMA.names}
-    if columns["text"]:
-        counts.sent += len(columns["text"])
-        yield pa.table(columns, schema=PLAN_SCHEMA)
+        yield from planner.add(request)
+    yield from planner.finish()
 
 
 def vectors_table(keys: Sequence[bytes], vectors: np.ndarray) -> pa.Table:
@@ -171,7 +221,7 @@ class EmbedActor:
         start, end, elsewhere = (batch.column(c).to_pylist() for c in ("start", "end", "plain_elsewhere"))
         keys: list[bytes] = []
         sequences: list[np.ndarray] = []
-        starts = [i for i, wanted in enumerate(start) if wanted]
+        starts = [i for i, wanted in enumerate(start) if wanted]  # text rows; ids rows have neither
         if starts:
             sequences += self.encoder.tokenize_plain([texts[i] for i in starts], MAX_TOKENS)
             keys += [plain_key(texts[i]) for i in starts]
@@ -185,6 +235,10 @@ class EmbedActor:
                 elif not elsewhere[i]:  # not cut: its end vector is its start vector
                     keys.append(plain_key(texts[i]))
                     sequences.append(seq)
+        for seq in batch.column("ids").to_pylist():
+            if seq is not None:
+                sequences.append(np.asarray(seq, dtype=np.int64))
+                keys.append(ids_key(sequences[-1]))
         vectors = self.encoder.embed_ids(sequences, self.batch_size)
         return vectors_table(keys, vectors.reshape(len(keys), self.encoder.dim))
 
@@ -197,7 +251,6 @@ class PrecomputeReport:
     actors: int = 0
     device: str = ""
     seconds: float = 0.0
-    counts: PlanCounts = field(default_factory=PlanCounts)
 
 
 @dataclass(frozen=True)
@@ -236,38 +289,54 @@ def start_ray(address: str | None) -> Any:
     return ray
 
 
-def precompute(requests: Iterable[EmbedRequest], *, home: str | Path | None = None,
-               encoder_path: str | None = None, num_actors: int | None = None,
-               address: str | None = None, batch_size: int = 64, rows_per_call: int = ROWS_PER_CALL,
-               progress: bool | None = None) -> PrecomputeReport:
-    """Encode on Ray every requested text the cache under ``home`` lacks, and store the vectors.
+class _Group:
+    """The requests of one encoder: its cache, its plan, the chunks put in the object store."""
 
-    ``encoder_path``: the encoder folder (default: the bundled MiniLM), the model identity the
-    cache is keyed by. ``address``: an existing cluster (default: the running Ray, or a local one).
-    """
-    from factory.embed.encoder import get_encoder
+    def __init__(self, encoder_path: str, home: str | Path | None) -> None:
+        from factory.embed.encoder import get_encoder
+
+        self.encoder = get_encoder(encoder_path)
+        self.cache = encoder_cache(self.encoder, cache_root(home))
+        self.cache.refresh()
+        self.planner = Planner(self.cache.__contains__)
+        self.refs: list[Any] = []
+
+
+def precompute(requests: Iterable[EmbedRequest], *, home: str | Path | None = None,
+               num_actors: int | None = None, address: str | None = None, batch_size: int = 64,
+               rows_per_call: int = ROWS_PER_CALL, progress: bool | None = None) -> PrecomputeReport:
+    """Encode on Ray every requested input the cache under ``home`` lacks, and store the vectors
+    (one actor pool per encoder the requests name). ``address``: an existing cluster (default:
+    the running Ray, or a local one)."""
+    from factory.embed.encoder import minilm_path
 
     started = time.monotonic()
-    encoder = get_encoder(encoder_path)
-    cache = encoder_cache(encoder, cache_root(home))
-    cache.refresh()
     report = PrecomputeReport()
     ray = start_ray(address)
-    # The object store holds the texts to encode; the driver keeps only references.
-    refs = [ray.put(chunk) for chunk in plan_missing(requests, cache.__contains__, counts=report.counts)]
-    report.asked, report.distinct = report.counts.asked, report.counts.distinct
-    if refs:
+    groups: dict[str, _Group] = {}  # by encoder folder
+    for request in requests:
+        folder = str(Path(request.encoder or minilm_path()).resolve())
+        group = groups.get(folder) or groups.setdefault(folder, _Group(folder, home))
+        # The object store holds the inputs to encode; the driver keeps only references.
+        group.refs += [ray.put(chunk) for chunk in group.planner.add(request)]
+    say = _reporter(progress)
+    for group in groups.values():
+        group.refs += [ray.put(chunk) for chunk in group.planner.finish()]
+        counts = group.planner.counts
+        report.asked += counts.asked
+        report.distinct += counts.distinct
+        if not group.refs:
+            continue
         shape = pool_shape(ray.cluster_resources(), num_actors)
         report.actors, report.device = shape.actors, shape.device
-        say = _reporter(progress)
-        say(f"embed on ray: {report.counts.sent:,} of {report.distinct:,} distinct texts to encode on "
-            f"{shape.actors} {shape.device} actor(s)")
-        report.computed = _encode_and_store(refs, cache, encoder, shape, batch_size, rows_per_call,
-                                            show_progress(progress))
-        seconds = time.monotonic() - started
-        say(f"embed on ray: {report.computed:,} vectors stored in {seconds:.1f} s "
-            f"({report.computed / max(seconds, 1e-9):,.0f} texts/s)")
+        say(f"embed on ray: {counts.sent:,} of {counts.distinct:,} distinct inputs to encode with "
+            f"{Path(group.encoder.path).name} on {shape.actors} {shape.device} actor(s)")
+        report.computed += _encode_and_store(group.refs, group.cache, group.encoder, shape, batch_size,
+                                             rows_per_call, show_progress(progress))
     report.seconds = time.monotonic() - started
+    if report.computed:
+        say(f"embed on ray: {report.computed:,} vectors stored in {report.seconds:.1f} s "
+            f"({report.computed / max(report.seconds, 1e-9):,.0f} vectors/s)")
     return report
 
 
