@@ -237,3 +237,21 @@ def test_noise_after_the_declared_inputs_are_encoded_calls_no_encoder(tmp_path, 
     with pytest.raises(_Asked):
         execute(prepared, table, ctx)
     assert calls == []
+
+
+def test_a_rerun_with_everything_cached_starts_no_ray(tmp_path, monkeypatch) -> None:
+    import factory.embed.ray_embed as ray_embed
+    from factory.embed import cache_root, encoder_cache
+    from factory.embed.encoder import get_encoder
+
+    texts = ["first text", "second text"]
+    encoder = get_encoder()
+    cache = encoder_cache(encoder, cache_root(tmp_path))
+    cache.put([plain_key(t) for t in texts], np.ones((2, encoder.dim), np.float32))
+
+    def no_ray(address):  # noqa: ANN001, ANN202
+        raise AssertionError("Ray started with nothing to encode")
+
+    monkeypatch.setattr(ray_embed, "start_ray", no_ray)
+    report = ray_embed.precompute([EmbedRequest(texts), EmbedRequest(texts[:1])], home=tmp_path)
+    assert (report.asked, report.distinct, report.computed) == (3, 2, 0)

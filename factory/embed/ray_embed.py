@@ -1,22 +1,26 @@
-"""Embeddings on Ray: a whole-table step's texts are encoded by a pool of Ray actors first, so
-the step then runs unchanged on the driver and finds every vector in the embedding cache.
+"""Embeddings on Ray: a whole-table step's inputs are encoded by a pool of Ray actors first, so
+the step then runs unchanged on the driver and finds every vector in the embedding cache
+(the neighbour index is then built there from those vectors).
 
 A whole-table step that embeds declares what it will ask for (``embeds=`` on its decorator):
 ``fn(table, ctx) -> iterable of EmbedRequest``, built from the same code the step runs, so
 the texts and their cut (``keep``) are exactly those :func:`factory.embed.embed_texts` will
-be given. With ``--engine ray`` the runner calls :func:`precompute` with them:
+be given, or the token ids the trainer's head featurizer will embed. With ``--engine ray``
+the runner calls :func:`precompute` with them:
 
-1. *plan* (driver, no model): each distinct text once, by its cache key; texts already in the
-   cache are left out. A text wanted at its start and at its end travels as one row, so a text
-   short enough not to be cut is encoded once (its two vectors are the same);
-2. *encode* (Ray Data ``map_batches`` over an actor pool): each actor loads the encoder once,
-   one GPU per actor where the cluster has GPUs, otherwise one CPU thread per actor;
+1. *plan* (driver, no model run): each distinct input once, by its cache key; inputs already
+   in the cache are left out. A text wanted at its start and at its end travels as one row,
+   so a text short enough not to be cut is encoded once (its two vectors are the same);
+2. *encode* (Ray Data ``map_batches`` over an actor pool, one pool per encoder): each actor
+   loads the encoder once, one GPU per actor where the cluster has GPUs, otherwise the CPUs
+   shared out as torch threads;
 3. *store* (driver, the cache's only writer here): vectors come back with their keys and
-   are written as cache shards, so workers need no shared file system with the home.
+   are written as cache shards, so workers need no file system shared with the home.
 
-Memory on the driver: the distinct keys planned (~100 bytes per distinct text) and one
-chunk of texts at a time; the texts to encode wait in Ray's object store (which spills to
-disk), never all at once in the driver's heap.
+Memory on the driver: the distinct keys planned (~100 bytes per distinct input) and one
+chunk of inputs at a time; the inputs to encode wait in Ray's object store (which spills to
+disk), never all at once in the driver's heap. (The step itself, run next, holds what it
+holds in process.)
 
 Vectors are computed in the driver's precision (fp32, or bf16 when the driver's encoder uses
 it), so they land in the cache folder the driver's own encoder reads.
@@ -312,22 +316,26 @@ def precompute(requests: Iterable[EmbedRequest], *, home: str | Path | None = No
 
     started = time.monotonic()
     report = PrecomputeReport()
-    ray = start_ray(address)
+
+    def put(chunk: pa.Table) -> Any:
+        # Ray starts with the first input to encode: a rerun that finds all cached starts none.
+        # The object store holds the inputs; the driver keeps only references.
+        return start_ray(address).put(chunk)
+
     groups: dict[str, _Group] = {}  # by encoder folder
     for request in requests:
         folder = str(Path(request.encoder or minilm_path()).resolve())
         group = groups.get(folder) or groups.setdefault(folder, _Group(folder, home))
-        # The object store holds the inputs to encode; the driver keeps only references.
-        group.refs += [ray.put(chunk) for chunk in group.planner.add(request)]
+        group.refs += [put(chunk) for chunk in group.planner.add(request)]
     say = _reporter(progress)
     for group in groups.values():
-        group.refs += [ray.put(chunk) for chunk in group.planner.finish()]
+        group.refs += [put(chunk) for chunk in group.planner.finish()]
         counts = group.planner.counts
         report.asked += counts.asked
         report.distinct += counts.distinct
         if not group.refs:
             continue
-        shape = pool_shape(ray.cluster_resources(), num_actors)
+        shape = pool_shape(start_ray(address).cluster_resources(), num_actors)
         report.actors, report.device = shape.actors, shape.device
         say(f"embed on ray: {counts.sent:,} of {counts.distinct:,} distinct inputs to encode with "
             f"{Path(group.encoder.path).name} on {shape.actors} {shape.device} actor(s)")
