@@ -255,3 +255,20 @@ def test_a_rerun_with_everything_cached_starts_no_ray(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(ray_embed, "start_ray", no_ray)
     report = ray_embed.precompute([EmbedRequest(texts), EmbedRequest(texts[:1])], home=tmp_path)
     assert (report.asked, report.distinct, report.computed) == (3, 2, 0)
+
+
+def test_a_worker_without_the_encoder_says_so_in_one_line(tmp_path) -> None:
+    from factory.embed.ray_embed import prefab_cause
+    from schemas.errors import PrefabError
+
+    with pytest.raises(PrefabError, match="Ray worker has no encoder folder") as raised:
+        EmbedActor(str(tmp_path / "absent"), "meanpool-l2|fp32", 64, None)
+    # Ray hands the driver the worker's error wrapped, as a cause of its own exception
+    try:
+        try:
+            raise raised.value
+        except PrefabError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as wrapped:
+        assert prefab_cause(wrapped) is raised.value
+    assert prefab_cause(RuntimeError("other")) is None

@@ -352,7 +352,8 @@ def _encode_and_store(refs: list[Any], cache: EmbeddingCache, encoder: Any, shap
                       batch_size: int, rows_per_call: int, bars: bool) -> int:
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = bars
+    data_context = ray.data.DataContext.get_current()
+    bars_before, data_context.enable_progress_bars = data_context.enable_progress_bars, bars
     dataset = ray.data.from_arrow_refs(refs).map_batches(
         EmbedActor, fn_constructor_kwargs={"encoder_path": encoder.path, "variant": encoder.cache_variant,
                                            "batch_size": batch_size, "threads": shape.threads},
@@ -378,9 +379,30 @@ def _encode_and_store(refs: list[Any], cache: EmbeddingCache, encoder: Any, shap
                 rows += out.num_rows
             if rows >= cache.shard_rows:
                 flush()
+    except Exception as exc:
+        cause = prefab_cause(exc)
+        if cause is None:
+            raise
+        raise PrefabError(str(cause)) from exc  # one line, not a worker's traceback
     finally:
         flush()
+        data_context.enable_progress_bars = bars_before
     return stored
+
+
+def prefab_cause(exc: BaseException) -> PrefabError | None:
+    """The PrefabError a Ray worker raised, found in the chain Ray wraps it in (or None)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PrefabError):
+            return current
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
 
 
 def precompute_for_step(planner: EmbedPlanner, table: pa.Table, ctx: StepContext[Any],
