@@ -30,7 +30,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -40,6 +40,7 @@ import polars as pl
 import pyarrow as pa
 
 from factory.embed import Embedder
+from factory.embed.ray_embed import EmbedRequest
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from schemas.prompts import prompt_text
 
@@ -127,25 +128,53 @@ class DedupParams:
                              f"'near_threshold' ({self.near_threshold})")
 
 
-# version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
-# and search every earlier exact-content representative (was a k=16 window)
-@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="3")
-def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
-    """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
-    params = ctx.params
-    pair_ids = table.column("pair_id").to_pylist()
-    prompts = [prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]
-    # A pair is a duplicate of another when every part is: the prompt and both answers
-    # (taken in a fixed order, so a swapped label is still the same comparison).
-    components = [prompts]
+def _components(table: pa.Table, params: DedupParams) -> list[list[str]]:
+    """The parts compared, prompts first: a pair is a duplicate of another when every part is,
+    the prompt and both answers (taken in a fixed order, so a swapped label is still the same
+    comparison)."""
+    components = [[prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]]
     if params.content == "pair":
         chosen = [canonical(t) for t in table.column("chosen").to_pylist()]
         rejected = [canonical(t) for t in table.column("rejected").to_pylist()]
         components += [[min(c, r) for c, r in zip(chosen, rejected, strict=True)],
                        [max(c, r) for c, r in zip(chosen, rejected, strict=True)]]
-    keys = ["\x00".join(canonical(part[i]) for part in components) for i in range(len(pair_ids))]
+    return components
 
-    exact_of = _exact(keys, pair_ids)
+
+def _exact_of(components: list[list[str]], pair_ids: list[str]) -> list[str | None]:
+    keys = ["\x00".join(canonical(part[i]) for part in components) for i in range(len(pair_ids))]
+    return _exact(keys, pair_ids)
+
+
+def _representatives(exact_of: list[str | None]) -> list[int]:
+    """One row per exact-content group (its first): near duplicates are searched among these."""
+    return [i for i, first in enumerate(exact_of) if first is None]
+
+
+def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[EmbedRequest]:
+    """What ``near=embedding`` embeds (for ``--engine ray``): each part of every representative,
+    at its start and at its end."""
+    # Ray actors encode with MiniLM on torch; another embedder's vectors are made on the driver.
+    if ctx.params.near != "embedding" or ctx.params.embedder != "minilm":
+        return
+    components = _components(table, ctx.params)
+    representatives = _representatives(_exact_of(components, table.column("pair_id").to_pylist()))
+    if len(representatives) < 2:
+        return
+    for part in components:
+        yield EmbedRequest([part[i] for i in representatives], keep=("start", "end"))
+
+
+# version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
+# and search every earlier exact-content representative (was a k=16 window)
+@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="3", embeds=dedup_embeds)
+def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
+    """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
+    params = ctx.params
+    pair_ids = table.column("pair_id").to_pylist()
+    components = _components(table, params)
+    prompts = components[0]
+    exact_of = _exact_of(components, pair_ids)
     if params.near == "minhash":
         near_similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
     elif params.near == "embedding":
@@ -327,7 +356,7 @@ def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: 
     n = len(pair_ids)
     similarity = np.zeros(n)
     near_of: list[str | None] = [None] * n
-    representatives = [i for i in range(n) if exact_of[i] is None]
+    representatives = _representatives(exact_of)
     if len(representatives) < 2:
         return similarity, near_of
     # Each part at its start and at its end: the encoder reads 256 tokens, and two long

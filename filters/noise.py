@@ -62,6 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.embed import Embedder
+from factory.embed.ray_embed import EmbedRequest
 from factory.home import resolve_home
 from factory.steps import Decision, StepContext, StepResult, filter_step, param
 from filters._noise_signals import noise_rate, noise_rate_interval, sigmoid, vote_evidence
@@ -192,9 +193,36 @@ def decide_noise(scores: pa.Table, params: NoiseParams) -> Decision:
 # ---- the step -----------------------------------------------------------------------------
 
 
+def _unscored(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(ties, generated non-ties): the rows the step keeps without scoring."""
+    tie = (pc.fill_null(table.column("tie"), False).to_numpy(zero_copy_only=False)
+           if "tie" in table.column_names else np.zeros(table.num_rows, bool))
+    # Generated pairs are right by construction (or wrong by the generator's design): they are
+    # no evidence of human label noise, and, easy to learn, they drown it. Kept, not scored.
+    return tie, generated_mask(table) & ~tie
+
+
+def noise_embeds(table: pa.Table, ctx: StepContext[NoiseParams]) -> Iterator[EmbedRequest]:
+    """What :func:`_features` embeds (for ``--engine ray``): both sides of every scored pair as
+    the head featurizer renders and cuts them, and each response alone."""
+    from factory.embed.encoder import get_encoder
+    from factory.trainer import backbones
+    from factory.trainer.data import pair_data
+
+    params = ctx.params
+    tie, generated = _unscored(table)
+    data = pair_data(table.take(pa.array(np.flatnonzero(~tie & ~generated), pa.int64())))
+    base = backbones.resolve_base(params.base)
+    encoded = backbones.encode_pairs(get_encoder(base).tokenizer, data.prompts + data.prompts,
+                                     data.chosen + data.rejected, params.max_length)
+    yield EmbedRequest(ids=encoded.ids, encoder=base)
+    if params.response_view and params.embedder == "minilm":  # Ray actors encode with MiniLM on torch
+        yield EmbedRequest(data.chosen + data.rejected)
+
+
 # version 2: principal components from the chunked covariance, each signed so its largest entry
 # is positive (the SVD's signs were LAPACK's choice); the heads start from other features
-@filter_step("noise", params=NoiseParams, decide=decide_noise, version="2")
+@filter_step("noise", params=NoiseParams, decide=decide_noise, version="2", embeds=noise_embeds)
 def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     """Label noise: out-of-fold RM ensemble, confident learning, training dynamics, CRM peer
     review, neighbour agreement, votes and judges, combined into one calibrated suspicion."""
@@ -202,10 +230,7 @@ def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     n_rows = table.num_rows
     frame = pl.from_arrow(table.select([c for c in ("pair_id", "prompt_id", "chosen", "rejected", "tie",
                                                     "weight") if c in table.column_names]))
-    tie = frame["tie"].fill_null(False).to_numpy() if "tie" in frame.columns else np.zeros(n_rows, bool)
-    # Generated pairs are right by construction (or wrong by the generator's design): they are
-    # no evidence of human label noise, and, easy to learn, they drown it. Kept, not scored.
-    generated = generated_mask(table) & ~tie
+    tie, generated = _unscored(table)
     rows = np.flatnonzero(~tie & ~generated)
     prompts = frame.filter(pl.Series(~tie & ~generated))["prompt_id"].n_unique()
     if len(rows) < MIN_PAIRS or prompts < params.folds:

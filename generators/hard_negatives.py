@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from factory.embed import Embedder
+from factory.embed.ray_embed import EmbedRequest
 from factory.steps import GENERATED_SCHEMA, StepContext, StepResult, failed_rows, generator, param
 from schemas.pairs import MESSAGE_TYPE, prompt_id_of
 from schemas.prompts import last_user_text
@@ -91,7 +92,24 @@ def load_scorer(model: str, home: Any) -> Scorer:
     return run
 
 
-@generator("hard_negatives", params=HardNegativesParams, version="2", batch_rows=None)
+def _contrastable(prompt: Any, chosen: str | None, tie: bool) -> bool:
+    """A seed contrast mode can use: not a tie, a chosen answer, an instruction to embed."""
+    return not tie and bool((chosen or "").strip()) and bool(last_user_text(prompt).strip())
+
+
+def hard_negatives_embeds(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> Iterator[EmbedRequest]:
+    """What contrast mode embeds first (for ``--engine ray``): every usable seed's instruction.
+    The chosen answers of linked prompts are embedded later, here: the neighbours pick them."""
+    # Ray actors encode with MiniLM on torch; another embedder's vectors are made on the driver.
+    if ctx.params.mode == "rm_mining" or ctx.params.embedder != "minilm":
+        return
+    seeds = zip(table.column("prompt").to_pylist(), table.column("chosen").to_pylist(),
+                (bool(t) for t in _column(table, "tie", False)), strict=True)
+    yield EmbedRequest([last_user_text(p) for p, c, tie in seeds if _contrastable(p, c, tie)])
+
+
+@generator("hard_negatives", params=HardNegativesParams, version="2", batch_rows=None,
+           embeds=hard_negatives_embeds)
 def hard_negatives(table: pa.Table, ctx: StepContext[HardNegativesParams]) -> StepResult:
     """Contrast Instructions pairs and reward-model-misjudged negatives (hard-negative mining)."""
     params = ctx.params
@@ -160,7 +178,7 @@ def contrast_pairs(table: pa.Table, ctx: StepContext[HardNegativesParams]
     rows = list(first.values())
     stats["prompts"] = len(rows)
     seeds_of_prompt = Counter(prompt_ids[r] for r in range(table.num_rows)
-                              if not ties[r] and (chosen[r] or "").strip() and last_user_text(prompts[r]).strip())
+                              if _contrastable(prompts[r], chosen[r], ties[r]))
     if len(rows) < 2:
         stats["prompts_without_look_alike"] = len(rows)
         stats["seeds_without_look_alike"] = sum(seeds_of_prompt.values())

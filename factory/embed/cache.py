@@ -279,6 +279,14 @@ class EmbeddingCache:
             bar.close()
         return done
 
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> int:
+        """Store vectors computed elsewhere (Ray workers) as one shard; keys already here are
+        skipped. Returns how many were new."""
+        fresh = [i for i, k in enumerate(keys) if k not in self]
+        if fresh:
+            self._write([keys[i] for i in fresh], np.asarray(vectors, dtype=np.float32)[fresh])
+        return len(fresh)
+
     def _write(self, keys: list[bytes], vectors: np.ndarray) -> None:
         with self._lock:
             if self.folder is None:

@@ -53,6 +53,9 @@ class StepSpec:
     needs: str = ""
     # input columns the step reads: a missing one is refused before any work
     reads: tuple[str, ...] = ()
+    # whole-table steps that embed: embeds(table, ctx) -> the factory.embed.ray_embed.EmbedRequest
+    # its run will make, so --engine ray encodes them on workers before the step runs
+    embeds: Callable[..., Any] | None = None
 
     @property
     def summary(self) -> str:
@@ -101,7 +104,7 @@ def generator(
     name: str, *, params: type, version: str = "1", batch_rows: int | None = 4096,
     backend: str = "none", templates: dict[str, str] | None = None, input_kind: str = "pairs",
     columns: tuple[str, ...] = (), plan: Callable[..., Any] | None = None, needs: str = "",
-    reads: tuple[str, ...] | None = None,
+    reads: tuple[str, ...] | None = None, embeds: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(table, ctx) -> StepResult`` as a generator: seed pairs in, new pairs out.
 
@@ -111,13 +114,16 @@ def generator(
     A step with ``backend`` other than ``"none"`` declares ``plan(table, ctx) -> [Planned]``
     (built from the same calls the step makes) and ``needs`` (the backend it needs).
     ``reads``: the input columns it needs (default: prompt, chosen, rejected for pair steps).
+    ``embeds``: ``embeds(table, ctx) -> [EmbedRequest]`` (:mod:`factory.embed.ray_embed`), the
+    texts a whole-table step will embed, built by the step's own code; ``--engine ray`` encodes
+    them on Ray actors first.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         default_reads = PAIR_READS if input_kind == "pairs" else ()
         _register(StepSpec(name, "generator", fn, params, version, fn.__doc__ or "",
                            batch_rows, None, backend, dict(templates or {}), input_kind, tuple(columns),
-                           plan, needs, tuple(default_reads if reads is None else reads)))
+                           plan, needs, tuple(default_reads if reads is None else reads), embeds))
         return fn
 
     return wrap
@@ -127,19 +133,20 @@ def filter_step(
     name: str, *, params: type, decide: Callable[..., Any], version: str = "1",
     batch_rows: int | None = None, backend: str = "none", templates: dict[str, str] | None = None,
     plan: Callable[..., Any] | None = None, needs: str = "", reads: tuple[str, ...] | None = None,
+    embeds: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(table, ctx) -> StepResult`` as a filter.
 
     ``fn`` returns per-row scores (one row per input row, in order); ``decide(scores,
     params)`` turns them into keep / drop / flip / weight. Only ``decide`` reads the
     parameters marked ``decision=True``, so a new threshold never recomputes scores.
-    ``plan``, ``needs`` and ``reads`` as for :func:`generator`.
+    ``plan``, ``needs``, ``reads`` and ``embeds`` as for :func:`generator`.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(StepSpec(name, "filter", fn, params, version, fn.__doc__ or "",
                            batch_rows, decide, backend, dict(templates or {}), plan=plan, needs=needs,
-                           reads=tuple(PAIR_READS if reads is None else reads)))
+                           reads=tuple(PAIR_READS if reads is None else reads), embeds=embeds))
         return fn
 
     return wrap

@@ -467,7 +467,9 @@ def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *
     resumes; without ``keep`` their outputs stay there (:class:`Executed` reads them back a
     batch at a time). With ``engine="ray"`` a row-local step's batches are computed by Ray
     Data workers into ``resume_dir`` first; steps that need the whole table, or an LLM
-    backend object, run here (LLM steps are bound by the endpoint, not this machine).
+    backend object, run here (LLM steps are bound by the endpoint, not this machine), a
+    whole-table step that declares ``embeds`` after Ray actors have put its embeddings in the
+    cache.
     """
     spec = prepared.spec
     source = StepInput.of(rows)
@@ -482,6 +484,11 @@ def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *
     elif engine not in ("local", "ray"):
         raise PrefabError(f"unknown engine {engine!r} (known: local, ray)")
     whole = source.whole() if spec.batch_rows is None else None
+    if engine == "ray" and whole is not None and spec.embeds is not None:
+        # Whole-table: Ray actors fill the embedding cache, then the step runs here on cached vectors.
+        from factory.embed.ray_embed import precompute_for_step
+
+        precompute_for_step(spec.embeds, whole, ctx, ray_address)
     if spec.backend != "none":
         # Before any batch: the backend the parameters need, valid templates, and a whole-run
         # cost estimate within --max-cost (cached requests free), planned a batch at a time.
