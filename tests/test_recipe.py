@@ -173,7 +173,7 @@ TRAINED = RECIPE + "train:\n  data: clean\n  name: rm\n  KEY: VALUE\n"
     ("epochs", '"ten"', "expects an integer, got 'ten'"),
     ("epochs", "2.5", "expects an integer, got 2.5"),
     ("lr", "fast", "expects a number, got 'fast'"),
-    ("mode", "headd", "expects one of head, full, got 'headd'"),
+    ("mode", "headd", "expects one of head, tokens, top-k, full, got 'headd'"),
     ("features", "foo", "expects one of pair, pair+parts, got 'foo'"),
     ("val_on", "some", "expects one of all, real"),
     ("augment_weight", "{master_keys: lots}", "expects a number or a mapping generator: weight"),

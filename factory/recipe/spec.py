@@ -133,7 +133,7 @@ TOP_KEYS = {"recipe", "seed", "sources", "steps", "tag", "train", "audit", "back
 AUDIT_KEYS = {"dataset", "html", "json", "model", "top"}
 TRAIN_KEYS = {"data", "name", "mode", "base", "eval", "epochs", "lr", "batch_size", "max_length", "seed",
               "val_fraction", "patience", "max_pairs", "center_coef", "features", "head_hidden",
-              "augment_weight", "val_on", "residual_of"}
+              "augment_weight", "val_on", "residual_of", "trainable_layers"}
 
 
 def load_recipe(path: str | Path, *, catalog: Any | None = None) -> Recipe:
