@@ -58,7 +58,12 @@ def test_missing_onnxruntime_is_a_one_line_error_naming_the_fix(tmp_path, monkey
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     monkeypatch.setattr(onnx, "_ENCODERS", {})
-    with pytest.raises(PrefabError, match="pip install onnxruntime") as info:
+    with pytest.raises(PrefabError, match="pip install onnxruntime onnx") as info:
         embed_texts(["x"], home=tmp_path, embedder="minilm-onnx", progress=False)
     assert "\n" not in str(info.value)
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # the exporter's own need
+    with pytest.raises(PrefabError, match=r"missing: onnx\)"):
+        embed_texts(["x"], home=tmp_path, embedder="minilm-onnx", progress=False)
     assert not list((tmp_path / "embeddings").glob("onnx-*"))  # no export it could not run

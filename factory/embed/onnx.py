@@ -188,18 +188,22 @@ def get_onnx_encoder(home: str | Path | None = None) -> OnnxMeanPoolEncoder:
         encoder = _ENCODERS.get(folder)
         if encoder is None:
             if not (folder / "model.onnx").is_file():
-                _require_runtime()  # before a 3 s export whose graph could not be run
+                _require_runtime(export=True)  # before a 3 s export whose graph could not be run
                 export_onnx(source, folder)
             encoder = _ENCODERS[folder] = OnnxMeanPoolEncoder(source, folder)
     (folder / LAST_USED).touch()
     return encoder
 
 
-def _require_runtime() -> Any:
+def _require_runtime(export: bool = False) -> Any:
+    """onnxruntime runs the graph; torch's exporter also needs ``onnx`` to write it."""
     try:
         import onnxruntime
+
+        if export:
+            import onnx  # noqa: F401
     except ImportError as exc:
         raise OnnxRuntimeMissing(
-            "embedder 'minilm-onnx' needs onnxruntime: pip install onnxruntime, "
-            "or choose embedder=minilm") from exc
+            f"embedder 'minilm-onnx' needs onnxruntime and onnx (missing: {exc.name}): "
+            "pip install onnxruntime onnx (or 'prefab[onnx]'), or choose embedder=minilm") from exc
     return onnxruntime
