@@ -115,6 +115,9 @@ class DedupParams:
     num_perm: int = param(128, "MinHash permutations", low=16)
     candidate_threshold: float = param(0.5, "MinHash LSH band threshold for candidate pairs (scores below "
                                             "it read as 0)", low=0.05, high=1.0)
+    bucket_candidates: int = param(32, "MinHash: each row is compared with at most this many earliest "
+                                       "rows of each LSH bucket it shares (thousands of near copies of "
+                                       "one text would otherwise make a quadratic number of pairs)", low=1)
     against: list[str] = param([], "evaluation sets to decontaminate against: catalog refs or files",
                                ref=True)
     ngram: int = param(8, "words per n-gram for contamination (shorter prompts compare whole)", low=1)
@@ -167,7 +170,9 @@ def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[Emb
 
 # version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
 # and search every earlier exact-content representative (was a k=16 window)
-@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="3", embeds=dedup_embeds)
+# version 4: MinHash compares a row with the first `bucket_candidates` rows of each LSH bucket
+# (was every earlier row of the bucket: quadratic in a bucket of near copies, 22 GiB at 1M pairs)
+@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="4", embeds=dedup_embeds)
 def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
     params = ctx.params
@@ -296,36 +301,46 @@ def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int]) -> pl.DataFrame:
-    """Pairs (row, earlier) of the given rows whose signatures agree on a whole LSH band."""
+def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int],
+                per_bucket: int) -> pl.DataFrame:
+    """Pairs (row, earlier) of the given rows (ascending) whose signatures agree on a whole
+    LSH band, ``earlier`` among the first ``per_bucket`` rows of that band's bucket.
+
+    Memory: at most rows x per_bucket pairs per band, and their union over the bands (kept
+    unique as it grows); a bucket of m near copies makes m x per_bucket pairs, not m^2 / 2."""
     b, r = bands
-    found = []
+    found = pl.DataFrame(schema={"row": pl.Int64, "row_earlier": pl.Int64})
     for band in range(b):
         keys = np.ascontiguousarray(combined[rows, band * r:(band + 1) * r])
         _, bucket = np.unique(keys.view(np.dtype((np.void, 4 * r))).ravel(), return_inverse=True)
-        frame = pl.DataFrame({"bucket": bucket.ravel(), "row": rows})
-        shared = frame.filter(pl.len().over("bucket") > 1)
-        found.append(shared.join(shared, on="bucket", suffix="_earlier")
-                     .filter(pl.col("row_earlier") < pl.col("row")).select("row", "row_earlier"))
-    return pl.concat(found).unique() if found else pl.DataFrame(schema={"row": pl.Int64, "row_earlier": pl.Int64})
+        frame = (pl.DataFrame({"bucket": bucket.ravel(), "row": rows.astype(np.int64)})
+                 .filter(pl.len().over("bucket") > 1)
+                 .with_columns(pl.int_range(pl.len()).over("bucket").alias("rank")))
+        firsts = frame.filter(pl.col("rank") < per_bucket).select("bucket", pl.col("row").alias("row_earlier"))
+        pairs = (frame.join(firsts, on="bucket").filter(pl.col("row_earlier") < pl.col("row"))
+                 .select("row", "row_earlier"))
+        found = pl.concat([found, pairs]).unique()
+    return found
 
 
 def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
                   params: DedupParams) -> tuple[np.ndarray, list[str | None]]:
     """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
     estimate, so two pairs that share a prompt and an answer but differ in the other
-    answer are not duplicates. Each row is compared with every earlier exact-content
-    representative it shares a band with; ties go to the earliest.
+    answer are not duplicates. Each row is compared with the earlier exact-content
+    representatives it shares a band with (the first ``bucket_candidates`` of each bucket);
+    ties go to the earliest.
 
     Memory: the combined signatures, rows x num_perm x 4 bytes (0.5 GiB at 1M pairs and
-    128 permutations), the band buckets, the candidate pairs and the per-part signatures of
+    128 permutations), the band buckets, the candidate pairs (at most rows x
+    ``bucket_candidates`` per band) and the per-part signatures of
     the rows in a candidate pair only; no shingle outlives its chunk. Same hashes as
     datasketch's MinHash and the same LSH bands, so the same candidates and estimates as
     indexing datasketch objects one by one."""
     n = len(pair_ids)
     representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
     pairs = _candidates(_combined_signatures(components, params), representatives,
-                        _bands(params.candidate_threshold, params.num_perm))
+                        _bands(params.candidate_threshold, params.num_perm), params.bucket_candidates)
     row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
     involved = np.unique(np.concatenate([row, earlier]))
     parts = _part_signatures(components, involved, params)

@@ -251,3 +251,33 @@ def test_near_duplicates_are_found_across_signature_chunks(monkeypatch) -> None:
     copy_of_first = 36
     assert chunked[1][copy_of_first] == pair_ids[0] and chunked[0][copy_of_first] >= params.near_threshold
     assert chunked[1] == _reference_near_minhash(components, pair_ids, exact_of, params)[1]
+
+
+def test_a_bucket_of_many_near_copies_makes_a_bounded_number_of_candidate_pairs(tmp_path) -> None:
+    # 300 near copies of one pair share LSH buckets: comparing each with every earlier copy made
+    # 300 * 299 / 2 pairs per band (22 GiB at 1M pairs of a real set); each is now compared with
+    # the first `bucket_candidates` copies of each bucket, and finds the same duplicates.
+    from filters import dedup as dedup_module
+
+    source = _base()[0]
+    copies = [_pair(source.prompt[0].content + f" Reader number {i}.", source.chosen, source.rejected)
+              for i in range(300)]
+    seen: list[int] = []
+    original = dedup_module._candidates
+
+    def counted(*args):  # noqa: ANN002, ANN202 - passes through
+        found = original(*args)
+        seen.append(found.height)
+        return found
+
+    dedup_module._candidates = counted
+    try:
+        drops = {k: _scores(copies, tmp_path / str(k), bucket_candidates=k)[2].action.to_pylist()
+                 for k in (300, 32, 8)}
+    finally:
+        dedup_module._candidates = original
+    every_earlier, default, few = seen
+    bands, _ = dedup_module._bands(0.5, 128)
+    assert every_earlier > 20_000 and few <= 300 * 8 * bands and few < every_earlier // 4
+    assert drops[32] == drops[300] and drops[300].count("drop") > 290
+    assert drops[8].count("drop") >= drops[300].count("drop") - 5
