@@ -131,41 +131,134 @@ class DedupParams:
                              f"'near_threshold' ({self.near_threshold})")
 
 
-def _components(table: pa.Table, params: DedupParams) -> list[list[str]]:
-    """The parts compared, prompts first: a pair is a duplicate of another when every part is,
-    the prompt and both answers (taken in a fixed order, so a swapped label is still the same
-    comparison)."""
-    components = [[prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]]
-    if params.content == "pair":
-        chosen = [canonical(t) for t in table.column("chosen").to_pylist()]
-        rejected = [canonical(t) for t in table.column("rejected").to_pylist()]
-        components += [[min(c, r) for c, r in zip(chosen, rejected, strict=True)],
-                       [max(c, r) for c, r in zip(chosen, rejected, strict=True)]]
-    return components
+# Rows read from the table, shingled and hashed at once (a chunk's texts, shingles and
+# hashes are the only per-text Python objects alive), and shingle hashes permuted at once: a
+# permuted block is (shingles x num_perm) uint32, 32k x 128 x 4 B = 16 MiB.
+_CHUNK_ROWS = 2048
+_CHUNK_SHINGLES = 1 << 15
 
 
-def _exact_of(components: list[list[str]], pair_ids: list[str]) -> list[str | None]:
-    keys = ["\x00".join(canonical(part[i]) for part in components) for i in range(len(pair_ids))]
-    return _exact(keys, pair_ids)
+def _chunks(table: pa.Table, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """``_CHUNK_ROWS`` rows of the table at a time (only the given ascending ``rows`` if
+    any), with their positions: no column is ever read whole into Python objects."""
+    for start in range(0, table.num_rows, _CHUNK_ROWS):
+        chunk = table.slice(start, _CHUNK_ROWS)
+        positions = np.arange(start, start + chunk.num_rows, dtype=np.int64)
+        if rows is not None:
+            positions = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + chunk.num_rows)]
+            if not len(positions):
+                continue
+            chunk = chunk.take(pa.array(positions - start))
+        yield positions, chunk
 
 
-def _representatives(exact_of: list[str | None]) -> list[int]:
+def _prompts(chunk: pa.Table) -> list[str]:
+    return [prompt_text(p, roles=False) for p in chunk.column("prompt").to_pylist()]
+
+
+def _answers(chunk: pa.Table) -> tuple[list[str], list[str]]:
+    """Both answers canonicalised, the lower first: a fixed order, so a swapped label is
+    still the same comparison."""
+    chosen = [canonical(t) for t in chunk.column("chosen").to_pylist()]
+    rejected = [canonical(t) for t in chunk.column("rejected").to_pylist()]
+    return ([min(c, r) for c, r in zip(chosen, rejected, strict=True)],
+            [max(c, r) for c, r in zip(chosen, rejected, strict=True)])
+
+
+def _part_count(content: str) -> int:
+    return 3 if content == "pair" else 1
+
+
+def _parts(chunk: pa.Table, content: str) -> list[list[str]]:
+    """The parts compared, prompts first: a pair is a duplicate of another when every part
+    is, the prompt and (``content=pair``) both answers."""
+    return [_prompts(chunk), *_answers(chunk)] if content == "pair" else [_prompts(chunk)]
+
+
+def _part(chunk: pa.Table, k: int) -> list[str]:
+    return _prompts(chunk) if k == 0 else _answers(chunk)[k - 1]
+
+
+def _content_digests(parts: list[list[str]]) -> np.ndarray:
+    """(rows, 2) uint64: each row's exact-content key (its canonical parts joined by NUL)
+    as a 16-byte BLAKE2b digest, so grouping never holds the keys themselves."""
+    keys = ("\x00".join(canonical(part[i]) for part in parts) for i in range(len(parts[0])))
+    digests = b"".join(hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest() for key in keys)
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+
+
+@dataclass
+class _Scan:
+    """What one chunked pass over the table keeps of each row."""
+
+    digests: np.ndarray  # (n, 2) uint64, see _content_digests
+    signatures: np.ndarray | None  # (n, num_perm) uint32 combined MinHash, near=minhash only
+    contamination: np.ndarray  # (n,) float64
+    contaminated_by: pa.Array  # (n,) string
+
+
+def _scan(table: pa.Table, params: DedupParams, *, signatures: bool,
+          owner: dict[int, str] | None = None, matched: dict[str, int] | None = None) -> _Scan:
+    """One pass over the table, ``_CHUNK_ROWS`` rows at a time: content digests, combined
+    MinHash signatures (``signatures``) and contamination against ``owner`` (n-gram hash ->
+    evaluation pair; ``matched`` counts the rows each evaluation set contaminates)."""
+    n = table.num_rows
+    scan = _Scan(np.empty((n, 2), np.uint64),
+                 np.empty((n, params.num_perm), np.uint32) if signatures else None,
+                 np.zeros(n), pa.nulls(n, pa.string()))
+    perm = _permutations(params.num_perm, 1)
+    contaminated_by = []
+    for positions, chunk in _chunks(table):
+        rows = slice(int(positions[0]), int(positions[-1]) + 1)
+        parts = _parts(chunk, params.content)
+        scan.digests[rows] = _content_digests(parts)
+        if scan.signatures is not None:
+            scan.signatures[rows] = _combined_signatures(parts, params.shingle, perm)
+        if owner:
+            shares, by = _contamination(parts[0], owner, matched, params.ngram)
+            scan.contamination[rows] = shares
+            contaminated_by.append(pa.array(by, pa.string()))
+    if contaminated_by:
+        scan.contaminated_by = pa.concat_arrays(contaminated_by)
+    return scan
+
+
+def _first_rows(digests: np.ndarray) -> np.ndarray:
+    """Each row's first row with the same content (itself for the first of its group)."""
+    frame = pl.DataFrame({"high": digests[:, 0], "low": digests[:, 1]}).with_row_index("row")
+    return frame.select(pl.col("row").min().over("high", "low")).to_series().to_numpy().astype(np.int64)
+
+
+def _ids_at(pair_ids: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
+    """The pair id at each row position, null where the position is -1."""
+    picked = pair_ids.take(pa.array(rows, mask=rows < 0))
+    if isinstance(picked, pa.ChunkedArray):
+        picked = picked.combine_chunks()
+    return picked.cast(pa.string())
+
+
+def _representatives(table: pa.Table, params: DedupParams) -> np.ndarray:
     """One row per exact-content group (its first): near duplicates are searched among these."""
-    return [i for i, first in enumerate(exact_of) if first is None]
+    first = _first_rows(_scan(table, params, signatures=False).digests)
+    return np.flatnonzero(first == np.arange(len(first)))
+
+
+def _part_texts(table: pa.Table, rows: np.ndarray, k: int) -> list[str]:
+    """Part ``k`` (0 the prompt, 1 and 2 the answers) of the given ascending rows."""
+    return [text for _, chunk in _chunks(table, rows) for text in _part(chunk, k)]
 
 
 def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[EmbedRequest]:
     """What ``near=embedding`` embeds (for ``--engine ray``): each part of every representative,
-    at its start and at its end."""
+    at its start and at its end, one part's texts at a time."""
     # Ray actors encode with MiniLM on torch; another embedder's vectors are made on the driver.
     if ctx.params.near != "embedding" or ctx.params.embedder != "minilm":
         return
-    components = _components(table, ctx.params)
-    representatives = _representatives(_exact_of(components, table.column("pair_id").to_pylist()))
+    representatives = _representatives(table, ctx.params)
     if len(representatives) < 2:
         return
-    for part in components:
-        yield EmbedRequest([part[i] for i in representatives], keep=("start", "end"))
+    for k in range(_part_count(ctx.params.content)):
+        yield EmbedRequest(_part_texts(table, representatives, k), keep=("start", "end"))
 
 
 # version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
@@ -174,51 +267,41 @@ def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[Emb
 # (was every earlier row of the bucket: quadratic in a bucket of near copies, 22 GiB at 1M pairs)
 @filter_step("dedup", params=DedupParams, decide=decide_dedup, version="4", embeds=dedup_embeds)
 def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
-    """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap)."""
+    """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap).
+
+    Memory: the table is read ``_CHUNK_ROWS`` rows at a time (its pages are the runner's
+    memory map); what is kept of every row is a 16-byte content digest, the scores, and with
+    ``near=minhash`` the combined signatures (num_perm x 4 bytes: 0.5 GiB at 1M pairs and 128
+    permutations), then the candidate pairs and one part's signatures of the rows in a
+    candidate pair (see :func:`_near_minhash`). ``near=embedding`` holds one part's texts of
+    the representatives at a time and their vectors (see :func:`_near_embedding`);
+    contamination holds the evaluation sets' n-gram hashes."""
     params = ctx.params
-    pair_ids = table.column("pair_id").to_pylist()
-    components = _components(table, params)
-    prompts = components[0]
-    exact_of = _exact_of(components, pair_ids)
+    owner, matched = _evaluation_ngrams(params, ctx)
+    scan = _scan(table, params, signatures=params.near == "minhash", owner=owner, matched=matched)
+    first = _first_rows(scan.digests)
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    representatives = np.flatnonzero(first == rows)
     if params.near == "minhash":
-        near_similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
+        near_similarity, near_row = _near_minhash(table, scan, representatives, params)
     elif params.near == "embedding":
-        near_similarity, near_of = _near_embedding(components, pair_ids, exact_of, ctx)
+        near_similarity, near_row = _near_embedding(table, representatives, ctx)
     else:
-        near_similarity, near_of = np.zeros(len(pair_ids)), [None] * len(pair_ids)
-    contamination, contaminated_by, matched = _contamination(prompts, params, ctx)
-
+        near_similarity, near_row = np.zeros(table.num_rows), np.full(table.num_rows, -1)
+    pair_ids = table.column("pair_id")
     scores = pa.table({
-        "exact_of": pa.array(exact_of, pa.string()),
+        "exact_of": _ids_at(pair_ids, np.where(first == rows, -1, first)),
         "near_similarity": pa.array(near_similarity, pa.float64()),
-        "near_of": pa.array(near_of, pa.string()),
-        "contamination": pa.array(contamination, pa.float64()),
-        "contaminated_by": pa.array(contaminated_by, pa.string()),
+        "near_of": _ids_at(pair_ids, near_row),
+        "contamination": pa.array(scan.contamination, pa.float64()),
+        "contaminated_by": scan.contaminated_by,
     })
-    stats = {"exact_duplicates": sum(x is not None for x in exact_of),
-             "against": {label: rows for label, rows in matched.items()}}
+    stats = {"exact_duplicates": table.num_rows - len(representatives), "against": matched}
     return StepResult(scores, None, stats)
-
-
-def _exact(normalised: list[str], pair_ids: list[str]) -> list[str | None]:
-    frame = pl.DataFrame({"text": normalised, "pair_id": pair_ids}).with_row_index("row")
-    first = frame.group_by("text", maintain_order=True).agg(pl.col("pair_id").first().alias("first_id"),
-                                                            pl.col("row").first().alias("first_row"))
-    joined = frame.join(first, on="text", how="left").sort("row")
-    return joined.select(
-        pl.when(pl.col("row") != pl.col("first_row")).then(pl.col("first_id")).otherwise(None)
-    ).to_series().to_list()
 
 
 def _shingles(text: str, size: int) -> set[bytes]:
     return {s.encode("utf-8") for s in ngrams(tokens(text), size)} or {b""}
-
-
-# Rows whose shingles are hashed at once, and shingle hashes permuted at once: a permuted
-# block is (shingles x num_perm) uint32, 32k x 128 x 4 B = 16 MiB, so memory stays bounded by
-# the signature matrices whatever the table's size.
-_CHUNK_ROWS = 2048
-_CHUNK_SHINGLES = 1 << 15
 
 
 def _sha1_32(shingles: Iterable[bytes]) -> np.ndarray:
@@ -263,33 +346,14 @@ def _signatures(hashes: list[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -
     return out
 
 
-def _combined_signatures(components: list[list[str]], params: DedupParams) -> np.ndarray:
-    """Every row's signature of all its parts' shingles together (each tagged with its part),
-    built ``_CHUNK_ROWS`` rows at a time: no row's shingles outlive its chunk."""
-    n = len(components[0])
-    perm = _permutations(params.num_perm, 1)
-    out = np.empty((n, params.num_perm), np.uint32)
-    for start in range(0, n, _CHUNK_ROWS):
-        rows = range(start, min(start + _CHUNK_ROWS, n))
-        tagged: list[list[np.ndarray]] = [[] for _ in rows]
-        for k, part in enumerate(components):
-            tag = b"%d\x00" % k  # the same shingle in two parts is two different shingles
-            for hashes, i in zip(tagged, rows, strict=True):
-                hashes.append(_sha1_32(tag + s for s in _shingles(part[i], params.shingle)))
-        out[start:rows.stop] = _signatures([np.concatenate(h) for h in tagged], perm)
-    return out
-
-
-def _part_signatures(components: list[list[str]], rows: np.ndarray, params: DedupParams) -> list[np.ndarray]:
-    """Per part, the signatures of the given rows only (those in a candidate pair), in chunks."""
-    perm = _permutations(params.num_perm, 2)
-    out = [np.empty((len(rows), params.num_perm), np.uint32) for _ in components]
-    for start in range(0, len(rows), _CHUNK_ROWS):
-        chunk = rows[start:start + _CHUNK_ROWS].tolist()
-        for k, part in enumerate(components):
-            hashes = [_sha1_32(_shingles(part[i], params.shingle)) for i in chunk]
-            out[k][start:start + len(chunk)] = _signatures(hashes, perm)
-    return out
+def _combined_signatures(parts: list[list[str]], shingle: int, perm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Each row's signature of all its parts' shingles together (each tagged with its part)."""
+    tagged: list[list[np.ndarray]] = [[] for _ in parts[0]]
+    for k, part in enumerate(parts):
+        tag = b"%d\x00" % k  # the same shingle in two parts is two different shingles
+        for hashes, text in zip(tagged, part, strict=True):
+            hashes.append(_sha1_32(tag + s for s in _shingles(text, shingle)))
+    return _signatures([np.concatenate(h) for h in tagged], perm)
 
 
 @lru_cache(maxsize=16)
@@ -323,80 +387,98 @@ def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int],
     return found
 
 
-def _near_minhash(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
-                  params: DedupParams) -> tuple[np.ndarray, list[str | None]]:
+def _part_agreement(table: pa.Table, row: np.ndarray, earlier: np.ndarray, params: DedupParams) -> np.ndarray:
+    """For each candidate pair (row, earlier), the lowest over the parts of the number of
+    permutations on which their part signatures agree. One part at a time: its signatures
+    of the rows in a candidate pair only, computed by a chunked pass over those rows."""
+    involved = np.unique(np.concatenate([row, earlier]))
+    at_row, at_earlier = np.searchsorted(involved, row), np.searchsorted(involved, earlier)
+    agree = np.full(len(row), params.num_perm, dtype=np.int64)
+    perm = _permutations(params.num_perm, 2)
+    for k in range(_part_count(params.content)):
+        signatures = np.empty((len(involved), params.num_perm), np.uint32)
+        for positions, chunk in _chunks(table, involved):
+            at = np.searchsorted(involved, positions[0])
+            hashes = [_sha1_32(_shingles(text, params.shingle)) for text in _part(chunk, k)]
+            signatures[at:at + len(positions)] = _signatures(hashes, perm)
+        for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
+            block = slice(start, start + _CHUNK_SHINGLES)
+            same = np.count_nonzero(signatures[at_row[block]] == signatures[at_earlier[block]], axis=1)
+            agree[block] = np.minimum(agree[block], same)
+        del signatures
+    return agree
+
+
+def _near_minhash(table: pa.Table, scan: _Scan, representatives: np.ndarray,
+                  params: DedupParams) -> tuple[np.ndarray, np.ndarray]:
     """Candidates from LSH over all parts' shingles; the score is the lowest per-part Jaccard
     estimate, so two pairs that share a prompt and an answer but differ in the other
     answer are not duplicates. Each row is compared with the earlier exact-content
     representatives it shares a band with (the first ``bucket_candidates`` of each bucket);
-    ties go to the earliest.
+    ties go to the earliest. Returns each row's similarity and its match's row (-1: none).
 
-    Memory: the combined signatures, rows x num_perm x 4 bytes (0.5 GiB at 1M pairs and
-    128 permutations), the band buckets, the candidate pairs (at most rows x
-    ``bucket_candidates`` per band) and the per-part signatures of
-    the rows in a candidate pair only; no shingle outlives its chunk. Same hashes as
-    datasketch's MinHash and the same LSH bands, so the same candidates and estimates as
-    indexing datasketch objects one by one."""
-    n = len(pair_ids)
-    representatives = np.array([i for i in range(n) if exact_of[i] is None], dtype=np.int64)
-    pairs = _candidates(_combined_signatures(components, params), representatives,
-                        _bands(params.candidate_threshold, params.num_perm), params.bucket_candidates)
+    Memory: the combined signatures (taken from ``scan``, and freed once the candidates are
+    found), the band buckets, the candidate pairs (at most rows x ``bucket_candidates`` per
+    band), then one part's signatures of the rows in a candidate pair at a time; no shingle
+    outlives its chunk. Same hashes as datasketch's MinHash and the same LSH bands, so the
+    same candidates and estimates as indexing datasketch objects one by one."""
+    n = table.num_rows
+    combined, scan.signatures = scan.signatures, None
+    pairs = _candidates(combined, representatives, _bands(params.candidate_threshold, params.num_perm),
+                        params.bucket_candidates)
+    del combined
     row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
-    involved = np.unique(np.concatenate([row, earlier]))
-    parts = _part_signatures(components, involved, params)
-    at_row, at_earlier = np.searchsorted(involved, row), np.searchsorted(involved, earlier)
-    agree = np.full(len(row), params.num_perm, dtype=np.int64)
-    for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
-        block = slice(start, start + _CHUNK_SHINGLES)
-        for part in parts:
-            same = np.count_nonzero(part[at_row[block]] == part[at_earlier[block]], axis=1)
-            agree[block] = np.minimum(agree[block], same)
+    del pairs
+    similarity, near_row = np.zeros(n), np.full(n, -1, dtype=np.int64)
+    if not len(row):
+        return similarity, near_row
+    agree = _part_agreement(table, row, earlier, params)
     best = (pl.DataFrame({"row": row, "earlier": earlier, "agree": agree})
             .filter(pl.col("agree") > 0)
             .sort(["row", "agree", "earlier"], descending=[False, True, False])
             .unique("row", keep="first"))
-    similarity = np.zeros(n)
-    near_of: list[str | None] = [None] * n
-    for i, j, count in best.iter_rows():
-        similarity[i], near_of[i] = float(count) / float(params.num_perm), pair_ids[j]
-    return similarity, near_of
+    matched = best["row"].to_numpy()
+    similarity[matched] = best["agree"].to_numpy() / float(params.num_perm)
+    near_row[matched] = best["earlier"].to_numpy()
+    return similarity, near_row
 
 
-def _near_embedding(components: list[list[str]], pair_ids: list[str], exact_of: list[str | None],
-                    ctx: StepContext[DedupParams]) -> tuple[np.ndarray, list[str | None]]:
+def _near_embedding(table: pa.Table, representatives: np.ndarray,
+                    ctx: StepContext[DedupParams]) -> tuple[np.ndarray, np.ndarray]:
     """Each part embedded on its own; among the exact-content representatives (rows that
-    are not exact duplicates), every row's most similar earlier one by the lowest part cosine."""
+    are not exact duplicates), every row's most similar earlier one by the lowest part cosine.
+    Returns each row's similarity and its match's row (-1: none).
+
+    Memory: one part's texts of the representatives at a time, and every part's vectors
+    (rows x dim x 4 bytes, twice for a part some text of which the encoder cuts)."""
     from factory.embed import best_earlier_match, embed_texts
 
-    n = len(pair_ids)
-    similarity = np.zeros(n)
-    near_of: list[str | None] = [None] * n
-    representatives = _representatives(exact_of)
+    n = table.num_rows
+    similarity, near_row = np.zeros(n), np.full(n, -1, dtype=np.int64)
     if len(representatives) < 2:
-        return similarity, near_of
+        return similarity, near_row
     # Each part at its start and at its end: the encoder reads 256 tokens, and two long
     # conversations that open alike but go on differently must not compare equal.
     parts = []
-    for part in components:
-        texts = [part[i] for i in representatives]
+    for k in range(_part_count(ctx.params.content)):
+        texts = _part_texts(table, representatives, k)
         start = embed_texts(texts, home=ctx.home, progress=ctx.progress, embedder=ctx.params.embedder)
         end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end",
                           embedder=ctx.params.embedder)
+        del texts
         parts += [start] if np.array_equal(start, end) else [start, end]  # no text was cut
     best, sims = best_earlier_match(parts)
-    for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
-        if j >= 0:
-            i = representatives[row]
-            similarity[i], near_of[i] = s, pair_ids[representatives[j]]
-    return similarity, near_of
+    found = np.flatnonzero(best >= 0)
+    similarity[representatives[found]] = sims[found]
+    near_row[representatives[found]] = representatives[best[found]]
+    return similarity, near_row
 
 
-def _contamination(prompts: list[str], params: DedupParams,
-                   ctx: StepContext[DedupParams]) -> tuple[list[float], list[str | None], dict[str, int]]:
-    n = len(prompts)
-    if not params.against:
-        return [0.0] * n, [None] * n, {}
-    owner: dict[int, str] = {}  # n-gram hash -> the first evaluation pair that has it
+def _evaluation_ngrams(params: DedupParams,
+                       ctx: StepContext[DedupParams]) -> tuple[dict[int, str], dict[str, int]]:
+    """Every evaluation set's prompt n-gram hashes, each with the first evaluation pair that
+    has it (``label:pair_id``), and a zero count of contaminated rows per set."""
+    owner: dict[int, str] = {}
     matched: dict[str, int] = {}
     for source in params.against:
         table, label = ctx.read_pairs(source)
@@ -405,9 +487,16 @@ def _contamination(prompts: list[str], params: DedupParams,
                                strict=True):
             for gram in ngrams(normalise(prompt_text(prompt, roles=False)).split(), params.ngram):
                 owner.setdefault(_hash64(gram), f"{label}:{pid}")
+    return owner, matched
+
+
+def _contamination(prompts: list[str], owner: dict[int, str], matched: dict[str, int],
+                   ngram: int) -> tuple[list[float], list[str | None]]:
+    """Each prompt's share of n-grams found in an evaluation set and the evaluation pair
+    that has most of them; ``matched`` counts the prompts per set."""
     shares, by = [], []
     for prompt in prompts:
-        grams = ngrams(normalise(prompt).split(), params.ngram)
+        grams = ngrams(normalise(prompt).split(), ngram)
         hits = [owner[h] for h in map(_hash64, grams) if h in owner]
         if not grams or not hits:
             shares.append(0.0)
@@ -417,4 +506,4 @@ def _contamination(prompts: list[str], params: DedupParams,
         top = Counter(hits).most_common(1)[0][0]
         by.append(top)
         matched[top.rsplit(":", 1)[0]] += 1
-    return shares, by, matched
+    return shares, by

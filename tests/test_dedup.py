@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -189,9 +191,82 @@ def _reference_near_minhash(components, pair_ids, exact_of, params):
     return similarity, near_of
 
 
-def _planted_components(copies: int) -> tuple[list[list[str]], list[str], list[str | None]]:
-    """Distinct pairs with near duplicates (an answer extended, a word changed, the prompt
-    reworded at its end), exact duplicates and pairs sharing only their prompt."""
+def _reference_scores(table: pa.Table, ctx: StepContext) -> pa.Table:
+    """The dedup scores as the whole-table implementation (version 4) computed them: every
+    part of every row as Python lists, exact keys as whole strings, MinHash by datasketch,
+    kept to show the chunked one gives the same scores bit for bit."""
+    import polars as pl
+
+    from filters.dedup import _hash64, canonical
+    from schemas.prompts import prompt_text
+
+    params = ctx.params
+    pair_ids = table.column("pair_id").to_pylist()
+    components = [[prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]]
+    if params.content == "pair":
+        chosen = [canonical(t) for t in table.column("chosen").to_pylist()]
+        rejected = [canonical(t) for t in table.column("rejected").to_pylist()]
+        components += [[min(c, r) for c, r in zip(chosen, rejected, strict=True)],
+                       [max(c, r) for c, r in zip(chosen, rejected, strict=True)]]
+    keys = ["\x00".join(canonical(part[i]) for part in components) for i in range(len(pair_ids))]
+    frame = pl.DataFrame({"text": keys, "pair_id": pair_ids}).with_row_index("row")
+    first = frame.group_by("text", maintain_order=True).agg(pl.col("pair_id").first().alias("first_id"),
+                                                            pl.col("row").first().alias("first_row"))
+    exact_of = (frame.join(first, on="text", how="left").sort("row")
+                .select(pl.when(pl.col("row") != pl.col("first_row")).then(pl.col("first_id")).otherwise(None))
+                .to_series().to_list())
+    n = len(pair_ids)
+    similarity, near_of = [0.0] * n, [None] * n
+    if params.near == "minhash":
+        similarity, near_of = _reference_near_minhash(components, pair_ids, exact_of, params)
+    elif params.near == "embedding":
+        similarity, near_of = _reference_near_embedding(components, pair_ids, exact_of, ctx)
+    owner: dict[int, str] = {}
+    for source in params.against:
+        against, label = ctx.read_pairs(source)
+        for pid, prompt in zip(against.column("pair_id").to_pylist(), against.column("prompt").to_pylist(),
+                               strict=True):
+            for gram in ngrams(normalise(prompt_text(prompt, roles=False)).split(), params.ngram):
+                owner.setdefault(_hash64(gram), f"{label}:{pid}")
+    shares, by = [], []
+    for prompt in components[0]:
+        grams = ngrams(normalise(prompt).split(), params.ngram)
+        hits = [owner[h] for h in map(_hash64, grams) if h in owner]
+        shares.append(len(hits) / len(grams) if grams and hits else 0.0)
+        by.append(Counter(hits).most_common(1)[0][0] if grams and hits else None)
+    return pa.table({"exact_of": pa.array(exact_of, pa.string()),
+                     "near_similarity": pa.array(similarity, pa.float64()),
+                     "near_of": pa.array(near_of, pa.string()),
+                     "contamination": pa.array(shares, pa.float64()),
+                     "contaminated_by": pa.array(by, pa.string())})
+
+
+def _reference_near_embedding(components, pair_ids, exact_of, ctx):
+    from factory.embed import best_earlier_match, embed_texts
+
+    n = len(pair_ids)
+    similarity, near_of = [0.0] * n, [None] * n
+    representatives = [i for i, first in enumerate(exact_of) if first is None]
+    if len(representatives) < 2:
+        return similarity, near_of
+    parts = []
+    for part in components:
+        texts = [part[i] for i in representatives]
+        start = embed_texts(texts, home=ctx.home, embedder=ctx.params.embedder)
+        end = embed_texts(texts, home=ctx.home, keep="end", embedder=ctx.params.embedder)
+        parts += [start] if np.array_equal(start, end) else [start, end]
+    best, sims = best_earlier_match(parts)
+    for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
+        if j >= 0:
+            i = representatives[row]
+            similarity[i], near_of[i] = s, pair_ids[representatives[j]]
+    return similarity, near_of
+
+
+def _planted_pairs(copies: int) -> list[Pair]:
+    """Distinct pairs with near duplicates (an answer extended), exact duplicates (some only
+    after case and whitespace are folded, some with the answers' labels swapped) and pairs
+    sharing only their prompt; each copy lies far from its source, in another chunk."""
     prompts, firsts, seconds = [], [], []
     for c in range(copies):
         for t in TOPICS:
@@ -200,57 +275,79 @@ def _planted_components(copies: int) -> tuple[list[list[str]], list[str], list[s
                           f"a diagram described in words and a summary of {t} for revision.")
             seconds.append(f"{t} are a thing (round {c}).")
     n = len(prompts)
-    for i in range(0, n, 3):  # near duplicates of earlier rows, far from their source
-        prompts.append(prompts[i])
-        firsts.append(firsts[i] + " Thanks!")
-        seconds.append(seconds[i])
-    for i in range(1, n, 5):  # a shared prompt with unrelated answers
-        prompts.append(prompts[i])
-        firsts.append(f"Something else entirely, number {i}, about gardening and soil.")
-        seconds.append("No.")
-    for i in range(2, n, 7):  # exact duplicates
-        prompts.append(prompts[i])
-        firsts.append(firsts[i])
-        seconds.append(seconds[i])
-    components = [prompts, [min(a, b) for a, b in zip(firsts, seconds, strict=True)],
-                  [max(a, b) for a, b in zip(firsts, seconds, strict=True)]]
-    pair_ids = [f"p{i}" for i in range(len(prompts))]
-    keys = ["\x00".join(part[i] for part in components) for i in range(len(prompts))]
-    from filters.dedup import _exact
-
-    return components, pair_ids, _exact(keys, pair_ids)
+    pairs = [_pair(p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
+    pairs += [_pair(prompts[i], firsts[i] + " Thanks!", seconds[i]) for i in range(0, n, 3)]
+    pairs += [_pair(prompts[i], f"Something else entirely, number {i}, about gardening and soil.", "No.")
+              for i in range(1, n, 5)]
+    pairs += [_pair(prompts[i], firsts[i], seconds[i]) for i in range(2, n, 7)]
+    pairs += [_pair(prompts[i].upper() + "  ", seconds[i], firsts[i].upper()) for i in range(4, n, 11)]
+    return pairs
 
 
-def test_chunked_minhash_decides_as_the_whole_table_implementation_did() -> None:
-    from filters.dedup import DedupParams, _near_minhash
-
-    components, pair_ids, exact_of = _planted_components(copies=2)
-    params = DedupParams()
-    similarity, near_of = _near_minhash(components, pair_ids, exact_of, params)
-    ref_similarity, ref_near_of = _reference_near_minhash(components, pair_ids, exact_of, params)
-    assert near_of == ref_near_of
-    assert similarity.tolist() == ref_similarity  # same hashes, so the same estimates exactly
-    planted = range(24, 24 + 8)
-    assert all(near_of[i] is not None and similarity[i] >= params.near_threshold for i in planted)
-    shared_prompt = range(32, 32 + 5)
-    assert all(similarity[i] < params.near_threshold for i in shared_prompt)
+def _evaluation_set(tmp_path, pairs: list[Pair]) -> str:
+    path = tmp_path / "eval.jsonl"
+    rows = [{"prompt": pairs[7].prompt[0].content, "chosen": "x", "rejected": "y"},
+            {"prompt": " ".join(pairs[20].prompt[0].content.split()[:9]) + " and then some", "chosen": "a",
+             "rejected": "b"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
 
 
-def test_near_duplicates_are_found_across_signature_chunks(monkeypatch) -> None:
+@pytest.mark.parametrize("content", ["pair", "prompt"])
+def test_chunked_dedup_scores_as_the_whole_table_implementation_did(tmp_path, monkeypatch, content) -> None:
     import filters.dedup as dedup_module
 
-    components, pair_ids, exact_of = _planted_components(copies=3)
-    params = dedup_module.DedupParams()
-    whole = dedup_module._near_minhash(components, pair_ids, exact_of, params)
-    # chunks of 5 rows and permuted blocks of 64 shingles: every planted pair (source at i,
-    # copy at 36 + i / 3) lies in different chunks, and rows straddle block boundaries
-    monkeypatch.setattr(dedup_module, "_CHUNK_ROWS", 5)
-    monkeypatch.setattr(dedup_module, "_CHUNK_SHINGLES", 64)
-    chunked = dedup_module._near_minhash(components, pair_ids, exact_of, params)
-    assert chunked[1] == whole[1] and chunked[0].tolist() == whole[0].tolist()
-    copy_of_first = 36
-    assert chunked[1][copy_of_first] == pair_ids[0] and chunked[0][copy_of_first] >= params.near_threshold
-    assert chunked[1] == _reference_near_minhash(components, pair_ids, exact_of, params)[1]
+    pairs = _planted_pairs(copies=3)
+    against = _evaluation_set(tmp_path, pairs)
+    whole = None
+    # chunks of 5 and 7 rows and permuted blocks of 64 shingles: every planted copy lies in
+    # another chunk than its source, and rows straddle block boundaries
+    for rows, shingles in ((5, 64), (7, 1 << 15), (4096, 1 << 15)):
+        monkeypatch.setattr(dedup_module, "_CHUNK_ROWS", rows)
+        monkeypatch.setattr(dedup_module, "_CHUNK_SHINGLES", shingles)
+        table, result, _ = _scores(pairs, tmp_path / f"{rows}", against=against, content=content)
+        if whole is None:
+            whole = _reference_scores(table, StepContext("dedup", prepare(
+                "filter", "dedup", {"against": against, "content": content}).params, home=tmp_path))
+        assert result.table.equals(whole), (rows, result.table.to_pylist(), whole.to_pylist())
+    scores = whole.to_pylist()
+    near, shared = range(36, 36 + 12), range(36 + 12, 36 + 12 + 7)
+    assert all(s["exact_of"] is not None for s in scores[shared.stop:])  # exact copies, folded and swapped
+    assert len(scores) - shared.stop == 5 + 3
+    if content == "pair":
+        assert all(scores[i]["near_of"] is not None and scores[i]["near_similarity"] >= NEAR_DUPLICATE_THRESHOLD
+                   for i in near)
+        assert all(scores[i]["near_similarity"] < NEAR_DUPLICATE_THRESHOLD for i in shared)
+    else:
+        assert all(scores[i]["exact_of"] is not None for i in [*near, *shared])
+    assert scores[7]["contamination"] == 1.0 and 0 < scores[20]["contamination"] < 1
+
+
+def test_chunked_embedding_dedup_scores_as_the_whole_table_implementation_did(tmp_path, monkeypatch) -> None:
+    import hashlib
+
+    import factory.embed
+    import filters.dedup as dedup_module
+
+    def embed(texts, *, keep="start", **_):  # noqa: ANN001, ANN202 - a deterministic bag of words
+        out = np.zeros((len(texts), 64), np.float32)
+        for row, text in enumerate(texts):
+            words = text.split()
+            for word in (words[:12] if keep == "start" else words[-12:]):
+                out[row, hashlib.blake2b(word.encode(), digest_size=1).digest()[0] % 64] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    monkeypatch.setattr(factory.embed, "embed_texts", embed)
+    pairs = _planted_pairs(copies=3)
+    whole = None
+    for rows in (5, 4096):
+        monkeypatch.setattr(dedup_module, "_CHUNK_ROWS", rows)
+        table, result, _ = _scores(pairs, tmp_path / f"{rows}", near="embedding")
+        if whole is None:
+            whole = _reference_scores(table, StepContext("dedup", prepare(
+                "filter", "dedup", {"near": "embedding"}).params, home=tmp_path))
+        assert result.table.equals(whole), (rows, result.table.to_pylist(), whole.to_pylist())
+    assert sum(s["near_of"] is not None for s in whole.to_pylist()) >= 12
 
 
 def test_a_bucket_of_many_near_copies_makes_a_bounded_number_of_candidate_pairs(tmp_path) -> None:
