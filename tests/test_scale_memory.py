@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pyarrow as pa
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -46,11 +47,12 @@ def _run_limited(setup: str, run: str, budget_mib: int) -> subprocess.CompletedP
 
 
 _PAIRS = """
-from tests.test_scale_memory import synthetic_components
+from tests.test_scale_memory import synthetic_components, synthetic_table
 import filters.dedup as dedup
 import polars  # imported before the limit: its allocator reserves address space once
 import datasketch  # as is scipy, which it imports
 components, pair_ids, exact_of = synthetic_components({n})
+table = synthetic_table(components, pair_ids)
 params = dedup.DedupParams()
 dedup._bands(params.candidate_threshold, params.num_perm)  # scipy's integration, a fixed cost
 """
@@ -75,12 +77,20 @@ def synthetic_components(n: int, seed: int = 0) -> tuple[list[list[str]], list[s
     return parts, [f"p{i}" for i in range(n)], [None] * n
 
 
+def synthetic_table(components: list[list[str]], pair_ids: list[str]) -> pa.Table:
+    """The pairs as the dedup step reads them (prompts as plain strings)."""
+    prompts, chosen, rejected = components
+    return pa.table({"pair_id": pair_ids, "prompt": prompts, "chosen": chosen, "rejected": rejected})
+
+
 def test_minhash_signatures_fit_a_bound_the_whole_table_shingle_sets_do_not() -> None:
-    # 20k pairs: combined signatures 20k x 128 x 4 B = 10 MiB, per-part ones for the rows in
-    # a candidate pair, a 2k-row chunk's shingles and a 16 MiB permuted block (~90 MiB
-    # mapped); every row's shingle sets and MinHash objects at once take ~430 MiB
+    # 20k pairs: combined signatures 20k x 128 x 4 B = 10 MiB, one part's signatures of the
+    # rows in a candidate pair, a 2k-row chunk's texts and shingles and a 16 MiB permuted block
+    # (~90 MiB mapped); every row's shingle sets and MinHash objects at once take ~430 MiB
     setup = _PAIRS.format(n=20_000)
-    bounded = _run_limited(setup, "dedup._near_minhash(components, pair_ids, exact_of, params)", budget_mib=160)
+    run = ("dedup._near_minhash(table, dedup._scan(table, params, signatures=True), "
+           "np.arange(table.num_rows), params)")
+    bounded = _run_limited(setup, run, budget_mib=160)
     assert bounded.returncode == 0, bounded.stdout + bounded.stderr
     control = _run_limited(setup + "from tests.test_dedup import _reference_near_minhash\n",
                            "_reference_near_minhash(components, pair_ids, exact_of, params)", budget_mib=160)
