@@ -365,48 +365,72 @@ def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _candidates(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int],
-                per_bucket: int) -> pl.DataFrame:
-    """Pairs (row, earlier) of the given rows (ascending) whose signatures agree on a whole
-    LSH band, ``earlier`` among the first ``per_bucket`` rows of that band's bucket.
+# Rows whose candidate pairs are formed, compared and reduced to each row's best at once: at
+# most rows x bucket_candidates x bands pairs (4k x 32 x 25 = 3.3M, ~100 MiB with their
+# signature comparisons).
+_PAIR_BLOCK_ROWS = 4096
 
-    Memory: at most rows x per_bucket pairs per band, and their union over the bands (kept
-    unique as it grows); a bucket of m near copies makes m x per_bucket pairs, not m^2 / 2."""
+
+@dataclass
+class _Band:
+    """One LSH band's buckets of the rows searched (by position in those rows): the bucket of
+    each (-1 when no other row shares it), and per bucket its first ``bucket_candidates``
+    positions, ascending: ``firsts[offsets[b]:offsets[b + 1]]``."""
+
+    bucket: np.ndarray  # (rows,) int32
+    offsets: np.ndarray  # (shared buckets + 1,) int64
+    firsts: np.ndarray  # int32
+
+
+def _bands_of(combined: np.ndarray, rows: np.ndarray, bands: tuple[int, int], per_bucket: int) -> list[_Band]:
+    """The LSH buckets of the given rows (ascending) in every band: rows whose signatures
+    agree on a whole band share its bucket. Memory: ~12 bytes a row per band."""
     b, r = bands
-    found = pl.DataFrame(schema={"row": pl.Int64, "row_earlier": pl.Int64})
+    out = []
     for band in range(b):
         keys = np.ascontiguousarray(combined[rows, band * r:(band + 1) * r])
-        _, bucket = np.unique(keys.view(np.dtype((np.void, 4 * r))).ravel(), return_inverse=True)
-        frame = (pl.DataFrame({"bucket": bucket.ravel(), "row": rows.astype(np.int64)})
-                 .filter(pl.len().over("bucket") > 1)
-                 .with_columns(pl.int_range(pl.len()).over("bucket").alias("rank")))
-        firsts = frame.filter(pl.col("rank") < per_bucket).select("bucket", pl.col("row").alias("row_earlier"))
-        pairs = (frame.join(firsts, on="bucket").filter(pl.col("row_earlier") < pl.col("row"))
-                 .select("row", "row_earlier"))
-        found = pl.concat([found, pairs]).unique()
-    return found
+        _, bucket, sizes = np.unique(keys.view(np.dtype((np.void, 4 * r))).ravel(), return_inverse=True,
+                                     return_counts=True)
+        del keys
+        shared = sizes > 1
+        bucket = np.where(shared, np.cumsum(shared) - 1, -1)[bucket.ravel()].astype(np.int32)
+        sizes = sizes[shared]
+        order = np.argsort(bucket, kind="stable")[len(rows) - int(sizes.sum()):]  # -1 sorts first
+        rank = np.arange(len(order)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        kept = np.minimum(sizes, per_bucket)
+        out.append(_Band(bucket, np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+                         order[rank < per_bucket].astype(np.int32)))
+    return out
 
 
-def _part_agreement(table: pa.Table, row: np.ndarray, earlier: np.ndarray, params: DedupParams) -> np.ndarray:
-    """For each candidate pair (row, earlier), the lowest over the parts of the number of
-    permutations on which their part signatures agree. One part at a time: its signatures
-    of the rows in a candidate pair only, computed by a chunked pass over those rows."""
-    involved = np.unique(np.concatenate([row, earlier]))
-    at_row, at_earlier = np.searchsorted(involved, row), np.searchsorted(involved, earlier)
-    agree = np.full(len(row), params.num_perm, dtype=np.int64)
+def _candidates(bands: list[_Band], start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (position, earlier position) of the positions in [start, stop),
+    unique and sorted: ``earlier`` shares a band's bucket with ``position`` and is among the
+    first ``bucket_candidates`` of that bucket. A bucket of m near copies makes m x
+    bucket_candidates pairs, not m^2 / 2."""
+    found = []
+    for band in bands:
+        bucket = band.bucket[start:stop]
+        at = np.flatnonzero(bucket >= 0)
+        lo, hi = band.offsets[bucket[at]], band.offsets[bucket[at] + 1]
+        counts = hi - lo
+        position = np.repeat(at + start, counts)
+        earlier = band.firsts[np.arange(int(counts.sum())) + np.repeat(lo - (np.cumsum(counts) - counts), counts)]
+        keep = earlier < position
+        found.append(position[keep].astype(np.int64) << 32 | earlier[keep].astype(np.int64))
+    pairs = np.unique(np.concatenate(found))
+    return pairs >> 32, pairs & 0xFFFFFFFF
+
+
+def _part_signatures(table: pa.Table, rows: np.ndarray, params: DedupParams) -> list[np.ndarray]:
+    """Per part, the signatures of the given ascending rows, by a chunked pass over them."""
     perm = _permutations(params.num_perm, 2)
-    for k in range(_part_count(params.content)):
-        signatures = np.empty((len(involved), params.num_perm), np.uint32)
-        for positions, chunk in _chunks(table, involved):
-            at = np.searchsorted(involved, positions[0])
-            hashes = [_sha1_32(_shingles(text, params.shingle)) for text in _part(chunk, k)]
-            signatures[at:at + len(positions)] = _signatures(hashes, perm)
-        for start in range(0, len(row), _CHUNK_SHINGLES):  # candidate pairs compared a block at a time
-            block = slice(start, start + _CHUNK_SHINGLES)
-            same = np.count_nonzero(signatures[at_row[block]] == signatures[at_earlier[block]], axis=1)
-            agree[block] = np.minimum(agree[block], same)
-        del signatures
-    return agree
+    out = [np.empty((len(rows), params.num_perm), np.uint32) for _ in range(_part_count(params.content))]
+    for positions, chunk in _chunks(table, rows):
+        first = int(np.searchsorted(rows, positions[0]))
+        for signatures, part in zip(out, _parts(chunk, params.content), strict=True):
+            signatures[first:first + len(positions)] = _signatures([_sha1_32(_shingles(text, params.shingle)) for text in part], perm)
+    return out
 
 
 def _near_minhash(table: pa.Table, scan: _Scan, representatives: np.ndarray,
@@ -417,29 +441,45 @@ def _near_minhash(table: pa.Table, scan: _Scan, representatives: np.ndarray,
     representatives it shares a band with (the first ``bucket_candidates`` of each bucket);
     ties go to the earliest. Returns each row's similarity and its match's row (-1: none).
 
-    Memory: the combined signatures (taken from ``scan``, and freed once the candidates are
-    found), the band buckets, the candidate pairs (at most rows x ``bucket_candidates`` per
-    band), then one part's signatures of the rows in a candidate pair at a time; no shingle
-    outlives its chunk. Same hashes as datasketch's MinHash and the same LSH bands, so the
-    same candidates and estimates as indexing datasketch objects one by one."""
+    Memory: the combined signatures (taken from ``scan``, freed once the band buckets are
+    found), the band buckets (~12 bytes a row per band), the per-part signatures of the
+    rows that share a bucket (parts x num_perm x 4 bytes a row: 1.5 GiB at 1M such rows),
+    and one block of ``_PAIR_BLOCK_ROWS`` rows' candidate pairs; no shingle outlives its
+    chunk. Same hashes as datasketch's MinHash and the same LSH bands, so the same
+    candidates and estimates as indexing datasketch objects one by one."""
     n = table.num_rows
-    combined, scan.signatures = scan.signatures, None
-    pairs = _candidates(combined, representatives, _bands(params.candidate_threshold, params.num_perm),
-                        params.bucket_candidates)
-    del combined
-    row, earlier = pairs["row"].to_numpy(), pairs["row_earlier"].to_numpy()
-    del pairs
     similarity, near_row = np.zeros(n), np.full(n, -1, dtype=np.int64)
-    if not len(row):
+    combined, scan.signatures = scan.signatures, None
+    bands = _bands_of(combined, representatives, _bands(params.candidate_threshold, params.num_perm),
+                      params.bucket_candidates)
+    del combined
+    involved = np.zeros(len(representatives), dtype=bool)
+    for band in bands:
+        involved |= band.bucket >= 0
+    involved = np.flatnonzero(involved)
+    if not len(involved):
         return similarity, near_row
-    agree = _part_agreement(table, row, earlier, params)
-    best = (pl.DataFrame({"row": row, "earlier": earlier, "agree": agree})
-            .filter(pl.col("agree") > 0)
-            .sort(["row", "agree", "earlier"], descending=[False, True, False])
-            .unique("row", keep="first"))
-    matched = best["row"].to_numpy()
-    similarity[matched] = best["agree"].to_numpy() / float(params.num_perm)
-    near_row[matched] = best["earlier"].to_numpy()
+    parts = _part_signatures(table, representatives[involved], params)
+    slot = np.full(len(representatives), -1, dtype=np.int64)
+    slot[involved] = np.arange(len(involved))
+    for start in range(0, len(representatives), _PAIR_BLOCK_ROWS):
+        position, earlier = _candidates(bands, start, start + _PAIR_BLOCK_ROWS)
+        if not len(position):
+            continue
+        agree = np.full(len(position), params.num_perm, dtype=np.int64)
+        for first in range(0, len(position), _CHUNK_SHINGLES):  # pairs compared a block at a time
+            block = slice(first, first + _CHUNK_SHINGLES)
+            at_row, at_earlier = slot[position[block]], slot[earlier[block]]
+            for signatures in parts:
+                same = np.count_nonzero(signatures[at_row] == signatures[at_earlier], axis=1)
+                agree[block] = np.minimum(agree[block], same)
+        best = (pl.DataFrame({"row": position, "earlier": earlier, "agree": agree})
+                .filter(pl.col("agree") > 0)
+                .sort(["row", "agree", "earlier"], descending=[False, True, False])
+                .unique("row", keep="first"))
+        rows = representatives[best["row"].to_numpy()]
+        similarity[rows] = best["agree"].to_numpy() / float(params.num_perm)
+        near_row[rows] = representatives[best["earlier"].to_numpy()]
     return similarity, near_row
 
 

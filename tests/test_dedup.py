@@ -300,10 +300,11 @@ def test_chunked_dedup_scores_as_the_whole_table_implementation_did(tmp_path, mo
     pairs = _planted_pairs(copies=3)
     against = _evaluation_set(tmp_path, pairs)
     whole = None
-    # chunks of 5 and 7 rows and permuted blocks of 64 shingles: every planted copy lies in
-    # another chunk than its source, and rows straddle block boundaries
+    # chunks (and candidate blocks) of 5 and 7 rows and permuted blocks of 64 shingles: every
+    # planted copy lies in another chunk than its source, and rows straddle block boundaries
     for rows, shingles in ((5, 64), (7, 1 << 15), (4096, 1 << 15)):
         monkeypatch.setattr(dedup_module, "_CHUNK_ROWS", rows)
+        monkeypatch.setattr(dedup_module, "_PAIR_BLOCK_ROWS", rows)
         monkeypatch.setattr(dedup_module, "_CHUNK_SHINGLES", shingles)
         table, result, _ = _scores(pairs, tmp_path / f"{rows}", against=against, content=content)
         if whole is None:
@@ -364,13 +365,15 @@ def test_a_bucket_of_many_near_copies_makes_a_bounded_number_of_candidate_pairs(
 
     def counted(*args):  # noqa: ANN002, ANN202 - passes through
         found = original(*args)
-        seen.append(found.height)
+        seen[-1] += len(found[0])
         return found
 
     dedup_module._candidates = counted
     try:
-        drops = {k: _scores(copies, tmp_path / str(k), bucket_candidates=k)[2].action.to_pylist()
-                 for k in (300, 32, 8)}
+        drops = {}
+        for k in (300, 32, 8):
+            seen.append(0)
+            drops[k] = _scores(copies, tmp_path / str(k), bucket_candidates=k)[2].action.to_pylist()
     finally:
         dedup_module._candidates = original
     every_earlier, default, few = seen
