@@ -61,12 +61,13 @@ class PairAssembly:
     many of each seed's pairs, drawn by seed id and method.
 
     Memory: about 100 bytes per made pair and 16 per seed, plus one chunk of texts; the
-    spilled texts are on disk (under ``spill_dir``, or the system's temporary folder).
+    spilled texts are on disk, under ``home``'s ``steps`` folder (where ``catalog gc`` finds
+    what a killed run left) or, without a home, the system's temporary folder.
     """
 
     def __init__(self, seeds: pa.Table, *, ordered: bool = False, max_per_seed: int = 0,
                  row_uniform: Callable[[Sequence[str], str], np.ndarray] | None = None, salt: str = "cap",
-                 spill_dir: str | Path | None = None) -> None:
+                 home: str | Path | None = None) -> None:
         if max_per_seed and row_uniform is None:
             raise ValueError("max_per_seed needs row_uniform to draw which pairs a seed keeps")
         self.seeds = seeds
@@ -77,9 +78,10 @@ class PairAssembly:
         self._seed_texts = (seeds.column("chosen"), column_or(seeds, "rejected"))
         self._columns: dict[str, list[np.ndarray]] = {}
         self._values: dict[str, dict[Any, int]] = {name: {} for name in _CODED}
+        spill_dir = None if home is None else Path(home) / "steps"
         if spill_dir is not None:
-            Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        self._folder = tempfile.TemporaryDirectory(prefix=".prefab-spill-", dir=spill_dir)
+            spill_dir.mkdir(parents=True, exist_ok=True)
+        self._folder = tempfile.TemporaryDirectory(prefix="spill-", dir=spill_dir)
         self._spill_path = Path(self._folder.name) / "texts.arrow"
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._spilled = 0

@@ -4,9 +4,10 @@ Rule-based rewrites must touch exactly what they mean to touch, so everything he
 about finding spans reliably: code (never rewritten), list blocks (items, markers and
 the gaps between them, so a list can be reassembled byte for byte), sentence and line
 boundaries, numbers, and the content words a neutral rewrite has to keep. Donor picking
-(another seed's prompt or answer) and output assembly (merging the pairs repeated seeds
-make) live here too: they span the whole seed table, reading texts a chunk at a time, so
-a generator's output depends neither on row order nor on how the table is split.
+(another seed's prompt or answer) lives here too: it spans the whole seed table, reading
+texts a chunk at a time, so a generator's output depends neither on row order nor on how
+the table is split (output assembly, which merges the pairs repeated seeds make, is in
+:mod:`generators._assembly`).
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ def _ring_blocks(starts: np.ndarray, order: np.ndarray, block: int) -> Iterator[
             begin = end
 
 
-# ---- output assembly -------------------------------------------------------------------------
+# ---- made pairs (assembled into the output by generators._assembly) ---------------------
 
 
 @dataclass

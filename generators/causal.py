@@ -427,7 +427,7 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
 def _assembly(table: pa.Table, ctx: StepContext[CausalParams]) -> PairAssembly:
     """Where both modes put their pairs: merged over the whole table, capped per seed."""
     return PairAssembly(table, max_per_seed=ctx.params.max_per_seed, row_uniform=ctx.row_uniform, salt="cap",
-                        spill_dir=ctx.home)
+                        home=ctx.home)
 
 
 def _stats(table: pa.Table, assembly: PairAssembly, ctx: StepContext[CausalParams],
@@ -530,7 +530,13 @@ def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
 @generator("causal", params=CausalParams, version="3", backend="optional", batch_rows=None,
            templates=template_sources(*LLM_TEMPLATES))
 def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
-    """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal)."""
+    """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal).
+
+    Memory: the seeds are memory-mapped and their texts read a chunk of rows (or a block of
+    donor candidates) at a time; across the table it holds a few numbers per seed (donor
+    draws) and about 100 bytes per made pair (see :class:`~generators._assembly.PairAssembly`;
+    rewritten answers are spilled to disk), and gives its pairs out a chunk at a time.
+    """
     params = ctx.params
     if params.mode == "llm":
         return _causal_llm(table, ctx)

@@ -113,7 +113,7 @@ def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResu
     # Seeds that repeat a prompt and chosen answer (repeated judgments, anywhere in the table)
     # would make the same pair again: make it once, naming every seed as a parent. The copy
     # kept is the least seed id's, so the output does not depend on row order either.
-    assembly = PairAssembly(table, ordered=True, spill_dir=ctx.home)
+    assembly = PairAssembly(table, ordered=True, home=ctx.home)
     prompt_ids = prompt_ids_of(table)
     empty: list[int] = []
     ties = 0

@@ -419,7 +419,7 @@ def _neutral_llm(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult
 def _assembly(table: pa.Table, ctx: StepContext[NeutralParams]) -> PairAssembly:
     """Where both modes put their pairs: merged over the whole table, capped per seed."""
     return PairAssembly(table, max_per_seed=ctx.params.max_per_seed, row_uniform=ctx.row_uniform, salt="cap",
-                        spill_dir=ctx.home)
+                        home=ctx.home)
 
 
 def _check_llm_rewrite(value: dict, call: Call) -> str | None:
@@ -444,7 +444,13 @@ def _check_llm_rewrite(value: dict, call: Call) -> str | None:
 @generator("neutral", params=NeutralParams, version="2", backend="optional", batch_rows=None,
            templates=template_sources(REWRITE))
 def neutral(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
-    """Tie pairs that change only a spurious feature of the chosen answer (Crome neutral)."""
+    """Tie pairs that change only a spurious feature of the chosen answer (Crome neutral).
+
+    Memory: the seeds are memory-mapped and their texts read a chunk of rows (or a block of
+    donor candidates) at a time; across the table it holds a few numbers per seed (donor
+    draws) and about 100 bytes per made pair (see :class:`~generators._assembly.PairAssembly`;
+    rewritten answers are spilled to disk), and gives its pairs out a chunk at a time.
+    """
     params = ctx.params
     if params.mode == "llm":
         return _neutral_llm(table, ctx)

@@ -149,3 +149,14 @@ def test_a_chunked_run_gives_exactly_the_pairs_of_a_single_chunk_run(step: str,
     ids = table["pair_id"].to_pylist()
     for a, b in ((127, 128), (30, 300)):  # merged across a chunk boundary: one pair, both seeds its parents
         assert any(set(r[3]) == {ids[a], ids[b]} for r in single)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_run_leaves_no_spilled_texts_behind(step: str, home) -> None:
+    import factory
+    from factory.catalog import Catalog
+
+    Catalog(home).commit("seeds", _straddling_seeds())
+    made = factory.generate(step, "seeds", "out", settings=FAST[step], home=home, progress=False)
+    assert made["rows_generated"] > 0
+    assert not list((home / "steps").glob("spill-*"))
