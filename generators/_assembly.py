@@ -35,6 +35,9 @@ OUTPUT_ROWS = 16_384
 _SEED_CHOSEN, _SEED_REJECTED, _SPILLED = 0, 1, 2
 _CODED = ("attribute", "method", "generated", "task")
 _SPILL_SCHEMA = pa.schema([("text", pa.string())])
+_OUTPUT_TYPES = {"chosen": pa.string(), "rejected": pa.string(), "tie": pa.bool_(), "attribute": pa.string(),
+                 "task": pa.string(), "parent_ids": pa.list_(pa.string()), "generated": pa.string(),
+                 "method": pa.string()}
 
 
 def pair_digest(prompt_id: str, chosen: str, rejected: str, ordered: bool) -> bytes:
@@ -194,9 +197,10 @@ class PairAssembly:
 
     def value_counts(self, name: str) -> dict[str, int]:
         """``{value: output rows}`` of a coded column (attribute, method…), in order of first row."""
-        codes = self._finished()[name].to_numpy()
-        if not len(codes):
+        merged = self._finished()
+        if not merged.height:
             return {}
+        codes = merged[name].to_numpy()
         values = list(self._values[name])
         found, first = np.unique(codes, return_index=True)
         counts = np.bincount(codes, minlength=len(values))
@@ -214,6 +218,9 @@ class PairAssembly:
         generator returns. The spill is removed when the last chunk has been read."""
         merged = self._finished()
         try:
+            if not merged.height:  # no pairs, still in the output's columns
+                yield pa.table({"prompt": self.seeds.column("prompt").slice(0, 0),
+                                **{name: pa.array([], kind) for name, kind in _OUTPUT_TYPES.items()}})
             for start, stop in chunks(merged.height, rows or OUTPUT_ROWS):
                 yield self._table(merged.slice(start, stop - start))
                 if self._map is not None:

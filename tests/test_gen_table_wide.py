@@ -160,3 +160,11 @@ def test_a_run_leaves_no_spilled_texts_behind(step: str, home) -> None:
     made = factory.generate(step, "seeds", "out", settings=FAST[step], home=home, progress=False)
     assert made["rows_generated"] > 0
     assert not list((home / "steps").glob("spill-*"))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_seeds_that_make_no_pair_give_an_empty_output(step: str) -> None:
+    table = _seeds(5)
+    table = table.set_column(table.schema.get_field_index("tie"), "tie", pa.array([True] * 5))  # ties are skipped
+    out = _run(step, table, FAST[step])
+    assert out.num_rows == 0

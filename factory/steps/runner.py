@@ -520,7 +520,8 @@ def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *
                 if resume_dir is not None:
                     _save_batch(resume_dir, start, *kept)
                     if not isinstance(kept[0], pa.Table):  # its chunks went to the file as they came
-                        kept = _load_batch(resume_dir, start, output=keep) or kept
+                        kept = _load_batch(resume_dir, start, output=keep)
+                        assert kept is not None  # just saved
             out, failed, batch_stats, batch_usage = kept
             if keep:
                 run.tables.extend([out] if isinstance(out, pa.Table) else out)
