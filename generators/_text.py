@@ -4,9 +4,10 @@ Rule-based rewrites must touch exactly what they mean to touch, so everything he
 about finding spans reliably: code (never rewritten), list blocks (items, markers and
 the gaps between them, so a list can be reassembled byte for byte), sentence and line
 boundaries, numbers, and the content words a neutral rewrite has to keep. Donor picking
-(another seed's prompt or answer) and output assembly (merging the pairs repeated seeds
-make) live here too: they span the whole seed table, reading texts a chunk at a time, so
-a generator's output depends neither on row order nor on how the table is split.
+(another seed's prompt or answer) lives here too: it spans the whole seed table, reading
+texts a chunk at a time, so a generator's output depends neither on row order nor on how
+the table is split (output assembly, which merges the pairs repeated seeds make, is in
+:mod:`generators._assembly`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -256,10 +256,32 @@ def prompt_ids_of(table: pa.Table) -> pa.ChunkedArray | pa.Array:
     return content_ids(table)[1]
 
 
+def take_rows(column: pa.ChunkedArray | pa.Array, indices: np.ndarray | Sequence[int]) -> pa.Array:
+    """``column[indices]``, reading only the chunks the indices fall in.
+
+    ``ChunkedArray.take`` concatenates every chunk first: on a memory-mapped table that
+    copies the whole column into memory for each call."""
+    positions = np.asarray(indices, dtype=np.int64)
+    if isinstance(column, pa.Array):
+        return column.take(pa.array(positions, pa.int64()))
+    if column.num_chunks == 1:
+        return column.chunk(0).take(pa.array(positions, pa.int64()))
+    if not len(positions):
+        return pa.array([], column.type)
+    offsets = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    which = np.searchsorted(offsets, positions, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(column.num_chunks + 1))
+    parts = [column.chunk(k).take(pa.array(positions[order[a:b]] - offsets[k], pa.int64()))
+             for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if b > a]
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return pa.concat_arrays(parts).take(pa.array(inverse, pa.int64()))
+
+
 def rows_at(table: pa.Table, indices: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
     """The named columns at ``indices`` as Python lists (missing columns read as nulls)."""
-    take = pa.array(np.asarray(indices, dtype=np.int64), pa.int64())
-    return {name: column_or(table, name).take(take).to_pylist() for name in columns}
+    return {name: take_rows(column_or(table, name), indices).to_pylist() for name in columns}
 
 
 def uniforms(ids: pa.ChunkedArray | pa.Array, row_uniform: Callable[[Sequence[str], str], np.ndarray],
@@ -274,7 +296,8 @@ def row_mask(table: pa.Table, columns: Sequence[str], test: Callable[[dict[str, 
     """``test(row)`` for every row (a dict of ``columns``), a chunk at a time."""
     out = np.zeros(table.num_rows, dtype=dtype)
     for a, b in chunks(table.num_rows):
-        values = rows_at(table, np.arange(a, b), columns)
+        part = table.slice(a, b - a)
+        values = {name: column_or(part, name).to_pylist() for name in columns}
         out[a:b] = [test(dict(zip(columns, row, strict=True))) for row in zip(*values.values(), strict=True)]
     return out
 
@@ -339,7 +362,7 @@ def _ring_blocks(starts: np.ndarray, order: np.ndarray, block: int) -> Iterator[
             begin = end
 
 
-# ---- output assembly -------------------------------------------------------------------------
+# ---- made pairs (assembled into the output by generators._assembly) ---------------------
 
 
 @dataclass
@@ -383,50 +406,6 @@ def number_rules(made: list[Made]) -> list[Made]:
         m.rule = seen[m.row]
         seen[m.row] += 1
     return made
-
-
-def assemble(seeds: pa.Table, parts: Sequence[pa.Table], *,
-             row_uniform: Callable[[Sequence[str], str], np.ndarray], max_per_seed: int,
-             salt: str) -> tuple[pa.Table, dict[str, int]]:
-    """The step's output table from the made pairs of the whole seed table: capped per seed,
-    duplicates merged.
-
-    Two seeds that share a prompt and an answer (common: one chosen answer against several
-    rejected ones, or a seed repeated anywhere in the table) yield the same rewrite; that
-    pair is kept once with every seed in ``parent_ids`` rather than emitted twice under one
-    ``pair_id``. Which copy is kept is fixed by content (the least seed id, then rule), so
-    the output does not depend on row order; rows come out in the order of their first seed.
-    """
-    made = pl.from_arrow(pa.concat_tables([MADE_SCHEMA.empty_table(), *parts]))
-    assert isinstance(made, pl.DataFrame)
-    take = pa.array(made["row"].to_numpy(), pa.int64())
-    made = made.with_columns(
-        pl.Series("seed_id", seeds.column("pair_id").take(take)),
-        pl.Series("prompt_id", prompt_ids_of(seeds).take(pa.array(made["prompt_row"].to_numpy(), pa.int64()))),
-    )
-    before = made.height
-    if max_per_seed and made.height:
-        keys = (made["seed_id"] + "\x00" + made["method"]).to_arrow()
-        made = (made.with_columns(pl.Series("draw", uniforms(keys, row_uniform, salt)))
-                .filter(pl.col("draw").rank("ordinal").over("row") <= max_per_seed)
-                .drop("draw"))
-    swap = pl.col("chosen") > pl.col("rejected")
-    merged = (made.with_columns(pl.when(swap).then(pl.col("rejected")).otherwise(pl.col("chosen")).alias("low"),
-                                pl.when(swap).then(pl.col("chosen")).otherwise(pl.col("rejected")).alias("high"))
-              .sort(["seed_id", "rule", "row"])
-              .group_by(["prompt_id", "low", "high"], maintain_order=True)
-              .agg(pl.col("prompt_row", "chosen", "rejected", "tie", "attribute", "task", "generated", "method",
-                          "rule").first(),
-                   pl.col("seed_id").unique(maintain_order=True).alias("parent_ids"),
-                   pl.col("row").min().alias("first_row"))
-              .sort(["first_row", "rule"]))
-    table = pa.table({
-        "prompt": seeds.column("prompt").take(pa.array(merged["prompt_row"].to_numpy(), pa.int64())),
-        **{name: merged[name].to_arrow() for name in ("chosen", "rejected", "tie", "attribute", "task")},
-        "parent_ids": merged["parent_ids"].to_arrow().cast(pa.list_(pa.string())),
-        **{name: merged[name].to_arrow() for name in ("generated", "method")},
-    })
-    return table, {"capped": before - made.height, "duplicates_merged": made.height - merged.height}
 
 
 def skipped_ties(table: pa.Table) -> int:

@@ -63,10 +63,10 @@ from factory.steps.llm import (
     strict_object,
     template_sources,
 )
+from generators._assembly import PairAssembly
 from generators._text import (
     NUMBER,
     Made,
-    assemble,
     boundaries,
     chunks,
     column_or,
@@ -81,9 +81,9 @@ from generators._text import (
     row_mask,
     rows_at,
     skipped_ties,
+    take_rows,
     uniforms,
     unmask_code,
-    value_counts,
     word_set,
 )
 from schemas.prompts import last_user_text, prompt_text
@@ -424,31 +424,37 @@ def plan_causal(table: pa.Table, ctx: StepContext[CausalParams]) -> list[Planned
     return stages
 
 
-def _assembled(table: pa.Table, parts: list[pa.Table], ctx: StepContext[CausalParams],
-               **mode_stats: Any) -> tuple[pa.Table, dict[str, Any]]:
-    """Both modes' pairs merged over the whole table and capped per seed, with their counts."""
-    params = ctx.params
-    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
-    return out, {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
+def _assembly(table: pa.Table, ctx: StepContext[CausalParams]) -> PairAssembly:
+    """Where both modes put their pairs: merged over the whole table, capped per seed."""
+    return PairAssembly(table, max_per_seed=ctx.params.max_per_seed, row_uniform=ctx.row_uniform, salt="cap",
+                        home=ctx.home)
+
+
+def _stats(table: pa.Table, assembly: PairAssembly, ctx: StepContext[CausalParams],
+           **mode_stats: Any) -> dict[str, Any]:
+    counts = assembly.finish()
+    return {
+        "pairs": assembly.value_counts("attribute"),
+        "methods": assembly.value_counts("method"),
         **mode_stats,
-        "skipped_ties": 0 if params.include_ties else skipped_ties(table),
+        "skipped_ties": 0 if ctx.params.include_ties else skipped_ties(table),
         **counts,
     }
 
 
 def _causal_llm(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
     """The llm mode, a chunk of seeds at a time; duplicates are merged over the whole table."""
-    parts, failed, usage, seeds_failed = [], [], [], 0
+    assembly = _assembly(table, ctx)
+    failed, usage, seeds_failed = [], [], 0
     for start, stop in chunks(table.num_rows):
         made, chunk_failed, chunk_usage, chunk_seeds_failed = _causal_llm_chunk(table.slice(start, stop - start), ctx)
-        parts.append(made_table(number_rules(made), offset=start))
+        assembly.add(made_table(number_rules(made), offset=start))
         failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
         usage.append(chunk_usage)
         seeds_failed += chunk_seeds_failed
-    out, stats = _assembled(table, parts, ctx, seeds_failed_llm=seeds_failed)
-    return StepResult(out, pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats, merge_usage(*usage))
+    stats = _stats(table, assembly, ctx, seeds_failed_llm=seeds_failed)
+    return StepResult(assembly.tables(), pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats,
+                      merge_usage(*usage))
 
 
 def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
@@ -524,27 +530,33 @@ def _causal_llm_chunk(table: pa.Table, ctx: StepContext[CausalParams]
 @generator("causal", params=CausalParams, version="3", backend="optional", batch_rows=None,
            templates=template_sources(*LLM_TEMPLATES))
 def causal(table: pa.Table, ctx: StepContext[CausalParams]) -> StepResult:
-    """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal)."""
+    """Pairs whose rejected answer breaks one quality attribute of the chosen one (Crome causal).
+
+    Memory: the seeds are memory-mapped and their texts read a chunk of rows (or a block of
+    donor candidates) at a time; across the table it holds a few numbers per seed (donor
+    draws) and about 100 bytes per made pair (see :class:`~generators._assembly.PairAssembly`;
+    rewritten answers are spilled to disk), and gives its pairs out a chunk at a time.
+    """
     params = ctx.params
     if params.mode == "llm":
         return _causal_llm(table, ctx)
     wanted = [a for a in ATTRIBUTES if a in params.attributes]
     not_applicable = dict.fromkeys(wanted, 0)
-    parts: list[pa.Table] = []
+    assembly = _assembly(table, ctx)
     short_rows: list[np.ndarray] = []
     empty: list[int] = []
     for start, stop in chunks(table.num_rows):
         made, waiting, chunk_empty = _row_local_rules(table.slice(start, stop - start), ctx, wanted, not_applicable)
-        parts.append(made_table(made, offset=start))
+        assembly.add(made_table(made, offset=start))
         short_rows.append(np.asarray(waiting, dtype=np.int64) + start)
         empty += [start + i for i in chunk_empty]
     if "correctness" in wanted:
-        parts.append(_short_answer_swaps(table, np.concatenate(short_rows), ctx, not_applicable))
+        _short_answer_swaps(table, np.concatenate(short_rows), ctx, not_applicable, assembly)
     if "relevance" in wanted:
-        parts.append(_answers_to_other_prompts(table, ctx, not_applicable))
-    out, stats = _assembled(table, parts, ctx, not_applicable=not_applicable)
+        _answers_to_other_prompts(table, ctx, not_applicable, assembly)
+    stats = _stats(table, assembly, ctx, not_applicable=not_applicable)
     failed = failed_rows(empty, ["chosen answer is empty: nothing to degrade"] * len(empty))
-    return StepResult(out, failed, stats)
+    return StepResult(assembly.tables(), failed, stats)
 
 
 _RULE_ORDER = {attribute: k for k, attribute in enumerate(ATTRIBUTES)}
@@ -613,16 +625,17 @@ def _row_local_rules(table: pa.Table, ctx: StepContext[CausalParams], wanted: li
 
 
 def _short_answer_swaps(table: pa.Table, rows: np.ndarray, ctx: StepContext[CausalParams],
-                        not_applicable: dict[str, int]) -> pa.Table:
+                        not_applicable: dict[str, int], assembly: PairAssembly) -> None:
     """Correctness pairs whose wrong answer is another seed's short answer of the same task
     (only the differing span when both share a template), donors drawn from the whole table."""
     params = ctx.params
+    prompt_ids = prompt_ids_of(table)
     short = np.flatnonzero(row_mask(table, ["chosen"], lambda r: is_short_answer(
         r["chosen"] or "", max(params.short_answer_words, 1))))
 
     def features(indices: np.ndarray) -> list[tuple[str, str | None, Counter[str], frozenset[str]]]:
         values = rows_at(table, indices, ["task", "chosen"])
-        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        ids = take_rows(prompt_ids, indices).to_pylist()
         return [(p, t, content_tokens(c or ""), word_set(c or ""))
                 for p, t, c in zip(ids, values["task"], values["chosen"], strict=True)]
 
@@ -636,9 +649,9 @@ def _short_answer_swaps(table: pa.Table, rows: np.ndarray, ctx: StepContext[Caus
     positions = uniforms(table.column("pair_id"), ctx.row_uniform, "short_answer")
     donors = pick_donors(positions, rows, short, features, short_score)
     not_applicable["correctness"] += int((donors < 0).sum())
-    made: list[Made] = []
     found = np.flatnonzero(donors >= 0)
     for a, b in chunks(len(found)):
+        made: list[Made] = []
         own, given = rows[found[a:b]], donors[found[a:b]]
         seed = rows_at(table, own, ["prompt", "chosen", "task"])
         donor = rows_at(table, given, ["chosen"])["chosen"]
@@ -652,21 +665,22 @@ def _short_answer_swaps(table: pa.Table, rows: np.ndarray, ctx: StepContext[Caus
             else:
                 made.append(Made(i, i, answer, donor[k], False, "correctness", "wrong_answer:short_answer",
                                  "rejected", task, _RULE_ORDER["correctness"]))
-    return made_table(made)
+        assembly.add(made_table(made))
 
 
 def _answers_to_other_prompts(table: pa.Table, ctx: StepContext[CausalParams],
-                              not_applicable: dict[str, int]) -> pa.Table:
+                              not_applicable: dict[str, int], assembly: PairAssembly) -> None:
     """Relevance pairs: the chosen answer of a different prompt anywhere in the table,
     preferring another task and a dissimilar instruction, never an answer that reads alike."""
     params = ctx.params
     usable = np.flatnonzero(row_mask(table, ["chosen", "tie"], lambda r: _usable(r["chosen"] or "", bool(r["tie"]),
                                                                                params)))
     candidates = np.flatnonzero(row_mask(table, ["chosen"], lambda r: bool((r["chosen"] or "").strip())))
+    prompt_ids = prompt_ids_of(table)
 
     def features(indices: np.ndarray) -> list[tuple[str, str | None, frozenset[str], frozenset[str]]]:
         values = rows_at(table, indices, ["prompt", "task", "chosen"])
-        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        ids = take_rows(prompt_ids, indices).to_pylist()
         return [(p, t, word_set(last_user_text(prompt)), word_set(c or ""))
                 for p, t, prompt, c in zip(ids, values["task"], values["prompt"], values["chosen"], strict=True)]
 
@@ -681,14 +695,12 @@ def _answers_to_other_prompts(table: pa.Table, ctx: StepContext[CausalParams],
     positions = uniforms(table.column("pair_id"), ctx.row_uniform, "relevance")
     donors = pick_donors(positions, usable, candidates, features, relevance_score)
     not_applicable["relevance"] += int((donors < 0).sum())
-    parts = []
     found = np.flatnonzero(donors >= 0)
     for a, b in chunks(len(found)):
         own, given = usable[found[a:b]], donors[found[a:b]]
         seed = rows_at(table, own, ["chosen", "task"])
         donor = rows_at(table, given, ["chosen"])["chosen"]
-        parts.append(made_table([Made(i, i, answer, other, False, "relevance", "answer_to_other_prompt", "rejected",
+        assembly.add(made_table([Made(i, i, answer, other, False, "relevance", "answer_to_other_prompt", "rejected",
                                       task, _RULE_ORDER["relevance"])
                                  for i, answer, other, task in zip(own.tolist(), seed["chosen"], donor, seed["task"],
                                                                    strict=True)]))
-    return pa.concat_tables([made_table([]), *parts])

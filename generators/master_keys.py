@@ -23,7 +23,8 @@ import polars as pl
 import pyarrow as pa
 
 from factory.steps import StepContext, StepResult, failed_rows, generator, param
-from generators._text import chunks, column_or, prompt_ids_of
+from generators._assembly import PairAssembly
+from generators._text import MADE_SCHEMA, chunks, column_or, prompt_ids_of
 
 # The keys the paper lists: blank, punctuation, reasoning openers, and multilingual ones.
 DEFAULT_KEYS: list[str] = [
@@ -102,47 +103,62 @@ class MasterKeysParams:
 # a chunk at a time), so the output does not depend on how the runner would split it.
 @generator("master_keys", params=MasterKeysParams, version="3", batch_rows=None)
 def master_keys(table: pa.Table, ctx: StepContext[MasterKeysParams]) -> StepResult:
-    """Rejected answers made of master keys and first-sentence cuts (One Token to Fool)."""
+    """Rejected answers made of master keys and first-sentence cuts (One Token to Fool).
+
+    Memory: the seeds are memory-mapped and read a chunk of rows at a time; across the
+    table it holds about 100 bytes per made pair (see :class:`~generators._assembly.PairAssembly`;
+    the keys and cuts themselves are spilled to disk) and gives its pairs out a chunk at a time.
+    """
     params = ctx.params
-    seeds = pl.from_arrow(pa.table({
-        "pair_id": table.column("pair_id"), "prompt_id": prompt_ids_of(table), "chosen": table.column("chosen"),
-        "tie": table.column("tie"), "task": column_or(table, "task"),
-    })).with_row_index("row")
-    assert isinstance(seeds, pl.DataFrame)
-    seeds = seeds.with_columns(pl.col("chosen").fill_null(""), pl.col("tie").fill_null(False))
-    answered = pl.col("chosen").str.strip_chars() != ""
-    empty = seeds.filter(~answered)
-    ties = seeds.filter(pl.col("tie") & answered)
-    usable = seeds.filter(answered if params.include_ties else answered & ~pl.col("tie"))
-    made = pl.concat([_keys_for(usable.slice(start, stop - start), ctx) for start, stop in chunks(usable.height)]
-                     or [_keys_for(usable, ctx)], how="vertical_relaxed")
     # Seeds that repeat a prompt and chosen answer (repeated judgments, anywhere in the table)
     # would make the same pair again: make it once, naming every seed as a parent. The copy
     # kept is the least seed id's, so the output does not depend on row order either.
-    merged = (made.sort(["pair_id", "rule", "row"])
-              .group_by(["prompt_id", "chosen", "rejected"], maintain_order=True)
-              .agg(pl.col("row").min(), pl.col("pair_id").unique(maintain_order=True).alias("parent_ids"),
-                   pl.col("task", "attribute", "method", "rule").first())
-              .sort(["row", "rule"]))
-    out = pa.table({
-        "prompt": table.column("prompt").take(pa.array(merged["row"].to_numpy(), pa.int64())),
-        "chosen": merged["chosen"].to_arrow(),
-        "rejected": merged["rejected"].to_arrow(),
-        "tie": pa.array([False] * merged.height, pa.bool_()),
-        "task": merged["task"].to_arrow().cast(pa.string()),
-        "attribute": merged["attribute"].to_arrow(),
-        "parent_ids": merged["parent_ids"].to_arrow().cast(pa.list_(pa.string())),
-        "generated": pa.array(["rejected"] * merged.height, pa.string()),
-        "method": merged["method"].to_arrow(),
-    })
-    method = merged["method"]
-    failed = failed_rows(empty["row"].to_list(), ["chosen answer is empty: no answer to protect"] * empty.height)
-    stats = {"keys": int((method != "first_sentence").sum()),
-             "length_matched": int(method.str.starts_with("length_matched").sum()),
-             "first_sentence": int((method == "first_sentence").sum()),
-             "skipped_ties": 0 if params.include_ties else ties.height,
-             "duplicates_merged": made.height - merged.height}
-    return StepResult(out, failed, stats)
+    assembly = PairAssembly(table, ordered=True, home=ctx.home)
+    prompt_ids = prompt_ids_of(table)
+    empty: list[int] = []
+    ties = 0
+    for start, stop in chunks(table.num_rows):
+        seeds = pl.from_arrow(pa.table({
+            "pair_id": table.column("pair_id").slice(start, stop - start),
+            "prompt_id": prompt_ids.slice(start, stop - start),
+            "chosen": table.column("chosen").slice(start, stop - start),
+            "tie": table.column("tie").slice(start, stop - start),
+            "task": column_or(table, "task").slice(start, stop - start),
+        })).with_row_index("row", offset=start)
+        assert isinstance(seeds, pl.DataFrame)
+        seeds = seeds.with_columns(pl.col("row").cast(pl.Int64), pl.col("chosen").fill_null(""),
+                                   pl.col("tie").fill_null(False))
+        answered = pl.col("chosen").str.strip_chars() != ""
+        empty += seeds.filter(~answered)["row"].to_list()
+        ties += seeds.filter(pl.col("tie") & answered).height
+        usable = seeds.filter(answered if params.include_ties else answered & ~pl.col("tie"))
+        assembly.add(_made(_keys_for(usable, ctx)))
+    assembly.finish()
+    methods = assembly.value_counts("method")
+    failed = failed_rows(empty, ["chosen answer is empty: no answer to protect"] * len(empty))
+    stats = {"keys": sum(c for m, c in methods.items() if m != "first_sentence"),
+             "length_matched": sum(c for m, c in methods.items() if m.startswith("length_matched")),
+             "first_sentence": methods.get("first_sentence", 0),
+             "skipped_ties": 0 if params.include_ties else ties,
+             "duplicates_merged": assembly.counts["duplicates_merged"]}
+    return StepResult(assembly.tables(), failed, stats)
+
+
+def _made(rows: pl.DataFrame) -> pa.Table:
+    """A chunk's key pairs as made pairs (their rule orders a seed's pairs)."""
+    n = rows.height
+    return pa.table({
+        "row": rows["row"].to_arrow().cast(pa.int64()),
+        "prompt_row": rows["row"].to_arrow().cast(pa.int64()),
+        "chosen": rows["chosen"].to_arrow().cast(pa.string()),
+        "rejected": rows["rejected"].to_arrow().cast(pa.string()),
+        "tie": pa.repeat(pa.scalar(False), n),
+        "attribute": rows["attribute"].to_arrow().cast(pa.string()),
+        "method": rows["method"].to_arrow().cast(pa.string()),
+        "generated": pa.repeat(pa.scalar("rejected"), n),
+        "task": rows["task"].to_arrow().cast(pa.string()),
+        "rule": rows["rule"].to_arrow().cast(pa.int64()),
+    }, schema=MADE_SCHEMA)
 
 
 def _keys_for(usable: pl.DataFrame, ctx: StepContext[MasterKeysParams]) -> pl.DataFrame:

@@ -63,9 +63,9 @@ from factory.steps.llm import (
     strict_object,
     template_sources,
 )
+from generators._assembly import PairAssembly
 from generators._text import (
     Made,
-    assemble,
     chunks,
     code_spans,
     column_or,
@@ -85,9 +85,9 @@ from generators._text import (
     sentence_ends,
     skipped_ties,
     split_sentences,
+    take_rows,
     uniforms,
     unmask_code,
-    value_counts,
     word_set,
 )
 from schemas.prompts import last_user_text, prompt_text
@@ -380,7 +380,8 @@ def kept_facts(original: str, rewrite: str) -> list[str]:
 def _neutral_llm(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
     """The llm mode, a chunk of seeds at a time; duplicates are merged over the whole table."""
     params = ctx.params
-    parts, failed, usage = [], [], []
+    assembly = _assembly(table, ctx)
+    failed, usage = [], []
     not_applicable = dict.fromkeys(params.styles, 0)
     seeds_failed = 0
     for start, stop in chunks(table.num_rows):
@@ -397,21 +398,28 @@ def _neutral_llm(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult
                      LLM_STYLES[r.call.tag][0], f"llm:{r.call.tag}", "rejected", tasks[r.call.row])
                 for r in replies if r.ok and not llm.failed(r.call.row)]
         made.sort(key=lambda m: m.row)  # stable: a seed's pairs keep the order of its styles
-        parts.append(made_table(number_rules(made), offset=start))
+        assembly.add(made_table(number_rules(made), offset=start))
         chunk_failed = llm.failed_table({i: "chosen answer is empty: nothing to rewrite" for i in empty})
         failed.append(chunk_failed.set_column(0, "row", pc.add(chunk_failed.column("row"), start)))
         usage.append(llm.usage)
         seeds_failed += len(llm.failures)
-    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+    counts = assembly.finish()
     stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "methods": value_counts(out.column("method")),
+        "pairs": assembly.value_counts("attribute"),
+        "methods": assembly.value_counts("method"),
         "not_applicable": not_applicable,
         "seeds_failed_llm": seeds_failed,
         "skipped_ties": 0 if params.include_ties else skipped_ties(table),
         **counts,
     }
-    return StepResult(out, pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats, merge_usage(*usage))
+    return StepResult(assembly.tables(), pa.concat_tables([FAILED_SCHEMA.empty_table(), *failed]), stats,
+                      merge_usage(*usage))
+
+
+def _assembly(table: pa.Table, ctx: StepContext[NeutralParams]) -> PairAssembly:
+    """Where both modes put their pairs: merged over the whole table, capped per seed."""
+    return PairAssembly(table, max_per_seed=ctx.params.max_per_seed, row_uniform=ctx.row_uniform, salt="cap",
+                        home=ctx.home)
 
 
 def _check_llm_rewrite(value: dict, call: Call) -> str | None:
@@ -436,33 +444,43 @@ def _check_llm_rewrite(value: dict, call: Call) -> str | None:
 @generator("neutral", params=NeutralParams, version="2", backend="optional", batch_rows=None,
            templates=template_sources(REWRITE))
 def neutral(table: pa.Table, ctx: StepContext[NeutralParams]) -> StepResult:
-    """Tie pairs that change only a spurious feature of the chosen answer (Crome neutral)."""
+    """Tie pairs that change only a spurious feature of the chosen answer (Crome neutral).
+
+    Memory: the seeds are memory-mapped and their texts read a chunk of rows (or a block of
+    donor candidates) at a time; across the table it holds a few numbers per seed (donor
+    draws) and about 100 bytes per made pair (see :class:`~generators._assembly.PairAssembly`;
+    rewritten answers are spilled to disk), and gives its pairs out a chunk at a time.
+    """
     params = ctx.params
     if params.mode == "llm":
         return _neutral_llm(table, ctx)
     wanted = [t for t in TRANSFORMS if t in params.transforms]
     not_applicable = dict.fromkeys(wanted, 0)
     failed_check = dict.fromkeys(wanted, 0)
-    parts: list[pa.Table] = []
+    assembly = _assembly(table, ctx)
     empty: list[int] = []
     for start, stop in chunks(table.num_rows):
         made, chunk_empty = _row_local_rewrites(table.slice(start, stop - start), ctx, wanted, not_applicable,
                                                 failed_check)
-        parts.append(made_table(made, offset=start))
+        assembly.add(made_table(made, offset=start))
         empty += [start + i for i in chunk_empty]
     if "unrelated_prompt" in wanted:
-        parts.append(_unrelated_prompt_pairs(table, ctx, not_applicable))
-    out, counts = assemble(table, parts, row_uniform=ctx.row_uniform, max_per_seed=params.max_per_seed, salt="cap")
+        _unrelated_prompt_pairs(table, ctx, not_applicable, assembly)
+    counts = assembly.finish()
+    transforms: dict[str, int] = {}
+    for method, count in assembly.value_counts("method").items():
+        transform = method.split(":", 1)[0]
+        transforms[transform] = transforms.get(transform, 0) + count
     stats = {
-        "pairs": value_counts(out.column("attribute")),
-        "transforms": value_counts(pc.list_element(pc.split_pattern(out.column("method"), ":"), 0)),
+        "pairs": assembly.value_counts("attribute"),
+        "transforms": transforms,
         "not_applicable": not_applicable,
         "failed_check": {k: v for k, v in failed_check.items() if v},
         "skipped_ties": 0 if params.include_ties else skipped_ties(table),
         **counts,
     }
     failed = failed_rows(empty, ["chosen answer is empty: nothing to rewrite"] * len(empty))
-    return StepResult(out, failed, stats)
+    return StepResult(assembly.tables(), failed, stats)
 
 
 _RULE_ORDER = {transform: k for k, transform in enumerate(TRANSFORMS)}
@@ -567,7 +585,7 @@ def differs_in_safety(row: dict[str, Any], terms: Sequence[str]) -> bool:
 
 
 def _unrelated_prompt_pairs(table: pa.Table, ctx: StepContext[NeutralParams],
-                            not_applicable: dict[str, int]) -> pa.Table:
+                            not_applicable: dict[str, int], assembly: PairAssembly) -> None:
     """The seed's two answers re-paired as a tie under another seed's dissimilar prompt,
     drawn from the whole table; never for a seed whose answers may differ in safety."""
     params = ctx.params
@@ -583,11 +601,12 @@ def _unrelated_prompt_pairs(table: pa.Table, ctx: StepContext[NeutralParams],
 
     verdict = row_mask(table, columns, eligible, dtype=np.int8)
     rows = np.flatnonzero(verdict == 1)
+    prompt_ids = prompt_ids_of(table)
     not_applicable["unrelated_prompt"] += int((verdict == 0).sum())
 
     def features(indices: np.ndarray) -> list[tuple[str, str | None, frozenset[str]]]:
         values = rows_at(table, indices, ["prompt", "task"])
-        ids = prompt_ids_of(table).take(pa.array(indices, pa.int64())).to_pylist()
+        ids = take_rows(prompt_ids, indices).to_pylist()
         return [(p, t, word_set(last_user_text(prompt)))
                 for p, t, prompt in zip(ids, values["task"], values["prompt"], strict=True)]
 
@@ -602,15 +621,13 @@ def _unrelated_prompt_pairs(table: pa.Table, ctx: StepContext[NeutralParams],
     positions = uniforms(table.column("pair_id"), ctx.row_uniform, "unrelated_prompt")
     donors = pick_donors(positions, rows, np.arange(table.num_rows), features, unrelated_score)
     not_applicable["unrelated_prompt"] += int((donors < 0).sum())
-    parts = []
     found = np.flatnonzero(donors >= 0)
     for a, b in chunks(len(found)):
         own, given = rows[found[a:b]], donors[found[a:b]]
         seed = rows_at(table, own, ["chosen", "rejected"])
         donor_tasks = rows_at(table, given, ["task"])["task"]
-        parts.append(made_table([
+        assembly.add(made_table([
             Made(i, j, chosen, rejected, True, TRANSFORMS["unrelated_prompt"], "unrelated_prompt", "none", task,
                  _RULE_ORDER["unrelated_prompt"])
             for i, j, chosen, rejected, task in zip(own.tolist(), given.tolist(), seed["chosen"], seed["rejected"],
                                                     donor_tasks, strict=True)]))
-    return pa.concat_tables([made_table([]), *parts])

@@ -103,3 +103,68 @@ def test_output_does_not_depend_on_chunking_or_row_order(step: str, monkeypatch:
     chunked = _labels(_run(step, table, settings))
     assert whole == shuffled == chunked
     assert len({r[0] for r in whole}) == len(whole)  # and no pair_id twice
+
+
+def _straddling_seeds() -> pa.Table:
+    """400 seeds with repeats on both sides of 64-row chunk boundaries: exact copies, and seeds
+    that share a prompt and chosen answer but not the rejected one (their pairs merge)."""
+    pairs = [_pair(k) for k in range(400)]
+    for a, b in ((63, 64), (5, 191), (250, 399)):
+        pairs[b] = pairs[a]
+    for a, b in ((127, 128), (30, 300)):
+        pairs[b] = Pair(pairs[a].prompt, pairs[a].chosen, f"Another wrong answer, number {b}.", task=pairs[a].task)
+    return pairs_to_table(pairs)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_chunked_run_gives_exactly_the_pairs_of_a_single_chunk_run(step: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import generators._assembly as assembly
+
+    table = _straddling_seeds()
+    # No cap per seed: seeds that share a prompt and chosen answer then make the same pairs.
+    settings = {} if step != "master_keys" else {"keys_per_pair": "3", "length_matched": "0.5"}
+    prepared = prepare("generator", step, settings)
+
+    def run() -> tuple[int, list[tuple], dict]:
+        ctx = StepContext(step, prepared.params, seed=0, run_id="t")
+        result = prepared.spec.fn(table, ctx)
+        chunks = list(result.table)  # the output as the step gives it, a chunk at a time
+        out = stamp_generated(pa.concat_tables(chunks), table, pa.array(["src@1"] * table.num_rows), prepared, ctx)
+        parents = out["provenance"].combine_chunks().field("parent_ids").to_pylist()
+        rows = [(*r.values(), tuple(p)) for r, p in
+                zip(out.select(["pair_id", "chosen", "rejected"]).to_pylist(), parents, strict=True)]
+        return len(chunks), rows, result.stats
+
+    monkeypatch.setattr(text_helpers, "CHUNK_ROWS", 1_000_000)
+    monkeypatch.setattr(assembly, "OUTPUT_ROWS", 1_000_000)
+    one_chunk, single, single_stats = run()
+    monkeypatch.setattr(text_helpers, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(assembly, "OUTPUT_ROWS", 50)
+    many_chunks, chunked, chunked_stats = run()
+    assert one_chunk == 1 and many_chunks > 3
+    assert chunked == single  # same pairs, ids and parents, in the same order
+    assert chunked_stats == single_stats
+    assert len({r[0] for r in single}) == len(single)
+    ids = table["pair_id"].to_pylist()
+    for a, b in ((127, 128), (30, 300)):  # merged across a chunk boundary: one pair, both seeds its parents
+        assert any(set(r[3]) == {ids[a], ids[b]} for r in single)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_run_leaves_no_spilled_texts_behind(step: str, home) -> None:
+    import factory
+    from factory.catalog import Catalog
+
+    Catalog(home).commit("seeds", _straddling_seeds())
+    made = factory.generate(step, "seeds", "out", settings=FAST[step], home=home, progress=False)
+    assert made["rows_generated"] > 0
+    assert not list((home / "steps").glob("spill-*"))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_seeds_that_make_no_pair_give_an_empty_output(step: str) -> None:
+    table = _seeds(5)
+    table = table.set_column(table.schema.get_field_index("tie"), "tie", pa.array([True] * 5))  # ties are skipped
+    out = _run(step, table, FAST[step])
+    assert out.num_rows == 0

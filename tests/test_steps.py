@@ -152,3 +152,49 @@ def test_a_whole_table_step_says_what_runs_instead_of_a_bar_stuck_at_zero(capsys
     err = capsys.readouterr().err
     assert "filter noise: 1,200 rows as one whole-table pass" in err
     assert "filter noise: 1,200 rows done in" in err and "0/1200" not in err
+
+
+@generator("test_toy_chunks", params=ToyParams, batch_rows=None)
+def toy_chunks(table: pa.Table, ctx: StepContext[ToyParams]) -> StepResult:
+    """A whole-table test generator that gives its output as an iterator of 3-row chunks."""
+    bad = [i for i in range(table.num_rows) if ctx.params.fail_every and i % ctx.params.fail_every == 0]
+    keep = pa.array([i not in bad for i in range(table.num_rows)])
+    kept = table.filter(keep)
+    out = pa.table({"prompt": kept.column("prompt"), "chosen": kept.column("chosen"),
+                    "rejected": pa.array([f"{r} (chunked)" for r in kept.column("rejected").to_pylist()]),
+                    "parent_ids": pa.array([[p] for p in kept.column("pair_id").to_pylist()]),
+                    "generated": pa.array(["rejected"] * kept.num_rows), "method": pa.array(["chunk"] * kept.num_rows)})
+    return StepResult((out.slice(start, 3) for start in range(0, out.num_rows, 3)),
+                      failed_rows(bad, ["unlucky"] * len(bad)), {"made": out.num_rows})
+
+
+def test_a_generator_may_give_its_output_in_chunks(home) -> None:
+    import factory
+    from factory.catalog import Catalog
+
+    seeds = _seeds(10)
+    prepared = prepare("generator", "test_toy_chunks", {"fail_every": "4"})
+    result = execute(prepared, seeds, StepContext("test_toy_chunks", prepared.params))
+    assert result.table.num_rows == 7 and result.failed.column("row").to_pylist() == [0, 4, 8]
+
+    Catalog(home).commit("seeds", seeds)
+    made = factory.generate("test_toy_chunks", "seeds", "chunked", settings={"fail_every": "4"}, home=home,
+                            progress=False)
+    assert (made["rows_in"], made["rows_generated"], made["rows_failed"]) == (10, 7, 3)
+    assert made["seeds_used"] + made["seeds_failed"] + made["seeds_without_output"] == 10
+    out = Catalog(home).read_table("chunked")
+    expected = [seeds.column("pair_id")[i].as_py() for i in range(10) if i % 4]
+    parents = out.column("provenance").combine_chunks().field("parent_ids").to_pylist()
+    assert [p[0] for p in parents] == expected
+    assert all(r.endswith(" (chunked)") for r in out.column("rejected").to_pylist())
+    assert len(set(out.column("pair_id").to_pylist())) == 7
+
+
+def test_a_filter_may_not_give_chunks() -> None:
+    from factory.steps.registry import StepSpec
+    from factory.steps.runner import StepOutputError, run_batch
+
+    spec = StepSpec(name="chunky", kind="filter", fn=lambda t, c: StepResult(iter([t])), params=ToyParams,
+                    version="1", doc="")
+    with pytest.raises(StepOutputError, match="a filter returns a pyarrow Table"):
+        run_batch(spec, _seeds(2), 0, StepContext("chunky", ToyParams()))

@@ -9,7 +9,7 @@ was split into batches.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -91,13 +91,18 @@ class StepResult:
     ``chosen``, ``rejected``, ``both`` or ``none`` for a re-pairing) and ``method`` (how).
     The runner folds those three into provenance.
 
+    A whole-table generator may give ``table`` as an iterator of such tables (chunks of its
+    output, in order): the runner writes each chunk to the run's work folder as it comes,
+    so the step never holds its whole output. ``failed``, ``stats`` and ``usage`` are final
+    when the step returns.
+
     Filters: ``table`` holds one row of scores per input row, in input order.
 
     ``failed`` lists input rows the step could not handle: ``row`` (position in the
     input table) and ``reason``; the runner stores them in the catalog's side table.
     """
 
-    table: pa.Table
+    table: pa.Table | Iterator[pa.Table]
     failed: pa.Table | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)  # models, judges, tokens, cost

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.home import resolve_home
-from factory.steps.context import FAILED_SCHEMA, Decision, StepContext, StepResult
+from factory.steps.context import FAILED_SCHEMA, GENERATED_SCHEMA, Decision, StepContext, StepResult
 from factory.steps.params import build_params, model_fields, params_hash, ref_fields
 from factory.steps.registry import StepKind, StepSpec, get_step
 from factory.steps.sources import file_pin, resolve_model, resolve_source
@@ -326,11 +326,16 @@ def _sum_stats(into: dict[str, Any], stats: dict[str, Any]) -> None:
             into[key] = value
 
 
-def run_batch(spec: StepSpec, batch: pa.Table, start: int, ctx: StepContext) -> tuple[pa.Table, pa.Table, dict, dict]:
-    """One batch through the step, checked: (output, failed rows in input positions, stats, usage)."""
+def run_batch(spec: StepSpec, batch: pa.Table, start: int, ctx: StepContext
+              ) -> tuple[pa.Table | Iterator[pa.Table], pa.Table, dict, dict]:
+    """One batch through the step, checked: (output, failed rows in input positions, stats,
+    usage). A generator's output may be an iterator of chunks (see :class:`StepResult`)."""
     result = spec.fn(batch, ctx)
     if not isinstance(result, StepResult):
         raise StepOutputError(f"{spec.name} returned {type(result).__name__}, not StepResult")
+    if not isinstance(result.table, pa.Table) and (spec.kind == "filter" or not isinstance(result.table, Iterator)):
+        raise StepOutputError(f"{spec.name} returned a {type(result.table).__name__} as its table; a filter returns "
+                              "a pyarrow Table, a generator a Table or an iterator of Tables")
     failed = result.failed if result.failed is not None else FAILED_SCHEMA.empty_table()
     failed = failed.set_column(0, "row", pc.add(failed["row"].cast(pa.int64()), start))
     if spec.kind == "filter" and result.table.num_rows != batch.num_rows:
@@ -460,7 +465,8 @@ def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *
     or without ``resume_dir``, every batch's output (a filter's one small score row per
     input row). A whole-table step gets every row at once, memory-mapped
     (:meth:`StepInput.whole`), plus whatever its own whole-table part holds (its docstring
-    says what).
+    says what); a generator that gives its output as an iterator of chunks has them written
+    to ``resume_dir`` one at a time, so its whole output is never in memory (unless ``keep``).
 
     With ``resume_dir`` every finished batch is written there first (``rows-N``), and
     batches already there are read back instead of recomputed, so an interrupted run
@@ -513,9 +519,12 @@ def run_step(prepared: Prepared, rows: pa.Table | StepInput, ctx: StepContext, *
                 kept = run_batch(spec, batch, start, ctx)
                 if resume_dir is not None:
                     _save_batch(resume_dir, start, *kept)
+                    if not isinstance(kept[0], pa.Table):  # its chunks went to the file as they came
+                        kept = _load_batch(resume_dir, start, output=keep)
+                        assert kept is not None  # just saved
             out, failed, batch_stats, batch_usage = kept
             if keep:
-                run.tables.append(out)
+                run.tables.extend([out] if isinstance(out, pa.Table) else out)
             else:
                 run.files.append(_batch_folder(resume_dir, start) / "out.parquet")
             del kept, out
@@ -554,19 +563,39 @@ def _batch_folder(folder: Path, start: int) -> Path:
     return folder / f"rows-{start:012d}"
 
 
-def _save_batch(folder: Path, start: int, table: pa.Table, failed: pa.Table,
+def _save_batch(folder: Path, start: int, table: pa.Table | Iterator[pa.Table], failed: pa.Table,
                 stats: dict[str, Any], usage: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     final = _batch_folder(folder, start)
     tmp = folder / f".{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
-    pq.write_table(table, tmp / "out.parquet")
+    if isinstance(table, pa.Table):
+        pq.write_table(table, tmp / "out.parquet")
+    else:
+        _write_chunks(table, tmp / "out.parquet")
     pq.write_table(failed, tmp / "failed.parquet")
     (tmp / "stats.json").write_text(json.dumps({"stats": stats, "usage": usage}, default=str))
     try:
         tmp.rename(final)  # a batch is there whole or not at all
     except OSError:  # another worker finished the same batch first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_chunks(chunks: Iterator[pa.Table], path: Path) -> None:
+    """A generator's output chunks into one Parquet file as they come, in the first chunk's
+    schema (only one chunk is in memory at a time)."""
+    writer: pq.ParquetWriter | None = None
+    try:
+        for chunk in chunks:
+            if writer is None:
+                schema = chunk.schema
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(_in_schema(chunk, schema))
+        if writer is None:  # no chunk at all: no pairs, in the columns a generator gives
+            pq.write_table(GENERATED_SCHEMA.empty_table(), path)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _load_batch(folder: Path, start: int, *, output: bool = True) -> tuple[pa.Table | None, pa.Table, dict, dict] | None:
