@@ -37,6 +37,14 @@ easy generated pairs drown the real pairs' noise (HH-RLHF + 28,901 generated pai
 31,213 flagged). Their presence is reported as a warning; run the filter before adding
 generated pairs. ``stats["summary"]`` is the one-line result (rate, interval, separation).
 
+Encoders: ``base`` reads prompt+response for the heads (MiniLM by default), ``embedder`` each
+response alone. ``--set base=static --set embedder=static`` takes every vector from the
+model2vec table distilled from MiniLM (:mod:`factory.embed.static`; no transformer runs, so
+100k pairs fit in minutes of CPU instead of hours of MiniLM) at a cost in detection: on
+``benchmarks/noise.py`` (HH-RLHF and PandaLM, 20%/40% flips, 2 seeds) the ensemble's AUROC
+fell by 0.011-0.021 in three settings and by 0.076 on PandaLM at 40% flips (one seed of two
+dropped to 0.58), so MiniLM stays the default and static is the option for large sets.
+
 A rerun reuses the cached embeddings (``$PREFAB_HOME/embeddings``) and the trained
 heads' outputs (``$PREFAB_HOME/noise/<key>.npz``, keyed by pair ids, labels, prompts
 and the scoring parameters).
@@ -118,8 +126,9 @@ class NoiseParams:
     embedder: Embedder = param("minilm", "response_view: who embeds each response alone (minilm, "
                                          "minilm-onnx: the same vectors via ONNX Runtime, static: model2vec)")
     base: str = param("minilm", "frozen encoder of the reward heads over prompt+response: minilm, static "
-                                "(model2vec vectors distilled from it: with embedder=static the filter runs "
-                                "hundreds of times faster on CPU) or a local model folder")
+                                "(model2vec vectors distilled from it; with embedder=static no transformer "
+                                "runs: the fast option for 100k+ pairs on CPU, detection AUROC 0.01-0.08 "
+                                "lower on benchmarks/noise.py) or a local model folder")
     max_length: int = param(256, "tokens per prompt+response for the encoder", low=8)
 
     def __post_init__(self) -> None:
