@@ -48,7 +48,7 @@ def test_static_head_features_are_the_static_vectors_of_the_rendered_pair(shared
     featurizer = HeadFeaturizer("static", 256, tmp_path / "embeddings")
     features, truncated = featurizer.featurize(PROMPTS, RESPONSES)
     assert features.shape == (3, 256) and features.dtype == np.float32 and not truncated.any()
-    rendered = ["".join(backbones.render(featurizer.encoder.tokenizer, p, r)) 
+    rendered = ["".join(backbones.render(featurizer.encoder.tokenizer, p, r))
                 for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     expected = embed_static(rendered, home=tmp_path)
     np.testing.assert_allclose((features * expected).sum(1), 1.0, atol=1e-5)
