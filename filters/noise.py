@@ -39,8 +39,10 @@ generated pairs. ``stats["summary"]`` is the one-line result (rate, interval, se
 
 Encoders: ``base`` reads prompt+response for the heads (MiniLM by default), ``embedder`` each
 response alone. ``--set base=static --set embedder=static`` takes every vector from the
-model2vec table distilled from MiniLM (:mod:`factory.embed.static`; no transformer runs, so
-100k pairs fit in minutes of CPU instead of hours of MiniLM) at a cost in detection: on
+model2vec table distilled from MiniLM (:mod:`factory.embed.static`; no transformer runs:
+100k pairs took 1,145 CPU s and 3.1 GiB peak RSS in ``benchmarks/scale.py``'s
+``noise_static``, where MiniLM needs ~400k transformer passes, hours on 2 cores) at a cost in
+detection: on
 ``benchmarks/noise.py`` (HH-RLHF and PandaLM, 20%/40% flips, 2 seeds) the ensemble's AUROC
 fell by 0.011-0.021 in three settings and by 0.076 on PandaLM at 40% flips (one seed of two
 dropped to 0.58), so MiniLM stays the default and static is the option for large sets.
