@@ -42,6 +42,7 @@ from factory.trainer.data import kfold_by_prompt
 from filters._noise_heads import HeadConfig, HeadRun, train_heads
 from filters._noise_signals import (
     Logistic,
+    Neighbourhood,
     ab_pred_probs,
     auroc,
     average_ranks,
@@ -49,7 +50,6 @@ from filters._noise_signals import (
     label_issues,
     mixture_noise_interval,
     mixture_noise_rate,
-    neighbour_agreement,
     noise_rate,
     sigmoid,
 )
@@ -180,12 +180,16 @@ class Evidence:
 def evidence(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str], a_is_chosen: np.ndarray,
              length_diff: np.ndarray, judge: np.ndarray | None, cfg: ModelConfig, neighbours: int,
              wide_neighbours: int, models: ModelSignals | None = None,
-             on_epoch: Callable[[], None] | None = None) -> Evidence:
+             on_epoch: Callable[[], None] | None = None, *, neighbourhood: Neighbourhood | None = None,
+             flips: np.ndarray | None = None) -> Evidence:
     """All signals for the labelling given by (x_chosen, x_rejected); ``models`` reuses a
-    cached training run."""
+    cached training run. ``neighbourhood``: the directions' neighbours searched for another
+    labelling of these pairs (at least ``wide_neighbours`` deep), which differs from this one
+    by ``flips`` (None: the same); without it they are searched here."""
     if models is None:
         models = model_signals(x_chosen, x_rejected, prompt_ids, a_is_chosen, cfg, on_epoch)
-    direction = x_chosen - x_rejected
+    if neighbourhood is None:
+        neighbourhood, flips = Neighbourhood.search(x_chosen - x_rejected, max(neighbours, wide_neighbours)), None
     labels, pred_probs = ab_pred_probs(models.oof_prob, a_is_chosen)
     columns = {
         "oof_margin": models.oof.mean(0).astype(np.float64),
@@ -195,8 +199,8 @@ def evidence(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str]
         "rwgap": models.rwgap,
         "crm_loss": models.crm_loss,
         "crm_rejected": models.crm_rejected,
-        "knn_agreement": neighbour_agreement(direction, neighbours),
-        "knn_wide_agreement": neighbour_agreement(direction, wide_neighbours),
+        "knn_agreement": neighbourhood.agreement(neighbours, flips),
+        "knn_wide_agreement": neighbourhood.agreement(wide_neighbours, flips),
         "length_diff": np.asarray(length_diff, dtype=np.float64),
         "judge_logit": np.zeros(len(x_chosen)) if judge is None else _logit(judge),
     }

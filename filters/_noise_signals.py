@@ -176,29 +176,66 @@ def neighbour_agreement(directions: np.ndarray, k: int) -> np.ndarray:
     kind, mapped to [-1, 1]: near -1, the pair's label contradicts its neighbourhood. No
     model is trained, so this signal errs differently from the reward models.
     """
-    from factory.embed import top_k_neighbours
+    return Neighbourhood.search(directions, k).agreement(k)
 
-    n = len(directions)
-    out = np.zeros(n)
-    norms = np.linalg.norm(directions, axis=1)
-    valid = np.flatnonzero(norms > 1e-6)  # identical responses have no direction
-    if len(valid) < 2 or k < 1:
+
+@dataclass
+class Neighbourhood:
+    """The nearest directions of every pair among all pairs' directions and their mirrors,
+    searched once for every labelling of the pairs.
+
+    Flipping a label mirrors that pair's direction, and the corpus {d, -d} holds both
+    mirrors of every pair whatever the labels: so a flipped pair's neighbours are its
+    unflipped neighbours mirrored, at the same similarities, and one search serves the real
+    labels and every synthetic copy (the noise filter ran 2 searches per labelling).
+    """
+
+    n: int
+    valid: np.ndarray  # rows with a direction (identical responses have none)
+    index: np.ndarray  # (valid, k) neighbour's position in ``valid``
+    mirrored: np.ndarray  # (valid, k) bool: the neighbour's mirror image was the match
+    weight: np.ndarray  # (valid, k) similarity clipped at 0 (+1e-6), nearest first
+
+    @classmethod
+    def search(cls, directions: np.ndarray, k: int) -> Neighbourhood:
+        """The ``k`` nearest (fewer where there are fewer pairs) of each pair's direction."""
+        from factory.embed import top_k_neighbours
+
+        n = len(directions)
+        norms = np.linalg.norm(directions, axis=1)
+        valid = np.flatnonzero(norms > 1e-6)
+        m = len(valid)
+        k_eff = min(k, m - 1)
+        if m < 2 or k_eff < 1:
+            empty = np.zeros((m, 0))
+            return cls(n, valid, empty.astype(np.int64), empty.astype(bool), empty)
+        unit = (directions[valid] / norms[valid, None]).astype(np.float32)
+        corpus = np.vstack([unit, -unit])
+        idx, sims = top_k_neighbours(unit, corpus, k=k_eff + 2, exclude_self=False)
+        own = (idx == np.arange(m)[:, None]) | (idx == np.arange(m)[:, None] + m) | (idx < 0)
+        sims = np.where(own, np.nan, sims)
+        # keep the best k_eff that are not the row itself (own entries sort first at +-1 or last)
+        order = np.argsort(np.where(np.isnan(sims), np.inf, -sims), axis=1, kind="stable")[:, :k_eff]
+        idx = np.take_along_axis(idx, order, axis=1)
+        sims = np.take_along_axis(sims, order, axis=1)
+        weight = np.clip(np.nan_to_num(sims, nan=0.0), 0.0, None) + 1e-6
+        return cls(n, valid, idx % m, idx >= m, weight)
+
+    def agreement(self, k: int, flips: np.ndarray | None = None) -> np.ndarray:
+        """:func:`neighbour_agreement` over the ``k`` nearest (at most the searched number),
+        for the labelling with ``flips`` (bool per row; None: the searched one)."""
+        out = np.zeros(self.n)
+        if not self.index.shape[1] or k < 1:
+            return out
+        index, weight = self.index[:, :k], self.weight[:, :k]
+        sign = np.where(self.mirrored[:, :k], -1.0, 1.0)
+        if flips is not None:
+            flipped = np.asarray(flips, dtype=bool)[self.valid]
+            own = np.where(flipped, -1.0, 1.0)
+            # a pair flipped mirrors its query; a neighbour flipped mirrors its labelled direction
+            sign = sign * own[:, None] * own[index]
+        out[self.valid] = (weight * sign).sum(1) / weight.sum(1)
         return out
-    unit = (directions[valid] / norms[valid, None]).astype(np.float32)
-    m = len(valid)
-    corpus = np.vstack([unit, -unit])
-    k_eff = min(k, m - 1)
-    idx, sims = top_k_neighbours(unit, corpus, k=k_eff + 2, exclude_self=False)
-    own = (idx == np.arange(m)[:, None]) | (idx == np.arange(m)[:, None] + m) | (idx < 0)
-    sims = np.where(own, np.nan, sims)
-    # keep the best k_eff that are not the row itself (own entries sort first at +-1 or last)
-    order = np.argsort(np.where(np.isnan(sims), np.inf, -sims), axis=1, kind="stable")[:, :k_eff]
-    idx = np.take_along_axis(idx, order, axis=1)
-    sims = np.take_along_axis(sims, order, axis=1)
-    weight = np.clip(np.nan_to_num(sims, nan=0.0), 0.0, None) + 1e-6
-    sign = np.where(idx < m, 1.0, -1.0)
-    out[valid] = (weight * sign).sum(1) / weight.sum(1)
-    return out
 
 
 # ---- annotator votes -------------------------------------------------------------------------

@@ -37,6 +37,16 @@ easy generated pairs drown the real pairs' noise (HH-RLHF + 28,901 generated pai
 31,213 flagged). Their presence is reported as a warning; run the filter before adding
 generated pairs. ``stats["summary"]`` is the one-line result (rate, interval, separation).
 
+Encoders: ``base`` reads prompt+response for the heads (MiniLM by default), ``embedder`` each
+response alone. ``--set base=static --set embedder=static`` takes every vector from the
+model2vec table distilled from MiniLM (:mod:`factory.embed.static`; no transformer runs:
+100k pairs took 1,145 CPU s and 3.1 GiB peak RSS in ``benchmarks/scale.py``'s
+``noise_static``, where MiniLM needs ~400k transformer passes, hours on 2 cores) at a cost in
+detection: on
+``benchmarks/noise.py`` (HH-RLHF and PandaLM, 20%/40% flips, 2 seeds) the ensemble's AUROC
+fell by 0.011-0.021 in three settings and by 0.076 on PandaLM at 40% flips (one seed of two
+dropped to 0.58), so MiniLM stays the default and static is the option for large sets.
+
 A rerun reuses the cached embeddings (``$PREFAB_HOME/embeddings``) and the trained
 heads' outputs (``$PREFAB_HOME/noise/<key>.npz``, keyed by pair ids, labels, prompts
 and the scoring parameters).
@@ -117,7 +127,10 @@ class NoiseParams:
                                      "verdicts that agree with the label (first one present is used)")
     embedder: Embedder = param("minilm", "response_view: who embeds each response alone (minilm, "
                                          "minilm-onnx: the same vectors via ONNX Runtime, static: model2vec)")
-    base: str = param("minilm", "frozen encoder of the reward heads")
+    base: str = param("minilm", "frozen encoder of the reward heads over prompt+response: minilm, static "
+                                "(model2vec vectors distilled from it; with embedder=static no transformer "
+                                "runs: the fast option for 100k+ pairs on CPU, detection AUROC 0.01-0.08 "
+                                "lower on benchmarks/noise.py) or a local model folder")
     max_length: int = param(256, "tokens per prompt+response for the encoder", low=8)
 
     def __post_init__(self) -> None:
@@ -210,19 +223,25 @@ def noise_embeds(table: pa.Table, ctx: StepContext[NoiseParams]) -> Iterator[Emb
     from factory.trainer.data import pair_data
 
     params = ctx.params
+    # Static vectors are a lookup, computed in process and never cached: nothing to hand out.
+    wants_base = params.base != backbones.STATIC
+    wants_alone = params.response_view and params.embedder == "minilm"  # Ray actors run MiniLM on torch
+    if not (wants_base or wants_alone):
+        return
     tie, generated = _unscored(table)
     data = pair_data(table.take(pa.array(np.flatnonzero(~tie & ~generated), pa.int64())))
-    base = backbones.resolve_base(params.base)
-    encoded = backbones.encode_pairs(get_encoder(base).tokenizer, data.prompts + data.prompts,
-                                     data.chosen + data.rejected, params.max_length)
-    yield EmbedRequest(ids=encoded.ids, encoder=base)
-    if params.response_view and params.embedder == "minilm":  # Ray actors encode with MiniLM on torch
+    if wants_base:
+        base = backbones.resolve_base(params.base)
+        encoded = backbones.encode_pairs(get_encoder(base).tokenizer, data.prompts + data.prompts,
+                                         data.chosen + data.rejected, params.max_length)
+        yield EmbedRequest(ids=encoded.ids, encoder=base)
+    if wants_alone:
         yield EmbedRequest(data.chosen + data.rejected)
 
 
-# version 2: principal components from the chunked covariance, each signed so its largest entry
-# is positive (the SVD's signs were LAPACK's choice); the heads start from other features
-@filter_step("noise", params=NoiseParams, decide=decide_noise, version="2", embeds=noise_embeds)
+# version 3: one neighbour search serves every labelling (a flip mirrors a direction); above
+# the exact-search size the approximate index's neighbours, hence knn signals, differ
+@filter_step("noise", params=NoiseParams, decide=decide_noise, version="3", embeds=noise_embeds)
 def noise(table: pa.Table, ctx: StepContext[NoiseParams]) -> StepResult:
     """Label noise: out-of-fold RM ensemble, confident learning, training dynamics, CRM peer
     review, neighbour agreement, votes and judges, combined into one calibrated suspicion."""
@@ -323,8 +342,11 @@ def _features(data: PairData, ctx: StepContext[NoiseParams]) -> tuple[np.ndarray
     n = len(data)
     featurizer = HeadFeaturizer(params.base, params.max_length, resolve_home(ctx.home) / "embeddings",
                                 progress=ctx.progress)
-    joint, _ = featurizer.featurize(data.prompts + data.prompts, data.chosen + data.rejected)
-    blocks_c, blocks_r = [joint[:n]], [joint[n:]]
+    # Chosen and rejected side by side: a pair's prompt is then tokenised once, not twice
+    # (the tokeniser dedups prompts within a chunk; each pair's ids are its own either way).
+    sides = [response for pair in zip(data.chosen, data.rejected, strict=True) for response in pair]
+    joint, _ = featurizer.featurize([prompt for prompt in data.prompts for _ in (0, 1)], sides)
+    blocks_c, blocks_r = [joint[0::2]], [joint[1::2]]
     if params.response_view:
         alone = ctx.embed(data.chosen + data.rejected, embedder=params.embedder)
         blocks_c.append(alone[:n])
@@ -389,6 +411,7 @@ def model_config(params: NoiseParams, seed: int) -> ModelConfig:
 def score_views(views: Views, ctx: StepContext[NoiseParams]) -> tuple[Scored, dict]:
     """Every signal, the combiner and the noise rate for the rows in ``views``."""
     from filters._noise_core import combine, evidence, flip_views, synthetic_groups
+    from filters._noise_signals import Neighbourhood
 
     params = ctx.params
     n = len(views.pair_ids)
@@ -409,10 +432,13 @@ def score_views(views: Views, ctx: StepContext[NoiseParams]) -> tuple[Scored, di
     say = _reporter(ctx.progress)
     if hit:
         say(f"noise: trained heads' outputs reused from {cache_path}")
+    # One neighbour search serves every labelling: a flip only mirrors a pair's direction.
+    neighbourhood = Neighbourhood.search(x_chosen - x_rejected, max(params.neighbours, params.wide_neighbours))
     with _training_bar(not hit and _shown(ctx.progress), n, params, cfg) as tick:
         real = evidence(x_chosen, x_rejected, views.prompt_ids, a_is_chosen, views.length_diff,
                         views.judge, cfg, params.neighbours, params.wide_neighbours,
-                        models=cached[0] if hit else None, on_epoch=tick("real labels"))
+                        models=cached[0] if hit else None, on_epoch=tick("real labels"),
+                        neighbourhood=neighbourhood)
         runs.append(real.models)
         for copy in range(params.synthetic_copies):
             flips = groups == copy
@@ -421,7 +447,8 @@ def score_views(views: Views, ctx: StepContext[NoiseParams]) -> tuple[Scored, di
             ev = evidence(xc, xr, views.prompt_ids, a_is_chosen,
                           np.where(flips, -views.length_diff, views.length_diff), judge, cfg, params.neighbours,
                           params.wide_neighbours, models=cached[copy + 1] if hit else None,
-                          on_epoch=tick(f"copy {copy + 1}/{params.synthetic_copies}"))
+                          on_epoch=tick(f"copy {copy + 1}/{params.synthetic_copies}"),
+                          neighbourhood=neighbourhood, flips=flips)
             copies.append((ev, flips))
             runs.append(ev.models)
     if not hit:
@@ -605,8 +632,10 @@ def _expand(result: Scored, rows: np.ndarray, n_rows: int, frame: pl.DataFrame) 
 
 def _cache_path(views: Views, params: NoiseParams, ctx: StepContext[NoiseParams]) -> Path:
     relevant = {k: getattr(params, k) for k in ("folds", "seeds", "epochs", "hidden", "lr", "response_view",
-                                                 "components",
-                                                 "synthetic_rate", "synthetic_copies", "base", "max_length")}
+                                                 "components", "synthetic_rate", "synthetic_copies", "base",
+                                                 "max_length")}
+    if params.response_view:  # the heads read the response-alone vectors too
+        relevant["embedder"] = params.embedder
     digest = hashlib.sha256()
     digest.update(json.dumps({"v": CACHE_VERSION, "seed": ctx.seed, **relevant}, sort_keys=True).encode())
     digest.update("\x00".join(views.pair_ids).encode())

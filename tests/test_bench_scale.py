@@ -22,6 +22,20 @@ def test_sizes_parse_and_print() -> None:
     assert [scale.size_label(n) for n in (10_000, 1_000_000, 2500)] == ["10k", "1M", "2500"]
 
 
+def test_clearing_caches_keeps_only_the_distilled_static_model(tmp_path: Path) -> None:
+    embeddings = tmp_path / "embeddings"
+    for folder in ("static-abc", "model-123", ".static-abc.1f.tmp"):
+        (embeddings / folder).mkdir(parents=True)
+        (embeddings / folder / "x.npz").write_bytes(b"x")
+    (embeddings / "last-used").touch()
+    (tmp_path / "noise").mkdir()
+    scale.clear_cache(embeddings)
+    scale.clear_cache(tmp_path / "noise")
+    scale.clear_cache(tmp_path / "tokens")  # absent: nothing to do
+    assert [p.name for p in embeddings.iterdir()] == ["static-abc"]
+    assert not (tmp_path / "noise").exists()
+
+
 def test_rows_out_found_in_nested_reports() -> None:
     assert scale.rows_out_of({"dataset": "x", "committed": 12}) == 12
     assert scale.rows_out_of({"result": {"rows_out": 7}}) == 7

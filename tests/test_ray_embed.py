@@ -235,7 +235,10 @@ def test_noise_after_the_declared_inputs_are_encoded_calls_no_encoder(tmp_path, 
     from tests.test_filter_noise import flipped_table
 
     table = flipped_table(24, flipped=(3,), ties=2)
-    prepared = prepare("filter", "noise", {})
+    static = prepare("filter", "noise", {"base": "static", "embedder": "static"})
+    # static vectors are a lookup in process: nothing for Ray to encode
+    assert list(static.spec.embeds(table, StepContext("noise", static.params, home=tmp_path))) == []
+    prepared = prepare("filter", "noise", {"base": "minilm", "embedder": "minilm"})
     ctx = StepContext("noise", prepared.params, home=tmp_path, progress=False)
     requests = list(prepared.spec.embeds(table, ctx))
     assert [len(r.ids) for r in requests] == [48, 0] and len(requests[1].texts) == 48  # ties unscored

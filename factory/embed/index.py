@@ -27,6 +27,9 @@ CALIBRATION_QUERIES = 512
 SEED = 1234
 EARLIER_CANDIDATES = 32  # per part, for best_earlier_match through the index
 QUERY_CHUNK = 131_072  # queries scanned together: bigger chunks make bigger, faster products
+# ... but never more than this many bytes of candidates (queries x nprobe x k scores and ids):
+# a deep search (k=100, many cells) of 100k queries in one chunk asked for ~20 GiB.
+CANDIDATE_BYTES = 256 << 20
 CELLS_PER_SQRT_N = 2  # nlist = 2 sqrt(n)
 TRAIN_PER_CELL = 40  # k-means training sample per cell (faiss asks for at least 39)
 KMEANS_ITERATIONS = 10
@@ -122,8 +125,10 @@ class NeighbourIndex:
         if k == 0 or len(queries) == 0:
             return sims, indices
         _, probes = self._quantizer.search(queries, nprobe)
-        for start in range(0, len(queries), QUERY_CHUNK):
-            stop = min(start + QUERY_CHUNK, len(queries))
+        # per query: nprobe x k float32 scores and int64 ids, and their sort's order
+        chunk = max(1, min(QUERY_CHUNK, CANDIDATE_BYTES // (nprobe * k * 20)))
+        for start in range(0, len(queries), chunk):
+            stop = min(start + chunk, len(queries))
             sims[start:stop], indices[start:stop] = self._scan(queries[start:stop],
                                                                probes[start:stop], k)
         return sims, indices

@@ -8,6 +8,12 @@ under ``<home>/embeddings/static-<digest>/``, where the digest covers the source
 files (their bytes), the distillation settings and the model2vec version, so a changed source
 or recipe gets a new folder and never a stale model. ``catalog gc`` treats the folder like
 any other embedding cache (a redoable unit); each load marks it used.
+
+:class:`StaticIdsEncoder` is the same model read through MiniLM's own tokenizer, for callers
+that render and truncate token ids themselves (the reward heads' ``base="static"``, see
+:class:`factory.trainer.model.HeadFeaturizer`): the static vocabulary is MiniLM's WordPiece
+vocabulary less its unused slots, so MiniLM's ids map onto static rows one to one and a
+text's vector is exactly what :func:`embed_static` gives it (up to where each cuts).
 """
 
 from __future__ import annotations
@@ -68,7 +74,11 @@ def embed_static(texts: Sequence[str], home: str | Path | None = None,
 
 def static_model(home: str | Path | None = None) -> StaticModel:
     """The static model of this home, distilled on first use and loaded once per process."""
-    folder = static_model_dir(home)
+    return static_model_at(static_model_dir(home))
+
+
+def static_model_at(folder: Path) -> StaticModel:
+    """The static model in ``folder`` (:func:`static_model_folder`), distilled there first if absent."""
     with _models_lock:
         model = _models.get(folder)
         if model is None:
@@ -82,11 +92,15 @@ def static_model(home: str | Path | None = None) -> StaticModel:
 
 def static_model_dir(home: str | Path | None = None) -> Path:
     """``<home>/embeddings/static-<digest of source model files and distillation settings>``."""
+    return static_model_folder(resolve_home(home) / "embeddings")
+
+
+def static_model_folder(root: str | Path) -> Path:
+    """``<root>/static-<digest>``: ``root`` is the embedding folder (``<home>/embeddings``)."""
     # Imported before model2vec (hence huggingface_hub) loads: it sets HF_HUB_OFFLINE.
     from factory.embed.encoder import minilm_path
 
-    source = minilm_path()
-    return resolve_home(home) / "embeddings" / f"static-{_recipe_digest(source)}"
+    return Path(root) / f"static-{_recipe_digest(minilm_path())}"
 
 
 def _recipe_digest(source: str) -> str:
@@ -151,6 +165,71 @@ def _load(folder: Path) -> Any:
     from model2vec import StaticModel
 
     return StaticModel.from_pretrained(str(folder), force_download=False)
+
+
+# Sequences pooled per call: bounds the concatenated ids (~256 x 8 B each) to a few MiB.
+_POOL_SEQUENCES = 8192
+
+
+class StaticIdsEncoder:
+    """The static model behind MiniLM's tokenizer: vectors of token ids a caller rendered and
+    cut with that tokenizer (special tokens and unused slots carry no vector, as in
+    model2vec's own encoding), L2-normalised, float32 (n, 256).
+
+    Duck-types the parts of :class:`factory.embed.encoder.MeanPoolEncoder` the head
+    featurizer reads (``tokenizer``, ``dim``, ``max_positions``, ``path``, ``embed_ids``).
+    ``path`` is the content-addressed model folder, so anything keyed by it changes with
+    the source weights or the distillation recipe.
+    """
+
+    def __init__(self, root: str | Path):
+        from factory.embed.encoder import load_tokenizer, minilm_path
+
+        folder = static_model_folder(root)
+        model = static_model_at(folder)
+        self.path = str(folder)
+        self.tokenizer = load_tokenizer(minilm_path())
+        self.dim = int(model.dim)
+        # A static vector has no position table: the limit is only the cost, linear in tokens.
+        self.max_positions = MAX_TOKENS
+        self.cache_variant = "static-ids"
+        self._table = np.asarray(model.embedding, dtype=np.float32)
+        self._rows = self._row_of_id(model, len(self._table))  # len(table): no vector
+
+    def _row_of_id(self, model: StaticModel, none: int) -> np.ndarray:
+        static_vocab = model.tokenizer.get_vocab()
+        skip = set(self.tokenizer.all_special_tokens)
+        rows = np.full(len(self.tokenizer), none, dtype=np.int64)
+        for token, token_id in self.tokenizer.get_vocab().items():
+            row = static_vocab.get(token)
+            if row is not None and token not in skip and row != model.unk_token_id:
+                rows[token_id] = row
+        return rows
+
+    def embed_ids(self, sequences: Sequence[np.ndarray], batch_size: int = 0) -> np.ndarray:
+        """The mean of each sequence's token vectors, normalised (``batch_size``: unused, a
+        lookup has no batch to fill)."""
+        out = np.zeros((len(sequences), self.dim), dtype=np.float32)
+        for start in range(0, len(sequences), _POOL_SEQUENCES):
+            out[start:start + _POOL_SEQUENCES] = self._summed(sequences[start:start + _POOL_SEQUENCES])
+        return _l2_normalise(out)
+
+    def _summed(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
+        """Sums of each sequence's token vectors (the mean's direction: normalised next)."""
+        import torch
+
+        if not len(sequences):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = self._rows[np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])]
+        owner = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+        kept = rows < len(self._table)
+        counts = np.bincount(owner[kept], minlength=len(sequences))
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        # embedding_bag: one gather-and-sum in C++, never the (tokens x dim) block numpy
+        # would build first (20x faster on 2 cores); an empty bag sums to zero.
+        summed = torch.nn.functional.embedding_bag(
+            torch.from_numpy(rows[kept]), torch.from_numpy(self._table), torch.from_numpy(offsets), mode="sum")
+        return summed.numpy()
 
 
 def _l2_normalise(vectors: np.ndarray) -> np.ndarray:

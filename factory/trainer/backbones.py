@@ -36,6 +36,9 @@ from schemas.errors import PrefabError
 from schemas.prompts import last_user_at
 
 MINILM = "minilm"
+# model2vec vectors distilled from MiniLM (factory.embed.static): a frozen encoder for head
+# features only, hundreds of times faster on CPU; nothing to fine-tune or read layers from.
+STATIC = "static"
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 # A cut response keeps its opening (a quarter of its share, at most this many tokens)
 # and its end (the rest).
@@ -45,11 +48,19 @@ ENCODE_CHUNK = 2048
 
 
 def resolve_base(base: str | None) -> str:
-    """``minilm`` (or nothing) -> the bundled folder; anything else is a local HF model path."""
+    """``minilm`` (or nothing) -> the bundled folder; anything else is a local HF model path.
+
+    ``static`` is no transformer: :class:`factory.trainer.model.HeadFeaturizer` takes it
+    before asking here; anywhere else it is an error that says so."""
     if base is None or base == MINILM:
         return minilm_path()
+    if base == STATIC:
+        raise PrefabError("base 'static' (model2vec vectors) has no transformer layers: it serves head "
+                          "features only (train --mode head, filter noise); choose base 'minilm' or a "
+                          "model folder for this mode")
     if not Path(base).exists():
-        raise PrefabError(f"base model {base!r} is neither 'minilm' nor an existing folder")
+        raise PrefabError(f"base model {base!r} is none of 'minilm', 'static' (head features) or an "
+                          "existing model folder")
     return str(base)
 
 

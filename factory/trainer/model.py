@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory.embed import cache_root as embedding_root
 from factory.embed import embed_token_ids, encoder_cache
-from factory.embed.encoder import get_encoder
+from factory.embed.cache import EmbeddingCache
+from factory.embed.encoder import MeanPoolEncoder, get_encoder
+from factory.embed.static import StaticIdsEncoder
 from factory.trainer import backbones
 from factory.trainer.progress import bar, phase
 from factory.trainer.token_cache import TokenIds, encode_cached
@@ -40,7 +43,7 @@ HEAD_FEATURES = ("pair", "pair+parts")
 @dataclass
 class ModelSpec:
     mode: str  # "head" | "full" | "tokens" | "top-k"
-    base: str  # "minilm" or a model folder
+    base: str  # "minilm", "static" (head mode) or a model folder
     max_length: int
     head_hidden: int = 256
     feature_dim: int = 0
@@ -85,7 +88,10 @@ class HeadFeaturizer:
     The trainer renders and truncates each pair itself (:func:`backbones.encode_pairs`), so
     the cache (``cache_root``, normally ``$PREFAB_HOME/embeddings``) is keyed by the exact
     token ids; encoder, cache folder, progress bar and Ctrl+C handling are those of
-    :mod:`factory.embed`.
+    :mod:`factory.embed`. ``base="static"``: the same rendering and cut through MiniLM's
+    tokenizer, pooled by the static model distilled under ``cache_root``
+    (:class:`factory.embed.static.StaticIdsEncoder`); nothing is cached, since a lookup
+    costs less than reading a cache back (as for :func:`factory.embed.embed_texts`).
     """
 
     def __init__(
@@ -100,13 +106,19 @@ class HeadFeaturizer:
     ):
         if features not in HEAD_FEATURES:
             raise PrefabError(f"head features must be one of {', '.join(HEAD_FEATURES)}, got {features!r}")
-        self.encoder = get_encoder(backbones.resolve_base(base), device)
+        self.encoder: MeanPoolEncoder | StaticIdsEncoder
+        self.cache: EmbeddingCache | None
+        if base == backbones.STATIC:
+            self.encoder = StaticIdsEncoder(cache_root if cache_root is not None else embedding_root(None))
+            self.cache = None
+        else:
+            self.encoder = get_encoder(backbones.resolve_base(base), device)
+            self.cache = encoder_cache(self.encoder, cache_root)
         backbones.check_max_length(max_length, self.encoder.max_positions, base)
         self.features_kind = features
         self.max_length = max_length
         self.batch_size = batch_size
         self.progress = progress
-        self.cache = encoder_cache(self.encoder, cache_root)
 
     @property
     def dim(self) -> int:
@@ -154,6 +166,10 @@ class HeadFeaturizer:
     def embed_ids(self, ids: Sequence[np.ndarray], progress: bool | None = False) -> np.ndarray:
         """Embeddings of token ids: cached ones read back, the rest computed (with a bar);
         the phase line says how many came from the cache (their lookup has no bar)."""
+        if self.cache is None:
+            with phase("embed (static)", progress, count=len(ids), unit="input"):
+                return self.encoder.embed_ids(ids, self.batch_size)
+        assert isinstance(self.encoder, MeanPoolEncoder)
         hits = self.cache.hits
         with phase("embed", progress, count=len(ids), unit="input") as info:
             vectors = embed_token_ids(ids, encoder=self.encoder, cache=self.cache,
