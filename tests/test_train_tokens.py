@@ -18,8 +18,8 @@ from factory.trainer.data import pair_data
 from factory.trainer.evaluate import score_pairs
 from factory.trainer.hidden_cache import FrozenStates
 from factory.trainer.loop import TrainConfig, fit
-from factory.trainer.model import load_reward_model
-from factory.trainer.token_head import TokenFeaturizer
+from factory.trainer.model import HeadFeaturizer, load_reward_model
+from factory.trainer.token_head import AttentionPool, TokenFeaturizer, net_rewards
 from schemas.errors import PrefabError
 from tests.toy import tiny_backbone, toy_pairs
 
@@ -62,6 +62,50 @@ def test_tokens_mode_trains_and_round_trips(bert_dir, tmp_path):
     assert json.loads((folder / "prefab_model.json").read_text())["mode"] == "tokens"
     again = load_reward_model(folder, hidden_root=tmp_path / "hidden")
     np.testing.assert_allclose(score_pairs(again, data)[0], r_c, atol=1e-6)
+
+
+@pytest.mark.parametrize("features", ["pair", "pair+parts"])
+def test_an_untrained_tokens_net_reads_what_head_mode_reads(bert_dir, tmp_path, features):
+    """Attention pooling starts as mean pooling: before training, the tokens net's features
+    are head mode's, row for row (each input's own states and mask, chosen apart from
+    rejected, each response with its own prompt) -- and its rewards come back in row order
+    when scored in length-sorted batches smaller than the data."""
+    data = pair_data(toy_pairs(20, seed=8))
+    prompts, responses = data.prompts + data.prompts, data.chosen + data.rejected
+    expected, _ = HeadFeaturizer(bert_dir, 64, tmp_path / "emb", features=features).featurize(prompts, responses)
+    featurizer = TokenFeaturizer(bert_dir, 64, "tokens", None, tmp_path / "hidden", features=features)
+    inputs = featurizer.inputs(prompts, responses)
+    torch.manual_seed(0)
+    net = featurizer.new_net(16).eval()
+    rows = np.random.default_rng(0).permutation(len(inputs))  # chosen and rejected mixed in one batch
+    with torch.no_grad():
+        got = net.features(inputs.batch(rows, featurizer.device)).numpy()
+        from_expected = net.head(torch.from_numpy(expected[rows])).double().numpy()
+    np.testing.assert_allclose(got, expected[rows], atol=2e-3)  # float16 cache
+    np.testing.assert_allclose(net_rewards(net, inputs, rows, featurizer.device, batch_size=6), from_expected,
+                               atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "top-k"])
+def test_a_rows_reward_does_not_depend_on_its_batchs_padding(bert_dir, tmp_path, mode):
+    """With trained (non-zero) pooling scores, and in top-k with the top layer's attention, a
+    row scores the same alone as in a batch padded to a longer row: the mask keeps the
+    padding out of both."""
+    data = pair_data(toy_pairs(12, seed=9))
+    featurizer = TokenFeaturizer(bert_dir, 64, mode, 1 if mode == "top-k" else None, tmp_path / "hidden",
+                                 features="pair+parts")
+    inputs = featurizer.inputs(data.prompts + data.prompts, data.chosen + data.rejected)
+    torch.manual_seed(0)
+    net = featurizer.new_net(16).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, AttentionPool):
+                module.score.weight.normal_(0, 1.0)
+        rows = np.arange(len(inputs))
+        assert len(set(inputs.lengths.tolist())) > 1  # the batch pads some rows
+        batched = net(inputs.batch(rows, featurizer.device)).numpy()
+        alone = np.concatenate([net(inputs.batch(rows[i : i + 1], featurizer.device)).numpy() for i in rows])
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
 
 
 def test_the_hidden_state_cache_is_reused_and_keyed_by_length_and_model(bert_dir, tmp_path, forwards):
