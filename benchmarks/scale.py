@@ -4,6 +4,8 @@
     python benchmarks/scale.py --sizes 10k,100k,1M --out results.json
     python benchmarks/scale.py --sizes 1M --steps ingest,merge,causal,export_trl --keep-home /data/scale
     python benchmarks/scale.py --ray                            # also the steps that take --engine ray
+    python benchmarks/scale.py --ray-only --keep-home DIR --out ray.json   # only those, joined later:
+    python benchmarks/scale.py --table-from local.json ray.json           # one table from saved runs
 
 Data: pairs drawn from the real human-labelled sets in ../shared/data (HH-RLHF harmless,
 PandaLM, LLMBar: about 3,900 pairs), each copy perturbed so every prompt and pair is distinct
@@ -50,7 +52,10 @@ lower bound for steps that grow faster than linearly. A step that runs past
 ``--ray`` runs the steps that take ``--engine`` (``generate``/``filter``) again with
 ``--engine ray`` on a local Ray with 2 CPUs (``RAY_ADDRESS`` unset; prefab's ``ray.init``
 sees the machine's cores) as extra rows; each says whether the process started Ray at all
-(steps that need the whole table run in the CLI process whatever the engine). Their peak
+(steps that need the whole table run in the CLI process whatever the engine). Each engine
+starts from a copy of the ingested home, since prefab would otherwise return the first
+engine's stored versions; a step that reports ``unchanged`` is marked ``cached``, never timed.
+Their peak
 RSS is the driver's: Ray workers are not waited-for children of the CLI.
 
 The targets table: peak RSS at 1M, row-local growth (ingest, merge, export), the catalog
@@ -133,6 +138,12 @@ STEPS = (
          embedding_texts=3, engine=True),
     Step("hard_negatives", ("generate", "hard_negatives", "--from", "seeds", "--name", "hn", "--json",
                             "--no-progress"), "contrast", embedding_texts=3, engine=True),
+    Step("dedup_static", ("filter", "dedup", "--from", "seeds", "--name", "dd-static", "--set",
+                          "near=embedding", "--set", "embedder=static", "--set", "near_threshold=0.94",
+                          "--json", "--no-progress"), "near=embedding, embedder=static"),
+    Step("hard_negatives_static", ("generate", "hard_negatives", "--from", "seeds", "--name", "hn-static",
+                                   "--set", "embedder=static", "--json", "--no-progress"),
+         "contrast, embedder=static"),
     Step("noise", ("filter", "noise", "--from", "seeds", "--name", "denoised", "--json", "--no-progress"),
          "head (defaults)", embedding_texts=4, engine=True),
     Step("noise_static", ("filter", "noise", "--from", "seeds", "--name", "denoised-static", "--set",
@@ -321,7 +332,13 @@ class Harness:
         if timed_out:
             result.status, result.note = "timeout", f"stopped after {self.args.step_timeout_s:.0f} s"
         with contextlib.suppress(json.JSONDecodeError, OSError):
-            result.rows_out = rows_out_of(json.loads(report_file.read_text()))
+            report = json.loads(report_file.read_text())
+            result.rows_out = rows_out_of(report)
+            if result.status == "measured" and isinstance(report, dict) and report.get("unchanged"):
+                # prefab returned the stored version of an identical step: its time is a lookup,
+                # not the step's cost, so it must not be reported or projected from.
+                result.status = "cached"
+                result.note = "prefab reused the stored result of an identical step: not a measurement"
         return result
 
     # ---- budget and projections -----------------------------------------------------
@@ -354,11 +371,17 @@ class Harness:
         file = self.data_file(size)
         snapshot = self.snapshot(size)
         for engine in engines:
+            if engine != engines[0]:
+                # Each engine starts from the ingested seeds alone: steps are keyed by what made
+                # them, not by the engine, so a second pass in the same home would only look up
+                # the first pass's versions.
+                self.restore_ingested(size, home, snapshot)
             for step in steps:
-                if engine == "ray" and not step.engine:
+                if step.name == "ingest":
+                    if engine == engines[0]:
+                        self.ingest(step, size, home, out, file, snapshot)
                     continue
-                if step.name == "ingest" and engine == "local":
-                    self.ingest(step, size, home, out, file, snapshot)
+                if engine == "ray" and not step.engine:
                     continue
                 if not (home / "catalog.duckdb").exists():
                     self.results.append(Result(step.name, engine, size, "skipped", note="no ingested seeds"))
@@ -388,13 +411,20 @@ class Harness:
         result.rows_in = size
         self.results.append(result)
         self.report(result)
-        if self.args.keep_home and result.status == "measured":
+        if (self.args.keep_home or self.args.ray) and result.status == "measured":
             shutil.rmtree(snapshot, ignore_errors=True)
             shutil.copytree(home, snapshot)
             recorded.write_text(json.dumps(asdict(result)))
 
+    def restore_ingested(self, size: int, home: Path, snapshot: Path) -> None:
+        if not snapshot.is_dir():
+            return
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(snapshot, home)
+        say(f"{size_label(size)}: home reset to the ingested seeds ({snapshot})")
+
     def has_output(self, step: str, size: int) -> bool:
-        return any(r.step == step and r.size == size and r.status in ("measured", "reused")
+        return any(r.step == step and r.size == size and r.status in ("measured", "reused", "cached")
                    for r in self.results)
 
     def projected(self, step: Step, size: int, engine: str, rows_in: int, missing: list[str],
@@ -655,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--embed-rate", type=float, default=40.0,
                         help="texts/s assumed for embedding-bound steps before any is measured (default 40)")
     parser.add_argument("--ray", action="store_true", help="also run the --engine steps with --engine ray")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="only the --engine ray rows (join them to a local run with --table-from)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="keep embedding/noise/token caches between steps (default: cleared before each)")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -693,13 +725,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from:
         print_saved(args.table_from)
         return 0
+    args.ray = args.ray or args.ray_only
     if args.ray:
         try:
             import ray  # noqa: F401
         except ImportError:
             say("--ray: Ray is not installed (pip install 'prefab[ray]'); the ray rows are left out")
-            args.ray = False
-    engines = ["local", "ray"] if args.ray else ["local"]
+            args.ray = args.ray_only = False
+    engines = ["ray"] if args.ray_only else ["local", "ray"] if args.ray else ["local"]
     workdir = args.keep_home or args.workdir or Path(tempfile.mkdtemp(prefix="prefab-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     harness = Harness(args, workdir)
