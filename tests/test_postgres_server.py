@@ -3,6 +3,7 @@ offline from their wheels: the pieces the team catalog (DuckLake on PostgreSQL) 
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import pytest
 
 from factory.lake_extensions import extension_path, load_lake_extensions
 from schemas.errors import PrefabError
-from tests.postgres_server import _dsn_fields
+from tests.postgres_server import (
+    PostgresUnavailable,
+    _dsn_fields,
+    _unavailable,
+    start_postgres,
+)
 
 
 def _lake_connection(postgres: bool) -> duckdb.DuckDBPyConnection:
@@ -22,6 +28,27 @@ def _lake_connection(postgres: bool) -> duckdb.DuckDBPyConnection:
         connection.close()
         pytest.skip(f"lake extensions unavailable: {exc}")
     return connection
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.postgres
+def test_start_postgres_outside_pytest_serves_then_stops_and_cleans(tmp_path: Path):
+    try:
+        dsn, stop = start_postgres(tmp_path)
+    except PostgresUnavailable as exc:
+        _unavailable(str(exc))
+    port = int(_dsn_fields(dsn)["port"])
+    assert _accepts(port)
+    stop()
+    assert not _accepts(port)
+    assert not list(tmp_path.glob("prefab-pg-*")), "the cluster's folder is removed"
 
 
 def test_server_gives_a_database_and_fresh_ones(postgres_dsn: str, postgres_database: str):
@@ -113,3 +140,11 @@ def test_mismatched_duckdb_names_both_versions(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(duckdb, "__version__", "0.0.1")
     with pytest.raises(PrefabError, match=r"for DuckDB 1\.5\.5.*duckdb 0\.0\.1"):
         extension_path("ducklake")
+
+
+def test_no_binaries_gives_the_reason_and_the_install(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    import tests.postgres_server as server
+
+    monkeypatch.setattr(server, "find_postgres_bin", lambda: None)
+    with pytest.raises(PostgresUnavailable, match="apt-get install postgresql"):
+        start_postgres(tmp_path)
