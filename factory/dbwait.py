@@ -53,6 +53,33 @@ def _is_contention(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.ConnectionException) and "different configuration" in text
 
 
+# DuckDB 2 writes new files in a storage format that DuckDB 1.x cannot open, and the lake
+# extra holds DuckDB at 1.5.x: files are created in the format every DuckDB >= 1.0 reads, so
+# a home stays readable whichever of the two builds opens it next. A file keeps the format it
+# was created with.
+PORTABLE_STORAGE = "v1.0.0"
+
+
+def _create_portable(path: Path) -> None:
+    if int(duckdb.__version__.split(".")[0]) < 2:
+        return  # DuckDB 1.x already writes the 1.0 format by default
+    duckdb.connect(str(path), config={"storage_compatibility_version": PORTABLE_STORAGE}).close()
+
+
+def _is_newer_file(exc: duckdb.Error) -> bool:
+    return isinstance(exc, duckdb.IOException) and "newer version of duckdb" in str(exc).lower()
+
+
+def _newer_file_error(path: Path) -> PrefabError:
+    return PrefabError(
+        f"{path} was written by a newer DuckDB than this Python's duckdb {duckdb.__version__} "
+        f"(DuckDB 2 writes a format 1.x cannot read; prefab's lake extra needs duckdb 1.5.x): "
+        f"open it with the DuckDB that wrote it and copy it to the 1.0 format, e.g. in duckdb 2 "
+        f"`ATTACH '{path}' AS old; ATTACH 'converted.duckdb' AS new (STORAGE_VERSION "
+        f"'{PORTABLE_STORAGE}'); COPY FROM DATABASE old TO new`, then replace the file"
+    )
+
+
 def connect_waiting(
     path: Path,
     *,
@@ -64,8 +91,12 @@ def connect_waiting(
     delay = 0.01
     while True:
         try:
+            if not read_only and not path.exists():
+                _create_portable(path)
             return duckdb.connect(str(path), read_only=read_only)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if _is_newer_file(exc):
+                raise _newer_file_error(path) from exc
             if not _is_contention(exc):
                 raise
             if time.monotonic() >= deadline:

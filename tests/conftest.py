@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A throwaway PostgreSQL server (fixtures postgres_dsn, postgres_database) for the team catalog.
+pytest_plugins = ["tests.postgres_server"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # A shell starts background jobs with SIGINT ignored; the Ctrl+C tests need Python's own
