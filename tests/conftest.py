@@ -34,6 +34,8 @@ def shared_data() -> Path:
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "prefab-home"
     monkeypatch.setenv("PREFAB_HOME", str(path))
+    # The home's own catalog unless a test names a lake; `--catalog` sets this in-process.
+    monkeypatch.delenv("PREFAB_CATALOG", raising=False)
     return path
 
 

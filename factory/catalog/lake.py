@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ SCHEMA = "prefab"
 # Every prefab write updates this row, so two concurrent writes always conflict in DuckLake.
 SERIALIZE_WRITES = "UPDATE writes SET count = count + 1"
 _DATA_PATH = re.compile(r"\s+DATA_PATH\s+")
+FIRST_ATTACH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -145,16 +147,25 @@ def lake_opener(spec: LakeSpec) -> Opener:
         connection = _engine(spec).cursor()
         options = [f"DATA_PATH {_quote(spec.data_path)}"] if spec.data_path and not read_only else []
         options += ["READ_ONLY"] if read_only else []
-        try:
-            connection.execute(f"ATTACH {_quote('ducklake:' + spec.metadata)} AS {spec.alias}"
-                               + (f" ({', '.join(options)})" if options else ""))
-        except duckdb.Error as exc:
-            connection.close()
-            if "does not match existing data path" in str(exc):
-                raise PrefabError(f"catalog {spec.url}: {str(exc).splitlines()[0]} (leave DATA_PATH out "
-                                  "of the catalog URL to use the lake's own)") from None
-            raise
-        return connection
+        statement = (f"ATTACH {_quote('ducklake:' + spec.metadata)} AS {spec.alias}"
+                     + (f" ({', '.join(options)})" if options else ""))
+        for attempt in range(FIRST_ATTACH_ATTEMPTS):
+            try:
+                connection.execute(statement)
+                return connection
+            except duckdb.Error as exc:
+                text = str(exc)
+                if "does not match existing data path" in text:
+                    connection.close()
+                    raise PrefabError(f"catalog {spec.url}: {text.splitlines()[0]} (leave DATA_PATH out "
+                                      "of the catalog URL to use the lake's own)") from None
+                # Two processes making the same new lake: the loser finds the winner's tables.
+                racing = "Failed to initialize DuckLake" in text and ("already exists" in text or "duplicate key" in text)
+                if not racing or attempt == FIRST_ATTACH_ATTEMPTS - 1:
+                    connection.close()
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def close_lake(connection: duckdb.DuckDBPyConnection) -> None:
         try:
