@@ -207,7 +207,7 @@ class Catalog:
                 metadata.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as connection:
                 ready = lake.is_initialised(connection, self.lake)
-                self.data_root = Path(lake.data_path_of(connection, self.lake))
+                self.data_root = lake.data_path_of(connection, self.lake)
             if not ready:
                 self._write(lambda connection: lake.initialise(connection, self.lake))
         self.store = ObjectStore(self.data_root / "objects")

@@ -4,7 +4,10 @@ file (one machine) or PostgreSQL (a team), its Parquet objects under the lake's 
 A catalog URL is ``ducklake:<metadata>[ DATA_PATH <path>]``: ``ducklake:/shared/prefab.ducklake``
 or ``ducklake:postgres:dbname=prefab host=db DATA_PATH /mnt/prefab/``. The data path is
 fixed when the lake is made (default for a file: ``<file>.files/``); later users need only
-the metadata part.
+the metadata part. prefab's content-addressed objects go in ``<data path>/objects/`` and
+DuckLake's own files in ``<data path>/lake/`` (DuckLake's data path): DuckLake's orphan
+cleanup deletes every file under its data path it does not know, and it knows no index
+file or attachment.
 
 Each process keeps one in-memory DuckDB with the extensions loaded (loading them costs a
 good part of a second) and attaches the lake for the span of its catalog operations
@@ -40,6 +43,7 @@ SCHEMA = "prefab"
 SERIALIZE_WRITES = "UPDATE writes SET count = count + 1"
 _DATA_PATH = re.compile(r"\s+DATA_PATH\s+")
 FIRST_ATTACH_ATTEMPTS = 5
+LAKE_FILES = "lake"  # DuckLake's own data path, inside prefab's
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,10 @@ def parse_catalog_url(text: str) -> LakeSpec:
     if not metadata.startswith("postgres:"):
         metadata = str(Path(metadata).expanduser().resolve())
         data_path = data_path or metadata + ".files"
-    if data_path and "://" not in data_path:
+    if data_path and "://" in data_path:
+        raise PrefabError(f"catalog {text!r}: an object-store DATA_PATH is not supported yet; "
+                          "name a path every machine mounts at the same place")
+    if data_path:
         data_path = str(Path(data_path).expanduser().resolve())
     return LakeSpec(metadata, data_path.rstrip("/") + "/" if data_path else None)
 
@@ -145,7 +152,8 @@ def lake_opener(spec: LakeSpec) -> Opener:
 
     def open_lake(read_only: bool) -> duckdb.DuckDBPyConnection:
         connection = _engine(spec).cursor()
-        options = [f"DATA_PATH {_quote(spec.data_path)}"] if spec.data_path and not read_only else []
+        lake_files = f"{spec.data_path}{LAKE_FILES}/"
+        options = [f"DATA_PATH {_quote(lake_files)}"] if spec.data_path and not read_only else []
         options += ["READ_ONLY"] if read_only else []
         statement = (f"ATTACH {_quote('ducklake:' + spec.metadata)} AS {spec.alias}"
                      + (f" ({', '.join(options)})" if options else ""))
@@ -211,14 +219,18 @@ def initialise(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> None:
                        "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'schema_version')", [SCHEMA_VERSION])
 
 
-def data_path_of(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> str:
+def data_path_of(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> Path:
     """The data path the lake was made with (a URL names it only when it makes the lake)."""
     row = connection.execute(
         f"SELECT value FROM __ducklake_metadata_{spec.alias}.ducklake_metadata WHERE key = 'data_path'"
     ).fetchone()
     if row is None or not row[0]:
         raise PrefabError(f"catalog {spec.url} has no data path: name one with ' DATA_PATH <path>'")
-    return row[0]
+    lake_files = Path(row[0])
+    if lake_files.name != LAKE_FILES:
+        raise PrefabError(f"catalog {spec.url}: its DuckLake data path {row[0]} does not end in "
+                          f"'{LAKE_FILES}/', so it was not made by prefab")
+    return lake_files.parent
 
 
 def is_write_conflict(exc: BaseException) -> bool:
