@@ -21,7 +21,7 @@ pytest.importorskip("duckdb_extension_ducklake", reason="the DuckLake extension 
 
 @pytest.fixture
 def lake_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.delenv("PREFAB_CATALOG", raising=False)
+    monkeypatch.setenv("PREFAB_CATALOG", "")
     return f"ducklake:{tmp_path / 'team' / 'catalog.ducklake'}"
 
 
@@ -101,7 +101,7 @@ def test_a_plain_duckdb_client_queries_any_version(lake):
 
 
 def test_migrate_keeps_every_version_tag_lineage_and_id(tmp_path, cli, monkeypatch):
-    monkeypatch.delenv("PREFAB_CATALOG", raising=False)
+    monkeypatch.setenv("PREFAB_CATALOG", "")
     home = Catalog(tmp_path / "prefab-home")
     home.commit("a", make_pairs(20), message="first")
     home.commit("a", make_pairs(8, start=40), parents=["a@1"],
@@ -117,7 +117,7 @@ def test_migrate_keeps_every_version_tag_lineage_and_id(tmp_path, cli, monkeypat
     assert moved.json()["versions"] == 4
     assert cli("catalog", "verify").code == 0
     assert cli("catalog", "verify", "--catalog", url).code == 0
-    monkeypatch.delenv("PREFAB_CATALOG", raising=False)  # the CLI set it for its command
+    monkeypatch.setenv("PREFAB_CATALOG", "")  # the CLI set it for its command
     lake = Catalog(tmp_path / "other-home", catalog=url)
     assert lake.datasets() == home.datasets()
     for name in ("a", "b", "m"):
@@ -178,7 +178,7 @@ def test_two_processes_commit_to_one_local_lake(lake):
 
 @pytest.mark.slow
 def test_eight_writer_processes_on_postgres_lose_nothing(tmp_path, monkeypatch):
-    monkeypatch.delenv("PREFAB_CATALOG", raising=False)
+    monkeypatch.setenv("PREFAB_CATALOG", "")
     with postgres_dsn() as dsn:
         url = f"ducklake:postgres:{dsn} DATA_PATH {tmp_path / 'shared-data'}"
         Catalog(tmp_path / "home", catalog=url)  # made once, so the writers race on commits only
@@ -192,7 +192,7 @@ def test_eight_writer_processes_on_postgres_lose_nothing(tmp_path, monkeypatch):
 
 
 def test_two_processes_on_postgres_and_a_reader_elsewhere(tmp_path, monkeypatch):
-    monkeypatch.delenv("PREFAB_CATALOG", raising=False)
+    monkeypatch.setenv("PREFAB_CATALOG", "")
     with postgres_dsn() as dsn:
         url = f"ducklake:postgres:{dsn} DATA_PATH {tmp_path / 'shared-data'}"
         _writers(url, tmp_path / "home", 2, 2)
