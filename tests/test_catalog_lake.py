@@ -200,3 +200,51 @@ def test_two_processes_on_postgres_and_a_reader_elsewhere(tmp_path, monkeypatch)
         assert sorted(v.version for v in reader.log("shared")) == [1, 2, 3, 4]
         assert reader.data_root == tmp_path / "shared-data"
         assert os.listdir(tmp_path / "shared-data" / "objects")
+
+
+def test_gc_and_duckdb_maintenance_keep_every_object_a_version_needs(lake):
+    lake.commit("d", make_pairs(30))
+    lake.commit("e", make_pairs(30), failures=pa.table({"reason": ["x"] * 500}))  # same objects as d@1
+    orphan = lake.stage(make_pairs(4, start=900))
+    opener = lake_opener(lake.lake)
+    connection = opener.open(False)
+    try:  # DuckLake's own cleanup of files it does not know, and CHECKPOINT (which runs it)
+        assert connection.sql(f"CALL ducklake_delete_orphaned_files('{lake.lake.alias}', dry_run => true, "
+                              "cleanup_all => true)").fetchall() == []
+        connection.execute(f"USE {lake.lake.alias}")
+        connection.execute("CHECKPOINT")
+        connection.execute("USE memory")
+    finally:
+        opener.close(connection)
+    report = gc(lake, dry_run=False, grace_seconds=0)
+    assert sorted(report["areas"]["objects"]["removed"]) == sorted(
+        str(obj.path.relative_to(lake.data_root)) for obj in (orphan.data, orphan.index))
+    reopened = Catalog(lake.home, catalog=lake.location)
+    assert verify(reopened)["ok"]
+    assert _ids(reopened, "e@1") == _ids(reopened, "d@1") and reopened.failures("e@1").num_rows == 500
+    assert reopened.commit("d", make_pairs(3)).version == 2  # writes still conflict-checked after CHECKPOINT
+
+
+def test_a_write_that_loses_a_conflict_runs_again_until_the_lock_timeout(lake, monkeypatch):
+    import duckdb
+
+    from factory.catalog import CatalogBusy
+
+    attempts = []
+
+    def conflicting_once(connection):
+        attempts.append(connection.execute("SELECT count FROM writes").fetchone()[0])
+        if len(attempts) == 1:
+            raise duckdb.TransactionException("Transaction conflict - another transaction committed first")
+        return "done"
+
+    assert lake._write(conflicting_once) == "done" and len(attempts) == 2
+
+    def always_conflicting(connection):
+        raise duckdb.TransactionException("Failed to commit DuckLake transaction: Transaction conflict")
+
+    monkeypatch.setenv("PREFAB_LOCK_TIMEOUT", "0.3")
+    with pytest.raises(CatalogBusy, match="PREFAB_LOCK_TIMEOUT"):
+        lake._write(always_conflicting)
+    with pytest.raises(duckdb.TransactionException, match="disk full"):  # other errors are not retried
+        lake._write(lambda connection: (_ for _ in ()).throw(duckdb.TransactionException("disk full")))

@@ -249,7 +249,7 @@ class Catalog:
                         raise
             if time.monotonic() >= deadline:
                 raise CatalogBusy(f"catalog busy: other writers of {self.location} kept committing first "
-                                  f"for over {timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)")
+                                  f"for over {timeout:g} s (set PREFAB_LOCK_TIMEOUT to wait longer)")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
 
