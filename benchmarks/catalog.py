@@ -19,6 +19,13 @@ Prints one table. Each measured step runs in a fresh subprocess so its peak memo
   an empty cache folder, alternating over --repeat rounds, medians;
 - streaming exports to JSONL and TRL JSONL.
 
+    python benchmarks/catalog.py --catalog 'ducklake:/tmp/lake/catalog.ducklake' [--rows ...]
+    python benchmarks/catalog.py --catalog 'ducklake:postgres:dbname=bench host=... DATA_PATH /tmp/lake-data'
+
+measure the same steps on a DuckLake catalog (a fresh one: an empty PostgreSQL database, a
+metadata file that does not exist yet); "time travel" reads version 1 after version 2 was
+committed, through the catalog, and on a lake also with plain DuckDB SQL (``AT (VERSION => n)``).
+
     python benchmarks/catalog.py --memory [--rows 1000000]
 
 measures instead the peak RSS of two whole commands, each under ``/usr/bin/time -v`` in
@@ -146,6 +153,16 @@ elif step == "load":
 elif step == "from_parquet":
     files = [str(p) for p in catalog.paths("bench@1")]
     ds = datasets.Dataset.from_parquet(files, cache_dir=os.environ["HF_DATASETS_CACHE"]); n = ds.num_rows
+elif step == "timetravel":
+    n = catalog.read_table("bench@1", columns=["pair_id"]).num_rows
+elif step == "timetravel_sql":
+    from factory.catalog.lake import lake_opener
+    opener = lake_opener(catalog.lake)
+    connection = opener.open(True)
+    a = catalog.lake.alias
+    connection.execute(f"SET VARIABLE v = (SELECT snapshot_id FROM {{a}}.snapshots() WHERE commit_message = 'prefab: bench@1')")
+    n = connection.sql(f"SELECT count(DISTINCT pair_id) FROM {{a}}.pairs_bench AT (VERSION => getvariable('v'))").fetchone()[0]
+    opener.close(connection)
 elif step in ("jsonl", "trl"):
     export(catalog, "bench@1", step, work + "/out." + step)
 seconds = time.perf_counter() - t
@@ -156,7 +173,8 @@ print(json.dumps({{"seconds": seconds, "peak_mb": (max(peak[0], rss()) - base) /
 
 def run_step(step: str, work: Path, cache: str = "hfcache") -> dict:
     # Each datasets conversion gets its own empty cache folder, so every one is cold.
-    env = {**os.environ, "HF_DATASETS_CACHE": str(work / cache), "PREFAB_HOME": str(work / "home")}
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / cache), "PREFAB_HOME": str(work / "home"),
+           "PREFAB_CATALOG": os.environ.get("PREFAB_CATALOG", "")}
     output = subprocess.run([sys.executable, "-c", STEP.format(root=str(ROOT)), step, str(work)],
                             capture_output=True, text=True, env=env)
     if output.returncode != 0:
@@ -200,6 +218,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of floor and commit (median)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/prefab-bench-catalog"))
+    parser.add_argument("--catalog", default="", metavar="URL",
+                        help="a fresh DuckLake to measure (default: the home's own catalog)")
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of `prefab ingest` and of the hf export (whole processes)")
     args = parser.parse_args()
@@ -208,6 +228,7 @@ def main() -> None:
         return
     import pyarrow.parquet as pq
 
+    os.environ["PREFAB_CATALOG"] = args.catalog
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     started = time.perf_counter()
@@ -221,7 +242,8 @@ def main() -> None:
 
     # Floor and commit alternate, three rounds, medians: the disk and page cache are shared.
     rounds = [(run_step("floor", args.workdir), run_step("commit1", args.workdir)) for _ in range(args.repeat)]
-    results = {step: run_step(step, args.workdir) for step in ("ids", "commit2", "diff", "jsonl", "trl")}
+    travel = ("timetravel", "timetravel_sql") if args.catalog else ("timetravel",)
+    results = {step: run_step(step, args.workdir) for step in ("ids", "commit2", "diff", *travel, "jsonl", "trl")}
     conversions = [(run_step("from_parquet", args.workdir, f"hf-ref-{i}"),
                     run_step("load", args.workdir, f"hf-load-{i}")) for i in range(args.repeat)]
     for position, step in enumerate(("from_parquet", "load")):
@@ -241,9 +263,14 @@ def main() -> None:
         ("load -> datasets.Dataset", results["load"]["seconds"], results["load"]["peak_mb"],
          "Dataset.from_parquet", results["from_parquet"]["seconds"],
          f"{results['load']['seconds'] / results['from_parquet']['seconds']:.2f}x"),
+        ("time travel: read v1 ids", results["timetravel"]["seconds"], results["timetravel"]["peak_mb"], "", None,
+         "after v2; checks v1's sha256"),
+        *([("time travel: plain SQL", results["timetravel_sql"]["seconds"], results["timetravel_sql"]["peak_mb"],
+            "", None, "count(DISTINCT pair_id) AT (VERSION => v1)")] if args.catalog else []),
         ("export jsonl (streaming)", results["jsonl"]["seconds"], results["jsonl"]["peak_mb"], "", None, ""),
         ("export trl (streaming)", results["trl"]["seconds"], results["trl"]["peak_mb"], "", None, ""),
     ]
+    print(f"catalog: {args.catalog or 'the home (catalog.duckdb)'}")
     print(f"\n{'step':<28} {'seconds':>8} {'peak MiB':>9}  {'reference':<22} {'ref s':>7}  result")
     for name, seconds, peak, reference, ref_seconds, note in rows:
         ref = f"{ref_seconds:7.2f}" if ref_seconds is not None else " " * 7

@@ -9,7 +9,9 @@ connection with another configuration (a read-only one beside a read-write one r
 ``ConnectionException``). :func:`shared_connection` therefore hands every user of a file
 in this process a cursor of one shared connection: a reader joins whatever is open, a
 writer waits (boundedly, like a lock) for read-only users to finish and then opens the
-file read-write. Writers of one file in one process take turns, as processes do.
+file read-write. Writers of one file in one process take turns, as processes do. The same
+discipline serves a DuckLake catalog: its :class:`Opener` attaches the lake instead of
+opening a file.
 """
 
 from __future__ import annotations
@@ -80,17 +82,29 @@ def _newer_file_error(path: Path) -> PrefabError:
     )
 
 
+@dataclass(frozen=True)
+class Opener:
+    """How :func:`shared_connection` opens, hands out and closes its one connection."""
+
+    open: Callable[[bool], duckdb.DuckDBPyConnection]  # read_only -> connection
+    close: Callable[[duckdb.DuckDBPyConnection], None] = lambda connection: connection.close()
+    cursor: Callable[[duckdb.DuckDBPyConnection], duckdb.DuckDBPyConnection] = lambda connection: connection.cursor()
+
+
 def connect_waiting(
     path: Path,
     *,
     timeout: float,
     on_timeout: Callable[[], Exception],
     read_only: bool = False,
+    opener: Opener | None = None,
 ) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
         try:
+            if opener is not None:
+                return opener.open(read_only)
             if not read_only and not path.exists():
                 _create_portable(path)
             return duckdb.connect(str(path), read_only=read_only)
@@ -112,6 +126,7 @@ class _Shared:
     changed: threading.Condition = field(default_factory=threading.Condition)
     writer: threading.RLock = field(default_factory=threading.RLock)
     connection: duckdb.DuckDBPyConnection | None = None
+    opener: Opener | None = None
     read_only: bool = False
     users: int = 0
     writers_waiting: int = 0
@@ -132,26 +147,29 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _shared_for(path: Path) -> _Shared:
-    key = str(path.resolve())
+def _shared_for(path: Path | str) -> _Shared:
+    key = str(path.resolve()) if isinstance(path, Path) else path
     with _SHARED_LOCK:
         return _SHARED.setdefault(key, _Shared())
 
 
 @contextmanager
 def shared_connection(
-    path: Path,
+    path: Path | str,
     *,
     timeout: float,
     on_timeout: Callable[[], Exception],
     read_only: bool = False,
+    opener: Opener | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A cursor on this process's one connection to ``path``, opened (waiting) if none is open.
 
     A read-only request joins a read-write connection already open; a read-write request
     waits until the read-only users are done (then reopens read-write), up to ``timeout``.
+    ``path`` is a database file, or (with an ``opener``) any name of the database.
     """
     shared = _shared_for(path)
+    shared.opener = opener
     deadline = time.monotonic() + timeout
     if not read_only and not shared.writer.acquire(timeout=max(timeout, 0)):
         raise on_timeout()
@@ -170,7 +188,7 @@ def shared_connection(
             shared.writer.release()
 
 
-def _join(shared: _Shared, path: Path, read_only: bool, me: int, deadline: float,
+def _join(shared: _Shared, path: Path | str, read_only: bool, me: int, deadline: float,
           on_timeout: Callable[[], Exception]) -> duckdb.DuckDBPyConnection:
     """Take a cursor, opening the connection first if needed (caller holds ``shared.changed``)."""
     if not read_only:
@@ -179,7 +197,8 @@ def _join(shared: _Shared, path: Path, read_only: bool, me: int, deadline: float
         while True:
             if shared.connection is None and (not read_only or not shared.writers_waiting):
                 shared.connection = connect_waiting(path, timeout=max(deadline - time.monotonic(), 0),
-                                                    on_timeout=on_timeout, read_only=read_only)
+                                                    on_timeout=on_timeout, read_only=read_only,
+                                                    opener=shared.opener)
                 shared.read_only = read_only
             if shared.connection is not None:
                 # A reader joins what is open, but lets a waiting writer go first (unless this
@@ -201,7 +220,7 @@ def _join(shared: _Shared, path: Path, read_only: bool, me: int, deadline: float
     shared.users += 1
     if read_only:
         shared.readers[me] = shared.readers.get(me, 0) + 1
-    return shared.connection.cursor()
+    return shared.opener.cursor(shared.connection) if shared.opener else shared.connection.cursor()
 
 
 def _leave(shared: _Shared, read_only: bool, me: int) -> None:
@@ -212,6 +231,9 @@ def _leave(shared: _Shared, read_only: bool, me: int) -> None:
             del shared.readers[me]
     if shared.users == 0 and shared.connection is not None:
         # Closed when unused, so other processes can take the file between our operations.
-        shared.connection.close()
+        if shared.opener is not None:
+            shared.opener.close(shared.connection)
+        else:
+            shared.connection.close()
         shared.connection = None
     shared.changed.notify_all()

@@ -37,6 +37,9 @@ def shared_data() -> Path:
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "prefab-home"
     monkeypatch.setenv("PREFAB_HOME", str(path))
+    # The home's own catalog unless a test names a lake; set (not deleted) so that a value
+    # `--catalog` sets in-process is undone after the test.
+    monkeypatch.setenv("PREFAB_CATALOG", "")
     return path
 
 

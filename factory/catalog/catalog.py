@@ -6,6 +6,10 @@ Layout of a home folder::
     objects/ab/<sha256>.parquet
     models/<name>/<version>/
 
+With ``$PREFAB_CATALOG`` (or ``--catalog``) naming a DuckLake, the same tables live in the
+lake's ``prefab`` schema and the objects under its data path; the home keeps caches and
+models (see :mod:`factory.catalog.lake`).
+
 A commit streams its rows into content-addressed data files first (checking each row's
 ``pair_id``/``prompt_id`` against its content on the way) and then records the version in
 one database transaction; a crash at any point leaves the previous state and at most an
@@ -21,17 +25,18 @@ import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -39,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from factory.catalog.db import connect, initialise
+from factory.catalog import lake
+from factory.catalog.db import CatalogBusy, connect, initialise, lock_timeout_seconds
 from factory.catalog.index import INDEX_SCHEMA, IndexBuilder
 from factory.catalog.refs import Ref, RefError, check_name, check_tag, parse_ref
 from factory.catalog.store import ROW_GROUP_ROWS, ObjectStore, ObjectWriter, StoredObject
@@ -168,25 +174,84 @@ class StagedData:
         return self.data.rows
 
 
+T = TypeVar("T")
+
 Data = pa.Table | pa.RecordBatch | pa.RecordBatchReader | Iterable[pa.RecordBatch | pa.Table] | StagedData
 
 
 class Catalog:
-    def __init__(self, home: str | Path | None = None, *, create: bool = True) -> None:
-        """Open the catalog in ``home``; with ``create=False`` a missing catalog is an error."""
+    def __init__(self, home: str | Path | None = None, *, create: bool = True, catalog: str | None = None) -> None:
+        """Open the catalog in ``home``; with ``create=False`` a missing catalog is an error.
+
+        ``catalog`` (default ``$PREFAB_CATALOG``) names a DuckLake to use instead of the
+        home's own catalog (see :mod:`factory.catalog.lake`); the home then keeps caches.
+        """
         self.home = resolve_home(home)
+        url = catalog if catalog is not None else os.environ.get(lake.CATALOG_VARIABLE) or None
+        self.lake = lake.parse_catalog_url(url) if url else None
         self.db_path = self.home / "catalog.duckdb"
-        if not create and not self.db_path.is_file():
+        metadata = self.lake.metadata_file if self.lake else self.db_path
+        if not create and metadata is not None and not metadata.is_file():
+            if self.lake:
+                raise PrefabError(f"no catalog at {metadata}: the file does not exist "
+                                  f"(check --catalog or {lake.CATALOG_VARIABLE})")
             what = "the folder does not exist" if not self.home.exists() else "it holds no catalog.duckdb"
             raise PrefabError(f"no catalog at {self.home}: {what} (check --home or PREFAB_HOME)")
         self.home.mkdir(parents=True, exist_ok=True)
-        self.store = ObjectStore(self.home / "objects")
+        self.data_root = self.home
+        if self.lake is None:
+            with self._connect() as connection:
+                initialise(connection)
+        else:
+            if metadata is not None:
+                metadata.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as connection:
+                ready = lake.is_initialised(connection, self.lake)
+                self.data_root = lake.data_path_of(connection, self.lake)
+            if not ready:
+                self._write(lambda connection: lake.initialise(connection, self.lake))
+        self.store = ObjectStore(self.data_root / "objects")
         self.models_dir = self.home / "models"
-        with self._connect() as connection:
-            initialise(connection)
+
+    @property
+    def location(self) -> str:
+        """Where the catalog is, as a user names it: the lake's URL or the home folder."""
+        return self.lake.url if self.lake else str(self.home)
 
     def _connect(self, read_only: bool = False) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        return connect(self.db_path, read_only=read_only)
+        if self.lake is None:
+            return connect(self.db_path, read_only=read_only)
+        return connect(self.lake.url, read_only=read_only, opener=lake.lake_opener(self.lake))
+
+    def _write(self, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``body`` in one write transaction, committed, its result returned.
+
+        On a lake another writer may commit first; DuckLake then refuses this commit (every
+        write updates ``prefab.writes``) and ``body`` runs again on the new state, until
+        ``PREFAB_LOCK_TIMEOUT`` seconds have passed.
+        """
+        timeout = lock_timeout_seconds()
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            with self._connect() as connection:
+                connection.execute("BEGIN TRANSACTION")
+                try:
+                    result = body(connection)
+                    if self.lake is not None:
+                        connection.execute(lake.SERIALIZE_WRITES)
+                    connection.execute("COMMIT")
+                    return result
+                except BaseException as exc:
+                    with contextlib.suppress(duckdb.Error):
+                        connection.execute("ROLLBACK")
+                    if not lake.is_write_conflict(exc):
+                        raise
+            if time.monotonic() >= deadline:
+                raise CatalogBusy(f"catalog busy: other writers of {self.location} kept committing first "
+                                  f"for over {timeout:g} s (set PREFAB_LOCK_TIMEOUT to wait longer)")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -297,7 +362,7 @@ class Catalog:
         record.setdefault("rows_quarantined", quarantine.num_rows if quarantine is not None else 0)
         record.setdefault("rows_failed", failed.num_rows if failed is not None else 0)
         now = _now()
-        with self._connect() as connection:
+        with self._connect():  # held across the check and the transaction: no gc in between (home)
             if not (staged.data.path.exists() and staged.index.path.exists()):
                 if staged.table is None:  # a streamed input cannot be replayed
                     raise PrefabError("the data files written for this commit were deleted before it "
@@ -306,32 +371,27 @@ class Catalog:
             for role, obj in list(attached.items()):
                 if not obj.path.exists():
                     attached[role] = self.store.write_table(attachments[role])  # type: ignore[index]
-            connection.execute("BEGIN TRANSACTION")
-            try:
+            files = {"data": staged.data, "index": staged.index, **attached}
+
+            def record_commit(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+                """(version, run): a new version is run 0; equal rows make a run of the latest."""
                 latest = connection.execute(
                     "SELECT max(version) FROM versions WHERE dataset = ?", [name]
                 ).fetchone()[0]
+                record.setdefault("commit_seconds", round(time.monotonic() - started, 3))
                 if latest is not None and self._data_sha256(connection, name, latest) == [staged.data.sha256]:
                     # Same rows: no new version, but this run's record is kept under the
                     # version, so a step keyed by its lineage finds it and reruns nothing.
                     run = self._next_run(connection, name, latest)
-                    record.setdefault("commit_seconds", round(time.monotonic() - started, 3))
                     connection.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
                                        [name, latest, run, now, message, json.dumps(record, default=str)])
                     self._record_side_tables(connection, name, latest, run, attached, quarantine, failed, now)
                     _crash_point("in_transaction")
-                    connection.execute("COMMIT")
-                    info = self._resolve(connection, Ref(name, version=latest), run=run)
-                    info.unchanged = True
-                    return info
+                    return latest, run
                 version = (latest or 0) + 1
-                record.setdefault("commit_seconds", round(time.monotonic() - started, 3))
-                connection.execute(
-                    "INSERT INTO datasets VALUES (?, ?) ON CONFLICT (name) DO NOTHING", [name, now]
-                )
-                self._record_side_tables(connection, name, version, 0,
-                                         {"data": staged.data, "index": staged.index, **attached},
-                                         quarantine, failed, now)
+                connection.execute("INSERT INTO datasets SELECT ?, ? WHERE NOT EXISTS "
+                                   "(SELECT 1 FROM datasets WHERE name = ?)", [name, now, name])
+                self._record_side_tables(connection, name, version, 0, files, quarantine, failed, now)
                 connection.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
                     [name, version, now, message, staged.rows, json.dumps(record, default=str)],
@@ -341,12 +401,19 @@ class Catalog:
                         "INSERT INTO version_parents VALUES (?, ?, ?, ?)",
                         [name, version, parent.name, parent.version],
                     )
+                if self.lake is not None:
+                    lake.publish(connection, self.lake, name, version, [staged.data.path])
                 _crash_point("in_transaction")
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-        return self.resolve(Ref(name, version=version))
+                return version, 0
+
+            version, run = self._write(record_commit)
+        info = self.resolve(Ref(name, version=version)) if not run else self._resolve_run(name, version, run)
+        info.unchanged = bool(run)
+        return info
+
+    def _resolve_run(self, name: str, version: int, run: int) -> VersionInfo:
+        with self._connect(read_only=True) as connection:
+            return self._resolve(connection, Ref(name, version=version), run=run)
 
     def _record_side_tables(self, connection: duckdb.DuckDBPyConnection, name: str, version: int, run: int,
                             files: dict[str, StoredObject], quarantine: pa.Table | None,
@@ -354,8 +421,8 @@ class Catalog:
         """A run's files (by role), quarantined rows and failed rows, inside the caller's transaction."""
         for role, obj in files.items():
             connection.execute(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                [obj.sha256, str(obj.path.relative_to(self.home)), obj.bytes, obj.rows, now],
+                "INSERT INTO files SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM files WHERE sha256 = ?)",
+                [obj.sha256, str(obj.path.relative_to(self.data_root)), obj.bytes, obj.rows, now, obj.sha256],
             )
             connection.execute(
                 "INSERT INTO version_files (dataset, version, role, ordinal, sha256, run) "
@@ -456,28 +523,27 @@ class Catalog:
         """Name a version. Tags are immutable; moving one needs ``force`` and is logged."""
         check_tag(tag)
         target = self.resolve(ref)
-        with self._connect() as connection:
-            connection.execute("BEGIN TRANSACTION")
+
+        def place(connection: duckdb.DuckDBPyConnection) -> int | None:
             row = connection.execute(
                 "SELECT version FROM tags WHERE dataset = ? AND tag = ?", [target.name, tag]
             ).fetchone()
             old = row[0] if row else None
             if old is not None and old != target.version and not force:
-                connection.execute("ROLLBACK")
                 raise RefError(
                     f"tag {target.name}@{tag} already points to version {old}; "
                     "tags are immutable (use --force to move it)"
                 )
             if old != target.version:
-                connection.execute(
-                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)",
-                    [target.name, tag, target.version, _now()],
-                )
+                connection.execute("DELETE FROM tags WHERE dataset = ? AND tag = ?", [target.name, tag])
+                connection.execute("INSERT INTO tags VALUES (?, ?, ?, ?)", [target.name, tag, target.version, _now()])
                 connection.execute(
                     "INSERT INTO tag_events VALUES (?, ?, ?, ?, ?)",
                     [target.name, tag, old, target.version, _now()],
                 )
-            connection.execute("COMMIT")
+            return old
+
+        old = self._write(place)
         return {"dataset": target.name, "tag": tag, "version": target.version, "moved_from": old}
 
     def tag_history(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
@@ -562,7 +628,7 @@ class Catalog:
 
     def paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
-        return [self.home / relpath for relpath in (info.files if role == "data" else info.index_files)]
+        return [self.data_root / relpath for relpath in (info.files if role == "data" else info.index_files)]
 
     def checked_paths(self, ref: str | VersionInfo, role: str = "data") -> list[Path]:
         """A version's files, each checked against its recorded sha256 (once per process).
@@ -581,7 +647,7 @@ class Catalog:
                               f"{', '.join(sorted(info.attachments)) or 'none'})")
         paths = []
         for relpath, sha256 in zip(relpaths, hashes, strict=True):
-            path = self.home / relpath
+            path = self.data_root / relpath
             try:
                 stat = path.stat()
             except FileNotFoundError:
@@ -769,8 +835,8 @@ class Catalog:
             stored_path = str(path.relative_to(self.home.resolve()))
         except ValueError:
             stored_path = str(path)
-        with self._connect() as connection:
-            connection.execute("BEGIN TRANSACTION")
+
+        def record(connection: duckdb.DuckDBPyConnection) -> int:
             version = connection.execute(
                 "SELECT coalesce(max(version), 0) + 1 FROM models WHERE name = ?", [name]
             ).fetchone()[0]
@@ -779,7 +845,9 @@ class Catalog:
                 [name, version, stored_path, data.name, data.version,
                  json.dumps(metrics, default=str), json.dumps(params, default=str), _now()],
             )
-            connection.execute("COMMIT")
+            return version
+
+        version = self._write(record)
         return self.get_model(f"{name}@{version}")
 
     def next_model_version(self, name: str) -> int:

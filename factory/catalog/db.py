@@ -3,7 +3,8 @@
 DuckDB lets one process hold a database file at a time, so every catalog operation opens a
 short-lived connection; another process waiting for it retries until ``lock_timeout`` and
 then fails with :class:`CatalogBusy`. Inside one process, threads share one connection
-(:func:`factory.dbwait.shared_connection`), so readers and writers never clash there. The SQL stays portable (no extensions beyond core).
+(:func:`factory.dbwait.shared_connection`), so readers and writers never clash there. The SQL
+stays portable: no extensions, and no ``ON CONFLICT`` (DuckLake has no keys to conflict on).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from factory.dbwait import parse_lock_timeout, shared_connection
+from factory.dbwait import Opener, parse_lock_timeout, shared_connection
 from schemas.errors import PrefabError
 
 SCHEMA_VERSION = "1"
@@ -122,13 +123,17 @@ def lock_timeout_seconds() -> float:
 
 
 @contextmanager
-def connect(path: Path, *, read_only: bool = False, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A connection to the catalog database, waiting while another process holds it."""
+def connect(path: Path | str, *, read_only: bool = False, timeout: float | None = None,
+            opener: Opener | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the catalog database, waiting while another process holds it.
+
+    ``path`` is the home's database file, or with ``opener`` a DuckLake's URL.
+    """
     timeout = lock_timeout_seconds() if timeout is None else timeout
-    if read_only and not path.exists():
+    if read_only and isinstance(path, Path) and not path.exists():
         read_only = False  # the first reader creates the database
     with shared_connection(
-        path, timeout=timeout, read_only=read_only,
+        path, timeout=timeout, read_only=read_only, opener=opener,
         on_timeout=lambda: CatalogBusy(
             f"catalog busy: {path} is held by another prefab process (or another connection of "
             f"this one) for over {timeout:.0f} s (set PREFAB_LOCK_TIMEOUT to wait longer)"
@@ -149,6 +154,6 @@ def initialise(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute(DDL)
     connection.execute(MIGRATIONS)
     connection.execute(
-        "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+        "INSERT INTO meta SELECT 'schema_version', ? WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = 'schema_version')",
         [SCHEMA_VERSION],
     )

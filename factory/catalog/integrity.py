@@ -27,7 +27,7 @@ def verify(catalog: Catalog) -> dict[str, Any]:
         ).fetchall()
     problems = []
     for sha256, relpath, size, versions in files:
-        path = catalog.home / relpath
+        path = catalog.data_root / relpath
         if not path.exists():
             problem = "missing"
         elif path.stat().st_size != size:
@@ -62,8 +62,9 @@ def gc(catalog: Catalog, *, dry_run: bool = True, grace_seconds: float = DEFAULT
         if not dry_run:
             for path in doomed:
                 path.unlink(missing_ok=True)
-            connection.execute("DELETE FROM files WHERE sha256 NOT IN (SELECT sha256 FROM version_files)")
-    objects = [str(p.relative_to(catalog.home)) for p in doomed]
+            catalog._write(lambda writer: writer.execute(
+                "DELETE FROM files WHERE sha256 NOT IN (SELECT sha256 FROM version_files)"))
+    objects = [str(p.relative_to(catalog.data_root)) for p in doomed]
     areas = {"objects": {"removed": objects, "bytes": freed, "kept": kept_young,
                          "kept_bytes": sum(p.stat().st_size for p in candidates if p not in doomed)}}
     caches = clean_caches(catalog, dry_run=dry_run, grace_seconds=grace_seconds,

@@ -57,6 +57,13 @@ def common_options() -> argparse.ArgumentParser:
         default=None,
         help="catalog home folder (default: $PREFAB_HOME or ./.prefab)",
     )
+    parent.add_argument(
+        "--catalog",
+        default=None,
+        metavar="URL",
+        help="a shared DuckLake catalog, ducklake:<file> or 'ducklake:postgres:<dsn> DATA_PATH <path>' "
+             "(default: $PREFAB_CATALOG, else the home's own catalog)",
+    )
     parent.add_argument("--json", action="store_true", help="print a JSON document")
     return parent
 
@@ -111,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    if getattr(args, "catalog", None):
+        # Every catalog this command opens, its steps' and worker processes' included, reads it here.
+        os.environ["PREFAB_CATALOG"] = args.catalog
     try:
         result = handler(args)
     except PrefabError as exc:

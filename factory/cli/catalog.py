@@ -1,4 +1,4 @@
-"""``prefab catalog ...``: list, inspect, tag, merge, diff, export, verify and clean the catalog.
+"""``prefab catalog ...``: list, inspect, tag, merge, diff, export, verify, clean and migrate the catalog.
 
 Commands that only read open the catalog with ``create=False``: a mistyped ``--home``
 fails in one line instead of leaving an empty catalog behind.
@@ -89,9 +89,19 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     merge.add_argument("--message", "-m", default="", help="version message")
     merge.set_defaults(handler=run_merge)
 
+    migrate = commands.add_parser(
+        "migrate", parents=parents, help="copy the home's catalog into a DuckLake, every version and id unchanged",
+        description="Copy the catalog of --home (every version, run, tag and tag move, lineage, quarantined "
+                    "and failed row, model) into an empty DuckLake; its objects go under the lake's data path. "
+                    "Check both sides afterwards with `prefab catalog verify` (with and without --catalog).",
+    )
+    migrate.add_argument("--to", required=True, metavar="URL",
+                         help="the lake: ducklake:<file> or 'ducklake:postgres:<dsn> DATA_PATH <path>'")
+    migrate.set_defaults(handler=run_migrate)
+
 
 # Commands that write may create the home; the others refuse a home that is not there.
-_WRITERS = {"tag", "merge"}
+_WRITERS = {"tag", "merge", "migrate"}
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
@@ -300,3 +310,12 @@ def _llm_cache_lines(llm: dict[str, Any], verb: str, grace: float | None) -> lis
                        f"or delete {llm['path']} to clear it)"]
     freed = "" if verb == "would delete" else f", {llm['bytes_freed']} bytes freed"
     return [line + f"; {verb} {llm['removed_entries']} made over {grace:.0f} s ago{freed}"]
+
+
+def run_migrate(args: argparse.Namespace) -> CommandResult:
+    from factory.catalog.migrate import migrate
+
+    source = Catalog(home_from(args), create=False, catalog="")
+    result = migrate(source, Catalog(home_from(args), catalog=args.to))
+    return CommandResult(result, f"migrated {result['versions']} versions ({result['files']} files) "
+                                 f"from {result['from']} to {result['to']}")

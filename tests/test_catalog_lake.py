@@ -1,0 +1,282 @@
+"""The catalog on DuckLake: the same guarantees as the home catalog, on a local metadata file
+and on PostgreSQL, plus migration from a home and plain DuckDB reads of any version."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from factory.catalog import Catalog, RefError, diff, gc, verify
+from factory.catalog.lake import lake_opener, parse_catalog_url
+from tests.test_catalog import COMMITTER, _python, make_pairs
+
+pytest.importorskip("duckdb_extension_ducklake", reason="the DuckLake extension wheel is not installed "
+                                                        "(pip install 'prefab[lake]')")
+
+
+@pytest.fixture
+def lake_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    return f"ducklake:{tmp_path / 'team' / 'catalog.ducklake'}"
+
+
+@pytest.fixture
+def lake(tmp_path: Path, lake_url: str) -> Catalog:
+    return Catalog(tmp_path / "home", catalog=lake_url)
+
+
+def _ids(catalog: Catalog, ref: str) -> list[str]:
+    return catalog.read_table(ref, columns=["pair_id"]).column("pair_id").to_pylist()
+
+
+def test_url_names_the_metadata_and_the_data_path(tmp_path):
+    local = parse_catalog_url(f"ducklake:{tmp_path}/c.ducklake")
+    assert local.data_path == f"{tmp_path}/c.ducklake.files/"
+    team = parse_catalog_url("ducklake:postgres:dbname=prefab host=db DATA_PATH /mnt/shared/prefab")
+    assert (team.metadata, team.data_path) == ("postgres:dbname=prefab host=db", "/mnt/shared/prefab/")
+    assert parse_catalog_url("ducklake:postgres:dbname=prefab").data_path is None
+    with pytest.raises(Exception, match="PREFAB_CATALOG or --catalog"):
+        parse_catalog_url("postgres://db/prefab")
+
+
+def test_commit_resolve_tag_merge_and_time_travel_on_a_local_lake(lake, tmp_path):
+    first = lake.commit("d", make_pairs(30), message="one")
+    wider = make_pairs(10, start=100).append_column("source", pa.array(["web"] * 10))
+    second = lake.commit("d", wider, message="two", parents=["d@1"],
+                         failures=pa.table({"step": ["f"], "pair_id": [None], "reason": ["bad"], "raw": ["{}"]}))
+    assert (first.version, second.version) == (1, 2)
+    assert lake.commit("d", wider).unchanged
+    assert lake.read_table("d@1").num_rows == 30 and lake.read_table("d").num_rows == 10
+    assert lake.schema("d").names[-1] == "source" and "source" not in lake.schema("d@1").names
+    assert lake.resolve("d@2").lineage["parents"] == ["d@1"]
+    assert lake.failures("d@2").column("reason").to_pylist() == ["bad"]
+    lake.tag("d@1", "gold")
+    with pytest.raises(RefError, match="immutable"):
+        lake.tag("d@2", "gold")
+    lake.tag("d@2", "gold", force=True)
+    assert lake.resolve("d@gold").version == 2
+    assert [(e["from_version"], e["to_version"]) for e in lake.tag_history("d")] == [(None, 1), (1, 2)]
+    merged = lake.merge(["d@1", "d@2"], "m")
+    assert merged.rows == 40 and merged.lineage["parents"] == ["d@1", "d@2"]
+    assert diff(lake, "d@1", "d@2")["added"] == 10
+    assert verify(lake)["ok"]
+    assert gc(lake, dry_run=True, grace_seconds=0)["areas"]["objects"]["removed"] == []
+    # The home holds no catalog: everything is in the lake.
+    assert not (tmp_path / "home" / "catalog.duckdb").exists()
+    assert all(p.is_relative_to(tmp_path / "team") for p in lake.checked_paths("d@1"))
+
+
+def test_reads_verify_ids_of_files_under_the_data_path(lake):
+    info = lake.commit("d", make_pairs(5))
+    (path,) = lake.paths(info)
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(Exception, match="corrupted"):
+        Catalog(lake.home, catalog=lake.location).read_table(info.ref)
+
+
+def test_a_plain_duckdb_client_queries_any_version(lake):
+    lake.commit("d", make_pairs(30))
+    lake.commit("d", make_pairs(12, start=50))
+    spec = lake.lake
+    opener = lake_opener(spec)  # only to find the extension; the queries are plain SQL
+    connection = opener.open(True)
+    try:
+        alias = spec.alias
+        connection.execute(f"SET VARIABLE v = (SELECT snapshot_id FROM {alias}.snapshots() "
+                           "WHERE commit_message = 'prefab: d@1')")
+        old = connection.sql(f"SELECT pair_id FROM {alias}.pairs_d AT (VERSION => getvariable('v')) "
+                             "ORDER BY pair_id").fetchall()
+        latest = connection.sql(f"SELECT count(*) FROM {alias}.pairs_d").fetchone()[0]
+        versions = connection.sql(f"SELECT version, rows FROM {alias}.prefab.versions ORDER BY version").fetchall()
+    finally:
+        opener.close(connection)
+    assert [r[0] for r in old] == sorted(_ids(lake, "d@1"))
+    assert latest == 12 and versions == [(1, 30), (2, 12)]
+
+
+def test_migrate_keeps_every_version_tag_lineage_and_id(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    home = Catalog(tmp_path / "prefab-home")
+    home.commit("a", make_pairs(20), message="first")
+    home.commit("a", make_pairs(8, start=40), parents=["a@1"],
+                quarantine=None, failures=pa.table({"reason": ["timeout"], "pair_id": ["x"]}))
+    home.commit("b", make_pairs(6, start=7))
+    home.merge(["a@1", "b@1"], "m")
+    home.commit("a", make_pairs(8, start=40), lineage={"run_id": "again"})  # a run of a@2
+    home.tag("a@1", "gold")
+    home.tag("a@2", "gold", force=True)
+    url = f"ducklake:{tmp_path / 'lake' / 'catalog.ducklake'}"
+    moved = cli("catalog", "migrate", "--to", url, "--json")
+    assert moved.code == 0, moved.stderr
+    assert moved.json()["versions"] == 4
+    assert cli("catalog", "verify").code == 0
+    assert cli("catalog", "verify", "--catalog", url).code == 0
+    monkeypatch.setenv("PREFAB_CATALOG", "")  # the CLI set it for its command
+    lake = Catalog(tmp_path / "other-home", catalog=url)
+    assert lake.datasets() == home.datasets()
+    for name in ("a", "b", "m"):
+        assert [v.as_dict() for v in lake.log(name)] == [v.as_dict() for v in home.log(name)]
+        assert lake.tag_history(name) == home.tag_history(name)
+        for info in home.log(name):
+            assert _ids(lake, info.ref) == _ids(home, info.ref)
+            assert [r.lineage for r in lake.runs(info)] == [r.lineage for r in home.runs(info)]
+    assert lake.failures("a@2").equals(home.failures("a@2"))
+    again = cli("catalog", "migrate", "--to", url)
+    assert again.code == 1 and "already holds versions" in again.stderr
+
+
+def test_sigkill_inside_a_lake_commit_leaves_the_lake_valid(lake):
+    lake.commit("d", make_pairs(5))
+    before = lake.resolve("d").as_dict()
+    process = _python(COMMITTER.replace('"shared"', '"d"'), str(lake.home), "1", "1",
+                      env={"PREFAB_TEST_CRASH_AT": "in_transaction", "PREFAB_CATALOG": lake.location})
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == -9, err
+    after = Catalog(lake.home, catalog=lake.location)
+    assert after.resolve("d").as_dict() == before
+    assert verify(after)["ok"]
+    assert after.commit("d", make_pairs(2)).version == 2
+
+
+SECOND_HOST = """
+import json, sys
+from factory.catalog import Catalog
+catalog = Catalog(sys.argv[1])
+info = catalog.resolve("d@gold")
+ids = catalog.read_table(info, columns=["pair_id"]).column("pair_id").to_pylist()
+print(json.dumps({"ref": info.ref, "ids": ids}))
+"""
+
+
+def test_a_second_host_with_its_own_home_reads_what_the_first_committed(lake, tmp_path):
+    info = lake.commit("d", make_pairs(9))
+    lake.tag(info.ref, "gold")
+    process = _python(SECOND_HOST, str(tmp_path / "second-host-home"), env={"PREFAB_CATALOG": lake.location})
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert json.loads(out) == {"ref": "d@1", "ids": _ids(lake, "d@1")}
+
+
+def _writers(url: str, home: Path, workers: int, commits: int) -> None:
+    processes = [_python(COMMITTER, str(home), str(w), str(commits), env={"PREFAB_CATALOG": url})
+                 for w in range(workers)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+
+
+def test_two_processes_commit_to_one_local_lake(lake):
+    _writers(lake.location, lake.home, 2, 3)
+    assert sorted(v.version for v in lake.log("shared")) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_eight_writer_processes_on_postgres_lose_nothing(tmp_path, monkeypatch, postgres_database):
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    dsn = postgres_database
+    url = f"ducklake:postgres:{dsn} DATA_PATH {tmp_path / 'shared-data'}"
+    Catalog(tmp_path / "home", catalog=url)  # made once, so the writers race on commits only
+    _writers(url, tmp_path / "home", 8, 3)
+    catalog = Catalog(tmp_path / "reader-home", catalog=f"ducklake:postgres:{dsn}")
+    versions = catalog.log("shared")
+    assert sorted(v.version for v in versions) == list(range(1, 25))
+    assert sorted(v.message for v in versions) == sorted(f"w{w} c{i}" for w in range(8) for i in range(3))
+    assert all(catalog.read_table(v).num_rows == 20 for v in versions)
+    assert verify(catalog)["ok"]
+
+
+def test_two_processes_on_postgres_and_a_reader_elsewhere(tmp_path, monkeypatch, postgres_database):
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    dsn = postgres_database
+    url = f"ducklake:postgres:{dsn} DATA_PATH {tmp_path / 'shared-data'}"
+    _writers(url, tmp_path / "home", 2, 2)
+    reader = Catalog(tmp_path / "reader-home", catalog=f"ducklake:postgres:{dsn}")
+    assert sorted(v.version for v in reader.log("shared")) == [1, 2, 3, 4]
+    assert reader.data_root == tmp_path / "shared-data"
+    assert os.listdir(tmp_path / "shared-data" / "objects")
+
+
+def test_gc_and_duckdb_maintenance_keep_every_object_a_version_needs(lake):
+    lake.commit("d", make_pairs(30))
+    lake.commit("e", make_pairs(30), failures=pa.table({"reason": ["x"] * 500}))  # same objects as d@1
+    orphan = lake.stage(make_pairs(4, start=900))
+    opener = lake_opener(lake.lake)
+    connection = opener.open(False)
+    try:  # DuckLake's own cleanup of files it does not know, and CHECKPOINT (which runs it)
+        assert connection.sql(f"CALL ducklake_delete_orphaned_files('{lake.lake.alias}', dry_run => true, "
+                              "cleanup_all => true)").fetchall() == []
+        connection.execute(f"USE {lake.lake.alias}")
+        connection.execute("CHECKPOINT")
+        connection.execute("USE memory")
+    finally:
+        opener.close(connection)
+    report = gc(lake, dry_run=False, grace_seconds=0)
+    assert sorted(report["areas"]["objects"]["removed"]) == sorted(
+        str(obj.path.relative_to(lake.data_root)) for obj in (orphan.data, orphan.index))
+    reopened = Catalog(lake.home, catalog=lake.location)
+    assert verify(reopened)["ok"]
+    assert _ids(reopened, "e@1") == _ids(reopened, "d@1") and reopened.failures("e@1").num_rows == 500
+    assert reopened.commit("d", make_pairs(3)).version == 2  # writes still conflict-checked after CHECKPOINT
+
+
+def test_a_write_that_loses_a_conflict_runs_again_until_the_lock_timeout(lake, monkeypatch):
+    import duckdb
+
+    from factory.catalog import CatalogBusy
+
+    attempts = []
+
+    def conflicting_once(connection):
+        attempts.append(connection.execute("SELECT count FROM writes").fetchone()[0])
+        if len(attempts) == 1:
+            raise duckdb.TransactionException("Transaction conflict - another transaction committed first")
+        return "done"
+
+    assert lake._write(conflicting_once) == "done" and len(attempts) == 2
+
+    def always_conflicting(connection):
+        raise duckdb.TransactionException("Failed to commit DuckLake transaction: Transaction conflict")
+
+    monkeypatch.setenv("PREFAB_LOCK_TIMEOUT", "0.3")
+    with pytest.raises(CatalogBusy, match="PREFAB_LOCK_TIMEOUT"):
+        lake._write(always_conflicting)
+    with pytest.raises(duckdb.TransactionException, match="disk full"):  # other errors are not retried
+        lake._write(lambda connection: (_ for _ in ()).throw(duckdb.TransactionException("disk full")))
+
+
+def test_the_readme_team_setup_runs_on_postgres(tmp_path, cli, monkeypatch, postgres_database):
+    """The README's team commands (ingest through PREFAB_CATALOG, verify) and its plain-SQL
+    time travel, run as written against a real PostgreSQL catalog."""
+    import re
+
+    import duckdb
+
+    from factory.lake_extensions import load_lake_extensions
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sql = re.search(r"```sql\n(.*?)```", readme, re.S).group(1)
+    assert "prefab: hh@3" in sql and "pairs_hh" in sql
+    url = f"ducklake:postgres:{postgres_database} DATA_PATH {tmp_path / 'shared'}"
+    monkeypatch.setenv("PREFAB_CATALOG", url)
+    demo = Path(__file__).resolve().parents[1] / "examples" / "seeds" / "demo_pairs.jsonl"
+    ingested = cli("ingest", demo, "--name", "hh")
+    assert ingested.code == 0, ingested.stderr
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    team = Catalog(tmp_path / "another-home", catalog=f"ducklake:postgres:{postgres_database}")
+    for rows in (20, 7, 3):
+        team.commit("hh", make_pairs(rows))
+    monkeypatch.setenv("PREFAB_CATALOG", url)
+    assert cli("catalog", "verify").code == 0
+
+    client = duckdb.connect()  # a plain DuckDB client: no prefab code past loading the extensions
+    load_lake_extensions(client, postgres=True)
+    statements = [s for s in sql.replace("dbname=prefab host=db", postgres_database).split(";") if s.strip()]
+    for statement in statements[:-1]:
+        client.execute(statement)
+    assert client.execute(statements[-1]).fetchone()[0] == 7
+    client.close()
