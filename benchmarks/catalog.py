@@ -22,7 +22,11 @@ Prints one table. Each measured step runs in a fresh subprocess so its peak memo
     python benchmarks/catalog.py --catalog 'ducklake:/tmp/lake/catalog.ducklake' [--rows ...]
     python benchmarks/catalog.py --catalog 'ducklake:postgres:dbname=bench host=... DATA_PATH /tmp/lake-data'
 
-measure the same steps on a DuckLake catalog (a fresh one: an empty PostgreSQL database, a
+    python benchmarks/catalog.py --compare [--postgres DSN] [--rows ...]
+
+prints the home catalog, a lake on a DuckDB file and a lake on PostgreSQL (a throwaway server
+from tests/postgres_server.py unless --postgres names an empty database) side by side, on the
+same pairs. The single-catalog forms measure the same steps on a DuckLake catalog (a fresh one: an empty PostgreSQL database, a
 metadata file that does not exist yet); "time travel" reads version 1 after version 2 was
 committed, through the catalog, and on a lake also with plain DuckDB SQL (``AT (VERSION => n)``).
 
@@ -213,51 +217,35 @@ def memory(rows: int, workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of floor and commit (median)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/prefab-bench-catalog"))
-    parser.add_argument("--catalog", default="", metavar="URL",
-                        help="a fresh DuckLake to measure (default: the home's own catalog)")
-    parser.add_argument("--memory", action="store_true",
-                        help="peak RSS of `prefab ingest` and of the hf export (whole processes)")
-    args = parser.parse_args()
-    if args.memory:
-        memory(args.rows, args.workdir)
-        return
-    import pyarrow.parquet as pq
-
-    os.environ["PREFAB_CATALOG"] = args.catalog
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    started = time.perf_counter()
-    table = synthetic_pairs(args.rows)
-    mean_response = (sum(len(s) for s in table["chosen"].slice(0, 10_000).to_pylist()) / min(10_000, args.rows))
-    pq.write_table(table, args.workdir / "v1.parquet")
-    pq.write_table(edited_copy(table), args.workdir / "v2.parquet")
-    print(f"{args.rows:,} synthetic pairs, mean response {mean_response:.0f} bytes, "
-          f"{table.nbytes / 2**20:,.0f} MiB in Arrow (made in {time.perf_counter() - started:.1f} s)")
-    del table
-
-    # Floor and commit alternate, three rounds, medians: the disk and page cache are shared.
-    rounds = [(run_step("floor", args.workdir), run_step("commit1", args.workdir)) for _ in range(args.repeat)]
-    travel = ("timetravel", "timetravel_sql") if args.catalog else ("timetravel",)
-    results = {step: run_step(step, args.workdir) for step in ("ids", "commit2", "diff", *travel, "jsonl", "trl")}
-    conversions = [(run_step("from_parquet", args.workdir, f"hf-ref-{i}"),
-                    run_step("load", args.workdir, f"hf-load-{i}")) for i in range(args.repeat)]
+def measure(catalog_url: str, workdir: Path, rows: int, repeat: int) -> dict[str, dict]:
+    """Every step on one catalog (``""``: the home's own) over the pairs in ``workdir``."""
+    os.environ["PREFAB_CATALOG"] = catalog_url
+    shutil.rmtree(workdir / "home", ignore_errors=True)  # each catalog starts empty
+    for cache in workdir.glob("hf*"):
+        shutil.rmtree(cache, ignore_errors=True)
+    # Floor and commit alternate, --repeat rounds, medians: the disk and page cache are shared.
+    rounds = [(run_step("floor", workdir), run_step("commit1", workdir)) for _ in range(repeat)]
+    travel = ("timetravel", "timetravel_sql") if catalog_url else ("timetravel",)
+    results = {step: run_step(step, workdir) for step in ("ids", "commit2", "diff", *travel, "jsonl", "trl")}
+    conversions = [(run_step("from_parquet", workdir, f"hf-ref-{i}"),
+                    run_step("load", workdir, f"hf-load-{i}")) for i in range(repeat)]
     for position, step in enumerate(("from_parquet", "load")):
         results[step] = {"seconds": statistics.median(c[position]["seconds"] for c in conversions),
                          "peak_mb": max(c[position]["peak_mb"] for c in conversions)}
-    floor = {"seconds": statistics.median(f["seconds"] for f, _ in rounds),
-             "peak_mb": max(f["peak_mb"] for f, _ in rounds)}
-    commit = {"seconds": statistics.median(c["seconds"] for _, c in rounds),
-              "peak_mb": max(c["peak_mb"] for _, c in rounds)}
-    rows = [
-        (f"commit {args.rows:,} pairs", commit["seconds"], commit["peak_mb"], "pq.write_table", floor["seconds"],
+    results["floor"] = {"seconds": statistics.median(f["seconds"] for f, _ in rounds),
+                        "peak_mb": max(f["peak_mb"] for f, _ in rounds)}
+    results["commit"] = {"seconds": statistics.median(c["seconds"] for _, c in rounds),
+                         "peak_mb": max(c["peak_mb"] for _, c in rounds)}
+    return results
+
+
+def print_one(results: dict[str, dict], catalog_url: str, rows: int) -> None:
+    commit, floor = results["commit"], results["floor"]
+    table = [
+        (f"commit {rows:,} pairs", commit["seconds"], commit["peak_mb"], "pq.write_table", floor["seconds"],
          f"{commit['seconds'] / floor['seconds']:.2f}x (target <= 1.3)"),
         ("content ids (in commit)", results["ids"]["seconds"], results["ids"]["peak_mb"], "", None,
-         f"{args.rows / results['ids']['seconds']:,.0f} pairs/s (pair_id + prompt_id)"),
+         f"{rows / results['ids']['seconds']:,.0f} pairs/s (pair_id + prompt_id)"),
         ("diff v1 vs v2 (1% differ)", results["diff"]["seconds"], results["diff"]["peak_mb"], "target", 3.0,
          f"added {results['diff']['added']}, removed {results['diff']['removed']}, changed {results['diff']['changed']}"),
         ("load -> datasets.Dataset", results["load"]["seconds"], results["load"]["peak_mb"],
@@ -266,17 +254,100 @@ def main() -> None:
         ("time travel: read v1 ids", results["timetravel"]["seconds"], results["timetravel"]["peak_mb"], "", None,
          "after v2; checks v1's sha256"),
         *([("time travel: plain SQL", results["timetravel_sql"]["seconds"], results["timetravel_sql"]["peak_mb"],
-            "", None, "count(DISTINCT pair_id) AT (VERSION => v1)")] if args.catalog else []),
+            "", None, "count(DISTINCT pair_id) AT (VERSION => v1)")] if catalog_url else []),
         ("export jsonl (streaming)", results["jsonl"]["seconds"], results["jsonl"]["peak_mb"], "", None, ""),
         ("export trl (streaming)", results["trl"]["seconds"], results["trl"]["peak_mb"], "", None, ""),
     ]
-    print(f"catalog: {args.catalog or 'the home (catalog.duckdb)'}")
+    print(f"catalog: {catalog_url or 'the home (catalog.duckdb)'}")
     print(f"\n{'step':<28} {'seconds':>8} {'peak MiB':>9}  {'reference':<22} {'ref s':>7}  result")
-    for name, seconds, peak, reference, ref_seconds, note in rows:
+    for name, seconds, peak, reference, ref_seconds, note in table:
         ref = f"{ref_seconds:7.2f}" if ref_seconds is not None else " " * 7
         print(f"{name:<28} {seconds:8.2f} {peak:9.0f}  {reference:<22} {ref}  {note}")
-    print(f"\n(peak MiB = peak RSS above the step's baseline after loading its input, sampled every 5 ms; floor peak {floor['peak_mb']:.0f} MiB, "
-          f"from_parquet peak {results['from_parquet']['peak_mb']:.0f} MiB)")
+    print(f"\n(peak MiB = peak RSS above the step's baseline after loading its input, sampled every 5 ms; "
+          f"floor peak {results['floor']['peak_mb']:.0f} MiB, from_parquet peak {results['from_parquet']['peak_mb']:.0f} MiB)")
+
+
+def print_side_by_side(measured: dict[str, dict[str, dict]], rows: int) -> None:
+    """One row per step, one column per catalog; targets: lake commit <= 1.5x, diff < 3 s."""
+    names = list(measured)
+    lines = [
+        ("pq.write_table, same options", lambda r: f"{r['floor']['seconds']:.2f} s"),
+        (f"commit {rows:,} pairs", lambda r: f"{r['commit']['seconds']:.2f} s"),
+        ("commit / pq.write_table (<= 1.5x)", lambda r: f"{r['commit']['seconds'] / r['floor']['seconds']:.2f}x"),
+        ("commit peak MiB", lambda r: f"{r['commit']['peak_mb']:.0f}"),
+        ("diff of 1% (< 3 s)", lambda r: f"{r['diff']['seconds']:.2f} s"),
+        ("load -> datasets.Dataset", lambda r: f"{r['load']['seconds']:.2f} s"),
+        ("time travel: v1 through prefab", lambda r: f"{r['timetravel']['seconds']:.2f} s"),
+        ("time travel: v1 in plain SQL", lambda r: f"{r['timetravel_sql']['seconds']:.2f} s" if "timetravel_sql" in r else "-"),
+        ("export trl (streaming)", lambda r: f"{r['trl']['seconds']:.2f} s"),
+    ]
+    widths = [max(len(n), 12) for n in names]
+    print(f"| {'step':<34} | " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True)) + " |")
+    print(f"|{'-' * 36}|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for label, cell in lines:
+        print(f"| {label:<34} | " + " | ".join(f"{cell(measured[n]):>{w}}" for n, w in zip(names, widths, strict=True)) + " |")
+
+
+def _postgres_url(workdir: Path, dsn: str | None) -> tuple[str | None, object]:
+    """A lake on PostgreSQL: ``dsn`` if given, else a throwaway server (tests/postgres_server.py)."""
+    if dsn:
+        return f"ducklake:postgres:{dsn} DATA_PATH {workdir / 'pg-lake-data'}", lambda: None
+    from tests.postgres_server import PostgresUnavailable, start_postgres
+
+    try:
+        dsn, stop = start_postgres(workdir)
+    except PostgresUnavailable as exc:
+        print(f"(no PostgreSQL lake column: {exc})")
+        return None, lambda: None
+    return f"ducklake:postgres:{dsn} DATA_PATH {workdir / 'pg-lake-data'}", stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of floor and commit (median)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/prefab-bench-catalog"))
+    parser.add_argument("--catalog", default="", metavar="URL",
+                        help="a fresh DuckLake to measure (default: the home's own catalog)")
+    parser.add_argument("--compare", action="store_true",
+                        help="the home catalog, a lake on a DuckDB file and a lake on PostgreSQL, side by side")
+    parser.add_argument("--postgres", default=None, metavar="DSN",
+                        help="with --compare: an empty PostgreSQL database (default: start a throwaway server)")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of `prefab ingest` and of the hf export (whole processes)")
+    args = parser.parse_args()
+    if args.memory:
+        memory(args.rows, args.workdir)
+        return
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    args.workdir.chmod(0o755)  # a throwaway PostgreSQL server runs as an unprivileged user
+    started = time.perf_counter()
+    table = synthetic_pairs(args.rows)
+    mean_response = (sum(len(s) for s in table["chosen"].slice(0, 10_000).to_pylist()) / min(10_000, args.rows))
+    pq.write_table(table, args.workdir / "v1.parquet")
+    pq.write_table(edited_copy(table), args.workdir / "v2.parquet")
+    print(f"{args.rows:,} synthetic pairs, mean response {mean_response:.0f} bytes, "
+          f"{table.nbytes / 2**20:,.0f} MiB in Arrow (made in {time.perf_counter() - started:.1f} s)")
+    del table
+    if not args.compare:
+        print_one(measure(args.catalog, args.workdir, args.rows, args.repeat), args.catalog, args.rows)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        return
+    catalogs = {"home catalog": "", "lake, DuckDB file": f"ducklake:{args.workdir / 'file-lake' / 'catalog.ducklake'}"}
+    postgres, stop = _postgres_url(args.workdir, args.postgres)
+    if postgres:
+        catalogs["lake, PostgreSQL"] = postgres
+    try:
+        measured = {name: measure(url, args.workdir, args.rows, args.repeat) for name, url in catalogs.items()}
+    finally:
+        stop()
+    print()
+    print_side_by_side(measured, args.rows)
+    print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.repeat} "
+          "rounds for commit/floor and load; one run each for the rest")
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
