@@ -21,7 +21,8 @@ effects measured. Metrics, pooled over the folds' held-out shares and the seeds:
 - Contrast-Instructions consistency: held-out prompts with their most similar other
   instruction (cosine in [--ci-min-sim, 0.995]), both halves of the test;
 - tie ratio: mean |Δ| on neutral style rewrites of held-out answers over mean |Δ| of the
-  real held-out pairs;
+  real held-out pairs (also per transform, and on rewrites of the fold's training answers:
+  learnt there but not on held-out answers means it does not generalise);
 - length bias: share of held-out pairs where the RM prefers the longer answer minus the
   share where the label does.
 
@@ -249,6 +250,8 @@ class Scores:
     r_r: list[float] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     tie_gaps: list[float] = field(default_factory=list)
+    tie_gaps_train: list[float] = field(default_factory=list)  # rewrites of the fold's training answers
+    tie_gaps_by_transform: dict[str, list[float]] = field(default_factory=dict)  # held-out rewrites
     mk: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {"listed": [], "unseen": []})
     mk_keys: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     ci_same_prompt: list[bool] = field(default_factory=list)
@@ -283,8 +286,18 @@ def score_fold(model: RewardModel, suite: Suite, fold: int, args: argparse.Names
     held_pairs = set(test_ids(suite, fold))
     mask = [bool(ps) and all(p in held_pairs for p in ps) for ps in parents]
     if any(mask):
-        n_c, n_r = score_pairs(model, pair_data(rewrites.filter(pa.array(mask))))
+        held_rewrites = rewrites.filter(pa.array(mask))
+        n_c, n_r = score_pairs(model, pair_data(held_rewrites))
         into.tie_gaps += np.abs(n_c - n_r).tolist()
+        methods = held_rewrites.column("provenance").combine_chunks().field("method").to_pylist()
+        for method, gap in zip(methods, np.abs(n_c - n_r).tolist(), strict=True):
+            into.tie_gaps_by_transform.setdefault(str(method).split(":", 1)[0], []).append(gap)
+    # the same on answers the model trained on: a low ratio here and a high one above means
+    # the invariance is learnt but does not carry to unseen answers; high on both, not learnt
+    seen = [bool(ps) and not any(p in held_pairs for p in ps) for ps in parents]
+    if any(seen):
+        n_c, n_r = score_pairs(model, pair_data(rewrites.filter(pa.array(seen))))
+        into.tie_gaps_train += np.abs(n_c - n_r).tolist()
     # Contrast Instructions: probes whose first prompt is held out in this fold
     probes = [(a, b) for a, b, _ in suite.contrast if data.prompt_ids[a] in held_ids]
     if probes:
@@ -350,7 +363,11 @@ def summarise(scores: Scores, suite: Suite) -> dict[str, Any]:
         "tie_gap": tie_gap,
         "real_gap": real_gap,
         "tie_ratio": tie_gap / real_gap if tie_gap is not None and real_gap > 0 else None,
+        "tie_ratio_train": (float(np.mean(scores.tie_gaps_train)) / real_gap
+                            if scores.tie_gaps_train and real_gap > 0 else None),
         "tie_pairs": len(scores.tie_gaps) // models,
+        "tie_ratio_by_transform": ({k: float(np.mean(v)) / real_gap for k, v in sorted(scores.tie_gaps_by_transform.items())}
+                                   if real_gap > 0 else {}),
         **{f"acc_{k}": float(np.mean(v)) for k, v in scores.ood.items() if not k.startswith("mk_")},
         **{f"mk_unseen_{k[3:]}": float(np.mean(v)) for k, v in scores.ood.items() if k.startswith("mk_")},
         "seconds": scores.seconds,
@@ -515,7 +532,8 @@ def pct(v: Any, signed: bool = False) -> str:
 def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n### {title}\n")
     header = ("run", "train pairs", "acc %", "Δ acc pts", "Natural %", "MT-Bench %", "MK listed %", "MK unseen %",
-              "MK unseen OOD %", "CI cons. %", "tie ratio", "length bias pts", "s / fold model")
+              "MK unseen OOD %", "CI cons. %", "tie ratio", "tie ratio (train answers)", "length bias pts",
+              "s / fold model")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -523,7 +541,9 @@ def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
         diff = f"{pct(r['acc_diff'], True)}±{pct(r['acc_diff_se'])}" if r is not rows[0] else "-"
         cells = [r["run"], str(r["train_pairs"]), pct(r["acc"]), diff, pct(r["acc_natural"]), pct(r["acc_mtbench"]),
                  pct(r["mk_listed"]), pct(r["mk_unseen"]), pct(float(ood_mk)), pct(r["ci"]),
-                 f"{r['tie_ratio']:.2f}" if r["tie_ratio"] is not None else "n/a", pct(r["length_bias"], True),
+                 f"{r['tie_ratio']:.2f}" if r["tie_ratio"] is not None else "n/a",
+                 f"{r['tie_ratio_train']:.2f}" if r.get("tie_ratio_train") is not None else "n/a",
+                 pct(r["length_bias"], True),
                  f"{r['seconds_per_model']:.0f}" if r.get("seconds_per_model") is not None else "n/a"]
         print("| " + " | ".join(cells) + " |")
     base = rows[0]
@@ -532,6 +552,10 @@ def print_suite(title: str, rows: list[dict[str, Any]]) -> None:
           f"{len(LISTED_KEYS)} listed / {len(UNSEEN_KEYS)} unseen keys on the probe prompts; CI: "
           f"{base['ci_probes']} contrast probes x 4 comparisons; tie ratio over {base['tie_pairs']} neutral "
           f"rewrites (base |Δ| {base['tie_gap']:.3f} vs {base['real_gap']:.3f} on real pairs)")
+    if base.get("tie_ratio_by_transform"):
+        print("\ntie ratio on held-out rewrites by transform (" + ", ".join(
+            f"{r['run']}: " + " ".join(f"{k} {v:.2f}" for k, v in r["tie_ratio_by_transform"].items())
+            for r in rows if r.get("tie_ratio_by_transform")) + ")")
 
 
 def verdicts(title: str, rows: list[dict[str, Any]]) -> list[str]:
