@@ -394,3 +394,56 @@ def test_a_row_local_step_on_ray_writes_its_batches_to_the_lake_and_commits_once
     assert not any((lake.home / "steps").glob("*")) and not folder.exists()
     assert commits == ["keys"] and lake.resolve("keys").version == 1
     assert _labels(lake, on_ray["ref"]) == _labels(lake, local["ref"])
+
+
+# ---- verify checks each dataset's plain-SQL table ------------------------------------------
+
+
+def _behind_prefabs_back(lake: Catalog, *statements: str) -> None:
+    opener = lake_opener(lake.lake)
+    connection = opener.open(False)
+    try:
+        for statement in statements:
+            connection.execute(statement.format(alias=lake.lake.alias))
+    finally:
+        opener.close(connection)
+
+
+def test_verify_finds_a_pairs_table_changed_behind_prefabs_back_and_repairs_it(lake, cli, monkeypatch):
+    lake.commit("d", make_pairs(30))
+    lake.commit("d", make_pairs(12, start=50))
+    lake.commit("e", make_pairs(5, start=200))
+    lake.commit("f", make_pairs(7, start=300))
+    report = verify(lake)
+    assert report["ok"] and report["tables_checked"] == 3 and report["tables"] == []
+    (v1,) = lake.paths("d@1")
+    _behind_prefabs_back(
+        lake,
+        'DROP TABLE {alias}.main."pairs_e"',
+        # d's table made over version 1's file: the same columns, the wrong rows
+        'DROP TABLE {alias}.main."pairs_d"',
+        f"CREATE TABLE {{alias}}.main.\"pairs_d\" AS SELECT * FROM read_parquet('{v1}') LIMIT 0",
+        f"CALL ducklake_add_data_files('{{alias}}', 'pairs_d', '{v1}', schema => 'main')",
+        'DELETE FROM {alias}.main."pairs_f" WHERE rowid = 0',
+    )
+    report = verify(lake)
+    assert not report["ok"] and report["problems"] == []  # every object is fine: only the tables
+    problems = {p["dataset"]: p for p in report["tables"]}
+    assert sorted(problems) == ["d", "e", "f"]
+    assert problems["e"]["problem"] == "the table is missing"
+    assert "not the version's" in problems["d"]["problem"] and str(v1) in problems["d"]["problem"]
+    assert problems["d"]["version"] == 2 and problems["d"]["table"] == 'main."pairs_d"'
+    assert problems["f"]["problem"] == "it holds 6 rows, the version has 7"  # the delete is inlined
+    assert all("prefab catalog verify --repair" in p["repair"] for p in problems.values())
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake.location)
+    monkeypatch.setenv("PREFAB_HOME", str(lake.home))
+    failed = cli("catalog", "verify")
+    assert failed.code != 0 and "3 wrong table(s)" in failed.stderr and 'pairs_e"' in failed.stderr
+    assert "--repair" in failed.stderr
+    repaired = cli("catalog", "verify", "--repair", "--json").json()
+    assert repaired["ok"] and sorted(repaired["repaired"]) == ['main."pairs_d"', 'main."pairs_e"', 'main."pairs_f"']
+    assert verify(lake)["ok"]
+    _behind_prefabs_back(lake, 'INSERT INTO {alias}.main."pairs_e" SELECT * FROM {alias}.main."pairs_e" LIMIT 1')
+    (extra,) = verify(lake)["tables"]
+    assert extra["dataset"] == "e" and "6 rows" in extra["problem"]
