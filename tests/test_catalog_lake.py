@@ -447,3 +447,46 @@ def test_verify_finds_a_pairs_table_changed_behind_prefabs_back_and_repairs_it(l
     _behind_prefabs_back(lake, 'INSERT INTO {alias}.main."pairs_e" SELECT * FROM {alias}.main."pairs_e" LIMIT 1')
     (extra,) = verify(lake)["tables"]
     assert extra["dataset"] == "e" and "6 rows" in extra["problem"]
+
+
+# ---- models on the shared data path --------------------------------------------------------
+
+
+def test_a_model_registered_on_a_lake_is_shared_checked_and_loads_on_another_host(lake, lake_url, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    import factory
+    import factory.trainer.api as trainer
+    from factory.catalog.catalog import DataFileError
+    from tests.toy import toy_pairs
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake_url)
+    table = toy_pairs(40, seed=0, ties=2)
+    lake.commit("toy", table)
+    factory.train("toy", "rm", home=lake.home, epochs=2, max_length=96, progress=False)
+    entry = lake.get_model("rm")
+    folder = Path(entry["path"])
+    assert folder == lake.data_root / "models" / "rm" / "v1" and entry["version"] == 1
+    trained_here = lake.home / "models" / "rm" / "v1"
+    files = sorted(p.relative_to(trained_here).as_posix() for p in trained_here.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert not list((lake.data_root / "models" / "rm").glob(".incoming-*"))
+    here = factory.score("rm", table, home=lake.home).column("reward_chosen").to_pylist()
+    report = verify(lake)
+    assert report["ok"] and report["model_files_checked"] == len(files)
+
+    shutil.rmtree(lake.home)  # the first host's home is gone: only the catalog URL is shared
+    other = tmp_path / "other-home"
+    trainer._MODELS.clear()
+    assert Path(Catalog(other).get_model("rm@1")["path"]) == folder
+    there = factory.score("rm", table, home=other).column("reward_chosen").to_pylist()
+    assert there == pytest.approx(here)
+
+    victim = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-8] + b"01234567")
+    trainer._MODELS.clear()
+    with pytest.raises(DataFileError, match=r"model rm@1: its file .* is corrupted"):
+        factory.load_model("rm", home=other)
+    report = verify(Catalog(other))
+    assert not report["ok"] and report["broken_models"] == ["rm@1"] and report["broken_versions"] == []

@@ -9,6 +9,7 @@ and embedding caches, load copies) that no recent run used.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ def verify(catalog: Catalog, *, repair: bool = False) -> dict[str, Any]:
             "FROM files f JOIN version_files v USING (sha256) GROUP BY ALL ORDER BY f.relpath"
         ).fetchall()
         tables = _table_problems(catalog, connection) if catalog.lake is not None else []
+        models = connection.execute(
+            "SELECT name, version, relpath, manifest FROM models WHERE manifest IS NOT NULL ORDER BY name, version"
+        ).fetchall() if catalog.lake is not None else []
     problems = []
     for sha256, relpath, size, versions in files:
         path = catalog.data_root / relpath
@@ -48,9 +52,23 @@ def verify(catalog: Catalog, *, repair: bool = False) -> dict[str, Any]:
         else:
             continue
         problems.append({"file": relpath, "problem": problem, "versions": sorted(versions)})
+    for name, version, relpath, manifest in models:  # a lake's shared model folders
+        for inner, sha256 in json.loads(manifest).items():
+            path = catalog.data_root / relpath / inner
+            if not path.exists():
+                problem = "missing"
+            elif catalog.store.hash_file(path) != sha256:
+                problem = "sha256 mismatch (file content changed)"
+            else:
+                continue
+            problems.append({"file": f"{relpath}/{inner}", "problem": problem, "versions": [],
+                             "models": [f"{name}@{version}"]})
     broken = sorted({v for p in problems for v in p["versions"]})
     report: dict[str, Any] = {"ok": not problems and not tables, "files_checked": len(files),
                               "problems": problems, "broken_versions": broken}
+    if models:
+        report["model_files_checked"] = sum(len(json.loads(m[3])) for m in models)
+        report["broken_models"] = sorted({m for p in problems for m in p.get("models", [])})
     if catalog.lake is not None:
         report["tables_checked"] = len(catalog.datasets())
         report["tables"] = tables

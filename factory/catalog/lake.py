@@ -166,7 +166,12 @@ def lake_opener(spec: LakeSpec) -> Opener:
 def _lake_ddl() -> str:
     """The home catalog's tables without their primary keys (DuckLake has none), plus ``writes``."""
     ddl = re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", DDL).replace(" PRIMARY KEY", "")
-    return ddl + "\nCREATE TABLE IF NOT EXISTS writes (count BIGINT NOT NULL);\n" + MIGRATIONS
+    return ddl + "\nCREATE TABLE IF NOT EXISTS writes (count BIGINT NOT NULL);\n" + MIGRATIONS + LAKE_MIGRATIONS
+
+
+# Columns only a lake's tables have: a model's files are copied to the shared data path, and
+# ``manifest`` (JSON: file path inside the model folder -> sha256) lets any host check them.
+LAKE_MIGRATIONS = "ALTER TABLE models ADD COLUMN IF NOT EXISTS manifest VARCHAR;\n"
 
 
 TABLES = ("meta", "datasets", "versions", "version_parents", "files", "version_files", "tags",
@@ -177,7 +182,10 @@ def is_initialised(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> boo
     found = connection.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND schema_name = ?",
         [spec.alias, SCHEMA]).fetchone()[0]
-    return found == len(TABLES)
+    manifest = connection.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = ? AND schema_name = ? "
+        "AND table_name = 'models' AND column_name = 'manifest'", [spec.alias, SCHEMA]).fetchone()[0]
+    return found == len(TABLES) and manifest == 1
 
 
 def initialise(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> None:

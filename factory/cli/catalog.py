@@ -273,7 +273,8 @@ def run_verify(args: argparse.Namespace) -> CommandResult:
 
     result = verify(_catalog(args), repair=args.repair)
     if not result["ok"]:
-        details = [f"{p['file']} {p['problem']} (breaks {', '.join(p['versions'])})" for p in result["problems"]]
+        details = [f"{p['file']} {p['problem']} (breaks {', '.join(p['versions'] + p.get('models', []))})"
+                   for p in result["problems"]]
         details += [f"table {p['table']}: {p['problem']} (repair: {p['repair']})" for p in result.get("tables", [])]
         counts = [f"{len(result['problems'])} bad file(s)"] if result["problems"] else []
         counts += [f"{len(result['tables'])} wrong table(s)"] if result.get("tables") else []
