@@ -7,8 +7,8 @@ Layout of a home folder::
     models/<name>/<version>/
 
 With ``$PREFAB_CATALOG`` (or ``--catalog``) naming a DuckLake, the same tables live in the
-lake's ``prefab`` schema and the objects under its data path; the home keeps caches and
-models (see :mod:`factory.catalog.lake`).
+lake's ``prefab`` schema and the objects (and registered models' copies) under its data
+path; the home keeps caches (see :mod:`factory.catalog.lake`).
 
 A commit streams its rows into content-addressed data files first (checking each row's
 ``pair_id``/``prompt_id`` against its content on the way) and then records the version in
