@@ -280,3 +280,213 @@ def test_the_readme_team_setup_runs_on_postgres(tmp_path, cli, monkeypatch, post
         client.execute(statement)
     assert client.execute(statements[-1]).fetchone()[0] == 7
     client.close()
+
+
+# ---- Ray workers stage their batches on the shared data path --------------------------------
+
+
+def _small_batches(monkeypatch: pytest.MonkeyPatch, rows: int = 40) -> None:
+    """master_keys in batches of ``rows``, so a run has several batches to keep and resume."""
+    import dataclasses
+
+    from factory.steps import registry
+
+    spec = registry.get_step("master_keys", "generator")
+    monkeypatch.setitem(registry._STEPS, ("generator", "master_keys"), dataclasses.replace(spec, batch_rows=rows))
+
+
+def _labels(catalog: Catalog, ref: str) -> list[tuple[str, str, str, bool]]:
+    table = catalog.read_table(ref, columns=["pair_id", "chosen", "rejected", "tie"])
+    return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
+
+
+def test_ray_batches_are_staged_under_the_lakes_data_path_and_resumed(lake, lake_url, tmp_path, monkeypatch):
+    """The driver's side of ``--engine ray`` on a lake, with the workers' job (``_RayBatch``)
+    run in process: batches go to ``<data path>/staging/<key>/`` (never the home), an
+    interrupted run's batches are found there by the rerun, which commits once and removes
+    the folder; gc reports a left-over folder as the area ``staging``."""
+    from factory.steps import api, runner
+
+    _small_batches(monkeypatch)
+    monkeypatch.setenv("PREFAB_CATALOG", lake_url)
+    lake.commit("seeds", make_pairs(150))
+    local = api.generate("master_keys", "seeds", "keys_local", home=lake.home)
+    folders: list[Path] = []
+    computed: list[int] = []
+    interrupt = [True]
+
+    def workers(prepared, rows, ctx, folder, address=None):  # noqa: ANN001, ANN202 - fill_on_ray's
+        folders.append(folder)
+        source = runner.StepInput.of(rows)
+        size = prepared.spec.batch_rows
+        for start, batch in zip(range(0, source.num_rows, size), source.batches(size), strict=True):
+            if runner._batch_folder(folder, start).is_dir():
+                continue
+            row = pa.array(range(start, start + batch.num_rows), pa.int64())
+            runner._RayBatch(prepared.spec, ctx, folder)(batch.append_column("__prefab_row", row))
+            computed.append(start)
+            if interrupt[0] and len(computed) == 2:
+                raise KeyboardInterrupt
+        return len(computed)
+
+    monkeypatch.setattr(runner, "fill_on_ray", workers)
+    commits = []
+    real_commit = Catalog.commit
+    monkeypatch.setattr(Catalog, "commit", lambda self, *a, **k: commits.append(a[0]) or real_commit(self, *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        api.generate("master_keys", "seeds", "keys", home=lake.home, engine="ray")
+    staging = lake.data_root / "staging"
+    (folder,) = folders
+    assert folder.parent == staging and sorted(p.name for p in folder.iterdir()) == [
+        "rows-000000000000", "rows-000000000040"]
+    assert not any((lake.home / "steps").glob("*")) and commits == []
+    report = gc(lake, dry_run=True, grace_seconds=0, cache_grace_seconds=0)["areas"]["staging"]
+    assert report["removed"] == [f"staging/{folder.name}"] and report["bytes"] > 0
+    assert gc(lake, dry_run=True, grace_seconds=0)["areas"]["staging"]["kept"] == 1  # a week's grace
+
+    interrupt[0] = False
+    on_ray = api.generate("master_keys", "seeds", "keys", home=lake.home, engine="ray")
+    assert folders == [folder, folder] and computed == [0, 40, 80, 120]  # the kept two not redone
+    assert commits == ["keys"] and not folder.exists()
+    assert _labels(lake, on_ray["ref"]) == _labels(lake, local["ref"])
+    assert lake.resolve("keys").lineage["engine"] == "ray" and verify(lake)["ok"]
+
+
+def test_the_local_engine_and_the_home_catalog_keep_batches_in_the_home(tmp_path, lake):
+    from factory.steps.runner import run_work_dir
+
+    home_catalog = Catalog(tmp_path / "own")
+    assert run_work_dir(home_catalog, "k", "ray") == tmp_path / "own" / "steps" / "k"
+    assert run_work_dir(lake, "k", "local") == lake.home / "steps" / "k"
+    assert run_work_dir(lake, "k", "ray") == lake.data_root / "staging" / "k"
+    assert "staging" not in gc(home_catalog, dry_run=True)["areas"]
+
+
+@pytest.mark.slow
+def test_a_row_local_step_on_ray_writes_its_batches_to_the_lake_and_commits_once(lake, lake_url, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'prefab[ray]')")
+    from factory.steps import api, runner
+
+    _small_batches(monkeypatch, rows=100)
+    monkeypatch.setenv("PREFAB_CATALOG", lake_url)
+    lake.commit("seeds", make_pairs(250))
+    local = api.generate("master_keys", "seeds", "keys_local", home=lake.home)
+    seen: dict[Path, list[str]] = {}
+    real_fill = runner.fill_on_ray
+
+    def fill(prepared, rows, ctx, folder, address=None):  # noqa: ANN001, ANN202 - fill_on_ray's
+        done = real_fill(prepared, rows, ctx, folder, address)
+        seen[folder] = sorted(p.name for p in folder.iterdir())
+        return done
+
+    monkeypatch.setattr(runner, "fill_on_ray", fill)
+    commits = []
+    real_commit = Catalog.commit
+    monkeypatch.setattr(Catalog, "commit", lambda self, *a, **k: commits.append(a[0]) or real_commit(self, *a, **k))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = api.generate("master_keys", "seeds", "keys", home=lake.home, engine="ray")
+    finally:
+        ray.shutdown()
+    ((folder, names),) = seen.items()
+    assert folder.parent == lake.data_root / "staging"
+    assert names == ["rows-000000000000", "rows-000000000100", "rows-000000000200"]
+    assert not any((lake.home / "steps").glob("*")) and not folder.exists()
+    assert commits == ["keys"] and lake.resolve("keys").version == 1
+    assert _labels(lake, on_ray["ref"]) == _labels(lake, local["ref"])
+
+
+# ---- verify checks each dataset's plain-SQL table ------------------------------------------
+
+
+def _behind_prefabs_back(lake: Catalog, *statements: str) -> None:
+    opener = lake_opener(lake.lake)
+    connection = opener.open(False)
+    try:
+        for statement in statements:
+            connection.execute(statement.format(alias=lake.lake.alias))
+    finally:
+        opener.close(connection)
+
+
+def test_verify_finds_a_pairs_table_changed_behind_prefabs_back_and_repairs_it(lake, cli, monkeypatch):
+    lake.commit("d", make_pairs(30))
+    lake.commit("d", make_pairs(12, start=50))
+    lake.commit("e", make_pairs(5, start=200))
+    lake.commit("f", make_pairs(7, start=300))
+    report = verify(lake)
+    assert report["ok"] and report["tables_checked"] == 3 and report["tables"] == []
+    (v1,) = lake.paths("d@1")
+    _behind_prefabs_back(
+        lake,
+        'DROP TABLE {alias}.main."pairs_e"',
+        # d's table made over version 1's file: the same columns, the wrong rows
+        'DROP TABLE {alias}.main."pairs_d"',
+        f"CREATE TABLE {{alias}}.main.\"pairs_d\" AS SELECT * FROM read_parquet('{v1}') LIMIT 0",
+        f"CALL ducklake_add_data_files('{{alias}}', 'pairs_d', '{v1}', schema => 'main')",
+        'DELETE FROM {alias}.main."pairs_f" WHERE rowid = 0',
+    )
+    report = verify(lake)
+    assert not report["ok"] and report["problems"] == []  # every object is fine: only the tables
+    problems = {p["dataset"]: p for p in report["tables"]}
+    assert sorted(problems) == ["d", "e", "f"]
+    assert problems["e"]["problem"] == "the table is missing"
+    assert "not the version's" in problems["d"]["problem"] and str(v1) in problems["d"]["problem"]
+    assert problems["d"]["version"] == 2 and problems["d"]["table"] == 'main."pairs_d"'
+    assert problems["f"]["problem"] == "it holds 6 rows, the version has 7"  # the delete is inlined
+    assert all("prefab catalog verify --repair" in p["repair"] for p in problems.values())
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake.location)
+    monkeypatch.setenv("PREFAB_HOME", str(lake.home))
+    failed = cli("catalog", "verify")
+    assert failed.code != 0 and "3 wrong table(s)" in failed.stderr and 'pairs_e"' in failed.stderr
+    assert "--repair" in failed.stderr
+    repaired = cli("catalog", "verify", "--repair", "--json").json()
+    assert repaired["ok"] and sorted(repaired["repaired"]) == ['main."pairs_d"', 'main."pairs_e"', 'main."pairs_f"']
+    assert verify(lake)["ok"]
+    _behind_prefabs_back(lake, 'INSERT INTO {alias}.main."pairs_e" SELECT * FROM {alias}.main."pairs_e" LIMIT 1')
+    (extra,) = verify(lake)["tables"]
+    assert extra["dataset"] == "e" and "6 rows" in extra["problem"]
+
+
+# ---- models on the shared data path --------------------------------------------------------
+
+
+def test_a_model_registered_on_a_lake_is_shared_checked_and_loads_on_another_host(lake, lake_url, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    import factory
+    import factory.trainer.api as trainer
+    from factory.catalog.catalog import DataFileError
+    from tests.toy import toy_pairs
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake_url)
+    table = toy_pairs(40, seed=0, ties=2)
+    lake.commit("toy", table)
+    factory.train("toy", "rm", home=lake.home, epochs=2, max_length=96, progress=False)
+    entry = lake.get_model("rm")
+    folder = Path(entry["path"])
+    assert folder == lake.data_root / "models" / "rm" / "v1" and entry["version"] == 1
+    trained_here = lake.home / "models" / "rm" / "v1"
+    files = sorted(p.relative_to(trained_here).as_posix() for p in trained_here.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert not list((lake.data_root / "models" / "rm").glob(".incoming-*"))
+    here = factory.score("rm", table, home=lake.home).column("reward_chosen").to_pylist()
+    report = verify(lake)
+    assert report["ok"] and report["model_files_checked"] == len(files)
+
+    shutil.rmtree(lake.home)  # the first host's home is gone: only the catalog URL is shared
+    other = tmp_path / "other-home"
+    trainer._MODELS.clear()
+    assert Path(Catalog(other).get_model("rm@1")["path"]) == folder
+    there = factory.score("rm", table, home=other).column("reward_chosen").to_pylist()
+    assert there == pytest.approx(here)
+
+    victim = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-8] + b"01234567")
+    trainer._MODELS.clear()
+    with pytest.raises(DataFileError, match=r"model rm@1: its file .* is corrupted"):
+        factory.load_model("rm", home=other)
+    report = verify(Catalog(other))
+    assert not report["ok"] and report["broken_models"] == ["rm@1"] and report["broken_versions"] == []

@@ -7,8 +7,8 @@ Layout of a home folder::
     models/<name>/<version>/
 
 With ``$PREFAB_CATALOG`` (or ``--catalog``) naming a DuckLake, the same tables live in the
-lake's ``prefab`` schema and the objects under its data path; the home keeps caches and
-models (see :mod:`factory.catalog.lake`).
+lake's ``prefab`` schema and the objects (and registered models' copies) under its data
+path; the home keeps caches (see :mod:`factory.catalog.lake`).
 
 A commit streams its rows into content-addressed data files first (checking each row's
 ``pair_id``/``prompt_id`` against its content on the way) and then records the version in
@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -648,19 +651,7 @@ class Catalog:
         paths = []
         for relpath, sha256 in zip(relpaths, hashes, strict=True):
             path = self.data_root / relpath
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                raise DataFileError(f"{info.ref}: its {role} file {relpath} is missing; "
-                                    "run `prefab catalog verify` to list every damaged version") from None
-            key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-            if _VERIFIED.get(key) != sha256:
-                actual = self.store.hash_file(path)
-                if actual != sha256:
-                    raise DataFileError(f"{info.ref}: its {role} file {relpath} is corrupted (sha256 "
-                                        f"{actual[:12]}, recorded {sha256[:12]}); "
-                                        "run `prefab catalog verify` to list every damaged version")
-                _VERIFIED[key] = sha256
+            _check_file(path, sha256, self.store, f"{info.ref}: its {role} file {relpath}")
             paths.append(path)
         return paths
 
@@ -827,7 +818,19 @@ class Catalog:
         data_ref: str,
         metrics: dict[str, Any],
         params: dict[str, Any],
+        *,
+        exclude: Sequence[str] = (),
     ) -> dict[str, Any]:
+        """Record the model folder ``path`` as the next version of ``name``.
+
+        On the home catalog the folder stays where it is (its path is stored relative to
+        the home). On a lake another host cannot see this home, so the folder is copied to
+        ``<data path>/models/<name>/v<version>/``, each file hashed on the way; the catalog
+        keeps the path relative to the data path and the sha256 of every file
+        (``manifest``), which :meth:`checked_model_path` checks before a model is loaded.
+        ``exclude`` names entries of the folder not to copy (the trainer's ``checkpoint``,
+        which it removes once the version is registered).
+        """
         check_name(name, "model name")
         data = self.resolve(data_ref)
         path = Path(path).resolve()
@@ -835,20 +838,49 @@ class Catalog:
             stored_path = str(path.relative_to(self.home.resolve()))
         except ValueError:
             stored_path = str(path)
+        incoming, manifest = self._share_model(name, path, exclude) if self.lake is not None else (None, None)
 
         def record(connection: duckdb.DuckDBPyConnection) -> int:
             version = connection.execute(
                 "SELECT coalesce(max(version), 0) + 1 FROM models WHERE name = ?", [name]
             ).fetchone()[0]
+            relpath = f"{MODELS}/{name}/v{version}" if incoming is not None else stored_path
             connection.execute(
-                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, version, stored_path, data.name, data.version,
-                 json.dumps(metrics, default=str), json.dumps(params, default=str), _now()],
+                "INSERT INTO models (name, version, relpath, dataset, dataset_version, metrics, params, created_at"
+                + (", manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" if incoming else ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                [name, version, relpath, data.name, data.version, json.dumps(metrics, default=str),
+                 json.dumps(params, default=str), _now(), *([json.dumps(manifest)] if incoming else [])],
             )
             return version
 
-        version = self._write(record)
+        try:
+            version = self._write(record)
+        except BaseException:
+            if incoming is not None:
+                shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        if incoming is not None:
+            # Versions are unique once committed, so nothing else is ever moved to this name.
+            incoming.rename(self.data_root / MODELS / name / f"v{version}")
         return self.get_model(f"{name}@{version}")
+
+    def _share_model(self, name: str, folder: Path, exclude: Sequence[str]) -> tuple[Path, dict[str, str]]:
+        """``folder`` copied under the lake's data path (a fresh hidden folder, renamed once
+        the version is recorded) and its manifest: each file's path inside it -> sha256."""
+        if not folder.is_dir():
+            raise PrefabError(f"cannot register model {name!r}: {folder} is not a folder")
+        incoming = self.data_root / MODELS / name / f"{INCOMING_MODEL}{uuid.uuid4().hex}"
+        manifest: dict[str, str] = {}
+        try:
+            for source in sorted(p for p in folder.rglob("*") if p.is_file()):
+                relpath = source.relative_to(folder).as_posix()
+                if relpath.split("/")[0] in exclude:
+                    continue
+                manifest[relpath] = _copy_hashing(source, incoming / relpath)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        return incoming, manifest
 
     def next_model_version(self, name: str) -> int:
         with self._connect(read_only=True) as connection:
@@ -857,23 +889,44 @@ class Catalog:
             ).fetchone()[0]
 
     def get_model(self, ref: str) -> dict[str, Any]:
+        row, manifest = self._model_row(ref)
+        # a lake's model is on its data path; the home's (or one migrated from a home) where it was
+        root = self.data_root if manifest is not None else self.home
+        return {
+            "name": row[0], "version": row[1], "path": str(root / row[2]),
+            "dataset": f"{row[3]}@{row[4]}", "metrics": json.loads(row[5]),
+            "params": json.loads(row[6]), "created_at": row[7].isoformat(timespec="seconds") + "Z",
+        }
+
+    def _model_row(self, ref: str) -> tuple[tuple[Any, ...], dict[str, str] | None]:
         parsed = parse_ref(ref)
         if parsed.tag is not None:
             raise RefError(f"models are referenced as NAME or NAME@N, not {ref!r}")
+        manifest = ", manifest" if self.lake is not None else ", NULL"
         with self._connect(read_only=True) as connection:
             row = connection.execute(
-                "SELECT name, version, relpath, dataset, dataset_version, metrics, params, created_at "
+                f"SELECT name, version, relpath, dataset, dataset_version, metrics, params, created_at{manifest} "
                 "FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
                 "ORDER BY version DESC LIMIT 1",
                 [parsed.name, parsed.version, parsed.version],
             ).fetchone()
         if row is None:
             raise RefError(f"no model {ref!r} in the catalog")
-        return {
-            "name": row[0], "version": row[1], "path": str(self.home / row[2]),
-            "dataset": f"{row[3]}@{row[4]}", "metrics": json.loads(row[5]),
-            "params": json.loads(row[6]), "created_at": row[7].isoformat(timespec="seconds") + "Z",
-        }
+        return row[:8], (json.loads(row[8]) if row[8] is not None else None)
+
+    def checked_model_path(self, ref: str) -> Path:
+        """A registered model's folder, each of its files checked against the sha256 recorded
+        when it was registered (on a lake; once per file per process, as data files are).
+
+        A missing or changed file raises :class:`DataFileError` naming the model version.
+        """
+        row, manifest = self._model_row(ref)
+        entry = self.get_model(f"{row[0]}@{row[1]}")
+        folder = Path(entry["path"])
+        for relpath, sha256 in (manifest or {}).items():
+            what = f"model {row[0]}@{row[1]}: its file {row[2]}/{relpath}"
+            _check_file(folder / relpath, sha256, self.store, what)
+        return folder
 
     def models(self) -> list[dict[str, Any]]:
         with self._connect(read_only=True) as connection:
@@ -885,6 +938,38 @@ class Catalog:
 
 # Files whose sha256 this process has checked: (path, size, mtime, inode) -> sha256.
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+MODELS = "models"  # a lake's model folders, under its data path: models/<name>/v<version>/
+INCOMING_MODEL = ".incoming-"  # a model folder being copied there, not yet registered
+
+
+def _check_file(path: Path, sha256: str, store: ObjectStore, what: str) -> None:
+    """``path``'s bytes hash to ``sha256`` (checked once per process while the file is unchanged)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataFileError(f"{what} is missing; run `prefab catalog verify` to list every damaged "
+                            "version") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if _VERIFIED.get(key) != sha256:
+        actual = store.hash_file(path)
+        if actual != sha256:
+            raise DataFileError(f"{what} is corrupted (sha256 {actual[:12]}, recorded {sha256[:12]}); "
+                                "run `prefab catalog verify` to list every damaged version")
+        _VERIFIED[key] = sha256
+
+
+def _copy_hashing(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` (made durable), returning the sha256 of the bytes copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            writer.write(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
+    return digest.hexdigest()
 
 
 def _batches_of(data: Data, rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:

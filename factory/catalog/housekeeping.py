@@ -7,6 +7,9 @@ it (the embedding cache and ``load`` also mark each use explicitly):
 
 - ``steps/<key>/``      finished batches of an interrupted step run (a rerun resumes from
                         them; a finished run removes its own folder);
+- ``staging/<key>/``    on a lake only, under its data path (not the home): the same, written
+                        by Ray workers on any host (area ``staging``, paths relative to the
+                        data path);
 - ``noise/*.npz``       the noise filter's trained-head outputs, keyed by data and params;
 - ``embeddings/<model>/`` the frozen encoder's vectors, one folder per encoder;
 - ``tokens/<key>/``     full mode's memory-mapped token ids, one folder per (texts, tokenizer, length);
@@ -32,6 +35,7 @@ from typing import Any
 
 from factory.catalog.catalog import Catalog
 
+STAGING = "staging"  # under a lake's data path (see factory.steps.runner.run_work_dir)
 DEFAULT_CACHE_GRACE_SECONDS = 7 * 24 * 3600.0
 
 
@@ -52,18 +56,21 @@ def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
     now = time.time()
     live_copies = _live_load_copies(catalog)
     reports: dict[str, AreaReport] = {}
-    for area, units in (("steps", _children(catalog.home / "steps")),
-                        ("noise", _children(catalog.home / "noise")),
-                        ("embeddings", _children(catalog.home / "embeddings")),
-                        ("tokens", _children(catalog.home / "tokens")),
-                        ("datasets", _children(catalog.home / "cache" / "datasets"))):
+    areas = [("steps", catalog.home, _children(catalog.home / "steps")),
+             ("noise", catalog.home, _children(catalog.home / "noise")),
+             ("embeddings", catalog.home, _children(catalog.home / "embeddings")),
+             ("tokens", catalog.home, _children(catalog.home / "tokens")),
+             ("datasets", catalog.home, _children(catalog.home / "cache" / "datasets"))]
+    if catalog.lake is not None:  # Ray workers' batches of interrupted runs, on the shared path
+        areas.append(("staging", catalog.data_root, _children(catalog.data_root / STAGING)))
+    for area, root, units in areas:
         report = reports[area] = AreaReport()
         for unit in units:
             idle = now - _last_use(unit)
             orphan = area == "datasets" and _is_load_copy(unit) and unit.stem not in live_copies
             size = _size(unit)
             if idle >= cache_grace_seconds or (orphan and idle >= grace_seconds):
-                report.removed.append(str(unit.relative_to(catalog.home)))
+                report.removed.append(str(unit.relative_to(root)))
                 report.bytes += size
                 if not dry_run:
                     _remove(unit)

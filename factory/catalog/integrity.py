@@ -9,22 +9,37 @@ and embedding caches, load copies) that no recent run used.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from factory.catalog.catalog import Catalog
 from factory.catalog.housekeeping import DEFAULT_CACHE_GRACE_SECONDS, clean_caches, llm_cache_report
+from factory.catalog.refs import Ref
+from schemas.errors import PrefabError
 
 DEFAULT_GRACE_SECONDS = 3600.0
 
 
-def verify(catalog: Catalog) -> dict[str, Any]:
+REPAIR_TABLES = "prefab catalog verify --repair"
+
+
+def verify(catalog: Catalog, *, repair: bool = False) -> dict[str, Any]:
+    """Re-hash every file a version needs; on a lake also check each dataset's plain-SQL
+    table ``main."pairs_<dataset>"`` holds exactly its latest version (see
+    :func:`factory.catalog.lake.check_published`). With ``repair`` a wrong table is
+    re-published from the version's (verified) files in one lake transaction, then checked again.
+    """
     with catalog._connect(read_only=True) as connection:
         files = connection.execute(
             "SELECT f.sha256, f.relpath, f.bytes, list(DISTINCT v.dataset || '@' || v.version) "
             "FROM files f JOIN version_files v USING (sha256) GROUP BY ALL ORDER BY f.relpath"
         ).fetchall()
+        tables = _table_problems(catalog, connection) if catalog.lake is not None else []
+        models = connection.execute(
+            "SELECT name, version, relpath, manifest FROM models WHERE manifest IS NOT NULL ORDER BY name, version"
+        ).fetchall() if catalog.lake is not None else []
     problems = []
     for sha256, relpath, size, versions in files:
         path = catalog.data_root / relpath
@@ -37,8 +52,67 @@ def verify(catalog: Catalog) -> dict[str, Any]:
         else:
             continue
         problems.append({"file": relpath, "problem": problem, "versions": sorted(versions)})
+    for name, version, relpath, manifest in models:  # a lake's shared model folders
+        for inner, sha256 in json.loads(manifest).items():
+            path = catalog.data_root / relpath / inner
+            if not path.exists():
+                problem = "missing"
+            elif catalog.store.hash_file(path) != sha256:
+                problem = "sha256 mismatch (file content changed)"
+            else:
+                continue
+            problems.append({"file": f"{relpath}/{inner}", "problem": problem, "versions": [],
+                             "models": [f"{name}@{version}"]})
     broken = sorted({v for p in problems for v in p["versions"]})
-    return {"ok": not problems, "files_checked": len(files), "problems": problems, "broken_versions": broken}
+    report: dict[str, Any] = {"ok": not problems and not tables, "files_checked": len(files),
+                              "problems": problems, "broken_versions": broken}
+    if models:
+        report["model_files_checked"] = sum(len(json.loads(m[3])) for m in models)
+        report["broken_models"] = sorted({m for p in problems for m in p.get("models", [])})
+    if catalog.lake is not None:
+        report["tables_checked"] = len(catalog.datasets())
+        report["tables"] = tables
+        if repair and tables:
+            unrepairable = {p["dataset"] for p in tables if f"{p['dataset']}@{p['version']}" in broken}
+            if unrepairable:  # its files are damaged: a table over them would be too
+                raise PrefabError(f"cannot repair the table of {', '.join(sorted(unrepairable))}: its latest "
+                                  "version's files are damaged (see the file problems)")
+            _republish(catalog, tables)
+            report["repaired"] = [p["table"] for p in tables]
+            again = verify(catalog)
+            report.update(ok=again["ok"], tables=again["tables"])
+    return report
+
+
+def _table_problems(catalog: Catalog, connection: Any) -> list[dict[str, Any]]:
+    """One entry per dataset whose ``pairs_<dataset>`` table is not its latest version."""
+    from factory.catalog import lake
+
+    assert catalog.lake is not None
+    latest = connection.execute(
+        "SELECT dataset, max(version) FROM versions GROUP BY dataset ORDER BY dataset").fetchall()
+    problems = []
+    for name, version in latest:
+        info = catalog._resolve(connection, Ref(name, version=version))
+        problem = lake.check_published(connection, catalog.lake, name, version, info.rows, catalog.paths(info))
+        if problem:
+            problems.append({"table": f'main."pairs_{name}"', "dataset": name, "version": version,
+                             "problem": problem,
+                             "repair": f"{REPAIR_TABLES} (re-makes it from {name}@{version}'s files)"})
+    return problems
+
+
+def _republish(catalog: Catalog, tables: list[dict[str, Any]]) -> None:
+    from factory.catalog import lake
+
+    assert catalog.lake is not None
+    paths = {p["dataset"]: (p["version"], catalog.checked_paths(f"{p['dataset']}@{p['version']}")) for p in tables}
+
+    def republish(connection: Any) -> None:
+        for name, (version, files) in paths.items():
+            lake.publish(connection, catalog.lake, name, version, files, repair=True)
+
+    catalog._write(republish)
 
 
 def gc(catalog: Catalog, *, dry_run: bool = True, grace_seconds: float = DEFAULT_GRACE_SECONDS,

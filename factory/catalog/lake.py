@@ -166,7 +166,12 @@ def lake_opener(spec: LakeSpec) -> Opener:
 def _lake_ddl() -> str:
     """The home catalog's tables without their primary keys (DuckLake has none), plus ``writes``."""
     ddl = re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", DDL).replace(" PRIMARY KEY", "")
-    return ddl + "\nCREATE TABLE IF NOT EXISTS writes (count BIGINT NOT NULL);\n" + MIGRATIONS
+    return ddl + "\nCREATE TABLE IF NOT EXISTS writes (count BIGINT NOT NULL);\n" + MIGRATIONS + LAKE_MIGRATIONS
+
+
+# Columns only a lake's tables have: a model's files are copied to the shared data path, and
+# ``manifest`` (JSON: file path inside the model folder -> sha256) lets any host check them.
+LAKE_MIGRATIONS = "ALTER TABLE models ADD COLUMN IF NOT EXISTS manifest VARCHAR;\n"
 
 
 TABLES = ("meta", "datasets", "versions", "version_parents", "files", "version_files", "tags",
@@ -177,7 +182,10 @@ def is_initialised(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> boo
     found = connection.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND schema_name = ?",
         [spec.alias, SCHEMA]).fetchone()[0]
-    return found == len(TABLES)
+    manifest = connection.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = ? AND schema_name = ? "
+        "AND table_name = 'models' AND column_name = 'manifest'", [spec.alias, SCHEMA]).fetchone()[0]
+    return found == len(TABLES) and manifest == 1
 
 
 def initialise(connection: duckdb.DuckDBPyConnection, spec: LakeSpec) -> None:
@@ -215,7 +223,7 @@ def pairs_table(spec: LakeSpec, name: str) -> str:
 
 
 def publish(connection: duckdb.DuckDBPyConnection, spec: LakeSpec, name: str, version: int,
-            data_files: list[Path]) -> None:
+            data_files: list[Path], *, repair: bool = False) -> None:
     """Make ``main.pairs_<name>`` hold version ``version`` (inside the commit's transaction).
 
     The table is made anew from the version's own Parquet files, registered in place (no
@@ -229,5 +237,40 @@ def publish(connection: duckdb.DuckDBPyConnection, spec: LakeSpec, name: str, ve
     for path in files:
         connection.execute("CALL ducklake_add_data_files(?, ?, ?, schema => 'main')",
                            [spec.alias, f"pairs_{name}", path])
+    # A repair's snapshot is named apart: time travel to ``name@version`` keeps finding the commit's.
+    message = f"prefab: {'repair ' if repair else ''}{name}@{version}"
     connection.execute(f"CALL {spec.alias}.set_commit_message('prefab', ?, extra_info => ?)",
-                       [f"prefab: {name}@{version}", f'{{"dataset": "{name}", "version": {version}}}'])
+                       [message, f'{{"dataset": "{name}", "version": {version}}}'])
+
+
+def check_published(connection: duckdb.DuckDBPyConnection, spec: LakeSpec, name: str, version: int,
+                    rows: int, data_files: list[Path]) -> str | None:
+    """What is wrong with ``main.pairs_<name>`` for its latest version ``version``, or None.
+
+    Its current snapshot must list exactly the version's data files, with no delete file,
+    and hold the version's row count (rows inserted into or deleted from the table behind
+    prefab's back may be inlined in the metadata, not in any file).
+    """
+    table = pairs_table(spec, name)
+    exists = connection.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main' AND table_name = ?",
+        [spec.alias, f"pairs_{name}"]).fetchone()[0]
+    if not exists:
+        return "the table is missing"
+    listed = connection.execute(
+        "SELECT data_file, delete_file FROM ducklake_list_files(?, ?, schema => 'main')",
+        [spec.alias, f"pairs_{name}"]).fetchall()
+    found = sorted(str(Path(data_file)) for data_file, _ in listed)
+    expected = sorted(str(path) for path in data_files)
+    if found != expected:
+        strangers = [f for f in found if f not in expected]
+        lacking = [f for f in expected if f not in found]
+        return ("its data files are not the version's: "
+                + "; ".join([*(["not the version's: " + ", ".join(strangers)] if strangers else []),
+                             *(["missing: " + ", ".join(lacking)] if lacking else [])]))
+    if any(delete_file for _, delete_file in listed):
+        return "rows were deleted from it (it has a delete file)"
+    count = connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    if count != rows:
+        return f"it holds {count} rows, the version has {rows}"
+    return None

@@ -49,8 +49,12 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
     diff.add_argument("--sample", type=int, default=5, help="pair ids to list per kind (default 5)")
     diff.set_defaults(handler=run_diff)
 
-    commands.add_parser("verify", parents=parents, help="re-hash every data file; name broken versions") \
-        .set_defaults(handler=run_verify)
+    verify = commands.add_parser("verify", parents=parents,
+                                 help="re-hash every data file; name broken versions (on a lake, also check "
+                                      "each dataset's pairs_<dataset> table)")
+    verify.add_argument("--repair", action="store_true",
+                        help="on a lake: re-make each wrong pairs_<dataset> table from its latest version's files")
+    verify.set_defaults(handler=run_verify)
 
     gc = commands.add_parser("gc", parents=parents,
                              help="delete data files no version needs and caches no recent run used "
@@ -267,11 +271,17 @@ def run_verify(args: argparse.Namespace) -> CommandResult:
     from factory.catalog import verify
     from schemas.errors import PrefabError
 
-    result = verify(_catalog(args))
+    result = verify(_catalog(args), repair=args.repair)
     if not result["ok"]:
-        details = "; ".join(f"{p['file']} {p['problem']} (breaks {', '.join(p['versions'])})" for p in result["problems"])
-        raise PrefabError(f"verify failed: {len(result['problems'])} bad file(s): {details}")
-    return CommandResult(result, f"ok: {result['files_checked']} files verified")
+        details = [f"{p['file']} {p['problem']} (breaks {', '.join(p['versions'] + p.get('models', []))})"
+                   for p in result["problems"]]
+        details += [f"table {p['table']}: {p['problem']} (repair: {p['repair']})" for p in result.get("tables", [])]
+        counts = [f"{len(result['problems'])} bad file(s)"] if result["problems"] else []
+        counts += [f"{len(result['tables'])} wrong table(s)"] if result.get("tables") else []
+        raise PrefabError(f"verify failed: {', '.join(counts)}: {'; '.join(details)}")
+    tables = f", {result['tables_checked']} tables checked" if "tables_checked" in result else ""
+    repaired = f", {len(result['repaired'])} repaired" if result.get("repaired") else ""
+    return CommandResult(result, f"ok: {result['files_checked']} files verified{tables}{repaired}")
 
 
 def _seconds(text: str) -> float:

@@ -39,8 +39,8 @@ from factory.steps.runner import (
     prefixed_scores,
     prepare,
     run_step,
+    run_work_dir,
     stamp_generated,
-    step_work_dir,
 )
 from schemas.errors import PrefabError
 from schemas.pairs import PAIR_COLUMNS, PAIR_SCHEMA
@@ -282,7 +282,7 @@ def generate(
     parents = [i.ref for i in infos if not isinstance(i, FileInput)]
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
-    work = step_work_dir(catalog.home, identity.key("run"))
+    work = run_work_dir(catalog, identity.key("run"), engine)
     run = run_step(prepared, source, ctx, resume_dir=work, engine=engine, ray_address=ray_address)
     out_schema = run.schema
     if len(out_schema):
@@ -384,7 +384,7 @@ def filter(  # noqa: A001 - factory.filter is the public name the CLI mirrors
     ctx = StepContext(step, prepared.params, seed=seed, run_id=new_run_id(), home=catalog.home,
                       backend=prepared.backend, progress=progress)
     stored = _stored_under(catalog, score_key)
-    work = step_work_dir(catalog.home, score_key)
+    work = run_work_dir(catalog, score_key, engine)
     usage: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     # Stored scores with failed rows are not reused: a failure may have been transient (a

@@ -804,6 +804,23 @@ def step_work_dir(home: str | Path | None, key: str) -> Path:
     return resolve_home(home) / "steps" / key
 
 
+def run_work_dir(catalog: Any, key: str, engine: str) -> Path:
+    """Where a step run keeps its finished batches (and a rerun finds them).
+
+    ``<home>/steps/<key>/``, except for Ray on a DuckLake catalog: there the workers may run
+    on other hosts, which mount the lake's data path (at the same place) but not the
+    driver's home, so the batches go to ``<data path>/staging/<key>/``. The driver reads
+    them and commits once (the commit re-checks every row's ids and hashes the objects it
+    writes, as for any data); the run then removes the folder, and ``catalog gc`` removes
+    one an interrupted run left once it is unused for the cache grace period.
+    """
+    if engine == "ray" and getattr(catalog, "lake", None) is not None:
+        from factory.catalog.housekeeping import STAGING
+
+        return Path(catalog.data_root) / STAGING / key
+    return step_work_dir(catalog.home, key)
+
+
 def clear_work_dir(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 

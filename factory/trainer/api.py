@@ -111,7 +111,8 @@ def load_model(
     if (Path(name_or_path) / META_FILE).is_file():
         folder = Path(name_or_path).resolve()
     else:
-        folder = Path(_catalog(home).get_model(str(name_or_path))["path"]).resolve()
+        # on a lake: the shared copy, every file checked against its recorded sha256
+        folder = _catalog(home).checked_model_path(str(name_or_path)).resolve()
     key = (str(folder), f"{device}|{(home_path / 'embeddings').resolve()}")
     with _MODELS_LOCK:
         model = _MODELS.get(key)
@@ -303,7 +304,7 @@ def _publish(
     folder, registered = work, None
     if keep_in_place:
         if cat is not None:
-            registered = cat.register_model(name, folder, data_ref, metrics, params)
+            registered = cat.register_model(name, folder, data_ref, metrics, params, exclude=("checkpoint",))
     elif cat is None:  # an in-memory table: kept, but no catalog version to name it after
         folder = _free_folder(model_dir, "unregistered-")
         work.rename(folder)
@@ -311,7 +312,7 @@ def _publish(
         version, folder = _version_folder(cat, name, model_dir)
         work.rename(folder)
         try:
-            registered = cat.register_model(name, folder, data_ref, metrics, params)
+            registered = cat.register_model(name, folder, data_ref, metrics, params, exclude=("checkpoint",))
         except BaseException:
             folder.rename(work)
             raise
