@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -250,7 +252,8 @@ def _part_texts(table: pa.Table, rows: np.ndarray, k: int) -> list[str]:
 
 def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[EmbedRequest]:
     """What ``near=embedding`` embeds (for ``--engine ray``): each part of every representative,
-    at its start and at its end, one part's texts at a time."""
+    at its start and at its end, ``_EMBED_ROWS`` representatives' texts of one part at a time,
+    as :func:`_embedded_parts` asks for them (the vectors reach it through the cache)."""
     # Ray actors encode with MiniLM on torch; another embedder's vectors are made on the driver.
     if ctx.params.near != "embedding" or ctx.params.embedder != "minilm":
         return
@@ -258,14 +261,19 @@ def dedup_embeds(table: pa.Table, ctx: StepContext[DedupParams]) -> Iterator[Emb
     if len(representatives) < 2:
         return
     for k in range(_part_count(ctx.params.content)):
-        yield EmbedRequest(_part_texts(table, representatives, k), keep=("start", "end"))
+        for first in range(0, len(representatives), _EMBED_ROWS):
+            yield EmbedRequest(_part_texts(table, representatives[first:first + _EMBED_ROWS], k),
+                               keep=("start", "end"))
 
 
 # version 3: embedding near duplicates compare each part (was one string cut at 256 tokens)
 # and search every earlier exact-content representative (was a k=16 window)
 # version 4: MinHash compares a row with the first `bucket_candidates` rows of each LSH bucket
 # (was every earlier row of the bucket: quadratic in a bucket of near copies, 22 GiB at 1M pairs)
-@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="4", embeds=dedup_embeds)
+# version 5: near=embedding compares the vectors rounded to float16 (memory-mapped, for bounded
+# memory at 1M pairs): similarities differ from version 4's float32 ones by ~1e-3, so a result
+# stored by version 4 must not be reused
+@filter_step("dedup", params=DedupParams, decide=decide_dedup, version="5", embeds=dedup_embeds)
 def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     """Exact and near duplicates, and contamination with evaluation sets (n-gram overlap).
 
@@ -274,9 +282,12 @@ def dedup(table: pa.Table, ctx: StepContext[DedupParams]) -> StepResult:
     digest, the scores, and with ``near=minhash`` the combined signatures (num_perm x 4
     bytes: 0.5 GiB at 1M pairs and 128 permutations), then the band buckets and the
     per-part signatures of the rows that share a bucket (see :func:`_near_minhash`).
-    ``near=embedding`` holds one part's texts of the representatives at a time and their
-    vectors (see :func:`_near_embedding`); contamination holds the evaluation sets' n-gram
-    hashes. Measured at 1M pairs (~2 kB each, ``benchmarks/scale.py``), near=minhash: peak
+    ``near=embedding`` holds ``_EMBED_ROWS`` representatives' texts of one part and their
+    float32 vectors at a time, every vector as float16 in a memory map on disk, and while
+    matching 8 x 33 x P bytes of candidates a representative (P compared parts, 3 to 6)
+    plus one part's float32 index (4 x 384 bytes a representative): ~3 GiB at 1M
+    representatives and 3 parts, whatever P (see :func:`_near_embedding`); contamination
+    holds the evaluation sets' n-gram hashes. Measured at 1M pairs (~2 kB each, ``benchmarks/scale.py``), near=minhash: peak
     RSS 2,808 MiB, 1.6 GiB anonymous (per-part signatures of ~1M rows, band buckets) and
     1.2 GiB file-backed (the mapped table, libraries); was 13,042 MiB."""
     params = ctx.params
@@ -486,15 +497,75 @@ def _near_minhash(table: pa.Table, scan: _Scan, representatives: np.ndarray,
     return similarity, near_row
 
 
+# Representatives whose part texts are read and embedded at once: their texts and float32
+# vectors (65,536 x 384 x 4 B = 96 MiB, twice with the ends) are all that is held of them
+# before they go, as float16, to the part's memory map.
+_EMBED_ROWS = 65_536
+
+
+def _map_folder(home: Path | None) -> tempfile.TemporaryDirectory:
+    """A fresh folder for the memory-mapped vectors, under ``home``'s ``steps`` folder (where
+    ``catalog gc`` finds what a killed run left, as it does the generators' spills) or,
+    without a home, the system's temporary folder."""
+    folder = None if home is None else Path(home) / "steps"
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="spill-dedup-", dir=folder)
+
+
+def _embedded_parts(table: pa.Table, representatives: np.ndarray, ctx: StepContext[DedupParams],
+                    folder: Path) -> list[np.ndarray]:
+    """Each part of the representatives embedded at its start and at its end, as read-only
+    float16 memory maps in ``folder`` (the end only where some text of the part is cut by
+    the encoder), ``_EMBED_ROWS`` representatives at a time."""
+    from factory.embed import embed_texts
+
+    parts = []
+    for k in range(_part_count(ctx.params.content)):
+        paths = (folder / f"part{k}-start.npy", folder / f"part{k}-end.npy")
+        maps: list[np.ndarray] = []
+        cut = False
+        for first in range(0, len(representatives), _EMBED_ROWS):
+            texts = _part_texts(table, representatives[first:first + _EMBED_ROWS], k)
+            start = embed_texts(texts, home=ctx.home, progress=ctx.progress, embedder=ctx.params.embedder)
+            end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end",
+                              embedder=ctx.params.embedder)
+            del texts
+            if not maps:
+                maps = [np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                                  shape=(len(representatives), start.shape[1]))
+                        for path in paths]
+            cut = cut or not np.array_equal(start, end)
+            maps[0][first:first + len(start)] = start
+            maps[1][first:first + len(end)] = end
+            del start, end
+        while maps:  # flushed and unmapped; read back below
+            maps.pop().flush()
+        parts += [np.load(path, mmap_mode="r") for path in (paths if cut else paths[:1])]  # no text was cut
+    return parts
+
+
 def _near_embedding(table: pa.Table, representatives: np.ndarray,
                     ctx: StepContext[DedupParams]) -> tuple[np.ndarray, np.ndarray]:
     """Each part embedded on its own; among the exact-content representatives (rows that
     are not exact duplicates), every row's most similar earlier one by the lowest part cosine.
     Returns each row's similarity and its match's row (-1: none).
 
-    Memory: one part's texts of the representatives at a time, and every part's vectors
-    (rows x dim x 4 bytes, twice for a part some text of which the encoder cuts)."""
-    from factory.embed import best_earlier_match, embed_texts
+    The vectors are stored as float16 in memory maps (a temporary ``spill-dedup-*`` folder
+    under the home's ``steps`` folder, removed when the step ends, also on an error or
+    Ctrl+C), whatever the number of rows, so the similarities are those of the rounded
+    vectors (within ~1e-3 of float32's) for small and large sets alike.
+
+    Memory, m representatives of P compared parts (P = 3 to 6: prompt and answers, each
+    twice when the encoder cuts some of its texts), dimension d (384 for minilm): while
+    embedding, ``_EMBED_ROWS`` rows' texts and float32 vectors (~200 MiB); while matching
+    (see :func:`factory.embed.index.approximate_best_earlier`), 8 x 33 x P bytes a row of
+    candidates (0.8 GiB at 1M rows and 3 parts) and one part's index, a float32 copy of
+    that part (4 d bytes a row: 1.5 GiB at 1M rows), plus the mapped pages of the part
+    being read (2 d bytes a row, file-backed: the kernel can drop them); never all parts'
+    vectors in memory. Below ``EXACT_BELOW`` (20,000) rows the exact comparison holds
+    float32 copies of all parts (at most 20,000 x 4 d x P bytes, 184 MiB)."""
+    from factory.embed import best_earlier_match
 
     n = table.num_rows
     similarity, near_row = np.zeros(n), np.full(n, -1, dtype=np.int64)
@@ -502,15 +573,14 @@ def _near_embedding(table: pa.Table, representatives: np.ndarray,
         return similarity, near_row
     # Each part at its start and at its end: the encoder reads 256 tokens, and two long
     # conversations that open alike but go on differently must not compare equal.
-    parts = []
-    for k in range(_part_count(ctx.params.content)):
-        texts = _part_texts(table, representatives, k)
-        start = embed_texts(texts, home=ctx.home, progress=ctx.progress, embedder=ctx.params.embedder)
-        end = embed_texts(texts, home=ctx.home, progress=ctx.progress, keep="end",
-                          embedder=ctx.params.embedder)
-        del texts
-        parts += [start] if np.array_equal(start, end) else [start, end]  # no text was cut
-    best, sims = best_earlier_match(parts)
+    folder = _map_folder(ctx.home)
+    parts: list[np.ndarray] = []
+    try:
+        parts = _embedded_parts(table, representatives, ctx, Path(folder.name))
+        best, sims = best_earlier_match(parts)
+    finally:
+        del parts  # unmap before the files go
+        folder.cleanup()
     found = np.flatnonzero(best >= 0)
     similarity[representatives[found]] = sims[found]
     near_row[representatives[found]] = representatives[best[found]]

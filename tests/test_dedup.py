@@ -14,6 +14,7 @@ from factory.steps import StepContext
 from factory.steps.runner import execute, prepare
 from filters.dedup import NEAR_DUPLICATE_THRESHOLD, ngrams, normalise
 from schemas.pairs import Message, Pair, pairs_to_table
+from schemas.prompts import prompt_text
 
 TOPICS = ["volcanoes", "tides", "photosynthesis", "the moon landing", "bread baking", "chess openings",
           "monsoon winds", "honey bees", "glaciers", "the printing press", "jazz", "coral reefs"]
@@ -192,7 +193,7 @@ def _reference_near_minhash(components, pair_ids, exact_of, params):
 
 
 def _reference_scores(table: pa.Table, ctx: StepContext) -> pa.Table:
-    """The dedup scores as the whole-table implementation (version 4) computed them: every
+    """The dedup scores as the whole-table implementation (version 5) computes them: every
     part of every row as Python lists, exact keys as whole strings, MinHash by datasketch,
     kept to show the chunked one gives the same scores bit for bit."""
     import polars as pl
@@ -241,7 +242,7 @@ def _reference_scores(table: pa.Table, ctx: StepContext) -> pa.Table:
                      "contaminated_by": pa.array(by, pa.string())})
 
 
-def _reference_near_embedding(components, pair_ids, exact_of, ctx):
+def _reference_near_embedding(components, pair_ids, exact_of, ctx, rounded=True):
     from factory.embed import best_earlier_match, embed_texts
 
     n = len(pair_ids)
@@ -255,7 +256,8 @@ def _reference_near_embedding(components, pair_ids, exact_of, ctx):
         start = embed_texts(texts, home=ctx.home, embedder=ctx.params.embedder)
         end = embed_texts(texts, home=ctx.home, keep="end", embedder=ctx.params.embedder)
         parts += [start] if np.array_equal(start, end) else [start, end]
-    best, sims = best_earlier_match(parts)
+    # version 5 compares the vectors as stored: rounded to float16
+    best, sims = best_earlier_match([part.astype(np.float16) if rounded else part for part in parts])
     for row, (j, s) in enumerate(zip(best.tolist(), sims.tolist(), strict=True)):
         if j >= 0:
             i = representatives[row]
@@ -325,20 +327,10 @@ def test_chunked_dedup_scores_as_the_whole_table_implementation_did(tmp_path, mo
 
 
 def test_chunked_embedding_dedup_scores_as_the_whole_table_implementation_did(tmp_path, monkeypatch) -> None:
-    import hashlib
-
     import factory.embed
     import filters.dedup as dedup_module
 
-    def embed(texts, *, keep="start", **_):  # noqa: ANN001, ANN202 - a deterministic bag of words
-        out = np.zeros((len(texts), 64), np.float32)
-        for row, text in enumerate(texts):
-            words = text.split()
-            for word in (words[:12] if keep == "start" else words[-12:]):
-                out[row, hashlib.blake2b(word.encode(), digest_size=1).digest()[0] % 64] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-    monkeypatch.setattr(factory.embed, "embed_texts", embed)
+    monkeypatch.setattr(factory.embed, "embed_texts", _bag_of_words)
     pairs = _planted_pairs(copies=3)
     whole = None
     for rows in (5, 4096):
@@ -349,6 +341,93 @@ def test_chunked_embedding_dedup_scores_as_the_whole_table_implementation_did(tm
                 "filter", "dedup", {"near": "embedding"}).params, home=tmp_path))
         assert result.table.equals(whole), (rows, result.table.to_pylist(), whole.to_pylist())
     assert sum(s["near_of"] is not None for s in whole.to_pylist()) >= 12
+
+
+def _bag_of_words(texts, *, keep="start", **_):  # noqa: ANN001, ANN202 - a deterministic stand-in embedder
+    import hashlib
+
+    out = np.zeros((len(texts), 64), np.float32)
+    for row, text in enumerate(texts):
+        words = text.split()
+        for word in (words[:12] if keep == "start" else words[-12:]):
+            out[row, hashlib.blake2b(word.encode(), digest_size=1).digest()[0] % 64] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_embedding_dedup_decides_as_float32_vectors_did(tmp_path, monkeypatch) -> None:
+    # version 5 compares float16 vectors: the similarities move by ~1e-3, the decisions do not
+    import factory.embed
+    from filters.dedup import DedupParams
+
+    monkeypatch.setattr(factory.embed, "embed_texts", _bag_of_words)
+    pairs = _planted_pairs(copies=3)
+    table, result, decision = _scores(pairs, tmp_path, near="embedding")
+    ctx = StepContext("dedup", DedupParams(near="embedding"), home=tmp_path)
+    components = [[prompt_text(p, roles=False) for p in table.column("prompt").to_pylist()]]
+    chosen, rejected = table.column("chosen").to_pylist(), table.column("rejected").to_pylist()
+    from filters.dedup import canonical
+
+    chosen, rejected = [canonical(t) for t in chosen], [canonical(t) for t in rejected]
+    components += [[min(c, r) for c, r in zip(chosen, rejected, strict=True)],
+                   [max(c, r) for c, r in zip(chosen, rejected, strict=True)]]
+    exact_of = result.table["exact_of"].to_pylist()
+    similarity, near_of = _reference_near_embedding(components, table["pair_id"].to_pylist(), exact_of, ctx,
+                                                    rounded=False)
+    assert result.table["near_of"].to_pylist() == near_of
+    np.testing.assert_allclose(result.table["near_similarity"].to_numpy(), similarity, atol=2e-3)
+    threshold = NEAR_DUPLICATE_THRESHOLD
+    old = ["drop" if e is not None or (n is not None and s >= threshold) else "keep"
+           for e, n, s in zip(exact_of, near_of, similarity, strict=True)]
+    assert decision.action.to_pylist() == old
+    assert old.count("drop") >= 12 + 8
+
+
+def _map_folders(home) -> list:
+    return sorted((home / "steps").glob("spill-dedup-*")) if (home / "steps").exists() else []
+
+
+def test_the_float16_maps_are_on_disk_while_matching_and_removed_after(tmp_path, monkeypatch) -> None:
+    import factory.embed
+    import filters.dedup as dedup_module
+
+    monkeypatch.setattr(factory.embed, "embed_texts", _bag_of_words)
+    monkeypatch.setattr(dedup_module, "_EMBED_ROWS", 7)  # parts written 7 representatives at a time
+    seen = []
+    real = factory.embed.best_earlier_match
+
+    def matching(parts, **kwargs):  # noqa: ANN001, ANN202
+        seen.append(([p.dtype for p in parts], [type(p) for p in parts],
+                     [sorted(f.name for f in folder.iterdir()) for folder in _map_folders(tmp_path)]))
+        return real(parts, **kwargs)
+
+    monkeypatch.setattr(factory.embed, "best_earlier_match", matching)
+    _scores(_planted_pairs(copies=2), tmp_path, near="embedding")
+    dtypes, kinds, folders = seen[0]
+    assert set(dtypes) == {np.dtype(np.float16)} and all(k is np.memmap for k in kinds)
+    assert len(folders) == 1 and folders[0] == sorted(f"part{k}-{end}.npy" for k in range(3) for end in ("end", "start"))
+    assert len(dtypes) == 6  # every part has a text longer than the stand-in encoder reads
+    assert _map_folders(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_the_float16_maps_are_removed_after_an_error_or_ctrl_c(tmp_path, monkeypatch, error) -> None:
+    import factory.embed
+    import filters.dedup as dedup_module
+
+    monkeypatch.setattr(dedup_module, "_EMBED_ROWS", 7)
+    calls = []
+
+    def failing(texts, **kwargs):  # noqa: ANN001, ANN202 - fails once some vectors are on disk
+        calls.append(len(texts))
+        if len(calls) == 5:
+            assert len(list(_map_folders(tmp_path)[0].glob("*.npy"))) == 2
+            raise error("stop")
+        return _bag_of_words(texts, **kwargs)
+
+    monkeypatch.setattr(factory.embed, "embed_texts", failing)
+    with pytest.raises(error):
+        _scores(_planted_pairs(copies=2), tmp_path, near="embedding")
+    assert len(calls) == 5 and _map_folders(tmp_path) == []
 
 
 def test_a_bucket_of_many_near_copies_makes_a_bounded_number_of_candidate_pairs(tmp_path) -> None:

@@ -111,3 +111,62 @@ def test_tiny_inputs_take_either_path(exact: bool) -> None:
     idx, sims = top_k_neighbours(x, k=10, exact=exact)
     assert (idx[:, 4:] == -1).all() and np.isnan(sims[:, 4:]).all()
     assert sorted(idx[0, :4].tolist()) == [1, 2, 3, 4]
+
+
+def _planted_parts(n: int, dims: tuple[int, ...], seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Clustered parts with near duplicates of earlier rows planted at ``later``."""
+    parts = [_clustered(n, dim=d, seed=seed + i) for i, d in enumerate(dims)]
+    rng = np.random.default_rng(seed)
+    later = rng.choice(np.arange(n // 2, n), size=n // 20, replace=False)
+    source = rng.integers(0, n // 2, size=len(later))
+    for p in parts:
+        noisy = p[source] + 0.05 * rng.normal(size=p[source].shape).astype(np.float32)
+        p[later] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    return parts, later, source
+
+
+def test_float16_memory_maps_give_the_matches_of_float32_parts_through_the_index(tmp_path, monkeypatch) -> None:
+    # Above EXACT_BELOW (lowered to keep it fast), read a chunk at a time (READ_ROWS lowered):
+    # the float16 maps are never converted whole, and find what float32 parts find.
+    monkeypatch.setattr(index_module, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(index_module, "READ_ROWS", 700)
+    parts, later, _ = _planted_parts(3000, (32, 24, 32), seed=11)
+    maps = []
+    for number, part in enumerate(parts):
+        path = tmp_path / f"part{number}.npy"
+        np.save(path, part.astype(np.float16))
+        maps.append(np.load(path, mmap_mode="r"))
+    i32, s32 = best_earlier_match(parts)
+    i16, s16 = best_earlier_match(maps)
+    assert i16.dtype == np.int64 and s16.dtype == np.float32
+    assert i16[0] == -1 and np.isnan(s16[0]) and (i16[1:] < np.arange(1, 3000)).all()
+    assert (i16[later] == i32[later]).all()  # every planted near duplicate, the same source
+    near = s32 >= 0.8
+    assert near.sum() >= len(later) and (i16[near] == i32[near]).mean() >= 0.99
+    np.testing.assert_allclose(s16[near], s32[near], atol=2e-3)
+    # the similarities are the float32 cosines of the renormalised float16 rows
+    units = [p.astype(np.float16).astype(np.float32) for p in parts]
+    units = [u / np.linalg.norm(u, axis=1, keepdims=True) for u in units]
+    np.testing.assert_allclose(s16[1:], np.min([np.einsum("rd,rd->r", u[1:], u[i16[1:]]) for u in units], axis=0),
+                               atol=1e-5)
+
+
+def test_float16_parts_on_the_exact_path_are_within_rounding_of_float32() -> None:
+    parts, later, _ = _planted_parts(600, (16, 16), seed=12)
+    i32, s32 = best_earlier_match(parts, exact=True)
+    i16, s16 = best_earlier_match([p.astype(np.float16) for p in parts], exact=True)
+    assert (i16[later] == i32[later]).all()
+    np.testing.assert_allclose(s16[1:], s32[1:], atol=2e-3)
+    assert best_earlier_match(parts, exact=True)[0].tolist() == i32.tolist()  # float32 unchanged
+
+
+def test_rows_without_an_earlier_candidate_are_compared_with_every_earlier_row() -> None:
+    parts, _, _ = _planted_parts(400, (8, 8), seed=13)
+    best_i = np.full(400, -1, dtype=np.int64)
+    best_s = np.full(400, np.nan, dtype=np.float32)
+    rows = np.array([1, 5, 77, 399])
+    index_module._best_earlier_exactly([p.astype(np.float16) for p in parts], rows, best_i, best_s,
+                                       block=3, columns=50)
+    exact_i, exact_s = best_earlier_match([p.astype(np.float16) for p in parts], exact=True)
+    assert best_i[rows].tolist() == exact_i[rows].tolist()
+    np.testing.assert_allclose(best_s[rows], exact_s[rows], atol=1e-5)

@@ -13,10 +13,16 @@ Exact kNN (:mod:`factory.embed.knn`) costs O(n^2 d): 100k x 384 takes minutes, 1
 
 What is approximate: a true neighbour lying in a cell that is not probed is missed (recall, not
 precision: every similarity returned is the exact inner product of the two unit vectors).
+
+Vectors may also come as float16 (e.g. dedup's memory-mapped parts, 2 bytes a dimension): they
+are read :data:`READ_ROWS` rows at a time, converted to float32 and renormalised on the fly
+(float16 rounding moves a unit norm by up to ~1e-3), never converted whole; see
+:func:`float32_rows`.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +39,7 @@ CANDIDATE_BYTES = 256 << 20
 CELLS_PER_SQRT_N = 2  # nlist = 2 sqrt(n)
 TRAIN_PER_CELL = 40  # k-means training sample per cell (faiss asks for at least 39)
 KMEANS_ITERATIONS = 10
+READ_ROWS = 65_536  # rows of a float16 (memory-mapped) input converted to float32 at once
 
 
 def use_index(corpus_rows: int, exact: bool | None) -> bool:
@@ -49,6 +56,39 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
                                 dtype=np.float32)
 
 
+def float32_rows(x: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """``x[rows]`` as C-contiguous float32 unit rows for the index and its comparisons.
+
+    float16 rows (a memory-mapped part) are converted and renormalised, since float16 rounding
+    breaks unit norm slightly; rows of any other dtype are taken as the unit rows the caller
+    promised (converted to float32 as they always were), so float32 input gives the same
+    numbers as before float16 was accepted."""
+    picked = x[rows]
+    if picked.dtype == np.float16:
+        return unit_rows(picked)
+    return np.ascontiguousarray(picked, dtype=np.float32)
+
+
+def _inverse_norms(x: np.ndarray) -> np.ndarray:
+    """1 / the length of each row (float32; a zero row's is 1e12: similar to nothing), read
+    :data:`READ_ROWS` rows at a time."""
+    out = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), READ_ROWS):
+        chunk = x[start:start + READ_ROWS]
+        norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64))
+        out[start:start + len(chunk)] = 1.0 / np.maximum(norms, 1e-12)
+    return out
+
+
+def release(x: np.ndarray) -> None:
+    """Let the kernel drop a memory-mapped array's pages from this process's resident memory
+    (they stay in the page cache, so reading them again costs no disk); others are left as
+    they are. Safe for shared mappings, read-only or written (writes live in the page cache)."""
+    mapping = getattr(x, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 class NeighbourIndex:
     """An inverted-file (IVF) inner-product index over unit vectors, nprobe calibrated for recall.
 
@@ -56,8 +96,10 @@ class NeighbourIndex:
     compared with the rows of its ``nprobe`` nearest cells. The comparison runs per cell as
     one BLAS matrix product of all the queries probing that cell with its rows (faiss'
     IndexIVFFlat compares one query at a time, 5x slower here on 2 cores), the cell's rows
-    stored contiguously. Memory: one reordered copy of the corpus plus, per chunk of
-    :data:`QUERY_CHUNK` queries, nprobe x k candidates each.
+    stored contiguously. Memory: one reordered float32 copy of the corpus plus, per chunk of
+    :data:`QUERY_CHUNK` queries, nprobe x k candidates each. A float16 (memory-mapped) corpus
+    is read :data:`READ_ROWS` rows at a time (see :func:`float32_rows`): the float32 copy is
+    the only whole one.
     """
 
     def __init__(self, units: np.ndarray, *, calibration_k: int = 10,
@@ -66,7 +108,8 @@ class NeighbourIndex:
         corpus itself), since queries from elsewhere may need more cells for the same recall."""
         import faiss
 
-        units = np.ascontiguousarray(units, dtype=np.float32)
+        if units.dtype != np.float16:
+            units = np.ascontiguousarray(units, dtype=np.float32)
         n, dim = units.shape
         # ~39 training points per cell keeps faiss' k-means well posed (and silent).
         self.nlist = max(1, min(int(CELLS_PER_SQRT_N * np.sqrt(n)), n // 39))
@@ -74,13 +117,19 @@ class NeighbourIndex:
         sample = np.sort(np.random.default_rng(SEED).choice(n, size=size, replace=False))
         kmeans = faiss.Kmeans(dim, self.nlist, niter=KMEANS_ITERATIONS, seed=SEED, spherical=True,
                               max_points_per_centroid=TRAIN_PER_CELL, verbose=False)
-        kmeans.train(units[sample])
+        kmeans.train(float32_rows(units, sample))
         self._quantizer = faiss.IndexFlatIP(dim)
         self._quantizer.add(kmeans.centroids)
-        _, cell = self._quantizer.search(units, 1)
-        self._members = np.argsort(cell[:, 0], kind="stable")  # corpus rows, cell by cell
-        self._bounds = np.searchsorted(cell[self._members, 0], np.arange(self.nlist + 1))
-        self._rows = units[self._members]
+        cell = np.empty(n, dtype=np.int64)
+        for start in range(0, n, READ_ROWS):
+            stop = min(start + READ_ROWS, n)
+            cell[start:stop] = self._quantizer.search(float32_rows(units, slice(start, stop)), 1)[1][:, 0]
+        self._members = np.argsort(cell, kind="stable")  # corpus rows, cell by cell
+        self._bounds = np.searchsorted(cell[self._members], np.arange(self.nlist + 1))
+        self._rows = np.empty((n, dim), dtype=np.float32)
+        for start in range(0, n, READ_ROWS):
+            members = self._members[start:start + READ_ROWS]
+            self._rows[start:start + len(members)] = float32_rows(units, members)
         self.nprobe = self._calibrate(units if queries is None else queries,
                                       min(calibration_k, n), self_rows=queries is None)
 
@@ -96,7 +145,7 @@ class NeighbourIndex:
         rng = np.random.default_rng(SEED + 1)
         rows = np.sort(rng.choice(len(queries), size=min(CALIBRATION_QUERIES, len(queries)),
                                   replace=False))
-        sample = np.ascontiguousarray(queries[rows], dtype=np.float32)
+        sample = float32_rows(queries, rows)
         # Truth in the cell-ordered corpus; a corpus row used as its own query is left out.
         position = np.empty_like(self._members)
         position[self._members] = np.arange(len(self._members))
@@ -234,44 +283,91 @@ def approximate_top_k(q: np.ndarray, c: np.ndarray, k: int, *, self_mode: bool, 
     return indices, sims
 
 
-def approximate_best_earlier(units: Sequence[np.ndarray],
+def approximate_best_earlier(parts: Sequence[np.ndarray],
                              candidates: int = EARLIER_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`factory.embed.best_earlier_match` through one index per part (inputs are unit rows).
+    """:func:`factory.embed.best_earlier_match` through one index per part.
 
-    Candidates for row i are its ``candidates`` nearest rows in each part (from the index);
-    the lowest part cosine is computed exactly for those that come before i, and the best
-    (the first on ties) wins. Approximation: the true best earlier row j is missed only if,
-    in every part, ``candidates`` rows are nearer to i than j is (or the index misses it), and
-    j is alike in every part, so it ranks high in each; a row with no earlier candidate at all
-    is compared exactly with every earlier row.
+    ``parts`` are float32 unit rows or float16 rows (memory maps welcome), read through
+    :func:`float32_rows`. Candidates for row i are its ``candidates`` nearest rows in each part
+    (from the index); the lowest part cosine is computed exactly for those that come before i,
+    and the best (the first on ties) wins. Approximation: the true best earlier row j is
+    missed only if, in every part, ``candidates`` rows are nearer to i than j is (or the index
+    misses it), and j is alike in every part, so it ranks high in each; a row with no earlier
+    candidate at all is compared exactly with every earlier row.
+
+    One part at a time: its index is built, searched :data:`QUERY_CHUNK` rows at a time and
+    freed before the next part's; then each part's cosines with every row's candidates are
+    computed in blocks and the running minimum kept. Memory, n rows of dimension d, P parts
+    of C = candidates + 1 each: the candidates (int32) and their running minimum (float32),
+    8 P C bytes a row (3 parts: 792 B); one index (a float32 copy of one part, 4 d bytes a row,
+    1.5 KiB at 384 dims); for float16 parts no other whole copy, and each part's mapped
+    pages are let go (:func:`release`) once it is done.
     """
-    n = len(units[0])
-    pool = []
-    for part in units:
+    n = len(parts[0])
+    if n >= np.iinfo(np.int32).max:
+        raise ValueError(f"{n} rows: candidates are stored as int32")
+    width = min(candidates + 1, n)
+    cand = np.empty((n, len(parts) * width), dtype=np.int32)
+    for number, part in enumerate(parts):
         index = NeighbourIndex(part)
-        _, idx = index.search(part, min(candidates + 1, n))
-        pool.append(idx)
-    cand = np.concatenate(pool, axis=1)
+        for start in range(0, n, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, n)
+            _, found = index.search(float32_rows(part, slice(start, stop)), width)
+            cand[start:stop, number * width:(number + 1) * width] = found
+        del index, found
+        release(part)
+    sim = np.full(cand.shape, np.inf, dtype=np.float32)
+    block = 512
+    for part in parts:  # one part's pages at a time
+        # float16 rows are compared as read and the dot products scaled by both rows' inverse
+        # norms: the cosine of the renormalised rows, without renormalising every gathered row
+        inverse = _inverse_norms(part) if part.dtype == np.float16 else None
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            c = cand[start:stop]
+            valid = (c >= 0) & (c < np.arange(start, stop)[:, None])
+            safe = np.where(valid, c, 0)
+            others = np.asarray(part[safe.ravel()], dtype=np.float32).reshape(*c.shape, -1)
+            dots = np.einsum("rd,rcd->rc", np.asarray(part[start:stop], dtype=np.float32), others)
+            if inverse is not None:
+                dots *= inverse[start:stop, None] * inverse[safe]
+            np.minimum(sim[start:stop], dots, out=sim[start:stop])
+        release(part)
     best_i = np.full(n, -1, dtype=np.int64)
     best_s = np.full(n, np.nan, dtype=np.float32)
-    block = 512
     for start in range(0, n, block):
         stop = min(start + block, n)
         rows = np.arange(start, stop)
-        c = cand[start:stop]
+        c, s = cand[start:stop], sim[start:stop]
         valid = (c >= 0) & (c < rows[:, None])
-        safe = np.where(valid, c, 0)
-        sim = np.full(c.shape, np.inf, dtype=np.float32)
-        for part in units:
-            np.minimum(sim, np.einsum("rd,rcd->rc", part[rows], part[safe]), out=sim)
-        sim[~valid] = -np.inf
-        top = sim.max(axis=1)
-        first = np.where(valid & (sim == top[:, None]), c, n).min(axis=1)
+        s[~valid] = -np.inf
+        top = s.max(axis=1)
+        first = np.where(valid & (s == top[:, None]), c, n).min(axis=1)
         has = valid.any(axis=1)
         best_i[rows[has]] = first[has]
         best_s[rows[has]] = top[has]
-    for row in np.flatnonzero((best_i < 0) & (np.arange(n) > 0)):
-        sim = np.min([part[:row] @ part[row] for part in units], axis=0)
-        best_i[row] = int(np.argmax(sim))
-        best_s[row] = sim[best_i[row]]
+    del cand, sim
+    _best_earlier_exactly(parts, np.flatnonzero((best_i < 0) & (np.arange(n) > 0)), best_i, best_s)
     return best_i, best_s
+
+
+def _best_earlier_exactly(parts: Sequence[np.ndarray], rows: np.ndarray, best_i: np.ndarray,
+                          best_s: np.ndarray, block: int = 512, columns: int = 4096) -> None:
+    """Fill in ``best_i`` / ``best_s`` of the ascending ``rows`` by comparing each with every
+    earlier row: ``block`` rows against ``columns`` earlier rows at a time, in every part."""
+    for start in range(0, len(rows), block):
+        group = rows[start:start + block]
+        queries = [float32_rows(part, group) for part in parts]
+        top_s = np.full(len(group), -np.inf, dtype=np.float32)
+        top_i = np.full(len(group), -1, dtype=np.int64)
+        for cs in range(0, int(group[-1]), columns):
+            ce = min(cs + columns, int(group[-1]))
+            tile = queries[0] @ float32_rows(parts[0], slice(cs, ce)).T
+            for q, part in zip(queries[1:], parts[1:], strict=True):
+                np.minimum(tile, q @ float32_rows(part, slice(cs, ce)).T, out=tile)
+            tile[np.arange(cs, ce)[None, :] >= group[:, None]] = -np.inf  # the row itself and later
+            pick = np.argmax(tile, axis=1)  # the first column on ties
+            found = tile[np.arange(len(group)), pick]
+            better = found > top_s  # strictly: an earlier tile keeps its tie
+            top_s[better], top_i[better] = found[better], pick[better] + cs
+        best_i[group], best_s[group] = top_i, top_s

@@ -166,22 +166,46 @@ def best_earlier_match(
     ``exact=False``) the comparison is O(n^2) no more: candidates come from an IVF index per
     part and only they are compared exactly (see
     :func:`factory.embed.index.approximate_best_earlier` for what may be missed).
+
+    Parts of any float dtype are normalised here (they need not be unit rows). float16
+    parts, e.g. memory maps (``np.load(..., mmap_mode="r")``), are never copied whole: the
+    index path reads them a chunk at a time, in float32, renormalised (see
+    :func:`factory.embed.index.float32_rows`), so its memory is that of one part's index and
+    the candidates, not of the vectors. The exact path converts every part to float32 unit
+    rows as it does any input (P x n x dim x 4 bytes: it runs below EXACT_BELOW rows unless
+    forced). Either way float16 parts give the float32 answer for the rounded vectors, which
+    differs from the unrounded ones' by ~1e-3 in similarity; other dtypes give the same
+    answer as before float16 was accepted (normalised float32 copies of all parts).
     """
     if not parts:
         raise ValueError("best_earlier_match needs at least one part")
+    parts = [part if isinstance(part, np.ndarray) else np.asarray(part) for part in parts]
+    for number, part in enumerate(parts):
+        if np.ndim(part) != 2:
+            raise ValueError(f"part {number} must be a 2-D array (n, dim), got shape {np.shape(part)}")
+    n = len(parts[0])
+    if any(len(p) != n for p in parts):
+        raise ValueError(f"parts have different row counts: {[len(p) for p in parts]}")
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
+    if n > 1 and use_index(n, exact):
+        from factory.embed.index import READ_ROWS, approximate_best_earlier, release
+
+        ready = []
+        for number, part in enumerate(parts):
+            if part.dtype == np.float16:  # read in chunks, renormalised on the fly
+                for start in range(0, n, READ_ROWS):
+                    _matrix(part[start:start + READ_ROWS], f"part {number}")
+                release(part)
+                ready.append(part)
+            else:
+                x = _matrix(part, f"part {number}")
+                ready.append(np.ascontiguousarray(x * _inverse_norms(x)[:, None]))
+        return approximate_best_earlier(ready)
     units = []
     for number, part in enumerate(parts):
         x = _matrix(part, f"part {number}")
         units.append(x * _inverse_norms(x)[:, None])
-    n = len(units[0])
-    if any(len(u) != n for u in units):
-        raise ValueError(f"parts have different row counts: {[len(u) for u in units]}")
-    if block_rows < 1:
-        raise ValueError("block_rows must be >= 1")
-    if n > 1 and use_index(n, exact):
-        from factory.embed.index import approximate_best_earlier
-
-        return approximate_best_earlier([np.ascontiguousarray(u) for u in units])
     best_i = np.full(n, -1, dtype=np.int64)
     best_s = np.full(n, -np.inf, dtype=np.float32)
     for qs in range(0, n, block_rows):
