@@ -17,6 +17,12 @@ it (the embedding cache and ``load`` also mark each use explicitly):
                         files made next to them; a copy of content no version has goes after
                         ``grace`` like an unreferenced object.
 
+Area ``incoming`` (paths relative to the data path, the home's or a lake's) holds what a killed
+write left half-made: a model folder being copied to ``models/<name>/.incoming-<uuid>/`` before
+its registration renames it, and a file being placed beside an object (``objects/ab/.<...>``,
+``catalog migrate``). A writer may be mid-copy, so a unit goes only after ``grace`` with no
+change in it, like an unreferenced object.
+
 The LLM request cache (``llm_cache.duckdb``) stores paid answers whose entries record when
 they were made, not when last used, so it is only reported unless ``llm_cache_grace`` is
 given: then entries made longer ago than that are deleted.
@@ -33,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from factory.catalog.catalog import Catalog
+from factory.catalog.catalog import INCOMING_MODEL, MODELS, Catalog
 
 STAGING = "staging"  # under a lake's data path (see factory.steps.runner.run_work_dir)
 DEFAULT_CACHE_GRACE_SECONDS = 7 * 24 * 3600.0
@@ -63,13 +69,15 @@ def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
              ("datasets", catalog.home, _children(catalog.home / "cache" / "datasets"))]
     if catalog.lake is not None:  # Ray workers' batches of interrupted runs, on the shared path
         areas.append(("staging", catalog.data_root, _children(catalog.data_root / STAGING)))
+    areas.append(("incoming", catalog.data_root, _incoming_leftovers(catalog.data_root)))
     for area, root, units in areas:
         report = reports[area] = AreaReport()
         for unit in units:
             idle = now - _last_use(unit)
             orphan = area == "datasets" and _is_load_copy(unit) and unit.stem not in live_copies
             size = _size(unit)
-            if idle >= cache_grace_seconds or (orphan and idle >= grace_seconds):
+            grace = grace_seconds if area == "incoming" else cache_grace_seconds
+            if idle >= grace or (orphan and idle >= grace_seconds):
                 report.removed.append(str(unit.relative_to(root)))
                 report.bytes += size
                 if not dry_run:
@@ -93,6 +101,18 @@ def _live_load_copies(catalog: Catalog) -> set[str]:
 def _is_load_copy(path: Path) -> bool:
     """A ``load`` copy is named by a sha256; other files there are `datasets`' own caches."""
     return path.suffix == ".arrow" and len(path.stem) == 64 and all(c in "0123456789abcdef" for c in path.stem)
+
+
+def _incoming_leftovers(data_root: Path) -> list[Path]:
+    """Half-made model copies and object placements under ``data_root`` (see the module doc).
+
+    Objects are named ``<sha256>.parquet``; a hidden entry beside them is always a placement.
+    """
+    models = [p for folder in _children(data_root / MODELS) if folder.is_dir()
+              for p in folder.glob(f"{INCOMING_MODEL}*")]
+    placements = [p for folder in _children(data_root / "objects") if folder.is_dir() and len(folder.name) == 2
+                  for p in folder.glob(".*")]
+    return sorted(models + placements)
 
 
 def _children(folder: Path) -> list[Path]:
