@@ -288,6 +288,32 @@ def _walk(folder: Path) -> list[Path]:
     return [folder, *folder.rglob("*")]
 
 
+def test_gc_puts_back_a_registered_models_copy_that_a_kill_left_unrenamed(lake, cli, monkeypatch):
+    lake.commit("d", make_pairs(5))
+    trained = _model_folder(lake.home / "trained")
+    lake.register_model("rm", trained, "d@1", {}, {})
+    place = lake.data_root / "models" / "rm" / "v1"
+    # Killed after the commit that numbered it, before the rename: the version's folder is missing.
+    unrenamed = place.with_name(".incoming-0123")
+    place.rename(unrenamed)
+    other, _ = lake._share_model("rm", trained, ())  # a copy of the same files no version records
+    (other / "config.json").write_bytes(b'{"changed": 1}')
+    hours_ago = time.time() - 7200
+    for path in [*_walk(unrenamed), *_walk(other)]:
+        os.utime(path, (hours_ago, hours_ago))
+    assert not verify(lake)["ok"]
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake.location)
+    dry = cli("catalog", "gc")
+    assert dry.code == 0, dry.stderr
+    assert "would restore 1 registered model folder(s)" in dry.stdout and "(and restore those)" in dry.stdout
+    report = gc(lake, dry_run=False)["areas"]["incoming"]
+    assert report["restored"] == ["models/rm/.incoming-0123 -> models/rm/v1"]
+    assert report["removed"] == [str(other.relative_to(lake.data_root))]
+    assert not unrenamed.exists() and not other.exists()
+    assert _files(lake.checked_model_path("rm@1")) == _files(trained) and verify(lake)["ok"]
+
+
 def test_a_write_that_loses_a_conflict_runs_again_until_the_lock_timeout(lake, monkeypatch):
     import duckdb
 

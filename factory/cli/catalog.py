@@ -304,11 +304,16 @@ def run_gc(args: argparse.Namespace) -> CommandResult:
             lines.append(f"  {area}: {verb} {len(report['removed'])} ({report['bytes']} bytes), "
                          f"kept {report['kept']} ({report['kept_bytes']} bytes)")
             lines += [f"    {f}" for f in report["removed"]]
+        if report["restored"]:
+            lines.append(f"  {area}: {'would restore' if result['dry_run'] else 'restored'} "
+                         f"{len(report['restored'])} registered model folder(s) a killed registration left unrenamed")
+            lines += [f"    {f}" for f in report["restored"]]
     if result["skipped_younger_than_grace"]:
         lines.append(f"  kept {result['skipped_younger_than_grace']} unreferenced files younger than {args.grace:.0f} s")
     lines += _llm_cache_lines(result["llm_cache"], verb, args.llm_cache_grace)
-    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"]):
-        lines.append("  run again with --yes to delete them")
+    restorable = any(report["restored"] for report in result["areas"].values())
+    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"] or restorable):
+        lines.append("  run again with --yes to delete them" + (" (and restore those)" if restorable else ""))
     return CommandResult(result, "\n".join(lines))
 
 
