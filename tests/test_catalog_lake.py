@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -110,14 +112,33 @@ def test_migrate_keeps_every_version_tag_lineage_and_id(tmp_path, cli, monkeypat
     home.commit("a", make_pairs(8, start=40), lineage={"run_id": "again"})  # a run of a@2
     home.tag("a@1", "gold")
     home.tag("a@2", "gold", force=True)
+    trained = _model_folder(home.home / "models" / "rm" / "v1")
+    (trained / "checkpoint").mkdir()  # a run killed after registering, before dropping its resume state
+    (trained / "checkpoint" / "state.pt").write_bytes(b"optimiser")
+    home.register_model("rm", trained, "a@1", {"accuracy": 0.75}, {"lr": 0.001})
+    home.register_model("gone", _model_folder(home.home / "models" / "gone" / "v1"), "b@1", {}, {})
+    shutil.rmtree(home.home / "models" / "gone")
     url = f"ducklake:{tmp_path / 'lake' / 'catalog.ducklake'}"
     moved = cli("catalog", "migrate", "--to", url, "--json")
     assert moved.code == 0, moved.stderr
-    assert moved.json()["versions"] == 4
+    assert moved.json()["versions"] == 4 and moved.json()["models"] == 1
+    assert moved.json()["models_left_behind"] == [{"model": "gone@1",
+                                                   "path": str(home.home / "models" / "gone" / "v1")}]
     assert cli("catalog", "verify").code == 0
     assert cli("catalog", "verify", "--catalog", url).code == 0
     monkeypatch.setenv("PREFAB_CATALOG", "")  # the CLI set it for its command
     lake = Catalog(tmp_path / "other-home", catalog=url)
+    # The registered model is on the data path with its manifest, as if registered on the lake.
+    folder = lake.checked_model_path("rm@1")
+    assert folder == lake.data_root / "models" / "rm" / "v1"
+    assert _files(folder) == {"config.json": b"{}", "weights/model.bin": b"\x00" * 4096}
+    moved_entry, home_entry = lake.get_model("rm@1"), home.get_model("rm@1")
+    assert {**moved_entry, "path": None} == {**home_entry, "path": None}
+    assert not list((lake.data_root / "models" / "rm").glob(".incoming-*"))
+    checked = verify(lake)
+    assert checked["ok"] and checked["model_files_checked"] == 2 and checked["broken_models"] == []
+    assert [m["name"] for m in lake.models()] == ["gone", "rm"]  # its row kept, its home path unchanged
+    assert lake.get_model("gone@1")["path"] == str(lake.home / "models" / "gone" / "v1")
     assert lake.datasets() == home.datasets()
     for name in ("a", "b", "m"):
         assert [v.as_dict() for v in lake.log(name)] == [v.as_dict() for v in home.log(name)]
@@ -128,6 +149,17 @@ def test_migrate_keeps_every_version_tag_lineage_and_id(tmp_path, cli, monkeypat
     assert lake.failures("a@2").equals(home.failures("a@2"))
     again = cli("catalog", "migrate", "--to", url)
     assert again.code == 1 and "already holds versions" in again.stderr
+
+
+def _model_folder(folder: Path) -> Path:
+    (folder / "weights").mkdir(parents=True)
+    (folder / "config.json").write_bytes(b"{}")
+    (folder / "weights" / "model.bin").write_bytes(b"\x00" * 4096)
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_sigkill_inside_a_lake_commit_leaves_the_lake_valid(lake):
@@ -222,6 +254,64 @@ def test_gc_and_duckdb_maintenance_keep_every_object_a_version_needs(lake):
     assert verify(reopened)["ok"]
     assert _ids(reopened, "e@1") == _ids(reopened, "d@1") and reopened.failures("e@1").num_rows == 500
     assert reopened.commit("d", make_pairs(3)).version == 2  # writes still conflict-checked after CHECKPOINT
+
+
+@pytest.mark.parametrize("on", ["lake", "home"])
+def test_gc_removes_half_made_copies_of_killed_writes_after_the_grace_period(on, lake, tmp_path):
+    catalog = lake if on == "lake" else Catalog(tmp_path / "own-home", catalog="")
+    info = catalog.commit("d", make_pairs(5))
+    trained = _model_folder(tmp_path / "trained")
+    # What a register_model killed between its copy and its commit leaves, and one mid-copy now.
+    stale, _ = catalog._share_model("rm", trained, ())
+    fresh, _ = catalog._share_model("rm", trained, ())
+    (object_path,) = catalog.paths(info)
+    placement = object_path.with_name(f".{object_path.name}.4242.tmp")  # a killed `catalog migrate`
+    placement.write_bytes(b"half")
+    registered = catalog.data_root / "models" / "rm" / "v1"  # a model's folder is never gc's
+    shutil.copytree(trained, registered)
+    hours_ago = time.time() - 7200
+    for path in [placement, *_walk(stale), *_walk(registered)]:
+        os.utime(path, (hours_ago, hours_ago))
+    expected = sorted(str(p.relative_to(catalog.data_root)) for p in (stale, placement))
+
+    report = gc(catalog, dry_run=True)["areas"]["incoming"]  # the default grace: an hour
+    assert (sorted(report["removed"]), report["kept"]) == (expected, 1)
+    assert gc(catalog, dry_run=True, grace_seconds=3 * 3600)["areas"]["incoming"]["removed"] == []
+    done = gc(catalog, dry_run=False)
+    assert sorted(done["areas"]["incoming"]["removed"]) == expected and set(expected) <= set(done["files"])
+    assert not stale.exists() and not placement.exists()
+    assert _files(fresh) == _files(trained) == _files(registered)
+    assert verify(catalog)["ok"] and _ids(catalog, "d@1") == make_pairs(5).column("pair_id").to_pylist()
+
+
+def _walk(folder: Path) -> list[Path]:
+    return [folder, *folder.rglob("*")]
+
+
+def test_gc_puts_back_a_registered_models_copy_that_a_kill_left_unrenamed(lake, cli, monkeypatch):
+    lake.commit("d", make_pairs(5))
+    trained = _model_folder(lake.home / "trained")
+    lake.register_model("rm", trained, "d@1", {}, {})
+    place = lake.data_root / "models" / "rm" / "v1"
+    # Killed after the commit that numbered it, before the rename: the version's folder is missing.
+    unrenamed = place.with_name(".incoming-0123")
+    place.rename(unrenamed)
+    other, _ = lake._share_model("rm", trained, ())  # a copy of the same files no version records
+    (other / "config.json").write_bytes(b'{"changed": 1}')
+    hours_ago = time.time() - 7200
+    for path in [*_walk(unrenamed), *_walk(other)]:
+        os.utime(path, (hours_ago, hours_ago))
+    assert not verify(lake)["ok"]
+
+    monkeypatch.setenv("PREFAB_CATALOG", lake.location)
+    dry = cli("catalog", "gc")
+    assert dry.code == 0, dry.stderr
+    assert "would restore 1 registered model folder(s)" in dry.stdout and "(and restore those)" in dry.stdout
+    report = gc(lake, dry_run=False)["areas"]["incoming"]
+    assert report["restored"] == ["models/rm/.incoming-0123 -> models/rm/v1"]
+    assert report["removed"] == [str(other.relative_to(lake.data_root))]
+    assert not unrenamed.exists() and not other.exists()
+    assert _files(lake.checked_model_path("rm@1")) == _files(trained) and verify(lake)["ok"]
 
 
 def test_a_write_that_loses_a_conflict_runs_again_until_the_lock_timeout(lake, monkeypatch):

@@ -17,6 +17,14 @@ it (the embedding cache and ``load`` also mark each use explicitly):
                         files made next to them; a copy of content no version has goes after
                         ``grace`` like an unreferenced object.
 
+Area ``incoming`` (paths relative to the data path, the home's or a lake's) holds what a killed
+write left half-made: a model folder being copied to ``models/<name>/.incoming-<uuid>/`` before
+its registration renames it, and a file being placed beside an object (``objects/ab/.<...>``,
+``catalog migrate``). A writer may be mid-copy, so a unit goes only after ``grace`` with no
+change in it, like an unreferenced object. One exception: a model copy whose registration
+committed but whose rename never happened (the process died in between) is exactly the
+missing folder of a registered version; it is renamed into place (``restored``), not removed.
+
 The LLM request cache (``llm_cache.duckdb``) stores paid answers whose entries record when
 they were made, not when last used, so it is only reported unless ``llm_cache_grace`` is
 given: then entries made longer ago than that are deleted.
@@ -25,6 +33,7 @@ given: then entries made longer ago than that are deleted.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -33,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from factory.catalog.catalog import Catalog
+from factory.catalog.catalog import INCOMING_MODEL, MODELS, Catalog
 
 STAGING = "staging"  # under a lake's data path (see factory.steps.runner.run_work_dir)
 DEFAULT_CACHE_GRACE_SECONDS = 7 * 24 * 3600.0
@@ -45,9 +54,11 @@ class AreaReport:
     bytes: int = 0
     kept: int = 0
     kept_bytes: int = 0
+    restored: list[str] = field(default_factory=list)  # "<unit> -> <its place>", area incoming only
 
     def as_dict(self) -> dict[str, Any]:
-        return {"removed": self.removed, "bytes": self.bytes, "kept": self.kept, "kept_bytes": self.kept_bytes}
+        return {"removed": self.removed, "bytes": self.bytes, "kept": self.kept, "kept_bytes": self.kept_bytes,
+                "restored": self.restored}
 
 
 def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
@@ -63,13 +74,23 @@ def clean_caches(catalog: Catalog, *, dry_run: bool, grace_seconds: float,
              ("datasets", catalog.home, _children(catalog.home / "cache" / "datasets"))]
     if catalog.lake is not None:  # Ray workers' batches of interrupted runs, on the shared path
         areas.append(("staging", catalog.data_root, _children(catalog.data_root / STAGING)))
+    areas.append(("incoming", catalog.data_root, _incoming_leftovers(catalog.data_root)))
+    lost = _lost_model_folders(catalog)
     for area, root, units in areas:
         report = reports[area] = AreaReport()
         for unit in units:
-            idle = now - _last_use(unit)
+            # A half-made copy ages by its writes only: gc's own hashing (below) reads it.
+            idle = now - _last_use(unit, reads=area != "incoming")
             orphan = area == "datasets" and _is_load_copy(unit) and unit.stem not in live_copies
             size = _size(unit)
-            if idle >= cache_grace_seconds or (orphan and idle >= grace_seconds):
+            grace = grace_seconds if area == "incoming" else cache_grace_seconds
+            place = _place_of(catalog, unit, lost) if area == "incoming" and idle >= grace else None
+            if place is not None:
+                report.restored.append(f"{unit.relative_to(root)} -> {place.relative_to(root)}")
+                if not dry_run:
+                    unit.rename(place)
+                continue
+            if idle >= grace or (orphan and idle >= grace_seconds):
                 report.removed.append(str(unit.relative_to(root)))
                 report.bytes += size
                 if not dry_run:
@@ -95,6 +116,46 @@ def _is_load_copy(path: Path) -> bool:
     return path.suffix == ".arrow" and len(path.stem) == 64 and all(c in "0123456789abcdef" for c in path.stem)
 
 
+def _incoming_leftovers(data_root: Path) -> list[Path]:
+    """Half-made model copies and object placements under ``data_root`` (see the module doc).
+
+    Objects are named ``<sha256>.parquet``; a hidden entry beside them is always a placement.
+    """
+    models = [p for folder in _children(data_root / MODELS) if folder.is_dir()
+              for p in folder.glob(f"{INCOMING_MODEL}*")]
+    placements = [p for folder in _children(data_root / "objects") if folder.is_dir() and len(folder.name) == 2
+                  for p in folder.glob(".*")]
+    return sorted(models + placements)
+
+
+def _lost_model_folders(catalog: Catalog) -> dict[str, list[tuple[Path, dict[str, str]]]]:
+    """Per model name, the folders (and manifests) of its registered versions that are missing."""
+    if catalog.lake is None:  # a home's models are where they were trained: nothing copies them
+        return {}
+    with catalog._connect(read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT name, relpath, manifest FROM models WHERE manifest IS NOT NULL ORDER BY name, version").fetchall()
+    lost: dict[str, list[tuple[Path, dict[str, str]]]] = {}
+    for name, relpath, manifest in rows:
+        if not (catalog.data_root / relpath).exists():
+            lost.setdefault(name, []).append((catalog.data_root / relpath, json.loads(manifest)))
+    return lost
+
+
+def _place_of(catalog: Catalog, unit: Path, lost: dict[str, list[tuple[Path, dict[str, str]]]]) -> Path | None:
+    """The missing version folder whose recorded files ``unit`` holds exactly, if any."""
+    candidates = lost.get(unit.parent.name, []) if unit.parent.parent.name == MODELS and unit.is_dir() else []
+    if not candidates:
+        return None
+    held = {p.relative_to(unit).as_posix(): catalog.store.hash_file(p) for p in sorted(unit.rglob("*"))
+            if p.is_file()}
+    for index, (place, manifest) in enumerate(candidates):
+        if held == manifest:
+            del candidates[index]  # one copy per version
+            return place
+    return None
+
+
 def _children(folder: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
@@ -105,8 +166,9 @@ def _walk(unit: Path) -> Iterator[Path]:
         yield from unit.rglob("*")
 
 
-def _last_use(unit: Path) -> float:
-    """The newest modification time in the unit, or access time of a file in it (a cache read).
+def _last_use(unit: Path, *, reads: bool = True) -> float:
+    """The newest modification time in the unit, or (with ``reads``) access time of a file in
+    it (a cache read).
 
     A folder's access time is not a use: listing it (as gc itself does) sets it.
     """
@@ -116,7 +178,7 @@ def _last_use(unit: Path) -> float:
             stat = path.stat()
         except FileNotFoundError:  # removed meanwhile (a run finishing)
             continue
-        newest = max(newest, stat.st_mtime, 0.0 if path.is_dir() else stat.st_atime)
+        newest = max(newest, stat.st_mtime, 0.0 if path.is_dir() or not reads else stat.st_atime)
     return newest
 
 

@@ -140,7 +140,8 @@ def gc(catalog: Catalog, *, dry_run: bool = True, grace_seconds: float = DEFAULT
                 "DELETE FROM files WHERE sha256 NOT IN (SELECT sha256 FROM version_files)"))
     objects = [str(p.relative_to(catalog.data_root)) for p in doomed]
     areas = {"objects": {"removed": objects, "bytes": freed, "kept": kept_young,
-                         "kept_bytes": sum(p.stat().st_size for p in candidates if p not in doomed)}}
+                         "kept_bytes": sum(p.stat().st_size for p in candidates if p not in doomed),
+                         "restored": []}}
     caches = clean_caches(catalog, dry_run=dry_run, grace_seconds=grace_seconds,
                           cache_grace_seconds=cache_grace_seconds)
     areas.update({area: report.as_dict() for area, report in caches.items()})

@@ -281,7 +281,8 @@ def run_verify(args: argparse.Namespace) -> CommandResult:
         raise PrefabError(f"verify failed: {', '.join(counts)}: {'; '.join(details)}")
     tables = f", {result['tables_checked']} tables checked" if "tables_checked" in result else ""
     repaired = f", {len(result['repaired'])} repaired" if result.get("repaired") else ""
-    return CommandResult(result, f"ok: {result['files_checked']} files verified{tables}{repaired}")
+    models = f", {result['model_files_checked']} model files" if result.get("model_files_checked") else ""
+    return CommandResult(result, f"ok: {result['files_checked']} files verified{models}{tables}{repaired}")
 
 
 def _seconds(text: str) -> float:
@@ -303,11 +304,16 @@ def run_gc(args: argparse.Namespace) -> CommandResult:
             lines.append(f"  {area}: {verb} {len(report['removed'])} ({report['bytes']} bytes), "
                          f"kept {report['kept']} ({report['kept_bytes']} bytes)")
             lines += [f"    {f}" for f in report["removed"]]
+        if report["restored"]:
+            lines.append(f"  {area}: {'would restore' if result['dry_run'] else 'restored'} "
+                         f"{len(report['restored'])} registered model folder(s) a killed registration left unrenamed")
+            lines += [f"    {f}" for f in report["restored"]]
     if result["skipped_younger_than_grace"]:
         lines.append(f"  kept {result['skipped_younger_than_grace']} unreferenced files younger than {args.grace:.0f} s")
     lines += _llm_cache_lines(result["llm_cache"], verb, args.llm_cache_grace)
-    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"]):
-        lines.append("  run again with --yes to delete them")
+    restorable = any(report["restored"] for report in result["areas"].values())
+    if result["dry_run"] and (result["files"] or result["llm_cache"]["removed_entries"] or restorable):
+        lines.append("  run again with --yes to delete them" + (" (and restore those)" if restorable else ""))
     return CommandResult(result, "\n".join(lines))
 
 
@@ -327,5 +333,9 @@ def run_migrate(args: argparse.Namespace) -> CommandResult:
 
     source = Catalog(home_from(args), create=False, catalog="")
     result = migrate(source, Catalog(home_from(args), catalog=args.to))
-    return CommandResult(result, f"migrated {result['versions']} versions ({result['files']} files) "
-                                 f"from {result['from']} to {result['to']}")
+    lines = [f"migrated {result['versions']} versions ({result['files']} files) and {result['models']} "
+             f"models from {result['from']} to {result['to']}"]
+    lines += [f"  model {m['model']}: its folder {m['path']} is gone from the home; recorded as before "
+              "(its home path, no manifest), so loading it fails until it is trained or registered again"
+              for m in result["models_left_behind"]]
+    return CommandResult(result, "\n".join(lines))
