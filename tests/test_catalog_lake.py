@@ -340,35 +340,59 @@ def test_a_write_that_loses_a_conflict_runs_again_until_the_lock_timeout(lake, m
 
 
 def test_the_readme_team_setup_runs_on_postgres(tmp_path, cli, monkeypatch, postgres_database):
-    """The README's team commands (ingest through PREFAB_CATALOG, verify) and its plain-SQL
-    time travel, run as written against a real PostgreSQL catalog."""
+    """The README's team commands, line by line as written (migrate an existing home into an
+    empty lake, verify both sides, ingest on the lake), and its plain-SQL time travel, against
+    a real PostgreSQL catalog."""
     import re
+    import shlex
 
     import duckdb
 
     from factory.lake_extensions import load_lake_extensions
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    sql = re.search(r"```sql\n(.*?)```", readme, re.S).group(1)
+    section = readme[readme.index("### A catalog a team can share"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    sql = re.search(r"```sql\n(.*?)```", section, re.S).group(1)
     assert "prefab: hh@3" in sql and "pairs_hh" in sql
-    url = f"ducklake:postgres:{postgres_database} DATA_PATH {tmp_path / 'shared'}"
-    monkeypatch.setenv("PREFAB_CATALOG", url)
     demo = Path(__file__).resolve().parents[1] / "examples" / "seeds" / "demo_pairs.jsonl"
-    ingested = cli("ingest", demo, "--name", "hh")
-    assert ingested.code == 0, ingested.stderr
+    monkeypatch.setenv("PREFAB_CATALOG", "")
+    assert cli("ingest", demo, "--name", "seeds").code == 0  # the home a team already has
+
+    url = f"ducklake:postgres:{postgres_database} DATA_PATH {tmp_path / 'shared'}"
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    export = next(c for c in commands if c.startswith("export PREFAB_CATALOG="))
+    assert "DATA_PATH" in export
+    monkeypatch.setenv("PREFAB_CATALOG", url)
+    ran = []
+    for command in commands:
+        for part in (p.strip() for p in command.split("&&")):
+            words = shlex.split(part.replace('"$PREFAB_CATALOG"', shlex.quote(url)))
+            if not words or words[0] in ("pip", "export"):
+                continue
+            environment = url
+            if words[0] == "PREFAB_CATALOG=":
+                environment, words = "", words[1:]
+            assert words[0] == "prefab", part
+            monkeypatch.setenv("PREFAB_CATALOG", environment)
+            args = [str(demo) if w == "pairs.jsonl" else w for w in words[1:]]
+            result = cli(*args)
+            assert result.code == 0, (part, result.stdout, result.stderr)
+            ran.append(words[1:3])
+    assert ran == [["catalog", "migrate"], ["catalog", "verify"], ["catalog", "verify"], ["ingest", "pairs.jsonl"]]
+
     monkeypatch.setenv("PREFAB_CATALOG", "")
     team = Catalog(tmp_path / "another-home", catalog=f"ducklake:postgres:{postgres_database}")
+    assert team.resolve("seeds").version == 1 and team.resolve("hh").version == 1
     for rows in (20, 7, 3):
         team.commit("hh", make_pairs(rows))
-    monkeypatch.setenv("PREFAB_CATALOG", url)
-    assert cli("catalog", "verify").code == 0
 
     client = duckdb.connect()  # a plain DuckDB client: no prefab code past loading the extensions
     load_lake_extensions(client, postgres=True)
     statements = [s for s in sql.replace("dbname=prefab host=db", postgres_database).split(";") if s.strip()]
     for statement in statements[:-1]:
         client.execute(statement)
-    assert client.execute(statements[-1]).fetchone()[0] == 7
+    assert client.execute(statements[-1]).fetchone()[0] == 7  # hh@3: the second team commit
     client.close()
 
 
