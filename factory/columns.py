@@ -4,8 +4,9 @@ A million pairs hold about 2.5-3 GB of Python ``str`` and ``dict`` objects once 
 prompt, answer and id is a list entry; the same texts in Arrow buffers take the size of
 their UTF-8 bytes. :class:`ArrowColumn` is a read-only :class:`~collections.abc.Sequence`
 over one Arrow column: ``col[i]`` converts one value, ``col[a:b]``, ``col[indices]`` and
-``col + other`` give new lazy columns (Arrow slices, ``take`` and chunk lists, no copy
-of the texts into Python), and iteration converts :data:`CHUNK_ROWS` values at a time.
+``col + other`` give new lazy columns (Arrow slices, row numbers into the same Arrow values
+and chunk lists: no copy of the texts, in Arrow or in Python), and iteration converts
+:data:`CHUNK_ROWS` values at a time.
 Consumers (tokenizers, hashers, embedders) therefore see the same Python values as
 before, in the same order, but never all of them at once.
 """
@@ -41,19 +42,23 @@ class ArrowColumn(Sequence[T]):
 
     ``convert`` maps a list of ``to_pylist()`` values to the Python values callers see
     (module-level functions only, so that a column pickles); it must not depend on a
-    value's neighbours, so that any chunking gives the same values."""
+    value's neighbours, so that any chunking gives the same values. ``rows`` (int64), when
+    given, picks the rows of ``values`` this column holds, in order: a ``take`` or a
+    subset then costs 8 bytes per row, never a copy of the texts."""
 
     def __init__(
         self,
         values: pa.Array | pa.ChunkedArray,
         convert: Callable[[list[Any]], list[T]] = _identity,
         *,
+        rows: np.ndarray | None = None,
         chunk_rows: int | None = None,
     ):
         chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows  # read now: tests lower it
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self._values = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+        self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self._convert = convert
         self.chunk_rows = chunk_rows
 
@@ -65,15 +70,26 @@ class ArrowColumn(Sequence[T]):
 
     @property
     def arrow(self) -> pa.ChunkedArray:
-        """The underlying Arrow values (before ``convert``)."""
-        return self._values
+        """This column's Arrow values (before ``convert``; taken from the source when the
+        column picks rows of it, which copies them)."""
+        if self._rows is None:
+            return self._values
+        return self._values.take(pa.array(self._rows, type=pa.int64()))
+
+    @property
+    def null_count(self) -> int:
+        """Nulls among this column's values (counted without copying them)."""
+        if self._rows is None or not self._values.null_count:
+            return self._values.null_count
+        valid = pc.is_valid(self._values).to_numpy(zero_copy_only=False)
+        return int((~valid[self._rows]).sum())
 
     @property
     def type(self) -> pa.DataType:
         return self._values.type
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._values) if self._rows is None else len(self._rows)
 
     @overload
     def __getitem__(self, key: int) -> T: ...
@@ -87,16 +103,22 @@ class ArrowColumn(Sequence[T]):
             i = int(key)
             if not -n <= i < n:
                 raise IndexError(f"index {i} out of range for a column of {n}")
-            return self._convert([self._values[i % n].as_py()])[0]
+            i %= n
+            row = i if self._rows is None else int(self._rows[i])
+            return self._convert([self._values[row].as_py()])[0]
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
-            if step == 1:
-                return self._derive(self._values.slice(start, max(0, stop - start)))
-            return self.take(np.arange(start, stop, step))
+            if step != 1:
+                return self.take(np.arange(start, stop, step))
+            stop = max(start, stop)
+            if self._rows is not None:
+                return self._derive(self._values, self._rows[start:stop])
+            return self._derive(self._values.slice(start, stop - start))
         return self.take(key)
 
     def take(self, indices: Sequence[int] | np.ndarray) -> ArrowColumn[T]:
-        """The values at ``indices`` (ints, negatives from the end, or a boolean mask)."""
+        """The values at ``indices`` (ints, negatives from the end, or a boolean mask); the
+        texts are not copied: the new column picks rows of the same Arrow values."""
         idx = np.asarray(indices)
         if idx.dtype == bool:
             if len(idx) != len(self):
@@ -107,31 +129,44 @@ class ArrowColumn(Sequence[T]):
         if len(idx) and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"index out of range for a column of {n}")
         idx = np.where(idx < 0, idx + n, idx)
-        return self._derive(self._values.take(pa.array(idx, type=pa.int64())))
+        return self._derive(self._values, idx if self._rows is None else self._rows[idx])
 
     def __iter__(self) -> Iterator[T]:
         for start in range(0, len(self), self.chunk_rows):
-            yield from self._convert(self._values.slice(start, self.chunk_rows).to_pylist())
+            if self._rows is None:
+                part = self._values.slice(start, self.chunk_rows)
+            else:
+                part = self._values.take(pa.array(self._rows[start : start + self.chunk_rows], type=pa.int64()))
+            yield from self._convert(part.to_pylist())
 
     def __add__(self, other: Sequence[T]) -> ArrowColumn[T]:
-        """Concatenation, as ``list + list`` (the chunks are shared, not copied)."""
+        """Concatenation, as ``list + list`` (the Arrow chunks are shared, not copied)."""
         if isinstance(other, ArrowColumn):
             if other._convert is not self._convert:
                 return NotImplemented
-            right = other._values
-            if right.type != self.type:
-                right = right.cast(self.type)
+            right = other
+            if other.type != self.type:
+                right = ArrowColumn(other._values.cast(self.type), other._convert, rows=other._rows)
         elif isinstance(other, (list, tuple)):
-            right = pa.chunked_array([pa.array(list(other), type=self.type)])
+            right = ArrowColumn(pa.array(list(other), type=self.type), self._convert)
         else:
             return NotImplemented
-        return self._derive(pa.chunked_array(self._values.chunks + right.chunks, type=self.type))
+        return self._concat(self, right)
 
     def __radd__(self, other: Sequence[T]) -> ArrowColumn[T]:
         if isinstance(other, (list, tuple)):
-            left = pa.array(list(other), type=self.type)
-            return self._derive(pa.chunked_array([left, *self._values.chunks], type=self.type))
+            return self._concat(ArrowColumn(pa.array(list(other), type=self.type), self._convert), self)
         return NotImplemented
+
+    def _concat(self, left: ArrowColumn[T], right: ArrowColumn[T]) -> ArrowColumn[T]:
+        values = pa.chunked_array(left._values.chunks + right._values.chunks, type=self.type)
+        if left._rows is None and right._rows is None:
+            return self._derive(values)
+        rows = np.concatenate([left._row_numbers(), right._row_numbers() + len(left._values)])
+        return self._derive(values, rows)
+
+    def _row_numbers(self) -> np.ndarray:
+        return np.arange(len(self._values), dtype=np.int64) if self._rows is None else self._rows
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
@@ -148,10 +183,11 @@ class ArrowColumn(Sequence[T]):
         if not (pa.types.is_string(self.type) or pa.types.is_large_string(self.type)):
             raise TypeError(f"lengths of a {self.type} column: only string columns have them")
         counts = pc.fill_null(pc.utf8_length(self._values), 0)
-        return np.asarray(counts.to_numpy(), dtype=np.int64)
+        lengths = np.asarray(counts.to_numpy(), dtype=np.int64)
+        return lengths if self._rows is None else lengths[self._rows]
 
-    def _derive(self, values: pa.ChunkedArray) -> ArrowColumn[T]:
-        return ArrowColumn(values, self._convert, chunk_rows=self.chunk_rows)
+    def _derive(self, values: pa.ChunkedArray, rows: np.ndarray | None = None) -> ArrowColumn[T]:
+        return ArrowColumn(values, self._convert, rows=rows, chunk_rows=self.chunk_rows)
 
 
 def take(values: Sequence[T], indices: np.ndarray) -> Sequence[T]:

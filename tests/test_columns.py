@@ -84,6 +84,24 @@ def test_concatenation_and_iteration_cross_chunk_boundaries(small_chunks):
     assert pickle.loads(pickle.dumps(both)) == both
 
 
+def test_taken_columns_pick_rows_and_compose(small_chunks):
+    col = _column(TEXTS)
+    idx = [8, 0, 3, 3, 5, 1, 7]
+    expected = [TEXTS[i] for i in idx]
+    picked = col.take(idx)  # row numbers into the same Arrow values
+    assert list(picked) == expected and [picked[i] for i in range(-7, 7)] == expected + expected
+    assert list(picked[2:6]) == expected[2:6] and list(picked[::-2]) == expected[::-2]
+    assert list(picked.take([6, 0, 0])) == [expected[6], expected[0], expected[0]]
+    assert list(picked[2:6].take([3, 1])) == [expected[5], expected[3]]
+    assert list(picked + col) == expected + TEXTS and list(col + picked) == TEXTS + expected
+    assert list(picked + picked[1:3]) == expected + expected[1:3] and list(["x"] + picked) == ["x", *expected]
+    assert picked.lengths().tolist() == [len(t) for t in expected]
+    assert picked.arrow.to_pylist() == expected and pickle.loads(pickle.dumps(picked)) == picked
+    nullable = ArrowColumn(pa.array(["a", None, "b"])).take([0, 2, 2])
+    assert nullable.null_count == 0 and nullable.take([0, 1]).null_count == 0
+    assert ArrowColumn(pa.array(["a", None, "b"])).take([1, 1]).null_count == 2
+
+
 def test_prompts_read_as_messages_with_null_contents_as_empty():
     prompt_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     values = [[{"role": "user", "content": "hi"}], None, [{"role": "system", "content": None},

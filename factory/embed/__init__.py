@@ -138,7 +138,7 @@ def _lazy_texts(texts: Sequence[str]) -> bool:
 
     from factory.columns import ArrowColumn
 
-    return isinstance(texts, ArrowColumn) and texts.arrow.null_count == 0 and (
+    return isinstance(texts, ArrowColumn) and texts.null_count == 0 and (
         pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type))
 
 
