@@ -66,6 +66,7 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from factory.columns import text_lengths  # noqa: E402
 from factory.home import resolve_home  # noqa: E402
 from factory.steps import StepContext  # noqa: E402
 from factory.steps.runner import execute, prepare, stamp_generated  # noqa: E402
@@ -323,8 +324,8 @@ def test_ids(suite: Suite, fold: int) -> list[str]:
 
 def length_bias(r_c: np.ndarray, r_r: np.ndarray, data: PairData) -> float | None:
     """Share of pairs where the RM prefers the longer answer minus the share where the label does."""
-    len_c = np.asarray([len(t) for t in data.chosen])
-    len_r = np.asarray([len(t) for t in data.rejected])
+    len_c = text_lengths(data.chosen)
+    len_r = text_lengths(data.rejected)
     keep = ~data.tie & (len_c != len_r)
     if not keep.any():
         return None

@@ -33,7 +33,7 @@ calibrated probability), plus the votes' log-likelihood ratio.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -93,12 +93,12 @@ class ModelSignals:
         return sigmoid(self.oof).mean(0)
 
 
-def fold_assignments(prompt_ids: list[str], cfg: ModelConfig) -> np.ndarray:
+def fold_assignments(prompt_ids: Sequence[str], cfg: ModelConfig) -> np.ndarray:
     """(seeds, n) fold of each row; each seed splits the prompts its own way."""
     return np.stack([kfold_by_prompt(prompt_ids, cfg.folds, cfg.seed * 1009 + s) for s in range(cfg.seeds)])
 
 
-def model_signals(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str],
+def model_signals(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: Sequence[str],
                   a_is_chosen: np.ndarray, cfg: ModelConfig,
                   on_epoch: Callable[[], None] | None = None) -> ModelSignals:
     """Train the ensemble and the co-teaching peers (``cfg.head.epochs`` epochs each;
@@ -177,7 +177,7 @@ class Evidence:
         return np.column_stack([self.columns[name] for name in names]) * orientation
 
 
-def evidence(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: list[str], a_is_chosen: np.ndarray,
+def evidence(x_chosen: np.ndarray, x_rejected: np.ndarray, prompt_ids: Sequence[str], a_is_chosen: np.ndarray,
              length_diff: np.ndarray, judge: np.ndarray | None, cfg: ModelConfig, neighbours: int,
              wide_neighbours: int, models: ModelSignals | None = None,
              on_epoch: Callable[[], None] | None = None, *, neighbourhood: Neighbourhood | None = None,

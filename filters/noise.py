@@ -60,7 +60,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,8 +323,8 @@ class Views:
 
     x_chosen: np.ndarray
     x_rejected: np.ndarray
-    pair_ids: list[str]
-    prompt_ids: list[str]
+    pair_ids: Sequence[str]
+    prompt_ids: Sequence[str]
     length_diff: np.ndarray
     votes_agree: np.ndarray | None
     votes_against: np.ndarray | None
@@ -336,6 +336,7 @@ class Views:
 def _features(data: PairData, ctx: StepContext[NoiseParams]) -> tuple[np.ndarray, np.ndarray]:
     """Frozen-encoder features of (prompt + chosen) and (prompt + rejected), each followed
     by the response embedded alone; both come from (and fill) the embedding cache."""
+    from factory.columns import take
     from factory.trainer.model import HeadFeaturizer
 
     params = ctx.params
@@ -344,8 +345,10 @@ def _features(data: PairData, ctx: StepContext[NoiseParams]) -> tuple[np.ndarray
                                 progress=ctx.progress)
     # Chosen and rejected side by side: a pair's prompt is then tokenised once, not twice
     # (the tokeniser dedups prompts within a chunk; each pair's ids are its own either way).
-    sides = [response for pair in zip(data.chosen, data.rejected, strict=True) for response in pair]
-    joint, _ = featurizer.featurize([prompt for prompt in data.prompts for _ in (0, 1)], sides)
+    # Arrow takes (lazy columns): chosen_0, rejected_0, chosen_1, ... without a list of texts.
+    interleaved = np.arange(2 * n).reshape(2, n).T.reshape(-1)
+    sides = take(data.chosen + data.rejected, interleaved)
+    joint, _ = featurizer.featurize(take(data.prompts, np.arange(n).repeat(2)), sides)
     blocks_c, blocks_r = [joint[0::2]], [joint[1::2]]
     if params.response_view:
         alone = ctx.embed(data.chosen + data.rejected, embedder=params.embedder)

@@ -113,7 +113,8 @@ def embed_texts(
     check_embedder(embedder)
     if keep not in ("start", "end"):
         raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
-    texts = [str(t) for t in texts]
+    if not _lazy_texts(texts):
+        texts = [str(t) for t in texts]
     if embedder == "static":
         from factory.embed.static import embed_static
 
@@ -121,7 +122,7 @@ def embed_texts(
     encoder = _transformer(embedder, home)
     cache = encoder_cache(encoder, cache_root(home))
     if keep == "end":
-        return _embed_tails(texts, encoder, cache, batch_size, progress)
+        return _embed_tails(list(texts), encoder, cache, batch_size, progress)
 
     def compute(batch: list[str]) -> np.ndarray:
         return encoder.embed_ids(encoder.tokenize_plain(batch, MAX_TOKENS), batch_size)
@@ -129,6 +130,16 @@ def embed_texts(
     keys = [text_key(t, MAX_TOKENS) for t in texts]
     return cache.get_or_compute(keys, texts, compute, dim=encoder.dim, batch_size=batch_size,
                                 progress=progress, desc="embed texts")
+
+
+def _lazy_texts(texts: Sequence[str]) -> bool:
+    """Texts in Arrow that need no ``str()`` (no nulls): kept lazy, read a chunk at a time."""
+    import pyarrow as pa
+
+    from factory.columns import ArrowColumn
+
+    return isinstance(texts, ArrowColumn) and texts.null_count == 0 and (
+        pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type))
 
 
 def _transformer(embedder: str, home: str | Path | None) -> MeanPoolEncoder | OnnxMeanPoolEncoder:

@@ -239,7 +239,7 @@ class EmbeddingCache:
                          progress: bool | None, desc: str) -> dict[bytes, np.ndarray]:
         from tqdm.auto import tqdm
 
-        todo = sorted(missing, key=lambda k: len(items[missing[k]]))  # type: ignore[arg-type]
+        todo = sorted(missing, key=_length_of(items, missing).__getitem__)
         done: dict[bytes, np.ndarray] = {}
         pending: list[bytes] = []
         last_flush = time.monotonic()
@@ -257,7 +257,8 @@ class EmbeddingCache:
             with interrupts_raise():
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
-                    vectors = np.asarray(compute([items[missing[k]] for k in batch]), dtype=np.float32)
+                    vectors = np.asarray(compute(_gather(items, [missing[k] for k in batch])),
+                                         dtype=np.float32)
                     if vectors.shape != (len(batch), dim):
                         raise ValueError(f"encoder returned {vectors.shape}, expected {(len(batch), dim)}")
                     done.update(zip(batch, vectors, strict=True))
@@ -323,3 +324,24 @@ def open_cache(root: str | Path | None, key: str) -> EmbeddingCache:
         if cache is None or not folder.is_dir():
             cache = _CACHES[folder] = EmbeddingCache(root, key)
         return cache
+
+
+def _length_of(items: Sequence[Any], positions: dict[bytes, int]) -> dict[bytes, int]:
+    """The length of the item at each position (texts in Arrow: counted there, unconverted)."""
+    import pyarrow as pa
+
+    from factory.columns import ArrowColumn
+
+    if isinstance(items, ArrowColumn) and (pa.types.is_string(items.type) or pa.types.is_large_string(items.type)):
+        lengths = items.take(np.fromiter(positions.values(), np.int64, len(positions))).lengths()
+        return dict(zip(positions, lengths.tolist(), strict=True))
+    return {k: len(items[i]) for k, i in positions.items()}
+
+
+def _gather(items: Sequence[T], positions: list[int]) -> list[T]:
+    """The items at ``positions``: one Arrow take for a lazy column, else by index."""
+    from factory.columns import ArrowColumn
+
+    if isinstance(items, ArrowColumn):
+        return list(items.take(np.asarray(positions, dtype=np.int64)))
+    return [items[i] for i in positions]

@@ -42,6 +42,8 @@ PCA_DIMS = 256
 SIF_COEFFICIENT = 1e-4
 # Static cost is linear in tokens, so it can afford twice MiniLM's 256-token window.
 MAX_TOKENS = 512
+# Texts per model2vec call: bounds the Python strings and token lists held at once.
+ENCODE_CHUNK = 16384
 LAST_USED = "last-used"  # same marker name as the embedding cache (factory.embed.cache)
 
 _models: dict[Path, StaticModel] = {}
@@ -62,14 +64,19 @@ def embed_static(texts: Sequence[str], home: str | Path | None = None,
     model = static_model(home)
     if not len(texts):
         return np.zeros((0, model.dim), dtype=np.float32)
-    if keep == "end":
-        room = MAX_TOKENS * model.median_token_length
-        texts = [t[-room:] for t in texts]
-    # One process on purpose: model2vec's multiprocessing above 10k texts oversubscribes small
-    # machines, and a single pass is already far faster than the transformer.
-    vectors = model.encode(list(texts), max_length=MAX_TOKENS, normalize=False,
-                           use_multiprocessing=False)
-    return _l2_normalise(np.asarray(vectors, dtype=np.float32))
+    room = MAX_TOKENS * model.median_token_length
+    out = np.empty((len(texts), model.dim), dtype=np.float32)
+    # A chunk of texts at a time (each text's vector is its own, so chunking changes
+    # nothing): a lazy column is never turned into one list of every text.
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        part = list(texts[start : start + ENCODE_CHUNK])
+        if keep == "end":
+            part = [t[-room:] for t in part]
+        # One process on purpose: model2vec's multiprocessing above 10k texts oversubscribes
+        # small machines, and a single pass is already far faster than the transformer.
+        vectors = model.encode(part, max_length=MAX_TOKENS, normalize=False, use_multiprocessing=False)
+        out[start : start + len(part)] = np.asarray(vectors, dtype=np.float32)
+    return _l2_normalise(out)
 
 
 def static_model(home: str | Path | None = None) -> StaticModel:

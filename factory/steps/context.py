@@ -49,7 +49,9 @@ class StepContext(Generic[P]):
         under the home folder."""
         from factory.embed import embed_texts
 
-        return embed_texts(list(texts), home=self.home, progress=self.progress, embedder=embedder)
+        # A sequence (a lazy Arrow column too) goes as it is: embed_texts reads it in chunks.
+        texts = texts if isinstance(texts, Sequence) else list(texts)
+        return embed_texts(texts, home=self.home, progress=self.progress, embedder=embedder)
 
     def read_pairs(self, source: str) -> tuple[pa.Table, str]:
         """Pairs from a catalog ref (``name@N``) or a file any reader knows, and their label.

@@ -8,29 +8,35 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from factory.columns import ArrowColumn, as_messages, take
 from schemas.errors import PrefabError
 from schemas.pairs import generated_mask
 
 
 @dataclass
 class PairData:
-    """Column views of a pair table that the trainer needs, in row order."""
+    """Column views of a pair table that the trainer needs, in row order.
 
-    prompts: list[list[dict[str, str]]]
-    chosen: list[str]
-    rejected: list[str]
-    prompt_ids: list[str]
+    Read from a table (:func:`pair_data`), the text columns are lazy :class:`ArrowColumn` objects:
+    Arrow buffers converted to Python a chunk at a time, so that a million pairs never
+    sit in memory as Python strings; any other sequence (a list) works too."""
+
+    prompts: Sequence[list[dict[str, str]]]
+    chosen: Sequence[str]
+    rejected: Sequence[str]
+    prompt_ids: Sequence[str]
     tie: np.ndarray  # bool
     margin: np.ndarray  # float32, 0 where null
     weight: np.ndarray  # float32, 1 where null
-    sources: list[str | None]
-    attributes: list[str | None]
-    tasks: list[str | None]
+    sources: Sequence[str | None]
+    attributes: Sequence[str | None]
+    tasks: Sequence[str | None]
     # provenance.step of each row (for generated pairs, the generator's name) and whether a
     # generator made it from other pairs (its provenance names parent pairs). Empty: no
     # provenance, every row is real.
-    steps: list[str | None] = field(default_factory=list)
+    steps: Sequence[str | None] = field(default_factory=list)
     derived: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     # A fixed reward gap added to the trained one in the loss (float32; empty: 0 for every
     # row). Residual training sets it to the base model's gap, so the loss sees base + residual.
@@ -54,19 +60,19 @@ class PairData:
         return self.offset
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> PairData:
-        idx = list(np.asarray(idx, dtype=np.int64))
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         return PairData(
-            prompts=[self.prompts[i] for i in idx],
-            chosen=[self.chosen[i] for i in idx],
-            rejected=[self.rejected[i] for i in idx],
-            prompt_ids=[self.prompt_ids[i] for i in idx],
+            prompts=take(self.prompts, idx),
+            chosen=take(self.chosen, idx),
+            rejected=take(self.rejected, idx),
+            prompt_ids=take(self.prompt_ids, idx),
             tie=self.tie[idx],
             margin=self.margin[idx],
             weight=self.weight[idx],
-            sources=[self.sources[i] for i in idx],
-            attributes=[self.attributes[i] for i in idx],
-            tasks=[self.tasks[i] for i in idx],
-            steps=[self.steps[i] for i in idx] if self.steps else [],
+            sources=take(self.sources, idx),
+            attributes=take(self.attributes, idx),
+            tasks=take(self.tasks, idx),
+            steps=take(self.steps, idx) if len(self.steps) else [],
             derived=self.generated[idx],
             offset=self.gap_offset[idx],
         )
@@ -79,42 +85,49 @@ def _float_column(table: pa.Table, name: str, default: float) -> np.ndarray:
     return col.to_numpy().astype(np.float32)
 
 
-def _str_column(table: pa.Table, name: str) -> list[str | None]:
+def _str_column(table: pa.Table, name: str) -> ArrowColumn[str | None]:
     if name not in table.column_names:
-        return [None] * table.num_rows
-    return table.column(name).to_pylist()
+        return ArrowColumn(pa.nulls(table.num_rows, pa.string()))
+    return ArrowColumn(table.column(name))
+
+
+def _text_column(table: pa.Table, name: str) -> ArrowColumn[str]:
+    """A required text column; a null reads as the empty string."""
+    column = table.column(name)
+    return ArrowColumn(pc.fill_null(column, "") if column.null_count else column)
 
 
 def pair_data(table: pa.Table) -> PairData:
-    """Read the columns of a canonical pair table (missing optional columns take defaults)."""
+    """Read the columns of a canonical pair table (missing optional columns take defaults).
+
+    The texts stay in ``table``'s Arrow buffers (see :class:`PairData`); the numeric
+    columns become numpy arrays."""
     for required in ("prompt", "chosen", "rejected"):
         if required not in table.column_names:
             raise PrefabError(f"pair table lacks column {required!r}")
-    prompts = table.column("prompt").to_pylist()
-    prompts = [[{"role": m["role"], "content": m["content"] or ""} for m in p or []] for p in prompts]
+    prompts: ArrowColumn[list[dict[str, str]]] = ArrowColumn(table.column("prompt"), as_messages)
     if "prompt_id" in table.column_names:
-        prompt_ids = table.column("prompt_id").to_pylist()
+        prompt_ids: ArrowColumn[str] = ArrowColumn(table.column("prompt_id"))
     else:
-        prompt_ids = [_prompt_hash(p) for p in prompts]
+        prompt_ids = _prompt_hashes(prompts)
     if "tie" in table.column_names:
-        tie = np.asarray(table.column("tie").fill_null(False).to_pylist(), dtype=bool)
+        tie = np.asarray(table.column("tie").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
     else:
         tie = np.zeros(table.num_rows, dtype=bool)
     weight = _float_column(table, "weight", 1.0)
     if (weight < 0).any() or not np.isfinite(weight).all():
         raise PrefabError("column 'weight' must hold finite values >= 0")
-    sources: list[str | None] = [None] * table.num_rows
-    steps: list[str | None] = []
+    sources: ArrowColumn[str | None] = ArrowColumn(pa.nulls(table.num_rows, pa.string()))
+    steps: ArrowColumn[str | None] | list[str | None] = []
     derived = np.zeros(table.num_rows, dtype=bool)
     if "provenance" in table.column_names:
-        provenance = table.column("provenance").to_pylist()
-        sources = [(p or {}).get("source") for p in provenance]
-        steps = [(p or {}).get("step") for p in provenance]
+        provenance = table.column("provenance")
+        sources, steps = (_provenance_field(provenance, name) for name in ("source", "step"))
         derived = generated_mask(table)
     return PairData(
         prompts=prompts,
-        chosen=[c or "" for c in table.column("chosen").to_pylist()],
-        rejected=[r or "" for r in table.column("rejected").to_pylist()],
+        chosen=_text_column(table, "chosen"),
+        rejected=_text_column(table, "rejected"),
         prompt_ids=prompt_ids,
         tie=tie,
         margin=_float_column(table, "margin", 0.0),
@@ -125,6 +138,22 @@ def pair_data(table: pa.Table) -> PairData:
         steps=steps,
         derived=derived,
     )
+
+
+def _provenance_field(provenance: pa.ChunkedArray, name: str) -> ArrowColumn[str | None]:
+    """One string field of the provenance struct (null where the struct or field is)."""
+    if name not in {f.name for f in provenance.type}:
+        return ArrowColumn(pa.nulls(len(provenance), pa.string()))
+    return ArrowColumn(pc.struct_field(provenance, name))
+
+
+def _prompt_hashes(prompts: ArrowColumn[list[dict[str, str]]]) -> ArrowColumn[str]:
+    """The prompt id of each prompt, hashed a chunk of prompts at a time."""
+    chunks = []
+    for start in range(0, len(prompts), prompts.chunk_rows):
+        part = prompts[start : start + prompts.chunk_rows]
+        chunks.append(pa.array([_prompt_hash(p) for p in part], type=pa.string()))
+    return ArrowColumn(pa.chunked_array(chunks, type=pa.string()))
 
 
 def _prompt_hash(prompt: list[dict[str, str]]) -> str:
@@ -204,13 +233,14 @@ def balanced_weights(
     rows = np.asarray(rows, dtype=np.int64)
     generated = data.generated
     if isinstance(share, dict):
-        _check_generator_names(share, {data.steps[i] for i in np.flatnonzero(generated)})
+        _check_generator_names(share, set(take(data.steps, np.flatnonzero(generated))))
     real_total = float(weights[rows[~generated[rows]]].sum())
     if real_total <= 0:
         return weights.astype(np.float32)
     members: dict[str, list[int]] = {}
-    for i in rows[generated[rows]].tolist():
-        members.setdefault(data.steps[i] or "", []).append(i)
+    made = rows[generated[rows]]
+    for i, step in zip(made.tolist(), take(data.steps, made), strict=True):
+        members.setdefault(step or "", []).append(i)
     for step, idx in members.items():
         factor = share.get(step) if isinstance(share, dict) else share
         total = float(weights[idx].sum())

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from factory.columns import take
 from factory.trainer import backbones
 from factory.trainer.data import PairData, balanced_weights, epoch_batches, split_by_prompt
 from factory.trainer.losses import preference_loss
@@ -363,9 +364,12 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _fingerprint(data: PairData, idx: np.ndarray) -> str:
     h = hashlib.sha256()
-    for i in idx:
-        h.update(data.prompt_ids[i].encode())
-        h.update(hashlib.sha1((data.chosen[i] + "\x00" + data.rejected[i]).encode()).digest())
+    rows = np.asarray(idx, dtype=np.int64)
+    # Arrow takes, read a chunk at a time: no per-row lookups and no list of all the texts.
+    for prompt_id, chosen, rejected in zip(take(data.prompt_ids, rows), take(data.chosen, rows),
+                                           take(data.rejected, rows), strict=True):
+        h.update(prompt_id.encode())
+        h.update(hashlib.sha1((chosen + "\x00" + rejected).encode()).digest())
     return h.hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from factory.columns import take
 from factory.embed import top_k_neighbours
 from factory.trainer.data import PairData
 from factory.trainer.model import RewardModel
@@ -66,9 +67,10 @@ def master_key_fpr(
     if len(pref_rows) == 0:
         return {"fpr": None, "fpr_vs_rejected": None, "comparisons": 0, "pairs": 0, "prompts": 0,
                 "by_key": {}}
+    pref_prompt_ids = list(take(data.prompt_ids, pref_rows))  # ids only, never the texts
     first_row: dict[str, int] = {}
-    for i in pref_rows:
-        first_row.setdefault(data.prompt_ids[i], int(i))
+    for i, prompt_id in zip(pref_rows.tolist(), pref_prompt_ids, strict=True):
+        first_row.setdefault(prompt_id, i)
     prompt_ids = list(first_row)
     if len(prompt_ids) > max_prompts:
         pick = np.random.default_rng(seed).choice(len(prompt_ids), max_prompts, replace=False)
@@ -80,8 +82,9 @@ def master_key_fpr(
         [p for p in prompts for _ in keys], [k for _ in prompts for k in keys],
         max_length=max_length, progress=progress,
     ).reshape(len(prompts), len(keys))
-    rows = np.asarray([i for i in pref_rows if data.prompt_ids[i] in slot], dtype=np.int64)
-    key_scores = rewards[[slot[data.prompt_ids[i]] for i in rows]]  # (pairs, keys)
+    probed = [(i, slot[p]) for i, p in zip(pref_rows.tolist(), pref_prompt_ids, strict=True) if p in slot]
+    rows = np.asarray([i for i, _ in probed], dtype=np.int64)
+    key_scores = rewards[[s for _, s in probed]]  # (pairs, keys)
     fools_chosen = key_scores >= np.asarray(r_chosen)[rows][:, None]
     beats_rejected = key_scores >= np.asarray(r_rejected)[rows][:, None]
     return {
@@ -146,13 +149,13 @@ def contrast_consistency(
              "contrast_pairs": 0, "threshold": threshold}
     pref_rows = np.flatnonzero(~data.tie)
     first_row: dict[str, int] = {}
-    for i in pref_rows:
-        first_row.setdefault(data.prompt_ids[i], int(i))
+    for i, prompt_id in zip(pref_rows.tolist(), take(data.prompt_ids, pref_rows), strict=True):
+        first_row.setdefault(prompt_id, i)
     rows = list(first_row.values())
     if len(rows) < 2:
         return empty
-    instructions = [last_user_text(data.prompts[i]) for i in rows]
-    answers = [data.chosen[i] for i in rows]
+    instructions = [last_user_text(p) for p in take(data.prompts, np.asarray(rows))]
+    answers = list(take(data.chosen, np.asarray(rows)))
     pairs = mine_contrast_pairs(instructions, answers, embed(instructions),
                                 threshold=threshold, max_pairs=max_pairs)
     if not pairs:
