@@ -1,7 +1,9 @@
 """Memory of the trainer's input side: PairData from a pair table, then the token cache.
 
-Each run is a fresh subprocess (its own peak RSS) that, on ``--pairs`` (default the 1M-pair
-scale set; ``--rows`` keeps the first rows):
+Each run is a fresh subprocess (its own peak RSS) that, on ``--pairs`` (a Parquet pair file;
+by default ``--rows`` distinct pairs, 1M unless given, made from ../shared/data by
+``benchmarks/_scale_data.py`` into a temporary folder first; with ``--pairs``, ``--rows``
+keeps the first rows):
 
 1. reads the Parquet file (``pyarrow.parquet.read_table``) and builds ``pair_data(table)``;
 2. splits it by prompt (``split_by_prompt``, 10% validation) and takes the training rows
@@ -10,7 +12,7 @@ scale set; ``--rows`` keeps the first rows):
    tokenizer, ``--max-length``, into a fresh temporary root), as full mode does.
 
 ``new`` is this checkout (texts in lazy Arrow columns, :mod:`factory.columns`); ``old`` is
-``--old-ref`` (default ``main`` before them: every text a Python object), extracted with
+``--old-ref`` (default 8909446, the last commit before them: every text a Python object), extracted with
 ``git archive`` into a temporary folder. Figures per phase: wall s, CPU s (user + system of
 the process), peak RSS (``ru_maxrss``, whole process: imports, the Arrow table, the
 tokenizer) and RSS at the end of the phase.
@@ -32,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRS = "/work/scale/base/pairs-1M.parquet"
+# The last commit whose trainer held every text as a Python object.
+OLD_REF = "8909446"
 
 
 def _rss_mib() -> float:
@@ -95,18 +98,25 @@ def _run(which: str, code: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", default=PAIRS)
+    parser.add_argument("--pairs", help="a Parquet pair file (default: make --rows pairs)")
     parser.add_argument("--rows", type=int, default=0, help="first rows only (0: all)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--which", choices=["both", "new", "old"], default="both")
-    parser.add_argument("--old-ref", default="main", help="the list-based code to compare against")
+    parser.add_argument("--old-ref", default=OLD_REF, help="the list-based code to compare against")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(args)
     results = []
-    with tempfile.TemporaryDirectory(prefix="trainer-memory-old-") as old_code:
+    with (tempfile.TemporaryDirectory(prefix="trainer-memory-old-") as old_code,
+          tempfile.TemporaryDirectory(prefix="trainer-memory-pairs-") as made):
+        if not args.pairs:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from _scale_data import write_pairs
+
+            args.rows = args.rows or 1_000_000
+            args.pairs = str(write_pairs(Path(made) / "pairs.parquet", args.rows))
         if args.which in ("both", "old"):
             archive = subprocess.run(["git", "archive", args.old_ref], cwd=ROOT, capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", old_code], input=archive.stdout, check=True)
