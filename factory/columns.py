@@ -74,7 +74,7 @@ class ArrowColumn(Sequence[T]):
         column picks rows of it, which copies them)."""
         if self._rows is None:
             return self._values
-        return self._values.take(pa.array(self._rows, type=pa.int64()))
+        return pa.chunked_array([self._take(self._rows)], type=self.type)
 
     @property
     def null_count(self) -> int:
@@ -136,7 +136,7 @@ class ArrowColumn(Sequence[T]):
             if self._rows is None:
                 part = self._values.slice(start, self.chunk_rows)
             else:
-                part = self._values.take(pa.array(self._rows[start : start + self.chunk_rows], type=pa.int64()))
+                part = self._take(self._rows[start : start + self.chunk_rows])
             yield from self._convert(part.to_pylist())
 
     def __add__(self, other: Sequence[T]) -> ArrowColumn[T]:
@@ -185,6 +185,24 @@ class ArrowColumn(Sequence[T]):
         counts = pc.fill_null(pc.utf8_length(self._values), 0)
         lengths = np.asarray(counts.to_numpy(), dtype=np.int64)
         return lengths if self._rows is None else lengths[self._rows]
+
+    def _take(self, rows: np.ndarray) -> pa.Array:
+        """The values at ``rows``, taken chunk by chunk: ``ChunkedArray.take`` first joins
+        every chunk into one array (a copy of the whole column for each call)."""
+        chunks = self._values.chunks
+        if len(chunks) == 1:
+            return chunks[0].take(pa.array(rows, type=pa.int64()))
+        if not len(rows):
+            return pa.array([], type=self.type)
+        starts = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(which[order])) + 1)
+        gathered = pa.concat_arrays([chunks[which[g[0]]].take(pa.array(rows[g] - starts[which[g[0]]], type=pa.int64()))
+                                     for g in groups])
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return gathered.take(pa.array(back, type=pa.int64()))
 
     def _derive(self, values: pa.ChunkedArray, rows: np.ndarray | None = None) -> ArrowColumn[T]:
         return ArrowColumn(values, self._convert, rows=rows, chunk_rows=self.chunk_rows)

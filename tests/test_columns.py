@@ -222,3 +222,21 @@ def test_full_training_on_arrow_columns_matches_lists(small_chunks, tmp_path):
     for p, q in zip(a.model.hf_model.parameters(), b.model.hf_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert a.history == b.history
+
+
+def test_takes_across_many_chunks_and_empty_ones_keep_order(small_chunks):
+    """Rows picked from several Arrow chunks (taken chunk by chunk, then put back in the
+    asked order) read as the list would, through iteration, ``arrow`` and further takes."""
+    rng = np.random.default_rng(0)
+    chunks = [pa.array([f"t{i}-{j}" for j in range(n)], type=pa.string()) for i, n in enumerate([5, 0, 3, 7, 1])]
+    column = ArrowColumn(pa.chunked_array(chunks))
+    values = [v for chunk in chunks for v in chunk.to_pylist()]
+    for _ in range(100):
+        idx = rng.integers(-len(values), len(values), rng.integers(0, 40))
+        expected = [values[i] for i in idx]
+        taken = column.take(idx)
+        assert list(taken) == expected and taken.arrow.to_pylist() == expected
+        assert list(taken + column) == expected + values
+        if expected:
+            again = rng.integers(0, len(expected), 5)
+            assert list(taken.take(again)) == [expected[k] for k in again]
